@@ -1,0 +1,31 @@
+"""elsa-codec: one dense weight file that serves several nested sparse networks.
+
+Implements ELSA (Halvachi, Peste, Alistarh, Lampert, arXiv 2312.06872): the level each weight
+belongs to is stored in the low mantissa bits of the weight itself. Importing this package never
+needs Triton nor initialises CUDA.
+"""
+from .errors import ELSAError, ELSAFormatError
+from .bits import (
+    MAX_CODE_BITS,
+    decode_codes,
+    decode_counters,
+    default_code_bits,
+    encode_tensor,
+    extract_level,
+    level_mask,
+    sqnr_db,
+    ulp_error,
+)
+
+__version__ = "0.1.0"
+from .masks import magnitude_mask, parse_structure
+from .codec import (
+    BN_PREFIX,
+    Counters,
+    ELSAMeta,
+    ELSAStateDict,
+    counters_from_masks,
+    encode,
+    extract,
+    magnitude_counters,
+)

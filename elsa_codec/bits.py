@@ -1,0 +1,285 @@
+"""The code rule: counter codes in the low mantissa bits of IEEE-754 weights.
+
+Source: Halvachi et al., "ELSA: Partial Weight Freezing for Overhead-Free Sparse Network
+Deployment", arXiv 2312.06872, section 2.2; the exact rule is in ../shared/DESIGN.md
+("The code rule") and docs/FORMAT.md.
+
+Terms: level ``t`` in ``1..T`` (``1`` the sparsest, ``T+1`` the dense network), counter ``N`` in
+``1..T+1`` (the first level that contains a weight), code ``c = N - 1`` stored in the ``k`` lowest
+bits of the weight's bit pattern.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ELSAError
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "MAX_CODE_BITS",
+    "default_code_bits",
+    "check_code_bits",
+    "bits_view",
+    "encode_tensor",
+    "decode_codes",
+    "decode_counters",
+    "level_mask",
+    "extract_level",
+    "ulp_error",
+    "sqnr_db",
+]
+
+#: Largest usable code width ``k`` per dtype (DESIGN.md, "Terms").
+MAX_CODE_BITS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 3}
+SUPPORTED_DTYPES = tuple(MAX_CODE_BITS)
+
+# Signed integer dtype of the same width (for bit views), the magnitude mask and the bit pattern of
+# the largest finite magnitude, per float dtype.
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_MAG_MASK = {torch.float32: 0x7FFFFFFF, torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
+_MAX_FINITE = {torch.float32: 0x7F7FFFFF, torch.float16: 0x7BFF, torch.bfloat16: 0x7F7F}
+
+
+def default_code_bits(num_levels: int) -> int:
+    """Default code width ``k = max(1, ceil(log2(T + 1)))`` for ``T`` sparse levels.
+
+    Codes take the values ``0..T`` (``T + 1`` distinct values: ``T`` sparse levels plus dense-only).
+
+    Raises:
+        ELSAError: ``num_levels`` is not a positive integer.
+    """
+    if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
+        raise ELSAError(f"number of levels T must be a positive integer, got {num_levels!r}")
+    return max(1, math.ceil(math.log2(num_levels + 1)))
+
+
+def check_code_bits(dtype: torch.dtype, code_bits: int, num_levels: int | None = None, name: str = "tensor") -> int:
+    """Check that ``code_bits`` fits ``dtype`` (and holds codes ``0..num_levels``); return it.
+
+    Raises:
+        ELSAError: unsupported dtype, ``code_bits`` outside ``1..MAX_CODE_BITS[dtype]``, or too
+            few code bits for ``num_levels`` levels. The message names ``name``.
+    """
+    if dtype not in MAX_CODE_BITS:
+        raise ELSAError(
+            f"{name}: unsupported dtype {dtype}; ELSA codes live in float32, float16 or bfloat16 weights"
+        )
+    if not isinstance(code_bits, int) or isinstance(code_bits, bool):
+        raise ELSAError(f"{name}: code_bits must be an int, got {code_bits!r}")
+    kmax = MAX_CODE_BITS[dtype]
+    if not 1 <= code_bits <= kmax:
+        raise ELSAError(f"{name}: code_bits={code_bits} is outside 1..{kmax} allowed for {dtype}")
+    if num_levels is not None and num_levels + 1 > (1 << code_bits):
+        need = default_code_bits(num_levels)
+        more = f"; {dtype} allows at most {(1 << kmax) - 1} levels" if need > kmax else ""
+        raise ELSAError(
+            f"{name}: {num_levels} levels need codes 0..{num_levels}, i.e. at least {need} code bits, "
+            f"but code_bits={code_bits}{more}"
+        )
+    return code_bits
+
+
+def bits_view(x: torch.Tensor) -> torch.Tensor:
+    """The raw IEEE-754 bit pattern of ``x`` as a signed integer tensor of the same width (a view).
+
+    ``x``: float32 -> int32, float16/bfloat16 -> int16. Same shape; contiguous or not.
+    """
+    if x.dtype not in _INT_VIEW:
+        raise ELSAError(f"unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
+    return x.view(_INT_VIEW[x.dtype])
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ELSAError(f"{name}: weights must be finite, found {n_nan} NaN and {n_inf} Inf values")
+
+
+def encode_tensor(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    code_bits: int,
+    *,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Store ``codes`` in the ``code_bits`` lowest bits of ``weight`` (the code rule).
+
+    For each element, the result is the finite float of the same dtype and the same sign whose
+    ``k`` low bits equal the code and which is nearest to the input by value; on a tie, the smaller
+    magnitude (DESIGN.md, "The code rule"; ELSA, arXiv 2312.06872, section 2.2). The error is at
+    most ``2**(k-1)`` ulp, the ulp taken ``2**(k-1)`` representable values above ``|x|`` (equal to
+    ``x``'s own ulp except just below a power of two, where the upper neighbour's steps are twice
+    as large). Within ``2**k`` representable values of zero or of the largest finite value only one
+    candidate of the right sign and finiteness may exist; there the error is below ``2**k`` ulp.
+
+    Args:
+        weight: float tensor of any shape, float32 / float16 / bfloat16. Not modified.
+        codes: integer tensor of the same shape with values in ``0..2**k - 1`` (code = counter - 1).
+        code_bits: ``k``, in ``1..MAX_CODE_BITS[weight.dtype]`` (8 / 4 / 3).
+        name: tensor name used in error messages.
+
+    Returns:
+        A NEW contiguous tensor, same shape and dtype as ``weight``.
+
+    Raises:
+        ELSAError: NaN/Inf weights, unsupported dtype, bad ``code_bits``, codes of the wrong shape,
+            not integer, or out of range. Messages name ``name``.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise ELSAError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    check_code_bits(weight.dtype, code_bits, name=name)
+    if not isinstance(codes, torch.Tensor):
+        raise ELSAError(f"{name}: codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.shape != weight.shape:
+        raise ELSAError(f"{name}: codes have shape {tuple(codes.shape)} but the weight has shape {tuple(weight.shape)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ELSAError(f"{name}: codes must be an integer tensor, got dtype {codes.dtype}")
+    _check_finite(weight, name)
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << code_bits):
+            raise ELSAError(f"{name}: codes must lie in 0..{(1 << code_bits) - 1} for code_bits={code_bits}, got {lo}..{hi}")
+
+    dtype = weight.dtype
+    step = 1 << code_bits
+    mag_mask, max_finite = _MAG_MASK[dtype], _MAX_FINITE[dtype]
+    # Work on the magnitude bit patterns in int32 (16-bit patterns widened) and compare distances
+    # in float32: differences of neighbouring floats are exact there (Sterbenz), so the choice of
+    # the nearest candidate is exact.
+    raw = _bits32(weight.contiguous())
+    mag = raw & mag_mask
+    sign = raw ^ mag
+    base = (mag & ~(step - 1)) | codes.to(device=weight.device, dtype=torch.int32)
+    above = torch.where(base < mag, base + step, base)  # the candidate at or above |x|
+    below = above - step  # the candidate below |x|
+    valid_above = above <= max_finite
+    valid_below = below >= 0
+    fx = _float32_of(mag, dtype)
+    d_above = _float32_of(torch.where(valid_above, above, mag), dtype) - fx
+    d_below = fx - _float32_of(torch.where(valid_below, below, mag), dtype)
+    take_below = valid_below & (~valid_above | (d_below <= d_above))
+    out = torch.where(take_below, below, above) | sign
+    return _unbits32(out, dtype).reshape(weight.shape)
+
+
+def _bits32(x: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of ``x`` as int32 (16-bit patterns zero-extended)."""
+    if x.dtype == torch.float32:
+        return x.view(torch.int32)
+    return x.view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def _unbits32(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_bits32` (returns a new tensor of ``dtype``)."""
+    if dtype == torch.float32:
+        return bits.view(torch.float32)
+    return bits.to(torch.int16).view(dtype)
+
+
+def _float32_of(mag_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Non-negative float32 values of the magnitude bit patterns ``mag_bits`` (int32) of ``dtype``."""
+    return _unbits32(mag_bits, dtype).to(torch.float32)
+
+
+def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """The codes (``counter - 1``) held in the low bits: ``bits & (2**k - 1)``.
+
+    Args:
+        encoded: float32 / float16 / bfloat16 tensor of any shape.
+        code_bits: ``k``.
+
+    Returns:
+        uint8 tensor of the same shape, values in ``0..2**k - 1``.
+    """
+    check_code_bits(encoded.dtype, code_bits)
+    return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
+
+
+def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """The counters ``N = code + 1`` (first level containing each weight; ELSA section 2.2's N(T)).
+
+    Returns:
+        uint8 tensor of the same shape as ``encoded``, values in ``1..2**k``.
+    """
+    return decode_codes(encoded, code_bits) + 1
+
+
+def _check_level(level, num_levels: int | None) -> int:
+    if level == "dense":
+        if num_levels is None:
+            raise ELSAError("level 'dense' needs the number of levels T")
+        return num_levels + 1
+    if not isinstance(level, int) or isinstance(level, bool):
+        raise ELSAError(f"level must be an int in 1..T+1 or 'dense', got {level!r}")
+    top = (num_levels + 1) if num_levels is not None else None
+    if level < 1 or (top is not None and level > top):
+        rng = f"1..{top} (or 'dense')" if top is not None else ">= 1"
+        raise ELSAError(f"level {level} is out of range: expected {rng}")
+    return level
+
+
+def level_mask(encoded: torch.Tensor, level, code_bits: int, num_levels: int | None = None) -> torch.Tensor:
+    """Boolean mask of the weights that belong to level ``t``: ``code < t`` (i.e. ``N <= t``).
+
+    Args:
+        encoded: encoded float tensor, any shape.
+        level: ``t`` in ``1..T+1`` or ``"dense"`` (needs ``num_levels``).
+        code_bits: ``k``.
+        num_levels: ``T``, used to check ``level``; optional.
+
+    Returns:
+        bool tensor of the same shape.
+
+    Raises:
+        ELSAError: level out of range.
+    """
+    t = _check_level(level, num_levels)
+    check_code_bits(encoded.dtype, code_bits)
+    return (bits_view(encoded) & ((1 << code_bits) - 1)) < t
+
+
+def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int | None = None) -> torch.Tensor:
+    """The weight of level ``t``: ``where(code < t, W, 0)`` (DESIGN.md, "The code rule").
+
+    The dense level (``T+1``) returns ``encoded`` itself (no decoding, no copy). Sparse levels
+    return a new tensor of the same shape and dtype. Reference implementation for the kernels.
+    """
+    t = _check_level(level, num_levels)
+    if num_levels is not None and t == num_levels + 1:
+        return encoded
+    check_code_bits(encoded.dtype, code_bits)
+    keep = (bits_view(encoded) & ((1 << code_bits) - 1)) < t
+    return torch.where(keep, encoded, torch.zeros((), dtype=encoded.dtype, device=encoded.device))
+
+
+def ulp_error(reference: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """``|approx - reference|`` in units of the ulp of ``reference`` (float64 tensor, same shape).
+
+    The ulp of ``x`` is the spacing of representable values in ``x``'s binade (the distance from
+    ``|x|`` to the next larger magnitude; for the largest finite value, to the next smaller one).
+    """
+    dtype = reference.dtype
+    mag = _bits32(reference.contiguous()) & _MAG_MASK[dtype]
+    up = torch.where(mag < _MAX_FINITE[dtype], mag + 1, mag)
+    lo = torch.where(mag < _MAX_FINITE[dtype], mag, mag - 1)
+    ulp = (_float32_of(up, dtype) - _float32_of(lo, dtype)).to(torch.float64)
+    return (approx.to(torch.float64) - reference.to(torch.float64)).abs() / ulp
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB.
+
+    Returns ``inf`` when the two are equal.
+    """
+    r = reference.detach().to(torch.float64)
+    e = r - approx.detach().to(torch.float64)
+    noise = float((e * e).sum())
+    if noise == 0.0:
+        return math.inf
+    signal = float((r * r).sum())
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)

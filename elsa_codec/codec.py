@@ -1,0 +1,572 @@
+"""State-dict level codec: counters -> encoded tensors with metadata; encoded -> any level.
+
+ELSA (Halvachi et al., arXiv 2312.06872), section 2.2: each weight's counter ``N`` (the first level
+whose sparse network contains it) is stored in the low mantissa bits of the weight itself, so one
+dense tensor set serves every level. See docs/FORMAT.md for the metadata document.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from .bits import (
+    MAX_CODE_BITS,
+    check_code_bits,
+    decode_codes,
+    default_code_bits,
+    encode_tensor,
+    extract_level,
+    sqnr_db,
+    ulp_error,
+)
+from .errors import ELSAError, ELSAFormatError
+from .masks import magnitude_mask, parse_level, parse_structure
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "BN_PREFIX",
+    "BN_STATS",
+    "LevelInfo",
+    "TensorInfo",
+    "ELSAMeta",
+    "ELSAStateDict",
+    "Counters",
+    "encode",
+    "extract",
+    "resolve_level",
+    "counters_from_masks",
+    "magnitude_counters",
+    "default_prunable",
+]
+
+FORMAT_NAME = "elsa-codec"
+FORMAT_VERSION = 1
+#: Name prefix of the per-level batch-norm statistics tensors in a file:
+#: ``__elsa_bn__.{level}.{module}.{stat}`` (stripped by the loader, see docs/FORMAT.md).
+BN_PREFIX = "__elsa_bn__."
+#: Batch-norm buffers stored per level.
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class LevelInfo:
+    """One level: ``level`` (1..T), its mask ``structure`` and measured ``sparsity`` (fraction of
+    zeros it forces in the encoded tensors, in [0, 1])."""
+
+    level: int
+    structure: str
+    sparsity: float
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+
+@dataclass
+class TensorInfo:
+    """Per-tensor record: ``sparsity`` per level 1..T (list), encoding error (``max_ulp``: the
+    largest error in ulp of the original value; ``sqnr_db``: SQNR of the dense level vs the
+    original, dB; ``inf`` when unchanged; None when unknown, e.g. counters from a file)."""
+
+    shape: list
+    dtype: str
+    sparsity: list
+    max_ulp: float | None = None
+    sqnr_db: float | None = None
+
+
+@dataclass
+class ELSAMeta:
+    """The metadata document of an ELSA checkpoint (docs/FORMAT.md, version 1).
+
+    ``num_levels`` is T (sparse levels; level T+1 is dense), ``code_bits`` is k, ``levels`` the
+    T :class:`LevelInfo`, ``tensors`` maps each encoded tensor name to its :class:`TensorInfo`,
+    ``bn_modules`` the batch-norm modules with per-level statistics.
+    """
+
+    num_levels: int
+    code_bits: int
+    levels: list
+    tensors: dict
+    bn_modules: list = field(default_factory=list)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def encoded(self) -> list:
+        """Names of the encoded tensors."""
+        return list(self.tensors)
+
+    def sparsities(self) -> list:
+        """Measured sparsity of levels 1..T."""
+        return [lv.sparsity for lv in self.levels]
+
+    def to_json(self) -> str:
+        d = {
+            "format": self.format,
+            "version": self.version,
+            "num_levels": self.num_levels,
+            "code_bits": self.code_bits,
+            "levels": [asdict(lv) for lv in self.levels],
+            "encoded": self.encoded,
+            "tensors": {k: _finite_json(asdict(v)) for k, v in self.tensors.items()},
+            "bn_modules": list(self.bn_modules),
+            "bn_prefix": BN_PREFIX,
+        }
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "metadata") -> "ELSAMeta":
+        """Parse and validate a metadata document.
+
+        Raises:
+            ELSAFormatError: malformed JSON, wrong format name, a version from the future, or
+                missing / inconsistent fields. The message names ``source``.
+        """
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ELSAFormatError(f"{source}: the ELSA metadata document is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ELSAFormatError(f"{source}: the ELSA metadata document is not a JSON object")
+        if d.get("format") != FORMAT_NAME:
+            raise ELSAFormatError(f"{source}: metadata format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        ver = d.get("version")
+        if not isinstance(ver, int):
+            raise ELSAFormatError(f"{source}: metadata has no integer 'version'")
+        if ver > FORMAT_VERSION:
+            raise ELSAFormatError(
+                f"{source}: format version {ver} is newer than this library supports ({FORMAT_VERSION}); upgrade elsa-codec"
+            )
+        if ver < 1:
+            raise ELSAFormatError(f"{source}: unknown format version {ver}")
+        try:
+            T, k = d["num_levels"], d["code_bits"]
+            levels = [LevelInfo(int(x["level"]), str(x["structure"]), float(x["sparsity"])) for x in d["levels"]]
+            tensors = {
+                name: TensorInfo(
+                    shape=list(v["shape"]),
+                    dtype=str(v["dtype"]),
+                    sparsity=[float(s) for s in v["sparsity"]],
+                    max_ulp=_from_json_float(v.get("max_ulp")),
+                    sqnr_db=_from_json_float(v.get("sqnr_db")),
+                )
+                for name, v in d["tensors"].items()
+            }
+            enc = list(d["encoded"])
+            bn = list(d.get("bn_modules", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ELSAFormatError(f"{source}: malformed ELSA metadata ({type(e).__name__}: {e})") from None
+        if not isinstance(T, int) or T < 1 or not isinstance(k, int) or k < 1 or k > 8:
+            raise ELSAFormatError(f"{source}: bad num_levels={T!r} or code_bits={k!r}")
+        if T + 1 > (1 << k):
+            raise ELSAFormatError(f"{source}: {T} levels do not fit in code_bits={k}")
+        if [lv.level for lv in levels] != list(range(1, T + 1)):
+            raise ELSAFormatError(f"{source}: metadata lists levels {[lv.level for lv in levels]}, expected 1..{T}")
+        if enc != list(tensors):
+            raise ELSAFormatError(f"{source}: 'encoded' and 'tensors' list different tensors")
+        for name, ti in tensors.items():
+            if len(ti.sparsity) != T:
+                raise ELSAFormatError(f"{source}: tensor {name!r} records {len(ti.sparsity)} sparsities for {T} levels")
+        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver)
+
+
+def _finite_json(d: dict) -> dict:
+    # JSON has no Infinity: write "inf" as a string.
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+
+def _from_json_float(v):
+    if v is None:
+        return None
+    if v == "inf":
+        return math.inf
+    return float(v)
+
+
+class ELSAStateDict(dict):
+    """An encoded state dict: ``name -> Tensor`` (encoded weights and pass-through tensors) plus
+    ``.meta`` (:class:`ELSAMeta`) and ``.bn_stats`` (``{level: {module: {stat: Tensor}}}``, the
+    per-level batch-norm statistics, levels ``1..T+1``; empty if none).
+
+    A plain ``model.load_state_dict(encoded)`` gives the dense network (no decoding needed).
+    """
+
+    def __init__(self, tensors: Mapping, meta: ELSAMeta, bn_stats: Mapping | None = None):
+        super().__init__(tensors)
+        self.meta = meta
+        self.bn_stats = {int(k): dict(v) for k, v in (bn_stats or {}).items()}
+
+    @property
+    def num_levels(self) -> int:
+        return self.meta.num_levels
+
+    @property
+    def code_bits(self) -> int:
+        return self.meta.code_bits
+
+    def __repr__(self) -> str:
+        lv = ", ".join(f"{x.level}:{x.structure}@{x.sparsity:.3f}" for x in self.meta.levels)
+        return f"ELSAStateDict({len(self)} tensors, {len(self.meta.tensors)} encoded, T={self.num_levels}, k={self.code_bits}, levels=[{lv}])"
+
+
+class Counters(dict):
+    """``name -> counters`` (integer tensors, values ``1..T+1``) with ``num_levels`` (T) and the
+    ``structures`` of levels 1..T. Returned by :func:`counters_from_masks`,
+    :func:`magnitude_counters` and the training procedure; accepted by :func:`encode`."""
+
+    def __init__(self, tensors: Mapping, num_levels: int, structures: Iterable[str] | None = None):
+        super().__init__(tensors)
+        self.num_levels = int(num_levels)
+        self.structures = list(structures) if structures is not None else ["unstructured"] * self.num_levels
+
+
+def resolve_level(level, num_levels: int) -> int:
+    """Normalise a level (``1..T+1`` or ``"dense"``) to an int; ELSAError if out of range."""
+    if isinstance(level, str):
+        if level.strip().lower() == "dense":
+            return num_levels + 1
+        try:
+            level = int(level)
+        except ValueError:
+            raise ELSAError(f"level {level!r} is not an integer in 1..{num_levels + 1} nor 'dense'") from None
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise ELSAError(f"level {level!r} is not an integer in 1..{num_levels + 1} nor 'dense'")
+    if not 1 <= level <= num_levels + 1:
+        raise ELSAError(f"level {level} is out of range: this checkpoint has levels 1..{num_levels} and {num_levels + 1} ('dense')")
+    return level
+
+
+def _check_counters(name: str, c, ref: torch.Tensor) -> torch.Tensor:
+    if not isinstance(c, torch.Tensor):
+        raise ELSAError(f"{name}: counters must be a torch.Tensor, got {type(c).__name__}")
+    if c.shape != ref.shape:
+        raise ELSAError(f"{name}: counters have shape {tuple(c.shape)} but the tensor has shape {tuple(ref.shape)}")
+    if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+        raise ELSAError(f"{name}: counters must be an integer tensor, got dtype {c.dtype}")
+    return c
+
+
+def encode(
+    state_dict: Mapping[str, torch.Tensor],
+    counters: Mapping[str, torch.Tensor],
+    *,
+    code_bits: int | None = None,
+    num_levels: int | None = None,
+    structures: Iterable[str] | None = None,
+    bn_stats: Mapping | None = None,
+    progress: bool = False,
+) -> ELSAStateDict:
+    """Encode each tensor named in ``counters`` with its counters (the code rule); pass the rest through.
+
+    Args:
+        state_dict: ``name -> Tensor``. Encoded tensors must be float32 / float16 / bfloat16 and
+            finite. Never modified.
+        counters: ``name -> integer Tensor`` of the same shape, values in ``1..T+1`` (a
+            :class:`Counters` carries T and the level structures). The same T for every tensor.
+        code_bits: ``k``; default ``max(1, ceil(log2(T+1)))``. At most 8 (float32), 4 (float16),
+            3 (bfloat16).
+        num_levels: T; default ``counters.num_levels``, else inferred (every tensor's largest
+            counter must then be the same ``T+1``).
+        structures: structure of levels 1..T (``"unstructured"``, ``"2:4"``, ``"block:64x64"``);
+            default ``counters.structures`` or ``"unstructured"``.
+        bn_stats: per-level batch-norm statistics ``{level: {module_fqn: {stat: Tensor}}}`` for
+            levels ``1..T+1`` (section 2.2 of the paper), stored under :data:`BN_PREFIX`.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`ELSAStateDict` of NEW tensors (same names, shapes and dtypes).
+
+    Raises:
+        ELSAError: a counters name missing from ``state_dict``; counters of the wrong shape, not
+            integer, out of ``1..T+1``, or with different T across tensors; NaN/Inf weights;
+            unsupported dtype; more levels than the dtype's code bits allow. Each names the tensor.
+    """
+    if not isinstance(counters, Mapping) or not counters:
+        raise ELSAError("counters must be a non-empty mapping of tensor names to integer tensors")
+    ranges = {}
+    for name, c in counters.items():
+        if name not in state_dict:
+            raise ELSAError(f"{name}: counters given for a tensor that is not in the state dict")
+        _check_counters(name, c, state_dict[name])
+        if c.numel():
+            ranges[name] = (int(c.min()), int(c.max()))
+    T = num_levels if num_levels is not None else getattr(counters, "num_levels", None)
+    if T is None:
+        tops = {name: hi for name, (lo, hi) in ranges.items()}
+        if len(set(tops.values())) > 1:
+            a, b = sorted(tops.items(), key=lambda kv: kv[1])[0], sorted(tops.items(), key=lambda kv: kv[1])[-1]
+            raise ELSAError(
+                f"counters have different T across tensors: {a[0]!r} reaches level {a[1]} but {b[0]!r} reaches {b[1]}; "
+                "pass num_levels= (or a Counters) to say T"
+            )
+        T = max(tops.values()) - 1
+    if not isinstance(T, int) or T < 1:
+        raise ELSAError(f"number of levels T must be >= 1, got {T!r}")
+    for name, (lo, hi) in ranges.items():
+        if lo < 1 or hi > T + 1:
+            raise ELSAError(f"{name}: counters must lie in 1..{T + 1} (T={T}), got {lo}..{hi}")
+    k = default_code_bits(T) if code_bits is None else code_bits
+    for name in counters:
+        check_code_bits(state_dict[name].dtype, k, T, name=name)
+    structs = list(structures) if structures is not None else list(getattr(counters, "structures", ["unstructured"] * T))
+    if len(structs) != T:
+        raise ELSAError(f"structures lists {len(structs)} entries for {T} levels")
+    structs = [str(parse_structure(s)) for s in structs]
+    bn = _check_bn_stats(bn_stats, T, state_dict)
+
+    out = {}
+    infos = {}
+    names = list(state_dict)
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="encode", unit="tensor")
+    for name in it:
+        x = state_dict[name]
+        if name not in counters:
+            out[name] = x
+            continue
+        c = counters[name].to(device=x.device)
+        y = encode_tensor(x, c - 1, k, name=name)
+        out[name] = y
+        infos[name] = _tensor_info(x, y, c, T)
+    meta = _make_meta(T, k, structs, infos, bn)
+    return ELSAStateDict(out, meta, bn)
+
+
+def _tensor_info(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor, T: int) -> TensorInfo:
+    counts = torch.bincount(c.reshape(-1).to(torch.int64), minlength=T + 2)[1 : T + 2]
+    n = max(c.numel(), 1)
+    kept = torch.cumsum(counts, 0)[:T]
+    sp = [1.0 - float(kv) / n for kv in kept]
+    max_ulp = sq = None
+    if y is not None:
+        max_ulp = float(ulp_error(x, y).max()) if x.numel() else 0.0
+        sq = sqnr_db(x, y)
+    return TensorInfo(shape=list(x.shape), dtype=str(x.dtype).replace("torch.", ""), sparsity=sp, max_ulp=max_ulp, sqnr_db=sq)
+
+
+def _make_meta(T: int, k: int, structs: list, infos: dict, bn: dict) -> ELSAMeta:
+    total = sum(math.prod(ti.shape) for ti in infos.values()) or 1
+    levels = []
+    for t in range(1, T + 1):
+        zeros = sum(ti.sparsity[t - 1] * math.prod(ti.shape) for ti in infos.values())
+        levels.append(LevelInfo(t, structs[t - 1], zeros / total))
+    bn_modules = sorted({m for per in bn.values() for m in per})
+    return ELSAMeta(num_levels=T, code_bits=k, levels=levels, tensors=infos, bn_modules=bn_modules)
+
+
+def _check_bn_stats(bn_stats, T: int, state_dict) -> dict:
+    if not bn_stats:
+        return {}
+    out = {}
+    for lvl, per in bn_stats.items():
+        t = resolve_level(lvl, T) if not isinstance(lvl, int) else lvl
+        if not isinstance(t, int) or not 1 <= t <= T + 1:
+            raise ELSAError(f"batch-norm statistics given for level {lvl!r}, outside 1..{T + 1}")
+        out[t] = {}
+        for mod, stats in per.items():
+            for s, v in stats.items():
+                if s not in BN_STATS:
+                    raise ELSAError(f"batch-norm statistics of {mod!r} at level {t}: unknown buffer {s!r}")
+                if not isinstance(v, torch.Tensor):
+                    raise ELSAError(f"batch-norm statistics {mod}.{s} at level {t} is not a tensor")
+                ref = state_dict.get(f"{mod}.{s}")
+                if ref is not None and ref.shape != v.shape:
+                    raise ELSAError(f"batch-norm statistics {mod}.{s} at level {t} have shape {tuple(v.shape)}, the model's have {tuple(ref.shape)}")
+            out[t][mod] = {s: v.detach().clone() for s, v in stats.items()}
+    levels = sorted(out)
+    if levels != list(range(1, T + 2)):
+        raise ELSAError(f"batch-norm statistics must be given for every level 1..{T + 1}, got levels {levels}")
+    mods = {t: sorted(per) for t, per in out.items()}
+    first = mods[1]
+    for t, m in mods.items():
+        if m != first:
+            raise ELSAError(f"batch-norm statistics of level {t} cover modules {m}, level 1 covers {first}")
+    return out
+
+
+def extract(encoded: ELSAStateDict, level) -> dict:
+    """The plain state dict of level ``t``: ``where(code < t, W, 0)`` for encoded tensors, the
+    others unchanged, and the level's batch-norm statistics in place of the model's.
+
+    Args:
+        encoded: an :class:`ELSAStateDict` (from :func:`encode` or :func:`load_file`).
+        level: ``1..T``, ``T+1`` or ``"dense"``.
+
+    Returns:
+        ``dict[str, Tensor]`` loadable by ``model.load_state_dict`` of the original model. At the
+        dense level the encoded tensors are returned as they are (no copy).
+
+    Raises:
+        ELSAError: level out of range; ``encoded`` has no metadata.
+    """
+    meta = getattr(encoded, "meta", None)
+    if meta is None:
+        raise ELSAError("extract needs an ELSAStateDict (from encode or load_file), got a plain mapping")
+    T, k = meta.num_levels, meta.code_bits
+    t = resolve_level(level, T)
+    out = {}
+    for name, x in encoded.items():
+        out[name] = extract_level(x, t, k, T) if name in meta.tensors else x
+    for mod, stats in getattr(encoded, "bn_stats", {}).get(t, {}).items():
+        for s, v in stats.items():
+            out[f"{mod}.{s}"] = v
+    return out
+
+
+def counters_from_masks(masks, *, structures: Iterable[str] | None = None) -> Counters:
+    """Nested boolean masks, sparsest first -> :class:`Counters`.
+
+    Args:
+        masks: either a list (one per level 1..T, sparsest first) of ``{name: bool Tensor}``, or
+            ``{name: [bool Tensor per level]}``. ``True`` = the weight is in the level's network.
+        structures: structures of the levels (default unstructured).
+
+    Returns:
+        :class:`Counters` with ``N = `` the first level whose mask holds the weight, ``T+1`` if none
+        (uint8 tensors).
+
+    Raises:
+        ELSAError: masks not nested (names the tensor, the levels and the first position), not
+            boolean, of differing shapes, or differing names / level counts across tensors.
+    """
+    if isinstance(masks, Mapping):
+        per_name = {n: list(v) for n, v in masks.items()}
+    else:
+        levels = list(masks)
+        if not levels:
+            raise ELSAError("counters_from_masks needs at least one level of masks")
+        names = list(levels[0])
+        for i, lv in enumerate(levels):
+            if set(lv) != set(names):
+                raise ELSAError(f"masks of level {i + 1} name tensors {sorted(lv)}, level 1 names {sorted(names)}")
+        per_name = {n: [lv[n] for lv in levels] for n in names}
+    if not per_name:
+        raise ELSAError("counters_from_masks needs at least one tensor")
+    Ts = {n: len(v) for n, v in per_name.items()}
+    T = next(iter(Ts.values()))
+    if any(v != T for v in Ts.values()) or T < 1:
+        raise ELSAError(f"every tensor needs the same number of level masks, got {Ts}")
+    out = {}
+    for name, ms in per_name.items():
+        for t, m in enumerate(ms, start=1):
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise ELSAError(f"{name}: mask of level {t} must be a bool tensor")
+            if m.shape != ms[0].shape:
+                raise ELSAError(f"{name}: mask of level {t} has shape {tuple(m.shape)}, level 1 has {tuple(ms[0].shape)}")
+        for t in range(1, T):
+            bad = ms[t - 1] & ~ms[t]
+            if bad.any():
+                pos = tuple(int(i) for i in bad.nonzero()[0])
+                raise ELSAError(
+                    f"{name}: masks are not nested: position {pos} is in level {t} but not in level {t + 1}"
+                )
+        n = torch.full(ms[0].shape, T + 1, dtype=torch.int64, device=ms[0].device)
+        for m in ms:
+            n -= m.to(torch.int64)
+        out[name] = n.to(torch.uint8)
+    return Counters(out, T, structures)
+
+
+def default_prunable(name: str, tensor: torch.Tensor) -> bool:
+    """Default tensor filter of :func:`magnitude_counters`: float ``*.weight`` tensors of 2 or 4
+    dimensions (Linear ``[out, in]`` and Conv2d ``[out, in/groups, kh, kw]``), except embedding
+    tables (names containing ``embed``)."""
+    return (
+        name.endswith("weight")
+        and tensor.dim() in (2, 4)
+        and tensor.is_floating_point()
+        and "embed" not in name.lower()
+    )
+
+
+def magnitude_counters(
+    state_dict: Mapping[str, torch.Tensor],
+    levels,
+    *,
+    structure: str = "unstructured",
+    distribution: str = "uniform",
+    names: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+) -> Counters:
+    """One-shot nested magnitude levels (no training): a baseline and a way to encode any checkpoint.
+
+    Args:
+        state_dict: ``name -> Tensor``; not modified.
+        levels: sparsest first. Sparsities in (0, 1), strictly decreasing (``[0.9, 0.75, 0.5]``),
+            or N:M patterns with increasing N and the same M (``["1:4", "2:4"]``: groups of M along
+            the input dimension).
+        structure: for fractional levels, ``"unstructured"`` or ``"block:RxC"`` (tiles of the 2-D
+            view ``[out, in*kh*kw]`` ranked by L2 norm).
+        distribution: ``"uniform"`` (each tensor at the level's sparsity) or ``"global"`` (one
+            magnitude threshold across the tensors per level; block structures then use each
+            tensor's resulting sparsity).
+        names: the tensors to encode: a list of names or a predicate ``(name, tensor) -> bool``;
+            default :func:`default_prunable`.
+
+    Returns:
+        :class:`Counters` (uint8), ``num_levels = len(levels)``, with the level structures.
+
+    Raises:
+        ELSAError: levels not sparsest first or out of (0, 1), mixed N:M and fractional levels,
+            no tensor selected, unknown distribution, shapes that do not suit the structure.
+    """
+    if distribution not in ("uniform", "global"):
+        raise ELSAError(f"unknown distribution {distribution!r}: expected 'uniform' or 'global'")
+    levels = list(levels)
+    if not levels:
+        raise ELSAError("levels must list at least one level")
+    specs = [parse_level(lv, structure) for lv in levels]
+    sps = [s for s, _ in specs]
+    kinds = {st.kind == "nm" for _, st in specs}
+    if len(kinds) > 1:
+        raise ELSAError(f"levels {levels} mix N:M patterns and sparsities")
+    if any(b >= a for a, b in zip(sps, sps[1:])):
+        raise ELSAError(f"levels {levels} must be sparsest first (strictly decreasing sparsity)")
+    if specs[0][1].kind == "nm" and len({st.m for _, st in specs}) > 1:
+        raise ELSAError(f"N:M levels {levels} must share the same M")
+    if names is None:
+        sel = [n for n, t in state_dict.items() if isinstance(t, torch.Tensor) and default_prunable(n, t)]
+    elif callable(names):
+        sel = [n for n, t in state_dict.items() if names(n, t)]
+    else:
+        sel = list(names)
+        for n in sel:
+            if n not in state_dict:
+                raise ELSAError(f"{n}: not in the state dict")
+    if not sel:
+        raise ELSAError("no tensor selected for encoding (no 2-D/4-D '*.weight' tensor found; pass names=)")
+    for n in sel:
+        if not state_dict[n].is_floating_point():
+            raise ELSAError(f"{n}: cannot prune a {state_dict[n].dtype} tensor")
+
+    per_tensor_sp = {n: list(sps) for n in sel}
+    if distribution == "global" and specs[0][1].kind != "nm":
+        mags = torch.cat([state_dict[n].detach().abs().reshape(-1).float() for n in sel])
+        total = mags.numel()
+        srt = torch.sort(mags).values
+        for i, s in enumerate(sps):
+            kth = min(max(int(round(s * total)), 0), total - 1)
+            thr = srt[kth]
+            for n in sel:
+                w = state_dict[n].detach().abs().float()
+                per_tensor_sp[n][i] = float((w < thr).sum()) / max(w.numel(), 1)
+        del srt, mags
+    masks = {}
+    for n in sel:
+        w = state_dict[n].detach()
+        frozen = None
+        ms = []
+        for i, (_, st) in enumerate(specs):
+            m = magnitude_mask(w, per_tensor_sp[n][i], st, frozen, name=n)
+            ms.append(m)
+            frozen = m
+        masks[n] = ms
+    return counters_from_masks(masks, structures=[str(st) for _, st in specs])
