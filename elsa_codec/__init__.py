@@ -29,3 +29,4 @@ from .codec import (
     extract,
     magnitude_counters,
 )
+from .io import encode_file, load_counters, load_file, read_meta, save_counters, save_file

@@ -42,6 +42,8 @@ __all__ = [
     "counters_from_masks",
     "magnitude_counters",
     "default_prunable",
+    "tensor_magnitude_counters",
+    "global_thresholds",
 ]
 
 FORMAT_NAME = "elsa-codec"
@@ -547,26 +549,57 @@ def magnitude_counters(
         if not state_dict[n].is_floating_point():
             raise ELSAError(f"{n}: cannot prune a {state_dict[n].dtype} tensor")
 
-    per_tensor_sp = {n: list(sps) for n in sel}
+    thr = None
     if distribution == "global" and specs[0][1].kind != "nm":
-        mags = torch.cat([state_dict[n].detach().abs().reshape(-1).float() for n in sel])
-        total = mags.numel()
-        srt = torch.sort(mags).values
-        for i, s in enumerate(sps):
-            kth = min(max(int(round(s * total)), 0), total - 1)
-            thr = srt[kth]
-            for n in sel:
-                w = state_dict[n].detach().abs().float()
-                per_tensor_sp[n][i] = float((w < thr).sum()) / max(w.numel(), 1)
-        del srt, mags
-    masks = {}
-    for n in sel:
-        w = state_dict[n].detach()
-        frozen = None
-        ms = []
-        for i, (_, st) in enumerate(specs):
-            m = magnitude_mask(w, per_tensor_sp[n][i], st, frozen, name=n)
-            ms.append(m)
-            frozen = m
-        masks[n] = ms
-    return counters_from_masks(masks, structures=[str(st) for _, st in specs])
+        thr = global_thresholds(lambda n: state_dict[n], sel, sps)
+    out = {n: tensor_magnitude_counters(state_dict[n], specs, thr, name=n).to(torch.uint8) for n in sel}
+    return Counters(out, len(specs), [str(st) for _, st in specs])
+
+
+def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: list | None = None, *, name: str = "weight") -> torch.Tensor:
+    """Counters (int64, ``weight``'s shape, values ``1..T+1``) of nested magnitude levels.
+
+    ``specs``: ``[(sparsity, Structure)]`` sparsest first (:func:`elsa_codec.masks.parse_level`).
+    ``thresholds``: per level, a global magnitude threshold (from :func:`global_thresholds`); the
+    tensor's sparsity at that level is then the fraction of ``|w|`` below it.
+    """
+    T = len(specs)
+    c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
+    a = weight.detach().abs().float()
+    frozen = None
+    for i, (s, st) in enumerate(specs):
+        if thresholds is not None:
+            s = float((a < thresholds[i]).sum()) / max(a.numel(), 1)
+        m = magnitude_mask(weight, s, st, frozen, name=name)
+        c -= m.to(torch.int64)
+        frozen = m
+    return c
+
+
+def global_thresholds(get_tensor, names: list, sparsities: list) -> list:
+    """Exact global magnitude thresholds (one per sparsity) over the tensors ``names``, streaming.
+
+    ``get_tensor(name)`` returns a tensor; it is called twice per name, so peak memory stays near
+    the largest tensor. The threshold of sparsity ``s`` is the ``round(s * total)``-th smallest
+    ``|w|`` (0-based) over all the tensors, found with a 65,536-bin histogram of the float32 bit
+    patterns, then an exact sort inside the one bin that holds it.
+    """
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    total = 0
+    for n in names:
+        b = (get_tensor(n).detach().abs().float().reshape(-1).view(torch.int32) >> 15).cpu()
+        hist += torch.bincount(b, minlength=1 << 16)
+        total += b.numel()
+    cum = torch.cumsum(hist, 0)
+    want = []
+    for s in sparsities:
+        k = min(max(int(round(s * total)), 0), total - 1)
+        b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+        want.append((b, k - (int(cum[b - 1]) if b else 0)))
+    vals = {b: [] for b, _ in want}
+    for n in names:
+        w = get_tensor(n).detach().abs().float().reshape(-1).cpu()
+        bb = w.view(torch.int32) >> 15
+        for b in vals:
+            vals[b].append(w[bb == b])
+    return [float(torch.sort(torch.cat(vals[b])).values[r]) for b, r in want]
