@@ -69,6 +69,11 @@ def check_code_bits(dtype: torch.dtype, code_bits: int, num_levels: int | None =
     if not isinstance(code_bits, int) or isinstance(code_bits, bool):
         raise ELSAError(f"{name}: code_bits must be an int, got {code_bits!r}")
     kmax = MAX_CODE_BITS[dtype]
+    if num_levels is not None and default_code_bits(num_levels) > kmax:
+        raise ELSAError(
+            f"{name}: {num_levels} levels need codes 0..{num_levels}, i.e. at least {default_code_bits(num_levels)} code bits, "
+            f"but {dtype} has {kmax} code bits: at most {(1 << kmax) - 1} levels"
+        )
     if not 1 <= code_bits <= kmax:
         raise ELSAError(f"{name}: code_bits={code_bits} is outside 1..{kmax} allowed for {dtype}")
     if num_levels is not None and num_levels + 1 > (1 << code_bits):

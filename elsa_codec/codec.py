@@ -170,8 +170,9 @@ class ELSAMeta:
             raise ELSAFormatError(f"{source}: {T} levels do not fit in code_bits={k}")
         if [lv.level for lv in levels] != list(range(1, T + 1)):
             raise ELSAFormatError(f"{source}: metadata lists levels {[lv.level for lv in levels]}, expected 1..{T}")
-        if enc != list(tensors):
+        if sorted(enc) != sorted(tensors):
             raise ELSAFormatError(f"{source}: 'encoded' and 'tensors' list different tensors")
+        tensors = {n: tensors[n] for n in enc}  # keep the file's tensor order
         for name, ti in tensors.items():
             if len(ti.sparsity) != T:
                 raise ELSAFormatError(f"{source}: tensor {name!r} records {len(ti.sparsity)} sparsities for {T} levels")

@@ -1,0 +1,262 @@
+"""The ``elsa`` command line: encode, inspect, extract, verify, demo, bench.
+
+Every command has ``--help``. Errors print one line ``elsa: error: ...`` and exit with status 2
+(bad input) or 1 (``verify`` found a broken invariant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .errors import ELSAError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _levels(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        out.append(part if ":" in part else float(part))
+    return out
+
+
+def _fmt_db(x) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def cmd_encode(a) -> int:
+    from .io import encode_file
+
+    t0 = time.perf_counter()
+    meta = encode_file(
+        a.input,
+        a.output,
+        levels=_levels(a.levels) if a.levels else None,
+        counters=a.counters,
+        structure=a.structure,
+        distribution=a.distribution,
+        dtype=_DTYPES[a.dtype] if a.dtype else None,
+        code_bits=a.code_bits,
+        progress=not a.quiet,
+    )
+    dt = time.perf_counter() - t0
+    worst = min((ti.sqnr_db for ti in meta.tensors.values() if ti.sqnr_db is not None), default=math.inf)
+    print(
+        f"wrote {a.output}: {len(meta.tensors)} encoded tensors, T={meta.num_levels}, k={meta.code_bits}, "
+        f"sparsity per level {', '.join(f'{s:.3f}' for s in meta.sparsities())}, worst dense SQNR {_fmt_db(worst)} dB, {dt:.2f} s"
+    )
+    return 0
+
+
+def inspect_dict(path: str) -> dict:
+    """The facts ``elsa inspect`` prints, as a JSON-ready dict."""
+    from .io import read_meta
+
+    meta = read_meta(path)
+    return {
+        "file": path,
+        "format": meta.format,
+        "version": meta.version,
+        "num_levels": meta.num_levels,
+        "code_bits": meta.code_bits,
+        "levels": [
+            {"level": lv.level, "structure": lv.structure, "sparsity": lv.sparsity, "density": lv.density}
+            for lv in meta.levels
+        ]
+        + [{"level": meta.num_levels + 1, "structure": "dense", "sparsity": 0.0, "density": 1.0}],
+        "tensors": {
+            n: {
+                "shape": ti.shape,
+                "dtype": ti.dtype,
+                "sparsity": ti.sparsity,
+                "max_ulp": ti.max_ulp,
+                "sqnr_db": ("inf" if ti.sqnr_db is not None and math.isinf(ti.sqnr_db) else ti.sqnr_db),
+            }
+            for n, ti in meta.tensors.items()
+        },
+        "bn_modules": meta.bn_modules,
+    }
+
+
+def cmd_inspect(a) -> int:
+    d = inspect_dict(a.file)
+    if a.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    T = d["num_levels"]
+    print(f"{d['file']}: {d['format']} v{d['version']}, T={T} sparse levels + dense, k={d['code_bits']} code bits")
+    print(f"{'level':>5}  {'structure':<14} {'sparsity':>8} {'density':>8}")
+    for lv in d["levels"]:
+        print(f"{lv['level']:>5}  {lv['structure']:<14} {lv['sparsity']:>8.4f} {lv['density']:>8.4f}")
+    if d["bn_modules"]:
+        print(f"per-level batch-norm statistics for {len(d['bn_modules'])} modules")
+    print()
+    hdr = " ".join(f"{'s@L' + str(t):>6}" for t in range(1, T + 1))
+    print(f"{'tensor':<48} {'shape':<18} {'dtype':<9} {hdr}  max_ulp  SQNR dB")
+    for n, ti in d["tensors"].items():
+        sp = " ".join(f"{s:>6.3f}" for s in ti["sparsity"])
+        sq = ti["sqnr_db"]
+        sq = sq if isinstance(sq, str) else _fmt_db(sq)
+        mu = "-" if ti["max_ulp"] is None else f"{ti['max_ulp']:g}"
+        print(f"{n:<48} {str(tuple(ti['shape'])):<18} {ti['dtype']:<9} {sp}  {mu:>7}  {sq:>7}")
+    return 0
+
+
+def cmd_extract(a) -> int:
+    from .codec import extract
+    from .io import load_file, write_plain
+
+    enc = load_file(a.file)
+    if os.path.exists(a.output) and os.path.samefile(a.file, a.output):
+        raise ELSAError(f"output {a.output!r} is the input file: refusing to overwrite it")
+    level = a.level if a.level == "dense" else int(a.level)
+    sd = extract(enc, level)
+    write_plain(sd, a.output, {"format": "pt", "elsa_level": str(level)})
+    print(f"wrote {a.output}: level {level} of {a.file} ({len(sd)} tensors)")
+    return 0
+
+
+def verify_file(path: str) -> list:
+    """Check every invariant of an ELSA file; return the list of problems (empty = valid).
+
+    Checks: the file reads (CRC of every tensor, metadata document and tensor list), every code
+    lies in ``0..T``, every encoded tensor is finite, recorded sparsities (per tensor and per
+    level) equal the measured ones, level structures hold (N:M, block), batch-norm statistics
+    cover levels ``1..T+1``.
+    """
+    from .bits import decode_codes
+    from .codec import _make_meta, _tensor_info
+    from .errors import ELSAFormatError
+    from .io import load_file
+    from .masks import mask_structure_ok
+
+    try:
+        enc = load_file(path)
+    except ELSAFormatError as e:
+        return [str(e)]
+    meta = enc.meta
+    T, k = meta.num_levels, meta.code_bits
+    problems = []
+    infos = {}
+    for n, ti in meta.tensors.items():
+        x = enc[n]
+        if not torch.isfinite(x).all():
+            problems.append(f"{n}: holds NaN or Inf")
+            continue
+        codes = decode_codes(x, k).to(torch.int64)
+        if codes.numel() and int(codes.max()) > T:
+            problems.append(f"{n}: code {int(codes.max())} is out of range 0..{T} (T={T})")
+            continue
+        info = _tensor_info(x, None, codes + 1, T)
+        infos[n] = info
+        for t, (rec, got) in enumerate(zip(ti.sparsity, info.sparsity), start=1):
+            if abs(rec - got) > 1e-9:
+                problems.append(f"{n}: level {t} sparsity recorded {rec:.6f}, measured {got:.6f}")
+        for t in range(1, T + 1):
+            st = meta.levels[t - 1].structure
+            if not mask_structure_ok(codes < t, st):
+                problems.append(f"{n}: level {t} mask breaks its structure {st}")
+    if not problems:
+        measured = _make_meta(T, k, [lv.structure for lv in meta.levels], infos, {})
+        for rec, got in zip(meta.levels, measured.levels):
+            if abs(rec.sparsity - got.sparsity) > 1e-9:
+                problems.append(f"level {rec.level}: sparsity recorded {rec.sparsity:.6f}, measured {got.sparsity:.6f}")
+    if enc.bn_stats and sorted(enc.bn_stats) != list(range(1, T + 2)):
+        problems.append(f"batch-norm statistics cover levels {sorted(enc.bn_stats)}, expected 1..{T + 1}")
+    return problems
+
+
+def cmd_verify(a) -> int:
+    problems = verify_file(a.file)
+    if problems:
+        for p in problems:
+            print(f"elsa verify: {a.file}: {p}", file=sys.stderr)
+        return 1
+    print(f"{a.file}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="elsa",
+        description="ELSA codec: nested sparse levels stored in the low mantissa bits of the weights (arXiv 2312.06872).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    e = sub.add_parser("encode", help="encode a safetensors checkpoint into an ELSA file", description="Encode a safetensors checkpoint (or sharded index) into one ELSA file, streaming tensor by tensor.")
+    e.add_argument("input", help="input .safetensors or .safetensors.index.json")
+    e.add_argument("-o", "--output", required=True, help="output ELSA .safetensors (written atomically)")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--levels", help="sparsest first: sparsities '0.9,0.75,0.5' or N:M patterns '1:4,2:4'")
+    g.add_argument("--counters", help="counters .safetensors made by training (elsa_codec.save_counters)")
+    e.add_argument("--structure", default="unstructured", help="for fractional levels: 'unstructured' or 'block:RxC' (default unstructured)")
+    e.add_argument("--distribution", default="uniform", choices=["uniform", "global"], help="per-tensor sparsity: same everywhere, or one global threshold")
+    e.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating tensors to this dtype first")
+    e.add_argument("--code-bits", type=int, help="k, default max(1, ceil(log2(T+1)))")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_encode)
+
+    i = sub.add_parser("inspect", help="levels, code bits, sparsity and encoding error of an ELSA file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("extract", help="write one level as a plain safetensors file any loader reads")
+    x.add_argument("file")
+    x.add_argument("--level", required=True, help="1..T, T+1 or 'dense'")
+    x.add_argument("-o", "--output", required=True)
+    x.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("verify", help="check every invariant; exit 1 with the reason if one fails")
+    v.add_argument("file")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="train ELSA on the handwritten digits and serve every level (the main job)", add_help=False)
+    d.add_argument("args", nargs=argparse.REMAINDER)
+    d.set_defaults(func=lambda a: __import__("elsa_codec.demo", fromlist=["main"]).main(a.args))
+
+    b = sub.add_parser("bench", help="latency per level and codec throughput (bench/)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("elsa_codec.bench.__main__", fromlist=["main"]).main(a.args))
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``elsa`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(__import__("signal"), "SIGPIPE") and argv is not None:
+        import signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `elsa inspect F | head` ends quietly
+    p = build_parser()
+    # demo and bench own their options (including --help): pass everything after the command on.
+    if argv and argv[0] in ("demo", "bench"):
+        a = argparse.Namespace(args=argv[1:], func=p._subparsers._group_actions[0].choices[argv[0]].get_default("func"))
+    else:
+        a = p.parse_args(argv)
+    if not getattr(a, "func", None):
+        p.print_help()
+        return 2
+    try:
+        return int(a.func(a) or 0)
+    except ELSAError as e:
+        print(f"elsa: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. a malformed --levels list
+        print(f"elsa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
