@@ -148,16 +148,30 @@ def encode_tensor(
         if lo < 0 or hi >= (1 << code_bits):
             raise ELSAError(f"{name}: codes must lie in 0..{(1 << code_bits) - 1} for code_bits={code_bits}, got {lo}..{hi}")
 
-    dtype = weight.dtype
+    flat = weight.detach().contiguous().reshape(-1)
+    cflat = codes.detach().to(device=weight.device).contiguous().reshape(-1)
+    out = torch.empty_like(flat)
+    # Cache-sized chunks: the ~15 elementwise passes then stay in L2 instead of streaming memory.
+    for s in range(0, flat.numel(), _CHUNK):
+        out[s : s + _CHUNK] = _encode_chunk(flat[s : s + _CHUNK], cflat[s : s + _CHUNK], code_bits)
+    return out.reshape(weight.shape)
+
+
+_CHUNK = 1 << 15
+
+
+def _encode_chunk(x: torch.Tensor, codes: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """The code rule on a flat contiguous chunk (no checks)."""
+    dtype = x.dtype
     step = 1 << code_bits
     mag_mask, max_finite = _MAG_MASK[dtype], _MAX_FINITE[dtype]
     # Work on the magnitude bit patterns in int32 (16-bit patterns widened) and compare distances
     # in float32: differences of neighbouring floats are exact there (Sterbenz), so the choice of
     # the nearest candidate is exact.
-    raw = _bits32(weight.contiguous())
+    raw = _bits32(x)
     mag = raw & mag_mask
     sign = raw ^ mag
-    base = (mag & ~(step - 1)) | codes.to(device=weight.device, dtype=torch.int32)
+    base = (mag & ~(step - 1)) | codes.to(torch.int32)
     above = torch.where(base < mag, base + step, base)  # the candidate at or above |x|
     below = above - step  # the candidate below |x|
     valid_above = above <= max_finite
@@ -166,8 +180,7 @@ def encode_tensor(
     d_above = _float32_of(torch.where(valid_above, above, mag), dtype) - fx
     d_below = fx - _float32_of(torch.where(valid_below, below, mag), dtype)
     take_below = valid_below & (~valid_above | (d_below <= d_above))
-    out = torch.where(take_below, below, above) | sign
-    return _unbits32(out, dtype).reshape(weight.shape)
+    return _unbits32(torch.where(take_below, below, above) | sign, dtype)
 
 
 def _bits32(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +199,8 @@ def _unbits32(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _float32_of(mag_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Non-negative float32 values of the magnitude bit patterns ``mag_bits`` (int32) of ``dtype``."""
+    if dtype == torch.bfloat16:  # bfloat16 is the upper half of a float32
+        return (mag_bits << 16).view(torch.float32)
     return _unbits32(mag_bits, dtype).to(torch.float32)
 
 
@@ -256,8 +271,15 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
     if num_levels is not None and t == num_levels + 1:
         return encoded
     check_code_bits(encoded.dtype, code_bits)
-    keep = (bits_view(encoded) & ((1 << code_bits) - 1)) < t
-    return torch.where(keep, encoded, torch.zeros((), dtype=encoded.dtype, device=encoded.device))
+    src = bits_view(encoded.contiguous()).reshape(-1)
+    out = torch.empty_like(src)
+    low = (1 << code_bits) - 1
+    # bits * (code < t), chunk by chunk (cache-sized): a kept weight keeps its exact bits, a
+    # dropped one becomes +0.0.
+    for s in range(0, src.numel(), _CHUNK):
+        b = src[s : s + _CHUNK]
+        torch.mul(b, torch.bitwise_and(b, low).lt_(t), out=out[s : s + _CHUNK])
+    return out.view(encoded.dtype).reshape(encoded.shape)
 
 
 def ulp_error(reference: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
