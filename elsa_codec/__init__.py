@@ -30,3 +30,7 @@ from .codec import (
     magnitude_counters,
 )
 from .io import encode_file, load_counters, load_file, read_meta, save_counters, save_file
+from .sparsify import GMPSchedule, MagnitudeSparsifier, Sparsifier, erk_densities, gmp_sparsity
+from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
+from .nn import ELSAConv2d, ELSALinear, LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
+from .swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_sparsity, swap_

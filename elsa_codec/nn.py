@@ -1,0 +1,649 @@
+"""Serving modules: :class:`ELSALinear`, :class:`ELSAConv2d` and per-level batch norm.
+
+ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". Each module
+holds ONE encoded weight (same name, shape and dtype as the original module's ``weight``, so
+``state_dict()`` keys are unchanged) and the current level ``t``:
+
+- dense level ``T+1``: the stock ``F.linear`` / ``F.conv2d`` on the stored tensor (no copy, no
+  decoding, no overhead);
+- sparse level on the CPU (``backend`` ``"reference"``): ``where(code < t, W, 0)``
+  (:func:`elsa_codec.bits.extract_level`), the decoded weight of the current level cached (one
+  extra weight while a sparse level is active; ``cache=False`` turns it off; dropped on a level
+  change);
+- sparse level on CUDA (``backend`` ``"triton"``): :class:`ELSALinear` runs the fused Triton GEMM
+  :func:`elsa_codec.kernels.elsa_linear` with the per-tile minimum-code table
+  (:func:`elsa_codec.kernels.tile_table`, computed once, runtime only); :class:`ELSAConv2d` decodes
+  the level once with :func:`elsa_codec.kernels.decode_level` into a cached weight for cuDNN.
+
+``elsa_codec.kernels`` (Triton) is imported lazily, only when a sparse level runs on CUDA or the
+``"triton"`` backend is forced: importing this module never imports Triton nor initialises CUDA.
+
+Batch-norm layers that follow encoded layers keep one set of running statistics per level
+(section 2.2 of the paper): :class:`LevelBatchNormMixin` (:class:`LevelBatchNorm1d` / ``2d`` /
+``3d``) keeps them in plain (non-persistent) attributes and copies the current level's set into the
+usual running buffers, so ``state_dict()`` keys stay those of the original model.
+
+Under ``torch.compile`` (docs/SERVING.md) the default ``compile_mode="tensor"`` reads the level
+from a 0-d ``int32`` buffer (``_level_t``): one graph serves every level, a level switch never
+recompiles. ``compile_mode="static"`` specialises the graph on the Python level instead (the dense
+graph is then exactly the stock model's; one compile per distinct level visited).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .bits import bits_view, check_code_bits, decode_counters, default_code_bits, extract_level
+from .codec import LevelInfo, TensorInfo, encode, resolve_level
+from .errors import ELSAError
+
+__all__ = [
+    "BACKENDS",
+    "COMPILE_MODES",
+    "ELSAModule",
+    "ELSALinear",
+    "ELSAConv2d",
+    "LevelBatchNormMixin",
+    "LevelBatchNorm1d",
+    "LevelBatchNorm2d",
+    "LevelBatchNorm3d",
+    "level_batch_norm",
+]
+
+#: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
+BACKENDS = ("auto", "reference", "triton")
+#: Accepted values of ``compile_mode`` (how the level enters a ``torch.compile`` graph).
+COMPILE_MODES = ("tensor", "static")
+
+_KERNELS = None  # the imported elsa_codec.kernels module, False if it failed to import
+
+
+def _kernels(required: str | None = None):
+    """Import ``elsa_codec.kernels`` lazily (imports Triton). Returns the module or None.
+
+    With ``required`` (a function name), raise :class:`ELSAError` if it is not available.
+    """
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            _KERNELS = importlib.import_module("elsa_codec.kernels")
+        except ImportError as e:  # triton missing, or the kernels package broken
+            _KERNELS = False
+            _kernels.error = f"{type(e).__name__}: {e}"
+    if required is not None and (not _KERNELS or not hasattr(_KERNELS, required)):
+        why = getattr(_kernels, "error", f"elsa_codec.kernels has no {required!r}")
+        raise ELSAError(f"backend 'triton' needs elsa_codec.kernels.{required}, which is not available ({why})")
+    return _KERNELS or None
+
+
+def _triton_usable(device: torch.device, fn: str) -> bool:
+    """Whether the Triton kernels can run ``fn`` for tensors on ``device`` (auto backend)."""
+    if device.type != "cuda":
+        return False
+    k = _kernels()
+    return k is not None and hasattr(k, fn) and k.kernels_available(device)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ELSAModule(nn.Module):
+    """Common state and level logic of :class:`ELSALinear` and :class:`ELSAConv2d` (not used alone).
+
+    Attributes:
+        num_levels: ``T`` (sparse levels ``1..T``; ``T+1`` is dense).
+        code_bits: ``k``, the number of low mantissa bits holding the code.
+        structures: the mask structure of levels ``1..T`` (``"unstructured"``, ``"2:4"``,
+            ``"block:64x64"``).
+        sparsities: this weight's recorded sparsity at levels ``1..T`` (fraction of zeros).
+        tensor_info: the :class:`~elsa_codec.codec.TensorInfo` recorded for this weight (encoding
+            error etc.), or None.
+        cache: keep the decoded weight of the current sparse level (reference path and
+            :class:`ELSAConv2d` on CUDA).
+        compile_mode: ``"tensor"`` or ``"static"`` (see the module docstring).
+    """
+
+    _kernel_fn = "decode_level"  # the kernel the triton backend needs
+
+    def _elsa_init(self, weight, bias, *, num_levels, code_bits, structures, sparsities, tensor_info,
+                   level, backend, cache, compile_mode) -> None:
+        if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
+            raise ELSAError(f"num_levels (T) must be a positive int, got {num_levels!r}")
+        T = num_levels
+        k = default_code_bits(T) if code_bits is None else code_bits
+        check_code_bits(weight.dtype, k, T, name=f"{type(self).__name__}.weight")
+        structs = ["unstructured"] * T if structures is None else [str(s) for s in structures]
+        if len(structs) != T:
+            raise ELSAError(f"{type(self).__name__}: structures lists {len(structs)} entries for T={T} levels")
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+        self.num_levels = T
+        self.code_bits = k
+        self.structures = structs
+        self.tensor_info = tensor_info
+        if sparsities is None:
+            sparsities = tensor_info.sparsity if tensor_info is not None else self._measure_sparsities()
+        self.sparsities = [float(s) for s in sparsities]
+        if len(self.sparsities) != T:
+            raise ELSAError(f"{type(self).__name__}: {len(self.sparsities)} sparsities given for T={T} levels")
+        self.cache = bool(cache)
+        self.backend = backend  # validated by the setter
+        if compile_mode not in COMPILE_MODES:
+            raise ELSAError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        self.compile_mode = compile_mode
+        self._level = T + 1
+        self._triton = False
+        self._cached = None  # (key, decoded weight of the current sparse level)
+        self._tiles = None  # (key, tile table)
+        self.register_buffer("_level_t", torch.tensor(T + 1, dtype=torch.int32, device=weight.device), persistent=False)
+        if level is not None:
+            self.set_level(level)
+
+    # -- level --------------------------------------------------------------------------------
+    @property
+    def level(self) -> int:
+        """The current level ``t`` (``1..T``, ``T+1`` = dense). Assigning calls :meth:`set_level`."""
+        return self._level
+
+    @level.setter
+    def level(self, value) -> None:
+        self.set_level(value)
+
+    def set_level(self, level) -> int:
+        """Select level ``1..T``, ``T+1`` or ``"dense"``; drop the decoded weight of the old level.
+
+        Returns:
+            The level as an int.
+
+        Raises:
+            ELSAError: level out of range (the module is left unchanged).
+        """
+        t = resolve_level(level, self.num_levels)
+        if t != self._level:
+            self._cached = None
+            self._level = t
+        self._refresh_path()
+        lt = self._level_t
+        if lt.is_inference() and not torch.is_inference_mode_enabled():
+            self._level_t = torch.tensor(t, dtype=torch.int32, device=lt.device)
+        else:
+            with torch.no_grad():
+                lt.fill_(t)
+        return t
+
+    def _measure_sparsities(self) -> list:
+        n = max(self.weight.numel(), 1)
+        c = decode_counters(self.weight.detach(), self.code_bits).reshape(-1).to(torch.int64)
+        counts = torch.bincount(c, minlength=self.num_levels + 2)[1 : self.num_levels + 1]
+        return [1.0 - float(v) / n for v in torch.cumsum(counts, 0)]
+
+    # -- backend ------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The path the current level runs on the weight's device: ``"dense"`` (stock op on the
+        stored tensor), ``"reference"`` (PyTorch decode, cached) or ``"triton"`` (Triton kernels).
+
+        Assign ``"auto"`` (Triton on CUDA when available, else reference), ``"reference"`` or
+        ``"triton"`` (on the CPU it needs ``TRITON_INTERPRET=1`` set before ``elsa_codec.kernels``
+        is imported) to override the choice; :attr:`backend_request` keeps the request.
+        """
+        if self._level > self.num_levels:
+            return "dense"
+        req = self.backend_request
+        if req == "auto":
+            return "triton" if _triton_usable(self.weight.device, self._kernel_fn) else "reference"
+        return req
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ELSAError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {value!r}")
+        self.backend_request = value
+        self._cached = None
+        if "_level" in self.__dict__:
+            self._refresh_path()
+
+    def _refresh_path(self) -> None:
+        """Resolve the path of the current level once (eagerly, outside any compiled region):
+        ``_triton`` is read by :meth:`forward` instead of re-resolving the backend per call."""
+        self._triton = self.backend == "triton"
+        if self._triton:
+            _kernels()  # import outside torch.compile tracing
+
+    def _kernels_for(self, fn: str):
+        """The kernels module for a forced or automatic Triton run on this weight's device."""
+        k = _kernels(fn)
+        if not k.kernels_available(self.weight.device):
+            raise ELSAError(
+                f"{type(self).__name__}: backend 'triton' cannot run on {self.weight.device}: the Triton "
+                "kernels need a CUDA device, or TRITON_INTERPRET=1 set before elsa_codec.kernels is imported"
+            )
+        return k
+
+    # -- decoded weight -----------------------------------------------------------------------
+    def _key(self, t: int, backend: str) -> tuple:
+        w = self.weight
+        return (t, backend, w.device, w.dtype, w.data_ptr(), w._version)
+
+    def _decode(self, t: int, backend: str) -> torch.Tensor:
+        with torch.no_grad():
+            if backend == "triton":
+                return self._kernels_for("decode_level").decode_level(self.weight, t, self.code_bits)
+            return extract_level(self.weight, t, self.code_bits)
+
+    def decoded_weight(self, level=None) -> torch.Tensor:
+        """The weight of ``level`` (default: the current level): `weight.shape`, `weight.dtype`.
+
+        The dense level returns the stored tensor itself. The current sparse level's weight is
+        cached when :attr:`cache` is on.
+        """
+        t = self._level if level is None else resolve_level(level, self.num_levels)
+        if t > self.num_levels:
+            return self.weight
+        backend = "triton" if self._triton and t == self._level else "reference"
+        if t != self._level:
+            return self._decode(t, backend)
+        key = self._key(t, backend)
+        if self._cached is not None and self._cached[0] == key:
+            w = self._cached[1]
+            # an inference tensor (cached under inference_mode) cannot enter a recorded graph
+            if not (w.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+                return w
+        w = self._decode(t, backend)
+        self._cached = (key, w) if self.cache else None
+        return w
+
+    def _compiled_weight(self) -> torch.Tensor:
+        """The weight inside a ``torch.compile`` graph (no cache: the graph recomputes it)."""
+        if self.compile_mode == "static":
+            t = self._level
+            return self.weight if t > self.num_levels else extract_level(self.weight, t, self.code_bits)
+        codes = bits_view(self.weight) & ((1 << self.code_bits) - 1)
+        return torch.where(codes < self._level_t, self.weight, torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the runtime caches (decoded weight, tile table); 0 at the dense level."""
+        n = 0
+        if self._cached is not None:
+            n += _nbytes(self._cached[1])
+        if self._tiles is not None:
+            n += _nbytes(self._tiles[1])
+        return n
+
+    def clear_cache(self) -> None:
+        """Drop the decoded weight and the tile table (recomputed when needed)."""
+        self._cached = None
+        self._tiles = None
+
+    def _apply(self, fn, recurse=True):
+        self.clear_cache()
+        out = super()._apply(fn, recurse)
+        self._refresh_path()
+        return out
+
+    # -- repr ---------------------------------------------------------------------------------
+    def _elsa_repr(self) -> str:
+        T, t = self.num_levels, self._level
+        if t > T:
+            lv = f"level={t} (dense)"
+        else:
+            lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
+        be = self.backend
+        if self.backend_request != "auto":
+            be += f" (forced {self.backend_request})"
+        st = sorted(set(self.structures))
+        return f"T={T}, k={self.code_bits}, structure={st[0] if len(st) == 1 else st}, {lv}, backend={be}"
+
+
+def _pick_counters(counters, name: str):
+    """A tensor of counters from a Tensor or a mapping (a :class:`Counters`) with one entry."""
+    if isinstance(counters, torch.Tensor):
+        return counters, None, None
+    if isinstance(counters, Mapping):
+        if "weight" in counters:
+            c = counters["weight"]
+        elif len(counters) == 1:
+            c = next(iter(counters.values()))
+        else:
+            raise ELSAError(f"{name}: counters name {len(counters)} tensors; pass the weight's counters tensor")
+        return c, getattr(counters, "num_levels", None), getattr(counters, "structures", None)
+    raise ELSAError(f"{name}: counters must be an integer Tensor or a Counters mapping, got {type(counters).__name__}")
+
+
+def _encode_weight(module: nn.Module, counters, code_bits, num_levels, structures, name: str):
+    c, T, structs = _pick_counters(counters, name)
+    if num_levels is None:
+        num_levels = T
+    if structures is None:
+        structures = structs
+    enc = encode({name: module.weight.detach()}, {name: c}, code_bits=code_bits, num_levels=num_levels, structures=structures)
+    meta = enc.meta
+    return enc[name], dict(
+        num_levels=meta.num_levels,
+        code_bits=meta.code_bits,
+        structures=[lv.structure for lv in meta.levels],
+        tensor_info=meta.tensors[name],
+    )
+
+
+class ELSALinear(ELSAModule, nn.Linear):
+    """``nn.Linear`` serving an encoded weight at any of its levels (ELSA, arXiv 2312.06872, sec. 2.2).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        num_levels: ``T``.
+        code_bits: ``k``; default ``max(1, ceil(log2(T+1)))``.
+        structures: structures of levels ``1..T``.
+        level: initial level (default dense, ``T+1``).
+        backend: ``"auto"`` | ``"reference"`` | ``"triton"``.
+        cache: cache the decoded weight of the current sparse level (reference path).
+        compile_mode: ``"tensor"`` (default) | ``"static"``.
+        device, dtype: of the (zero-initialised) weight; float32 / float16 / bfloat16.
+
+    The weight `[out_features, in_features]` is a frozen ``nn.Parameter`` (``requires_grad=False``)
+    named ``weight``; the bias `[out_features]` is a normal parameter. Build one with
+    :meth:`from_linear` (encodes a ``nn.Linear``) or :meth:`from_encoded`, or let
+    :func:`elsa_codec.swap_` do it.
+
+    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype.
+
+    Raises:
+        ELSAError: bad ``num_levels`` / ``code_bits`` for the dtype, ``structures`` of the wrong
+            length, unknown ``backend`` or ``compile_mode``, a level out of range.
+    """
+
+    _kernel_fn = "elsa_linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
+                 code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
+                 cache: bool = True, compile_mode: str = "tensor", device=None, dtype=None,
+                 _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device="meta", dtype=dtype)
+        dtype = dtype or torch.get_default_dtype()
+        if _weight is None:
+            _weight = torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        if bias and _bias is None:
+            _bias = torch.zeros(out_features, device=_weight.device, dtype=_weight.dtype)
+        if tuple(_weight.shape) != (out_features, in_features):
+            raise ELSAError(f"ELSALinear: weight has shape {tuple(_weight.shape)}, expected ({out_features}, {in_features})")
+        self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
+                        structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
+                        backend=backend, cache=cache, compile_mode=compile_mode)
+
+    @classmethod
+    def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, num_levels: int,
+                     code_bits: int | None = None, structures=None, sparsities=None, tensor_info=None,
+                     **kwargs) -> "ELSALinear":
+        """Wrap an already encoded weight `[out_features, in_features]` (no copy) and optional bias
+        `[out_features]` (a ``nn.Parameter`` is kept as it is, another tensor is copied).
+
+        Raises:
+            ELSAError: weight not 2-D, unsupported dtype or ``code_bits``, bias of another shape.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ELSAError(f"ELSALinear: the encoded weight must be a 2-D tensor [out_features, in_features], got {getattr(weight, 'shape', type(weight))}")
+        out_f, in_f = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ELSAError(f"ELSALinear: bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        return cls(in_f, out_f, bias is not None, num_levels=num_levels, code_bits=code_bits, structures=structures,
+                   dtype=weight.dtype, _weight=weight, _bias=bias, _sparsities=sparsities, _tensor_info=tensor_info, **kwargs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, counters, *, code_bits: int | None = None, num_levels: int | None = None,
+                    structures=None, **kwargs) -> "ELSALinear":
+        """Encode ``linear.weight`` with ``counters`` (the code rule) into a new module.
+
+        Args:
+            linear: a ``nn.Linear``; never modified (weight encoded into a new tensor, bias copied).
+            counters: integer tensor `[out_features, in_features]` with values ``1..T+1``, or a
+                :class:`~elsa_codec.codec.Counters` / mapping holding it (under ``"weight"`` or
+                as its only entry; its ``num_levels`` and ``structures`` are used).
+            code_bits, num_levels, structures: as :func:`elsa_codec.encode`.
+            kwargs: ``level``, ``backend``, ``cache``, ``compile_mode``.
+
+        Raises:
+            ELSAError: not a ``nn.Linear``; the errors of :func:`elsa_codec.encode`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ELSAError(f"from_linear needs a nn.Linear, got {type(linear).__name__}")
+        w, kw = _encode_weight(linear, counters, code_bits, num_levels, structures, "weight")
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_encoded(w, bias, **kw, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if self.compile_mode == "static" and self._level <= self.num_levels and self._triton and _KERNELS:
+                # traces to the opaque op torch.ops.elsa_codec.linear
+                return _KERNELS.elsa_linear(x, self.weight, self._level, self.code_bits, self.bias)
+            return F.linear(x, self._compiled_weight(), self.bias)
+        t = self._level
+        if t > self.num_levels:
+            return F.linear(x, self.weight, self.bias)
+        if self._triton:
+            k = self._kernels_for("elsa_linear")
+            return k.elsa_linear(x, self.weight, t, self.code_bits, self.bias, tile_table=self.tile_table())
+        return F.linear(x, self.decoded_weight(), self.bias)
+
+    def tile_table(self) -> torch.Tensor:
+        """The per-64x64-tile minimum-code table of the weight (uint8
+        `[cdiv(out_features, 64), cdiv(in_features, 64)]`), computed once with
+        :func:`elsa_codec.kernels.tile_table` and kept at runtime only (never in ``state_dict``)."""
+        w = self.weight
+        key = (w.device, w.data_ptr(), w._version, self.code_bits)
+        if self._tiles is None or self._tiles[0] != key:
+            with torch.no_grad():
+                self._tiles = (key, _kernels("tile_table").tile_table(w, self.code_bits))
+        return self._tiles[1]
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"
+
+
+class ELSAConv2d(ELSAModule, nn.Conv2d):
+    """``nn.Conv2d`` serving an encoded weight at any of its levels (ELSA, arXiv 2312.06872, sec. 2.2).
+
+    Supports everything ``nn.Conv2d`` does (stride, padding incl. ``'same'`` / ``'valid'``,
+    dilation, groups incl. depthwise, padding modes ``zeros`` / ``reflect`` / ``replicate`` /
+    ``circular``): the forward is ``nn.Conv2d``'s on the level's weight. Dense level: the stored
+    weight; sparse level: the decoded weight of the level, cached (decoded by the reference on the
+    CPU, by :func:`elsa_codec.kernels.decode_level` on CUDA, then cuDNN).
+
+    Args:
+        in_channels ... padding_mode: as ``nn.Conv2d``.
+        num_levels, code_bits, structures, level, backend, cache, compile_mode, device, dtype: as
+            :class:`ELSALinear`.
+
+    The weight `[out_channels, in_channels / groups, kh, kw]` is a frozen ``nn.Parameter`` named
+    ``weight``. Forward: `[N, C_in, H, W]` (or `[C_in, H, W]`) -> `[N, C_out, H_out, W_out]`.
+
+    Raises:
+        ELSAError: as :class:`ELSALinear`.
+    """
+
+    _kernel_fn = "decode_level"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, num_levels: int,
+                 code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
+                 cache: bool = True, compile_mode: str = "tensor", device=None, dtype=None,
+                 _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device="meta", dtype=dtype)
+        dtype = dtype or torch.get_default_dtype()
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        if _weight is None:
+            _weight = torch.zeros(shape, device=device, dtype=dtype)
+        if bias and _bias is None:
+            _bias = torch.zeros(out_channels, device=_weight.device, dtype=_weight.dtype)
+        if tuple(_weight.shape) != shape:
+            raise ELSAError(f"ELSAConv2d: weight has shape {tuple(_weight.shape)}, expected {shape}")
+        self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
+                        structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
+                        backend=backend, cache=cache, compile_mode=compile_mode)
+
+    @classmethod
+    def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, like: nn.Conv2d,
+                     num_levels: int, code_bits: int | None = None, structures=None, sparsities=None,
+                     tensor_info=None, **kwargs) -> "ELSAConv2d":
+        """Wrap an already encoded weight `[out_channels, in_channels / groups, kh, kw]` (no copy)
+        with the configuration (stride, padding, ...) of the ``nn.Conv2d`` ``like``.
+
+        Raises:
+            ELSAError: weight shape differs from ``like``'s, unsupported dtype or ``code_bits``.
+        """
+        if not isinstance(like, nn.Conv2d):
+            raise ELSAError(f"ELSAConv2d.from_encoded: like= must be a nn.Conv2d, got {type(like).__name__}")
+        if bias is not None and tuple(bias.shape) != (like.out_channels,):
+            raise ELSAError(f"ELSAConv2d: bias has shape {tuple(bias.shape)}, expected ({like.out_channels},)")
+        return cls(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding, like.dilation,
+                   like.groups, bias is not None, like.padding_mode, num_levels=num_levels, code_bits=code_bits,
+                   structures=structures, dtype=weight.dtype, _weight=weight, _bias=bias, _sparsities=sparsities,
+                   _tensor_info=tensor_info, **kwargs)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, counters, *, code_bits: int | None = None, num_levels: int | None = None,
+                    structures=None, **kwargs) -> "ELSAConv2d":
+        """Encode ``conv.weight`` with ``counters`` (the code rule) into a new module.
+
+        Args:
+            conv: a ``nn.Conv2d``; never modified.
+            counters: integer tensor `[out_channels, in_channels / groups, kh, kw]` with values
+                ``1..T+1``, or a :class:`~elsa_codec.codec.Counters` holding it.
+            code_bits, num_levels, structures, kwargs: as :meth:`ELSALinear.from_linear`.
+
+        Raises:
+            ELSAError: not a ``nn.Conv2d``; the errors of :func:`elsa_codec.encode`.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ELSAError(f"from_conv2d needs a nn.Conv2d, got {type(conv).__name__}")
+        w, kw = _encode_weight(conv, counters, code_bits, num_levels, structures, "weight")
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        return cls.from_encoded(w, bias, like=conv, **kw, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._conv_forward(x, self._compiled_weight(), self.bias)
+        if self._level > self.num_levels:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, self.decoded_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self._elsa_repr()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-level batch norm
+# ------------------------------------------------------------------------------------------------
+class LevelBatchNormMixin:
+    """Per-level running statistics for a batch-norm layer (ELSA, arXiv 2312.06872, section 2.2).
+
+    ``level_stats[t]`` holds ``{"running_mean": Tensor [C], "running_var": Tensor [C],
+    "num_batches_tracked": Tensor []}`` (any subset) for every level ``t`` in ``1..T+1``, in plain
+    attributes (not in ``state_dict``). :meth:`set_level` stores the running buffers back as the
+    old level's statistics (so statistics updated in training mode are kept) and copies the new
+    level's set into the running buffers in place (same tensors: ``state_dict()`` keys and
+    ``torch.compile`` graphs are unaffected). Mixed into any ``_BatchNorm`` subclass by
+    :func:`level_batch_norm`.
+    """
+
+    def _init_level_stats(self, stats: Mapping, num_levels: int) -> None:
+        self.num_levels = int(num_levels)
+        self.level_stats = {
+            int(t): {s: v.detach().to(device=getattr(self, s).device).clone() for s, v in per.items()}
+            for t, per in stats.items()
+        }
+        self._level = None  # nothing installed yet
+
+    @property
+    def level(self):
+        """The current level (``None`` until :meth:`set_level` installs one)."""
+        return self._level
+
+    def set_level(self, level) -> int:
+        """Install the running statistics of ``level`` (``1..T+1`` or ``"dense"``) in the buffers.
+
+        Raises:
+            ELSAError: level out of range.
+        """
+        t = resolve_level(level, self.num_levels)
+        if t == self._level:
+            return t
+        with torch.no_grad():
+            if self._level is not None:
+                for s in self.level_stats[self._level]:
+                    self.level_stats[self._level][s] = getattr(self, s).detach().clone()
+            for s, v in self.level_stats[t].items():
+                getattr(self, s).copy_(v)
+        self._level = t
+        return t
+
+    def stats_of(self, level) -> dict:
+        """Copies of the statistics of ``level`` (for the current level: the running buffers)."""
+        t = resolve_level(level, self.num_levels)
+        if t == self._level:
+            return {s: getattr(self, s).detach().clone() for s in self.level_stats[t]}
+        return {s: v.clone() for s, v in self.level_stats[t].items()}
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.level_stats = {t: {s: fn(v) for s, v in per.items()} for t, per in self.level_stats.items()}
+        return out
+
+    def extra_repr(self) -> str:
+        lv = "none" if self._level is None else ("dense" if self._level > self.num_levels else self._level)
+        return f"{super().extra_repr()}, levels={self.num_levels + 1}, level={lv}"
+
+
+class LevelBatchNorm1d(LevelBatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with per-level running statistics (:class:`LevelBatchNormMixin`)."""
+
+
+class LevelBatchNorm2d(LevelBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with per-level running statistics (:class:`LevelBatchNormMixin`)."""
+
+
+class LevelBatchNorm3d(LevelBatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with per-level running statistics (:class:`LevelBatchNormMixin`)."""
+
+
+_LEVEL_BN = {nn.BatchNorm1d: LevelBatchNorm1d, nn.BatchNorm2d: LevelBatchNorm2d, nn.BatchNorm3d: LevelBatchNorm3d}
+
+
+def _level_bn_class(cls: type) -> type:
+    if issubclass(cls, LevelBatchNormMixin):
+        return cls
+    if cls not in _LEVEL_BN:
+        _LEVEL_BN[cls] = type(f"Level{cls.__name__}", (LevelBatchNormMixin, cls), {"__module__": __name__})
+    return _LEVEL_BN[cls]
+
+
+def level_batch_norm(bn: _BatchNorm, stats: Mapping, num_levels: int) -> nn.Module:
+    """A per-level copy of the batch-norm layer ``bn`` (never modified): same class plus
+    :class:`LevelBatchNormMixin`, sharing ``bn``'s parameter and buffer tensors, with
+    ``stats = {level: {stat: Tensor}}`` for levels ``1..T+1``. Nothing is installed in the
+    running buffers until :meth:`~LevelBatchNormMixin.set_level` is called.
+
+    Raises:
+        ELSAError: ``bn`` is not a batch-norm layer tracking running statistics.
+    """
+    if not isinstance(bn, _BatchNorm) or not bn.track_running_stats:
+        raise ELSAError(f"{type(bn).__name__} is not a batch-norm layer with running statistics")
+    cls = _level_bn_class(type(bn))
+    new = cls.__new__(cls)
+    d = dict(bn.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        d[key] = d[key].copy()
+    d["_non_persistent_buffers_set"] = set(d.get("_non_persistent_buffers_set", ()))
+    new.__dict__.update(d)
+    new._init_level_stats(stats, num_levels)
+    return new

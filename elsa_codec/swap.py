@@ -1,0 +1,384 @@
+"""Model-level serving API: swap encoded layers into any model, select levels, rebuild the file.
+
+ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". One generic
+walker over ``named_modules`` serves every model (no per-model code):
+
+- :func:`swap_` replaces, in place, exactly the ``nn.Linear`` / ``nn.Conv2d`` modules whose
+  ``weight`` is encoded in an :class:`~elsa_codec.codec.ELSAStateDict` (or a file) by
+  :class:`~elsa_codec.nn.ELSALinear` / :class:`~elsa_codec.nn.ELSAConv2d`, loads every other
+  tensor, and gives the batch-norm layers named in the file's per-level statistics one set of
+  running statistics per level. Everything is validated first: on any error nothing changes.
+- :func:`set_level` / :func:`set_sparsity` / :func:`levels` select and list the levels.
+- :func:`elsa_state_dict` rebuilds the encoded state dict (metadata and per-level batch-norm
+  statistics included) from a swapped model, ready for :func:`elsa_codec.save_file`.
+- :func:`load` = :func:`elsa_codec.load_file` + :func:`swap_`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .bits import check_code_bits, decode_counters
+from .codec import ELSAStateDict, LevelInfo, TensorInfo, _make_meta, _tensor_info, resolve_level
+from .errors import ELSAError
+from .nn import ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, level_batch_norm
+
+__all__ = ["swap_", "load", "set_level", "set_sparsity", "levels", "elsa_state_dict", "elsa_modules"]
+
+logger = logging.getLogger("elsa_codec")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _kind(module: nn.Module, parent: nn.Module | None) -> type | None:
+    """The ELSA class that can serve ``module``'s weight, or None."""
+    if isinstance(module, ELSALinear):
+        return ELSALinear
+    if isinstance(module, ELSAConv2d):
+        return ELSAConv2d
+    if isinstance(parent, nn.MultiheadAttention):
+        return None  # MultiheadAttention reads out_proj.weight directly, never calls out_proj
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return ELSALinear
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
+        return ELSAConv2d
+    return None
+
+
+def _module_of(name: str) -> tuple[str, str]:
+    fqn, _, attr = name.rpartition(".")
+    return fqn, attr
+
+
+def _where(fqn: str) -> str:
+    return f"module {fqn!r}" if fqn else "the root module"
+
+
+def _as_encoded(encoded) -> ELSAStateDict:
+    if isinstance(encoded, (str, os.PathLike)):
+        from .io import load_file
+
+        return load_file(os.fspath(encoded))
+    if not isinstance(encoded, Mapping) or getattr(encoded, "meta", None) is None:
+        raise ELSAError(
+            f"swap_ needs an ELSAStateDict (from encode or load_file) or a path to an ELSA file, got {type(encoded).__name__}"
+        )
+    return encoded
+
+
+def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
+    """Validate everything and build the new modules; modify nothing. Returns the plan."""
+    if not isinstance(model, nn.Module):
+        raise ELSAError(f"swap_ needs a torch.nn.Module, got {type(model).__name__}")
+    meta = enc.meta
+    T, k = meta.num_levels, meta.code_bits
+    modules = dict(model.named_modules(remove_duplicate=False))
+    model_sd = model.state_dict(keep_vars=True)
+
+    # 1. every tensor of the file exists in the model with the same shape and dtype.
+    for name, t in enc.items():
+        fqn, attr = _module_of(name)
+        if name not in model_sd:
+            where = f"{_where(fqn)} ({type(modules[fqn]).__name__}) has no tensor {attr!r}" if fqn in modules else f"the model has no {_where(fqn)}"
+            raise ELSAError(f"tensor {name!r} of the checkpoint is missing from the model: {where}")
+        ref = model_sd[name]
+        if tuple(ref.shape) != tuple(t.shape):
+            raise ELSAError(
+                f"{_where(fqn)}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but {tuple(ref.shape)} in the model"
+            )
+        if ref.dtype != t.dtype:
+            raise ELSAError(
+                f"{_where(fqn)}: tensor {name!r} has dtype {_dtype_name(t.dtype)} in the checkpoint but "
+                f"{_dtype_name(ref.dtype)} in the model (convert the model, or re-encode in its dtype)"
+            )
+    if strict:
+        missing = [n for n in model_sd if n not in enc]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            fqn = _module_of(missing[0])[0]
+            raise ELSAError(
+                f"{_where(fqn)}: tensor {missing[0]!r}{more} of the model is missing from the checkpoint "
+                "(pass strict=False to keep the model's values)"
+            )
+
+    # 2. encoded tensors: the weight of a Linear / Conv2d (or an ELSA module) to swap.
+    new_modules: dict[str, nn.Module] = {}
+    for name in meta.tensors:
+        if name not in enc:
+            raise ELSAError(f"encoded tensor {name!r} is listed in the metadata but missing from the checkpoint")
+        fqn, attr = _module_of(name)
+        mod = modules[fqn]
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            continue  # loaded as a plain tensor: the dense level only
+        parent = modules.get(fqn.rpartition(".")[0]) if fqn else None
+        cls = _kind(mod, parent)
+        if cls is None:
+            why = " (nn.MultiheadAttention reads it directly, never calls it)" if isinstance(parent, nn.MultiheadAttention) else ""
+            raise ELSAError(
+                f"{_where(fqn)} is a {type(mod).__name__}{why}: its encoded tensor {name!r} can only be served by a plain "
+                "nn.Linear or nn.Conv2d (exclude it with filter_fn= to load it as a dense tensor)"
+            )
+        if not fqn:
+            raise ELSAError(f"the model itself is a {type(mod).__name__}: swap_ replaces submodules; build an ELSA module with {cls.__name__}.from_encoded")
+        if attr != "weight":
+            raise ELSAError(f"{_where(fqn)}: only the weight of a {type(mod).__name__} can be encoded, the checkpoint encodes {attr!r}")
+        w = enc[name]
+        check_code_bits(w.dtype, k, T, name=name)
+        ref = mod.weight
+        weight = w.detach().to(device=ref.device)
+        info = meta.tensors[name]
+        kw = dict(num_levels=T, code_bits=k, structures=[lv.structure for lv in meta.levels],
+                  sparsities=info.sparsity, tensor_info=info)
+        if isinstance(mod, ELSAModule):
+            kw.update(backend=mod.backend_request, cache=mod.cache, compile_mode=mod.compile_mode)
+        if cls is ELSALinear:
+            new = ELSALinear.from_encoded(weight, mod.bias, **kw)
+        else:
+            new = ELSAConv2d.from_encoded(weight, mod.bias, like=mod, **kw)
+        new.train(mod.training)
+        new_modules[fqn] = new
+    if not new_modules:
+        why = "filter_fn rejected every one" if meta.tensors and filter_fn is not None else "the checkpoint encodes no tensor"
+        raise ELSAError(f"no module of the model matches the checkpoint's encoded tensors ({why}); nothing to swap")
+
+    # 3. ELSA modules already in the model and not replaced must agree on T and k.
+    for fqn, mod in modules.items():
+        if isinstance(mod, ELSAModule) and fqn not in new_modules and (mod.num_levels, mod.code_bits) != (T, k):
+            raise ELSAError(
+                f"{_where(fqn)} already serves an ELSA weight with T={mod.num_levels}, k={mod.code_bits}; "
+                f"the checkpoint has T={T}, k={k}"
+            )
+
+    # 4. per-level batch-norm statistics: levels 1..T+1, modules that track running statistics.
+    new_bn: dict[str, nn.Module] = {}
+    bn = getattr(enc, "bn_stats", None) or {}
+    if bn:
+        levels_given = sorted(bn)
+        want = list(range(1, T + 2))
+        per_module: dict[str, dict] = {}
+        for t in levels_given:
+            for fqn, stats in bn[t].items():
+                per_module.setdefault(fqn, {})[t] = stats
+        for fqn, by_level in per_module.items():
+            if levels_given != want or sorted(by_level) != want:
+                got = sorted(by_level)
+                raise ELSAError(
+                    f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got[0]}..{got[-1]} "
+                    f"({len(got)} levels) but T={T} needs levels 1..{T + 1}"
+                    if got == list(range(got[0], got[-1] + 1)) else
+                    f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got}, T={T} needs 1..{T + 1}"
+                )
+            mod = modules.get(fqn)
+            if mod is None:
+                raise ELSAError(f"batch-norm statistics of {_where(fqn)} in the checkpoint: the model has no such module")
+            if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
+                raise ELSAError(f"{_where(fqn)} is a {type(mod).__name__}, not a batch-norm layer tracking running statistics, but the checkpoint has per-level batch-norm statistics for it")
+            keys = None
+            for t, stats in by_level.items():
+                if keys is None:
+                    keys = sorted(stats)
+                elif sorted(stats) != keys:
+                    raise ELSAError(f"batch-norm {_where(fqn)}: level {t} has statistics {sorted(stats)}, level 1 has {keys}")
+                for s, v in stats.items():
+                    buf = getattr(mod, s, None)
+                    if not isinstance(buf, torch.Tensor) or s not in mod._buffers:
+                        raise ELSAError(f"batch-norm {_where(fqn)} has no running buffer {s!r} (level {t} statistics)")
+                    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(buf.shape) or v.dtype != buf.dtype:
+                        got = f"{tuple(v.shape)} {_dtype_name(v.dtype)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                        raise ELSAError(
+                            f"batch-norm {_where(fqn)}: {s} of level {t} is {got} in the checkpoint but "
+                            f"{tuple(buf.shape)} {_dtype_name(buf.dtype)} in the model"
+                        )
+            new_bn[fqn] = level_batch_norm(mod, by_level, T)
+    return new_modules, new_bn, T
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+          strict: bool = True) -> nn.Module:
+    """Serve ``encoded`` with ``model``, in place (ELSA, arXiv 2312.06872, sec. 2.2).
+
+    Replaces exactly the ``nn.Linear`` / ``nn.Conv2d`` modules whose ``weight`` is encoded by
+    :class:`~elsa_codec.nn.ELSALinear` / :class:`~elsa_codec.nn.ELSAConv2d` holding the encoded
+    tensor (moved to the old weight's device; same name, shape and dtype, so ``state_dict()`` keys
+    are unchanged), copies every other tensor of the checkpoint into the model, turns the
+    batch-norm layers with per-level statistics into per-level ones
+    (:class:`~elsa_codec.nn.LevelBatchNormMixin`), and selects the dense level ``T+1``.
+
+    Args:
+        model: any ``nn.Module`` whose ``state_dict()`` the checkpoint was made from.
+        encoded: an :class:`~elsa_codec.codec.ELSAStateDict` (from :func:`elsa_codec.encode` or
+            :func:`elsa_codec.load_file`) or a path to an ELSA safetensors file.
+        filter_fn: ``(module, fqn) -> bool``; encoded modules for which it returns False are not
+            swapped (their encoded weight is loaded as a plain tensor: dense level only).
+        strict: every tensor of the model's ``state_dict()`` must be in the checkpoint.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ELSAError: (nothing changed) a checkpoint tensor missing from the model, or of another
+            shape or dtype; a model tensor missing from the checkpoint (``strict``); an encoded
+            tensor that is not the weight of a plain ``nn.Linear`` / ``nn.Conv2d``; no module to
+            swap; ELSA modules already present with another ``T`` / ``k``; batch-norm statistics
+            for another number of levels, for a missing or non-batch-norm module, or of another
+            shape or dtype. Each names the module and the problem.
+        ELSAFormatError: ``encoded`` is a path to an invalid file.
+    """
+    enc = _as_encoded(encoded)
+    new_modules, new_bn, T = _plan(model, enc, filter_fn, strict)
+    # Commit: nothing below can fail on validated input.
+    for fqn, new in {**new_modules, **new_bn}.items():
+        _replace(model, fqn, new)
+    encoded_names = {f"{fqn}.weight" for fqn in new_modules}
+    sd = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, t in enc.items():
+            if name not in encoded_names:
+                dst = sd[name]
+                if dst is not t:
+                    dst.copy_(t)
+    for mod in model.modules():
+        if isinstance(mod, (ELSAModule, LevelBatchNormMixin)) and mod.num_levels == T:
+            mod.set_level(T + 1)
+    logger.info("swap_: %d encoded modules, %d per-level batch-norm layers, T=%d", len(new_modules), len(new_bn), T)
+    return model
+
+
+def load(path, model: nn.Module, *, filter_fn=None, strict: bool = True) -> nn.Module:
+    """Read the ELSA file ``path`` (:func:`elsa_codec.load_file`) and :func:`swap_` it into ``model``.
+
+    Raises:
+        ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged).
+    """
+    return swap_(model, os.fspath(path), filter_fn=filter_fn, strict=strict)
+
+
+def elsa_modules(model: nn.Module) -> list:
+    """``[(fqn, module)]`` of the :class:`~elsa_codec.nn.ELSALinear` / ``ELSAConv2d`` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ELSAModule)]
+
+
+def _levelled(model: nn.Module) -> tuple[list, int, int]:
+    mods = elsa_modules(model)
+    if not mods:
+        raise ELSAError(f"the model ({type(model).__name__}) has no ELSA module: call elsa_codec.swap_ first")
+    Tk = {(m.num_levels, m.code_bits) for _, m in mods}
+    if len(Tk) > 1:
+        raise ELSAError(f"the model's ELSA modules disagree on (T, k): {sorted(Tk)}")
+    T, k = Tk.pop()
+    return mods, T, k
+
+
+def set_level(model: nn.Module, level) -> int:
+    """Select level ``1..T``, ``T+1`` or ``"dense"`` in every ELSA module and per-level
+    batch-norm layer of ``model``.
+
+    Returns:
+        The level as an int.
+
+    Raises:
+        ELSAError: no ELSA module; modules with different ``T``; level out of range (nothing
+            changed).
+    """
+    mods, T, _ = _levelled(model)
+    t = resolve_level(level, T)
+    for m in model.modules():
+        if isinstance(m, (ELSAModule, LevelBatchNormMixin)):
+            m.set_level(t)
+    return t
+
+
+def levels(model: nn.Module) -> list:
+    """The levels of a swapped model: ``[LevelInfo(level, structure, sparsity)]`` for ``1..T``,
+    then ``LevelInfo(T+1, "dense", 0.0)``. Sparsity is the recorded fraction of zeros over the
+    model's encoded weights (weighted by their sizes).
+
+    Raises:
+        ELSAError: no ELSA module.
+    """
+    mods, T, _ = _levelled(model)
+    total = sum(m.weight.numel() for _, m in mods) or 1
+    out = []
+    for t in range(1, T + 1):
+        zeros = sum(m.sparsities[t - 1] * m.weight.numel() for _, m in mods)
+        out.append(LevelInfo(t, mods[0][1].structures[t - 1], zeros / total))
+    out.append(LevelInfo(T + 1, "dense", 0.0))
+    return out
+
+
+def set_sparsity(model: nn.Module, sparsity: float) -> int:
+    """Select the level whose recorded sparsity (:func:`levels`) is closest to ``sparsity``
+    (ties: the denser level); ``0`` gives the dense level. Logs and returns the level.
+
+    Raises:
+        ELSAError: ``sparsity`` outside ``[0, 1]``; no ELSA module.
+    """
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ELSAError(f"sparsity must be a number in [0, 1], got {sparsity!r}") from None
+    if not 0.0 <= s <= 1.0:
+        raise ELSAError(f"sparsity must be in [0, 1], got {s}")
+    lv = min(levels(model), key=lambda x: (abs(x.sparsity - s), x.sparsity))
+    t = set_level(model, lv.level)
+    logger.info("set_sparsity(%.4f): level %d (%s, sparsity %.4f)", s, t, lv.structure, lv.sparsity)
+    return t
+
+
+def elsa_state_dict(model: nn.Module) -> ELSAStateDict:
+    """Rebuild the encoded state dict of a swapped model, ready for :func:`elsa_codec.save_file`.
+
+    The tensors are ``model.state_dict()`` (ELSA weights as stored: encoded); the metadata's
+    ``T``, ``k``, structures and per-tensor records come from the ELSA modules (sparsities
+    re-measured from the codes; the recorded encoding error is kept while they match); the
+    per-level batch-norm statistics of every level come from the per-level batch-norm layers, and
+    their plain running buffers hold the dense level's statistics (as :func:`elsa_codec.encode`
+    writes them), whatever level is active. Saving this and :func:`swap_`-ing it into a fresh copy
+    of the original model gives the same model at every level.
+
+    Returns:
+        :class:`~elsa_codec.codec.ELSAStateDict`.
+
+    Raises:
+        ELSAError: no ELSA module; modules with different ``T`` / ``k``; per-level batch-norm
+            layers for another ``T``.
+    """
+    mods, T, k = _levelled(model)
+    by_name = {f"{fqn}.weight": m for fqn, m in mods}
+    sd = dict(model.state_dict())
+    infos = {}
+    for name in sd:
+        m = by_name.get(name)
+        if m is None:
+            continue
+        w = m.weight.detach()
+        info = _tensor_info(w, None, decode_counters(w, k), T)
+        old = m.tensor_info
+        if isinstance(old, TensorInfo) and old.sparsity == info.sparsity and old.shape == info.shape and old.dtype == info.dtype:
+            info = TensorInfo(info.shape, info.dtype, info.sparsity, old.max_ulp, old.sqnr_db)
+        infos[name] = info
+    bn: dict[int, dict] = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, LevelBatchNormMixin):
+            if m.num_levels != T:
+                raise ELSAError(f"per-level batch-norm {_where(fqn)} has T={m.num_levels}, the ELSA modules T={T}")
+            for t in range(1, T + 2):
+                bn.setdefault(t, {})[fqn] = m.stats_of(t)
+            for s, v in bn[T + 1][fqn].items():
+                sd[f"{fqn}.{s}"] = v
+    structs = list(mods[0][1].structures)
+    meta = _make_meta(T, k, structs, infos, bn)
+    return ELSAStateDict(sd, meta, bn)
