@@ -283,30 +283,37 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
 
 
 def ulp_error(reference: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    """``|approx - reference|`` in units of the ulp of ``reference`` (float64 tensor, same shape).
+    """``|approx - reference|`` in units of the ulp of ``reference`` (float32 tensor, same shape).
 
     The ulp of ``x`` is the spacing of representable values in ``x``'s binade (the distance from
     ``|x|`` to the next larger magnitude; for the largest finite value, to the next smaller one).
+    Exact for same-sign neighbours: their float32 difference is exact (Sterbenz) and the ulp is a
+    power of two.
     """
-    dtype = reference.dtype
-    mag = _bits32(reference.contiguous()) & _MAG_MASK[dtype]
-    up = torch.where(mag < _MAX_FINITE[dtype], mag + 1, mag)
-    lo = torch.where(mag < _MAX_FINITE[dtype], mag, mag - 1)
-    ulp = (_float32_of(up, dtype) - _float32_of(lo, dtype)).to(torch.float64)
-    return (approx.to(torch.float64) - reference.to(torch.float64)).abs() / ulp
+    mant, min_sub = _ULP_PARAMS[reference.dtype]
+    xf = reference.to(torch.float32)
+    # ulp = 2**(exponent - mantissa bits), from the float32 exponent field (exact for all three
+    # dtypes); subnormals share the smallest spacing.
+    ulp = (xf.view(torch.int32) & 0x7F800000).view(torch.float32).mul(2.0**-mant).clamp_min_(min_sub)
+    return (approx.to(torch.float32) - xf).abs_().div_(ulp)
+
+
+_ULP_PARAMS = {torch.float32: (23, 2.0**-149), torch.bfloat16: (7, 2.0**-133), torch.float16: (10, 2.0**-24)}
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB.
 
-    Returns ``inf`` when the two are equal.
+    Sums of squares accumulate in float64. Returns ``inf`` when the two are equal.
     """
-    r = reference.detach().to(torch.float64)
-    e = r - approx.detach().to(torch.float64)
-    noise = float((e * e).sum())
+    r = reference.detach()
+    if r.dtype not in (torch.float32, torch.float64):
+        r = r.to(torch.float32)
+    e = approx.detach().to(r.dtype) - r
+    noise = float(torch.linalg.vector_norm(e, dtype=torch.float64)) ** 2
     if noise == 0.0:
         return math.inf
-    signal = float((r * r).sum())
+    signal = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)

@@ -345,7 +345,8 @@ def encode(
 
 
 def _tensor_info(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor, T: int) -> TensorInfo:
-    counts = torch.bincount(c.reshape(-1).to(torch.int64), minlength=T + 2)[1 : T + 2]
+    flat = c.reshape(-1)
+    counts = torch.bincount(flat if flat.dtype == torch.uint8 else flat.to(torch.int64), minlength=T + 2)[1 : T + 2]
     n = max(c.numel(), 1)
     kept = torch.cumsum(counts, 0)[:T]
     sp = [1.0 - float(kv) / n for kv in kept]
