@@ -566,12 +566,23 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
     tensor's sparsity at that level is then the fraction of ``|w|`` below it.
     """
     T = len(specs)
-    c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
     a = weight.detach().abs().float()
+    sps = [s for s, _ in specs]
+    if thresholds is not None:
+        sps = [float((a < thr).sum()) / max(a.numel(), 1) for thr in thresholds]
+    if all(st.kind == "unstructured" for _, st in specs):
+        # Nested unstructured levels in one sort: the weight of rank r (by magnitude, largest
+        # first) enters the first level whose kept count exceeds r.
+        n = a.numel()
+        keeps = torch.tensor([int(round((1.0 - s) * n)) for s in sps], dtype=torch.int64, device=a.device)
+        order = torch.argsort(a.reshape(-1), descending=True, stable=True)
+        c = torch.empty(n, dtype=torch.int64, device=a.device)
+        c[order] = 1 + torch.searchsorted(keeps, torch.arange(n, device=a.device), right=True)
+        return c.reshape(weight.shape)
+    c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
     frozen = None
-    for i, (s, st) in enumerate(specs):
-        if thresholds is not None:
-            s = float((a < thresholds[i]).sum()) / max(a.numel(), 1)
+    for i, (_, st) in enumerate(specs):
+        s = sps[i]
         m = magnitude_mask(weight, s, st, frozen, name=name)
         c -= m.to(torch.int64)
         frozen = m
