@@ -20,7 +20,6 @@ from .bits import (
     default_code_bits,
     encode_tensor,
     extract_level,
-    sqnr_db,
     ulp_error,
 )
 from .errors import ELSAError, ELSAFormatError
@@ -352,9 +351,19 @@ def _tensor_info(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor, T: in
     sp = [1.0 - float(kv) / n for kv in kept]
     max_ulp = sq = None
     if y is not None:
-        max_ulp = float(ulp_error(x, y).max()) if x.numel() else 0.0
-        sq = sqnr_db(x, y)
+        # In chunks, so that the statistics add little to the peak memory of a streaming encode.
+        xf, yf = x.detach().reshape(-1), y.detach().reshape(-1)
+        max_ulp, signal, noise = 0.0, 0.0, 0.0
+        for s in range(0, xf.numel(), _STAT_CHUNK):
+            xs, ys = xf[s : s + _STAT_CHUNK], yf[s : s + _STAT_CHUNK]
+            max_ulp = max(max_ulp, float(ulp_error(xs, ys).max()))
+            signal += float(torch.linalg.vector_norm(xs, dtype=torch.float64)) ** 2
+            noise += float(torch.linalg.vector_norm(ys.to(torch.float32) - xs.to(torch.float32), dtype=torch.float64)) ** 2
+        sq = math.inf if noise == 0.0 else (-math.inf if signal == 0.0 else 10.0 * math.log10(signal / noise))
     return TensorInfo(shape=list(x.shape), dtype=str(x.dtype).replace("torch.", ""), sparsity=sp, max_ulp=max_ulp, sqnr_db=sq)
+
+
+_STAT_CHUNK = 1 << 22
 
 
 def _make_meta(T: int, k: int, structs: list, infos: dict, bn: dict) -> ELSAMeta:
@@ -559,7 +568,7 @@ def magnitude_counters(
 
 
 def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: list | None = None, *, name: str = "weight") -> torch.Tensor:
-    """Counters (int64, ``weight``'s shape, values ``1..T+1``) of nested magnitude levels.
+    """Counters (integer tensor of ``weight``'s shape, values ``1..T+1``) of nested magnitude levels.
 
     ``specs``: ``[(sparsity, Structure)]`` sparsest first (:func:`elsa_codec.masks.parse_level`).
     ``thresholds``: per level, a global magnitude threshold (from :func:`global_thresholds`); the
@@ -574,10 +583,14 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
         # Nested unstructured levels in one sort: the weight of rank r (by magnitude, largest
         # first) enters the first level whose kept count exceeds r.
         n = a.numel()
-        keeps = torch.tensor([int(round((1.0 - s) * n)) for s in sps], dtype=torch.int64, device=a.device)
         order = torch.argsort(a.reshape(-1), descending=True, stable=True)
-        c = torch.empty(n, dtype=torch.int64, device=a.device)
-        c[order] = 1 + torch.searchsorted(keeps, torch.arange(n, device=a.device), right=True)
+        del a
+        c = torch.full((n,), T + 1, dtype=torch.uint8, device=weight.device)
+        start = 0
+        for t, s in enumerate(sps, start=1):
+            stop = int(round((1.0 - s) * n))
+            c[order[start:stop]] = t
+            start = max(start, stop)
         return c.reshape(weight.shape)
     c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
     frozen = None

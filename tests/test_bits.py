@@ -156,3 +156,25 @@ def test_level_out_of_range():
         extract_level(y, 5, 2, 3)
     with pytest.raises(ELSAError, match="out of range"):
         extract_level(y, 0, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_fused_compiled_path_bit_exact_with_eager(dtype, monkeypatch):
+    """Large tensors go through torch.compile's fused loop: same bits as the eager rule."""
+    import elsa_codec.bits as b
+
+    n = b._COMPILE_MIN_NUMEL
+    g = torch.Generator().manual_seed(5)
+    w = WIDTH[dtype]
+    pats = torch.randint(0, _MAX_FINITE[dtype] + 1, (n,), generator=g, dtype=torch.int64)
+    pats[:64] = torch.arange(64)  # subnormals and zero
+    pats[64:128] = _MAX_FINITE[dtype] - torch.arange(64)  # the largest finite values
+    pats |= torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) << (w - 1)
+    x = pats.to(torch.int32 if w == 32 else torch.int16).view(dtype) if w == 32 else (pats - (pats >= 1 << 15) * (1 << 16)).to(torch.int16).view(dtype)
+    k = MAX_CODE_BITS[dtype]
+    codes = torch.randint(0, 1 << k, (n,), generator=g, dtype=torch.uint8)
+    fused = encode_tensor(x, codes, k)
+    assert b._FUSED.get("fn") is not None, "the fused path was not taken"
+    monkeypatch.setattr(b, "_COMPILE_MIN_NUMEL", 1 << 62)
+    eager = encode_tensor(x, codes, k)
+    assert torch.equal(b.bits_view(fused), b.bits_view(eager))
