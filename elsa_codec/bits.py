@@ -165,6 +165,7 @@ def encode_tensor(
 
 
 _CHUNK = 1 << 15
+_DECODE_CHUNK = 1 << 18  # decode does 3 passes: larger chunks pay less per-op overhead
 #: Tensors of at least this many elements are encoded by ``torch.compile``'s fused CPU loop (one
 #: pass instead of ~20; compiled once per dtype, ~10 s, cached on disk by inductor). Set the
 #: environment variable ``ELSA_COMPILE=0`` to always use the eager path.
@@ -299,9 +300,9 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
     low = (1 << code_bits) - 1
     # bits * (code < t), chunk by chunk (cache-sized): a kept weight keeps its exact bits, a
     # dropped one becomes +0.0.
-    for s in range(0, src.numel(), _CHUNK):
-        b = src[s : s + _CHUNK]
-        torch.mul(b, torch.bitwise_and(b, low).lt_(t), out=out[s : s + _CHUNK])
+    for s in range(0, src.numel(), _DECODE_CHUNK):
+        b = src[s : s + _DECODE_CHUNK]
+        torch.mul(b, torch.bitwise_and(b, low).lt_(t), out=out[s : s + _DECODE_CHUNK])
     return out.view(encoded.dtype).reshape(encoded.shape)
 
 
