@@ -314,13 +314,16 @@ def load_counters(path: str) -> Counters:
         ELSAFormatError: unreadable file or no counters metadata.
     """
     f = _open_safetensors(path)
-    md = f.metadata() or {}
+    T, structs = _counters_header(f, path)
+    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs)
+
+
+def _counters_header(f, path: str) -> tuple:
     try:
-        d = json.loads(md["elsa_counters"])
-        T, structs = int(d["num_levels"]), list(d["structures"])
+        d = json.loads((f.metadata() or {})["elsa_counters"])
+        return int(d["num_levels"]), list(d["structures"])
     except (KeyError, ValueError, TypeError):
         raise ELSAFormatError(f"{path}: not an ELSA counters file (no 'elsa_counters' metadata)") from None
-    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs)
 
 
 def write_plain(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
@@ -393,8 +396,14 @@ def encode_file(
         return t
 
     if counters is not None:
-        C = load_counters(counters) if isinstance(counters, str) else counters
-        T, structs, sel = C.num_levels, list(C.structures), list(C)
+        if isinstance(counters, str):  # read the counters file tensor by tensor, too
+            cf = _open_safetensors(counters)
+            T, structs = _counters_header(cf, counters)
+            sel = list(cf.keys())
+            get_counters = cf.get_tensor
+        else:
+            T, structs, sel = counters.num_levels, list(counters.structures), list(counters)
+            get_counters = counters.__getitem__
         for n in sel:
             if n not in where:
                 raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
@@ -433,25 +442,27 @@ def encode_file(
             if n in sel:
                 check_code_bits(x.dtype, k, T, name=n)
                 if specs is None:
-                    c = C[n]
+                    c = get_counters(n)
                     if c.shape != x.shape:
                         raise ELSAError(f"{n}: counters have shape {tuple(c.shape)} but the tensor has shape {tuple(x.shape)}")
                     if c.numel() and (int(c.min()) < 1 or int(c.max()) > T + 1):
                         raise ELSAError(f"{n}: counters must lie in 1..{T + 1}, got {int(c.min())}..{int(c.max())}")
-                    c = c.to(torch.int64)
                 else:
                     c = tensor_magnitude_counters(x, specs, thr, name=n)
                 y = encode_tensor(x, c - 1, k, name=n)
                 infos[n] = _tensor_info(x, y, c, T)
                 x = y
+                del c, y
             x = x.contiguous()
             if x.dtype not in _DTYPES:
                 raise ELSAError(f"{n}: dtype {x.dtype} cannot be written")
-            buf = x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+            buf = x.reshape(-1).view(torch.uint8).numpy() if x.numel() else b""  # a view: no copy
             data.write(buf)
-            header[n] = {"dtype": _DTYPES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + len(buf)]}
+            nbytes = x.numel() * x.element_size()
+            header[n] = {"dtype": _DTYPES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + nbytes]}
             crcs[n] = f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"
-            offset += len(buf)
+            offset += nbytes
+            del x, buf  # free this tensor before reading the next one
         meta = _make_meta(T, k, structs, infos, {})
         header["__metadata__"] = {"format": "pt", _META_KEY: meta.to_json(), _CRC_KEY: json.dumps(crcs)}
         hb = json.dumps(header, separators=(",", ":")).encode()
