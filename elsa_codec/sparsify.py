@@ -1,0 +1,416 @@
+"""Sparsifiers for ELSA training: magnitude masks distributed over layers, and the GMP schedule.
+
+A *sparsifier* turns the current weights of the prunable tensors, the frozen masks of the levels
+already embedded and a target sparsity into one boolean mask per tensor (``True`` = kept). The
+masks always contain the frozen masks: frozen weights are kept and count towards the target, so
+level ``t``'s network contains level ``t-1``'s (ELSA, Halvachi et al., arXiv 2312.06872,
+section 2.1: "any existing technique for network sparsification" plugs in).
+
+Two ways to plug one in (see :func:`as_sparsifier`):
+
+- a *mask function* ``fn(name, weight, frozen_mask, target) -> mask``, called per tensor with
+  ``weight`` (``Tensor``, the tensor's shape, any float dtype), ``frozen_mask`` (bool, same shape),
+  ``target`` (float sparsity in ``[0, 1)``: the fraction of the tensor's weights to zero) and
+  returning a bool mask of the same shape that contains ``frozen_mask``;
+- a :class:`Sparsifier` subclass whose :meth:`Sparsifier.masks` sees every tensor at once (needed
+  for distributions over layers such as ``global`` and ``erk``).
+
+Built in: :class:`MagnitudeSparsifier` with the distributions ``uniform`` (every tensor at the
+target), ``global`` (one magnitude threshold across tensors) and ``erk`` (Erdős-Rényi-Kernel,
+Evci et al. 2020, "Rigging the Lottery", section 3 and appendix), for the structures
+``unstructured``, ``N:M`` and ``block:RxC`` (via :func:`elsa_codec.masks.magnitude_mask`), and the
+cubic gradual magnitude pruning schedule of Zhu & Gupta 2017 ("To prune, or not to prune",
+section 3): :func:`gmp_sparsity` and :class:`GMPSchedule`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .errors import ELSAError
+from .masks import Structure, magnitude_mask, mask_structure_ok, parse_structure
+
+__all__ = [
+    "gmp_sparsity",
+    "GMPSchedule",
+    "erk_densities",
+    "Sparsifier",
+    "MagnitudeSparsifier",
+    "MaskFnSparsifier",
+    "as_sparsifier",
+    "check_masks",
+    "DISTRIBUTIONS",
+]
+
+#: Distributions of a target sparsity over the prunable tensors understood by :class:`MagnitudeSparsifier`.
+DISTRIBUTIONS = ("uniform", "global", "erk")
+
+
+# --------------------------------------------------------------------------------------------
+# GMP schedule (Zhu & Gupta 2017)
+# --------------------------------------------------------------------------------------------
+def gmp_sparsity(step: float, *, initial: float, final: float, begin: int, n: int, every: int) -> float:
+    """Sparsity of the cubic gradual pruning schedule at training step ``step``.
+
+    Zhu & Gupta 2017, eq. (1): ``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (n * dt))**3`` for
+    ``t`` in ``t_0 .. t_0 + n*dt``; before ``t_0`` it is ``s_i``, after ``t_0 + n*dt`` it is ``s_f``.
+    The formula is evaluated at ``step`` itself (masks are recomputed only at the steps
+    ``t_0 + j*dt``, see :class:`GMPSchedule`).
+
+    Args:
+        step: ``t``, optimizer steps (int or float).
+        initial: ``s_i`` in ``[0, 1)``.
+        final: ``s_f`` in ``[0, 1)``.
+        begin: ``t_0`` (steps).
+        n: number of pruning steps (``n >= 0``; ``n == 0`` jumps to ``s_f`` at ``t_0``).
+        every: ``dt``, steps between pruning steps (``>= 1``).
+
+    Returns:
+        float sparsity between ``s_i`` and ``s_f``.
+
+    Raises:
+        ELSAError: sparsities outside ``[0, 1)``, ``n < 0`` or ``every < 1``.
+    """
+    for nm, v in (("initial", initial), ("final", final)):
+        if not 0.0 <= float(v) < 1.0:
+            raise ELSAError(f"GMP {nm} sparsity {v} is not in [0, 1)")
+    if n < 0 or every < 1:
+        raise ELSAError(f"GMP needs n >= 0 pruning steps and every >= 1, got n={n}, every={every}")
+    if step < begin:
+        return float(initial)
+    span = n * every
+    if span == 0 or step >= begin + span:
+        return float(final)
+    frac = 1.0 - (step - begin) / span
+    return float(final + (initial - final) * frac**3)
+
+
+@dataclass(frozen=True)
+class GMPSchedule:
+    """Where the cubic ramp sits inside a phase of ``steps`` optimizer steps.
+
+    The ramp starts at ``round(begin * steps)`` (``t_0``) and reaches the final sparsity at
+    ``round(end * steps)``; masks are recomputed every ``every`` steps (``dt``; default: the ramp
+    cut into ``updates`` equal pruning steps). The steps after the ramp fine-tune the sparse
+    network at the final sparsity (Zhu & Gupta 2017, section 3).
+
+    Attributes:
+        begin: fraction of the phase's steps before the first pruning step, in ``[0, 1]``.
+        end: fraction of the phase's steps at which the final sparsity is reached, in ``[begin, 1]``.
+        updates: number of pruning steps ``n`` when ``every`` is None (>= 1).
+        every: ``dt`` in steps, or None.
+        initial: ``s_i``, the sparsity the ramp starts from (fraction in ``[0, 1)``; frozen weights
+            are always kept whatever it says).
+    """
+
+    begin: float = 0.0
+    end: float = 0.7
+    updates: int = 10
+    every: int | None = None
+    initial: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.begin <= self.end <= 1.0:
+            raise ELSAError(f"GMP schedule needs 0 <= begin <= end <= 1, got begin={self.begin}, end={self.end}")
+        if self.every is None and self.updates < 1:
+            raise ELSAError(f"GMP schedule needs updates >= 1, got {self.updates}")
+        if self.every is not None and self.every < 1:
+            raise ELSAError(f"GMP schedule needs every >= 1 step, got {self.every}")
+        if not 0.0 <= self.initial < 1.0:
+            raise ELSAError(f"GMP initial sparsity {self.initial} is not in [0, 1)")
+
+    def plan(self, steps: int) -> tuple[int, int, int]:
+        """``(t_0, n, dt)`` for a phase of ``steps`` optimizer steps (``n * dt`` never passes the phase)."""
+        t0 = int(round(self.begin * steps))
+        ramp = max(0, int(round(self.end * steps)) - t0)
+        if self.every is not None:
+            dt = self.every
+            n = ramp // dt
+        else:
+            n = min(self.updates, ramp) if ramp > 0 else 0
+            dt = max(1, ramp // n) if n else 1
+        return t0, n, dt
+
+    def update_steps(self, steps: int) -> list[int]:
+        """The steps (counted in optimizer steps done) after which the mask is recomputed."""
+        t0, n, dt = self.plan(steps)
+        return [t0 + j * dt for j in range(1, n + 1)]
+
+    def sparsity(self, step: int, steps: int, final: float) -> float:
+        """Target sparsity of the mask recomputed after ``step`` of ``steps`` optimizer steps."""
+        t0, n, dt = self.plan(steps)
+        return gmp_sparsity(step, initial=min(self.initial, final), final=final, begin=t0, n=n, every=dt)
+
+
+# --------------------------------------------------------------------------------------------
+# ERK densities (Evci et al. 2020)
+# --------------------------------------------------------------------------------------------
+def erk_densities(shapes: Mapping[str, tuple], density: float, *, power: float = 1.0) -> dict[str, float]:
+    """Erdős-Rényi-Kernel density per tensor for an overall ``density``.
+
+    Each tensor's density is proportional to ``sum(shape) / prod(shape)`` (for a Conv2d weight
+    ``[out, in, kh, kw]``: ``(out + in + kh + kw) / (out * in * kh * kw)``; for a Linear weight
+    ``[out, in]``: ``(out + in) / (out * in)``), raised to ``power``, scaled so that the kept count
+    over all tensors equals ``density * total``. Tensors whose density would pass 1 are kept dense
+    and the rest re-scaled (repeated until none passes 1). Evci et al. 2020 (RigL), section 3 and
+    the reference code's ``get_sparsities_erdos_renyi``.
+
+    Args:
+        shapes: ``name -> shape`` (tuples of ints, any rank >= 1).
+        density: overall fraction of weights kept, in ``[0, 1]``.
+        power: exponent of the raw ERK score (1.0 is ERK).
+
+    Returns:
+        ``name -> density`` in ``[0, 1]``; ``sum(density_i * numel_i) == density * total`` up to
+        rounding.
+
+    Raises:
+        ELSAError: empty ``shapes``, a tensor with no elements, or ``density`` outside ``[0, 1]``.
+    """
+    if not shapes:
+        raise ELSAError("erk_densities needs at least one tensor")
+    if not 0.0 <= density <= 1.0:
+        raise ELSAError(f"ERK density {density} is not in [0, 1]")
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    for n, v in numel.items():
+        if v == 0:
+            raise ELSAError(f"{n}: cannot distribute sparsity over an empty tensor (shape {tuple(shapes[n])})")
+    raw = {n: (sum(s) / math.prod(s)) ** power for n, s in shapes.items()}
+    dense: set[str] = set()
+    total = sum(numel.values())
+    while True:
+        budget = density * total - sum(numel[n] for n in dense)
+        divisor = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        if divisor <= 0:
+            eps = 0.0
+            break
+        eps = budget / divisor
+        over = [n for n in shapes if n not in dense and raw[n] * eps > 1.0]
+        if not over:
+            break
+        # Mark the tensor with the largest raw score dense (RigL does one at a time).
+        dense.add(max(over, key=lambda n: raw[n]))
+    return {n: (1.0 if n in dense else max(0.0, min(1.0, raw[n] * eps))) for n in shapes}
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsifiers
+# --------------------------------------------------------------------------------------------
+class Sparsifier:
+    """Base class of the sparsifiers: turn weights + frozen masks + a target into masks.
+
+    Subclasses implement :meth:`masks`. The ELSA procedure (:func:`elsa_codec.embed_levels`) and
+    :func:`elsa_codec.prune_gmp` call it at every GMP pruning step with the schedule's sparsity and
+    check what it returns with :func:`check_masks`.
+    """
+
+    def masks(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor],
+        sparsity: float,
+        structure: Structure | str = "unstructured",
+    ) -> dict[str, torch.Tensor]:
+        """Masks at ``sparsity`` that contain ``frozen``.
+
+        Args:
+            weights: ``name -> weight`` (float tensors, Linear ``[out, in]`` or Conv2d
+                ``[out, in/groups, kh, kw]``; not modified).
+            frozen: ``name -> bool mask`` of the same shapes (weights that must be kept).
+            sparsity: overall target sparsity (fraction of zeros over all tensors) in ``[0, 1)``.
+                For an ``N:M`` structure a sparsity below ``1 - N/M`` means ``ceil``-ed ``n:M``
+                groups on the way to ``N:M`` (gradual N:M pruning).
+            structure: the level's structure (:func:`elsa_codec.masks.parse_structure`).
+
+        Returns:
+            ``name -> bool Tensor`` (``True`` = kept), one per name of ``weights``.
+        """
+        raise NotImplementedError
+
+
+def _nm_at(st: Structure, sparsity: float) -> Structure | None:
+    """The ``n:M`` pattern on the way to ``st`` at ``sparsity`` (None = dense)."""
+    n = max(st.n, min(st.m, int(math.ceil((1.0 - sparsity) * st.m - 1e-9))))
+    if n >= st.m:
+        return None
+    return Structure("nm", n=n, m=st.m)
+
+
+class MagnitudeSparsifier(Sparsifier):
+    """Magnitude pruning (keep the largest ``|w|``), nested on the frozen masks.
+
+    Args:
+        distribution: how the overall target is spread over the tensors: ``"uniform"`` (every
+            tensor at the target), ``"global"`` (one magnitude threshold over all non-frozen
+            weights; with a block structure each tensor then gets its resulting sparsity) or
+            ``"erk"`` (:func:`erk_densities`). Ignored for ``N:M`` structures (every tensor gets
+            the pattern).
+        score: optional ``fn(name, weight) -> Tensor`` of importance scores of the weight's shape
+            (default ``|weight|``).
+
+    Raises:
+        ELSAError: unknown distribution.
+    """
+
+    def __init__(self, distribution: str = "uniform", *, score: Callable | None = None):
+        if distribution not in DISTRIBUTIONS:
+            raise ELSAError(f"unknown distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
+        self.distribution = distribution
+        self.score = score
+
+    def __repr__(self) -> str:
+        return f"MagnitudeSparsifier({self.distribution!r})"
+
+    def _scores(self, weights):
+        if self.score is None:
+            return {n: w.detach().abs().to(torch.float32) for n, w in weights.items()}
+        return {n: self.score(n, w).detach().to(torch.float32) for n, w in weights.items()}
+
+    def tensor_sparsities(
+        self, weights: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], sparsity: float
+    ) -> dict[str, float]:
+        """Per-tensor sparsities of the distribution for an overall ``sparsity`` (fractions in ``[0, 1]``).
+
+        Raises:
+            ELSAError: the frozen weights already exceed the overall target (``global``), or a
+                tensor's (``uniform``, ``erk``; checked when the masks are made).
+        """
+        names = list(weights)
+        if self.distribution == "uniform":
+            return {n: float(sparsity) for n in names}
+        numel = {n: weights[n].numel() for n in names}
+        total = sum(numel.values())
+        if self.distribution == "erk":
+            d = erk_densities({n: tuple(weights[n].shape) for n in names}, 1.0 - float(sparsity))
+            out = {}
+            for n in names:
+                sp = 1.0 - d[n]
+                # ERK densities grow with the overall density, so a sparser level's frozen set fits;
+                # absorb a one-weight rounding difference instead of failing on it.
+                nf = int(frozen[n].sum())
+                if nf > round((1.0 - sp) * numel[n]) and nf <= round((1.0 - sp) * numel[n]) + 1:
+                    sp = 1.0 - nf / numel[n]
+                out[n] = sp
+            return out
+        # global: one threshold over the non-frozen weights
+        keep = int(round((1.0 - float(sparsity)) * total))
+        nfrozen = {n: int(frozen[n].sum()) for n in names}
+        nf = sum(nfrozen.values())
+        if nf > keep:
+            raise ELSAError(
+                f"the frozen weights ({nf} of {total}) already exceed the target of {keep} kept "
+                f"(sparsity {sparsity}); levels must be given sparsest first"
+            )
+        scores = self._scores(weights)
+        free = torch.cat([scores[n][~frozen[n]].reshape(-1) for n in names])
+        extra = keep - nf
+        out = {}
+        if extra <= 0 or free.numel() == 0:
+            chosen = {n: 0 for n in names}
+        elif extra >= free.numel():
+            chosen = {n: numel[n] - nfrozen[n] for n in names}
+        else:
+            idx = torch.topk(free, extra, sorted=False).indices
+            owner = torch.cat(
+                [torch.full((numel[n] - nfrozen[n],), i, dtype=torch.int64) for i, n in enumerate(names)]
+            )
+            counts = torch.bincount(owner[idx], minlength=len(names))
+            chosen = {n: int(counts[i]) for i, n in enumerate(names)}
+        for n in names:
+            out[n] = 1.0 - (nfrozen[n] + chosen[n]) / numel[n]
+        return out
+
+    def masks(self, weights, frozen, sparsity, structure="unstructured"):
+        st = parse_structure(structure)
+        scores = self._scores(weights)
+        if st.kind == "nm":
+            pat = _nm_at(st, float(sparsity))
+            out = {}
+            for n, w in weights.items():
+                if pat is None:
+                    out[n] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+                else:
+                    out[n] = magnitude_mask(w, 0.0, pat, frozen[n], name=n, score=scores[n])
+            return out
+        sps = self.tensor_sparsities(weights, frozen, sparsity)
+        return {
+            n: magnitude_mask(w, min(max(sps[n], 0.0), 1.0), st, frozen[n], name=n, score=scores[n])
+            for n, w in weights.items()
+        }
+
+
+class MaskFnSparsifier(Sparsifier):
+    """Adapter of a per-tensor mask function ``fn(name, weight, frozen_mask, target) -> mask``.
+
+    ``target`` is the overall sparsity (every tensor gets the same target; for an ``N:M`` level it is
+    ``1 - N/M`` at the end of the ramp and the function is responsible for the pattern).
+    """
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise ELSAError(f"a mask function must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"MaskFnSparsifier({getattr(self.fn, '__name__', self.fn)!r})"
+
+    def masks(self, weights, frozen, sparsity, structure="unstructured"):
+        return {n: self.fn(n, w, frozen[n], float(sparsity)) for n, w in weights.items()}
+
+
+def as_sparsifier(spec) -> Sparsifier:
+    """Normalise a sparsifier spec.
+
+    Args:
+        spec: None or ``"magnitude"`` (uniform magnitude), ``"uniform"``, ``"global"``, ``"erk"``,
+            a :class:`Sparsifier`, or a mask function ``(name, weight, frozen_mask, target) -> mask``.
+
+    Raises:
+        ELSAError: anything else.
+    """
+    if spec is None or spec == "magnitude":
+        return MagnitudeSparsifier("uniform")
+    if isinstance(spec, Sparsifier):
+        return spec
+    if isinstance(spec, str):
+        return MagnitudeSparsifier(spec)
+    if callable(spec):
+        return MaskFnSparsifier(spec)
+    raise ELSAError(
+        f"sparsifier {spec!r} is neither a distribution name ({', '.join(DISTRIBUTIONS)}), a Sparsifier, nor a mask function"
+    )
+
+
+def check_masks(
+    masks: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    frozen: Mapping[str, torch.Tensor],
+    structure: Structure | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Check a sparsifier's output: one bool mask per tensor, the weight's shape, containing the
+    frozen mask (and obeying ``structure`` when given). Returns the masks on the weights' devices.
+
+    Raises:
+        ELSAError: a missing mask, wrong type or shape, a frozen weight dropped (names the tensor
+            and counts the dropped weights), or a mask that breaks the structure.
+    """
+    if not isinstance(masks, Mapping):
+        raise ELSAError(f"a sparsifier must return a mapping of names to masks, got {type(masks).__name__}")
+    out = {}
+    for n, w in weights.items():
+        m = masks.get(n)
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise ELSAError(f"{n}: the sparsifier returned {type(m).__name__ if not isinstance(m, torch.Tensor) else m.dtype}, expected a bool mask")
+        if m.shape != w.shape:
+            raise ELSAError(f"{n}: the sparsifier's mask has shape {tuple(m.shape)}, the weight has {tuple(w.shape)}")
+        m = m.to(w.device)
+        dropped = int((frozen[n] & ~m).sum())
+        if dropped:
+            raise ELSAError(f"{n}: the sparsifier's mask drops {dropped} frozen weights (a level's mask must contain the previous level's)")
+        if structure is not None and not mask_structure_ok(m, structure):
+            raise ELSAError(f"{n}: the sparsifier's mask does not obey the structure {parse_structure(structure)}")
+        out[n] = m
+    return out
