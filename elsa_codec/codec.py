@@ -580,17 +580,27 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
     if thresholds is not None:
         sps = [float((a < thr).sum()) / max(a.numel(), 1) for thr in thresholds]
     if all(st.kind == "unstructured" for _, st in specs):
-        # Nested unstructured levels in one sort: the weight of rank r (by magnitude, largest
-        # first) enters the first level whose kept count exceeds r.
-        n = a.numel()
-        order = torch.argsort(a.reshape(-1), descending=True, stable=True)
-        del a
+        # Nested unstructured levels with one selection per level instead of a sort: level t keeps
+        # the keep_t largest |w|; ties at the threshold go to the lowest indices (the order of a
+        # stable descending sort), so the levels nest and the counts are exact. Peak memory
+        # stays near 3x the tensor (a streaming encode relies on it).
+        flat = a.reshape(-1)
+        n = flat.numel()
         c = torch.full((n,), T + 1, dtype=torch.uint8, device=weight.device)
-        start = 0
-        for t, s in enumerate(sps, start=1):
-            stop = int(round((1.0 - s) * n))
-            c[order[start:stop]] = t
-            start = max(start, stop)
+        keeps = [int(round((1.0 - s) * n)) for s in sps]
+        thrs = _kth_largest(flat, [kp for kp in keeps if 0 < kp < n])
+        for keep in keeps:
+            if keep <= 0:
+                continue
+            if keep >= n:
+                c.sub_(1)
+                continue
+            thr = thrs[keep]
+            inside = flat > thr
+            need = keep - int(inside.sum())
+            if need > 0:
+                inside[(flat == thr).nonzero().reshape(-1)[:need]] = True
+            c.sub_(inside.to(torch.uint8))
         return c.reshape(weight.shape)
     c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
     frozen = None
@@ -600,6 +610,25 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
         c -= m.to(torch.int64)
         frozen = m
     return c
+
+
+def _kth_largest(flat: torch.Tensor, keeps: list) -> dict:
+    """``{keep: the keep-th largest value of flat}`` (1-based), as 0-d tensors on flat's device.
+
+    On CPU one ``numpy.partition`` (a single copy, no index tensor) serves every level.
+    """
+    if not keeps:
+        return {}
+    n = flat.numel()
+    if flat.device.type == "cpu":
+        import numpy as np
+
+        pos = sorted({n - kp for kp in keeps})
+        part = np.partition(flat.numpy(), pos)
+        out = {kp: torch.tensor(part[n - kp]) for kp in keeps}
+        del part
+        return out
+    return {kp: torch.kthvalue(flat, n - kp + 1).values for kp in keeps}
 
 
 def global_thresholds(get_tensor, names: list, sparsities: list) -> list:
