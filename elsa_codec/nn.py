@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "semi-structured")
 #: Accepted values of ``compile_mode`` (how the level enters a ``torch.compile`` graph).
 COMPILE_MODES = ("tensor", "static")
 
@@ -207,6 +207,8 @@ class ELSAModule(nn.Module):
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise ELSAError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {value!r}")
+        if value == "semi-structured" and not isinstance(self, nn.Linear):
+            raise ELSAError(f"{type(self).__name__}: backend 'semi-structured' (2:4 sparse tensor cores) is for ELSALinear only")
         self.backend_request = value
         self._cached = None
         if "_level" in self.__dict__:
@@ -236,6 +238,10 @@ class ELSAModule(nn.Module):
 
     def _decode(self, t: int, backend: str) -> torch.Tensor:
         with torch.no_grad():
+            if backend == "semi-structured":  # a 2:4 level on sparse tensor cores (DESIGN.md, "Serving")
+                fn = "decode_level"
+                base = self._decode(t, "triton" if _triton_usable(self.weight.device, fn) else "reference")
+                return importlib.import_module("elsa_codec.kernels.semi_structured").to_semi_structured(base)
             if backend == "triton":
                 return self._kernels_for("decode_level").decode_level(self.weight, t, self.code_bits)
             return extract_level(self.weight, t, self.code_bits)
@@ -249,7 +255,10 @@ class ELSAModule(nn.Module):
         t = self._level if level is None else resolve_level(level, self.num_levels)
         if t > self.num_levels:
             return self.weight
-        backend = "triton" if self._triton and t == self._level else "reference"
+        if t == self._level and self.backend_request == "semi-structured":
+            backend = "semi-structured"
+        else:
+            backend = "triton" if self._triton and t == self._level else "reference"
         if t != self._level:
             return self._decode(t, backend)
         key = self._key(t, backend)

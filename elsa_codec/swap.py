@@ -15,6 +15,8 @@ walker over ``named_modules`` serves every model (no per-model code):
 """
 from __future__ import annotations
 
+import importlib
+
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -282,19 +284,45 @@ def _levelled(model: nn.Module) -> tuple[list, int, int]:
     return mods, T, k
 
 
-def set_level(model: nn.Module, level) -> int:
+def set_level(model: nn.Module, level, *, semi_structured: bool = False) -> int:
     """Select level ``1..T``, ``T+1`` or ``"dense"`` in every ELSA module and per-level
     batch-norm layer of ``model``.
+
+    Args:
+        semi_structured: materialise a 2:4 (or 1:4) level of every ``ELSALinear`` as a
+            ``torch.sparse`` semi-structured tensor (sparse tensor cores; CUDA, compute capability
+            >= 8.0) instead of the fused kernel. ``False`` returns such modules to ``"auto"``.
 
     Returns:
         The level as an int.
 
     Raises:
-        ELSAError: no ELSA module; modules with different ``T``; level out of range (nothing
-            changed).
+        ELSAError: no ELSA module; modules with different ``T``; level out of range;
+            ``semi_structured`` for a level that is not N:4 with N <= 2, or on a device without
+            semi-structured sparsity (nothing changed in every case).
     """
     mods, T, _ = _levelled(model)
     t = resolve_level(level, T)
+    linears = [(n, m) for n, m in mods if isinstance(m, ELSALinear)]
+    if semi_structured:
+        if t > T:
+            raise ELSAError("semi_structured: the dense level has no 2:4 structure")
+        from .masks import parse_structure
+
+        for n, m in linears:
+            st = parse_structure(m.structures[t - 1])
+            if not (st.kind == "nm" and st.m == 4 and st.n <= 2):
+                raise ELSAError(f"module {n!r}: level {t} has structure {st}, semi_structured needs 2:4 (or 1:4)")
+            sem = importlib.import_module("elsa_codec.kernels.semi_structured")
+            if not sem.semi_structured_supported(m.weight.device):
+                raise ELSAError(
+                    f"module {n!r}: semi-structured (2:4) sparsity needs a CUDA GPU of compute capability >= 8.0; weight is on {m.weight.device}"
+                )
+    for n, m in linears:
+        if semi_structured:
+            m.backend = "semi-structured"
+        elif m.backend_request == "semi-structured":
+            m.backend = "auto"
     for m in model.modules():
         if isinstance(m, (ELSAModule, LevelBatchNormMixin)):
             m.set_level(t)
