@@ -169,7 +169,7 @@ _DECODE_CHUNK = 1 << 18  # decode does 3 passes: larger chunks pay less per-op o
 #: Tensors of at least this many elements are encoded by ``torch.compile``'s fused CPU loop (one
 #: pass instead of ~20; compiled once per dtype, ~10 s, cached on disk by inductor). Set the
 #: environment variable ``ELSA_COMPILE=0`` to always use the eager path.
-_COMPILE_MIN_NUMEL = 1 << 20
+_COMPILE_MIN_NUMEL = 1 << 16
 _FUSED: dict = {}
 
 
