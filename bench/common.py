@@ -450,3 +450,27 @@ def command_line(argv: list[str] | None = None) -> str:
     if argv and os.path.abspath(argv[0]).startswith(BENCH_DIR):
         return f"python -m elsa_codec.bench {rest}".strip()
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def csv_command(prog: str, description: str):
+    """The argument parser shared by ``elsa bench plot|table|targets``: ``CSV``, ``--run``, ``--device``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("csv")
+    p.add_argument("--run", default="latest", help="'latest' (default: the newest run in the file), 'all', or a timestamp")
+    p.add_argument("--device", help="only rows of this device name")
+    return p
+
+
+def csv_rows(a, prog: str) -> list:
+    """The rows a :func:`csv_command` asked for; prints ``PROG: no rows in CSV`` when there are none."""
+    import sys
+
+    if not os.path.exists(a.csv):
+        print(f"{prog}: no such file: {a.csv}", file=sys.stderr)
+        return []
+    rows = read_csv(a.csv, run=a.run, device=a.device)
+    if not rows:
+        print(f"{prog}: no rows in {a.csv}", file=sys.stderr)
+    return rows

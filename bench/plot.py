@@ -9,12 +9,11 @@ row shows the MiniLM model's forward latency per level when the CSV has it.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import OrderedDict
 
-from .common import PNG_NAME, read_csv
+from .common import PNG_NAME, csv_command, csv_rows
 
 COLORS = {"dense": "black", "elsa-fused": "tab:red", "elsa-cached": "tab:blue", "semi-structured": "tab:green",
           "bsr": "tab:purple"}
@@ -132,15 +131,11 @@ def plot(rows, path: str, *, title: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="elsa bench plot", description="PNG of latency vs density per provider from a results CSV.")
-    p.add_argument("csv")
+    p = csv_command("elsa bench plot", 'PNG of latency vs density per provider from a results CSV.')
     p.add_argument("-o", "--output", help=f"PNG path (default: {PNG_NAME} beside the CSV)")
-    p.add_argument("--run", default="latest", help="'latest' (default), 'all', or a timestamp")
-    p.add_argument("--device", help="only rows of this device name")
     a = p.parse_args(argv)
-    rows = read_csv(a.csv, run=a.run, device=a.device)
+    rows = csv_rows(a, "elsa bench plot")
     if not rows:
-        print(f"elsa bench plot: no rows in {a.csv}", file=sys.stderr)
         return 2
     out = a.output or os.path.join(os.path.dirname(os.path.abspath(a.csv)), PNG_NAME)
     print(plot(rows, out))

@@ -7,11 +7,10 @@ Then the model table (MiniLM latency per level, switch time) and the codec table
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import OrderedDict
 
-from .common import fmt_us, read_csv
+from .common import csv_command, csv_rows, fmt_us
 
 PROVIDERS = ["dense", "elsa-fused", "elsa-cached", "semi-structured", "bsr"]
 
@@ -122,17 +121,13 @@ def render(rows, *, shapes=None, ms=None, sections=("layer", "model", "codec")) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="elsa bench table", description="Print the README's markdown tables from a results CSV.")
-    p.add_argument("csv")
-    p.add_argument("--run", default="latest", help="'latest' (default: the newest run in the file), 'all', or a timestamp")
-    p.add_argument("--device", help="only rows of this device name")
+    p = csv_command("elsa bench table", "Print the README's markdown tables from a results CSV.")
     p.add_argument("--shape", action="append", help="only this weight shape NxK (repeatable), e.g. 4096x4096")
     p.add_argument("--m", type=int, action="append", help="only this M (repeatable)")
     p.add_argument("--sections", default="layer,model,codec", help="comma list of layer, model, codec")
     a = p.parse_args(argv)
-    rows = read_csv(a.csv, run=a.run, device=a.device)
+    rows = csv_rows(a, "elsa bench table")
     if not rows:
-        print(f"elsa bench table: no rows in {a.csv}", file=sys.stderr)
         return 2
     print(render(rows, shapes=a.shape, ms=a.m, sections=[s.strip() for s in a.sections.split(",")]))
     return 0

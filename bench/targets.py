@@ -18,7 +18,6 @@ GPU targets (H100/H200, bf16, Llama-sized weights: N and K >= 4096; M in {1, 16,
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -230,16 +229,12 @@ def render(rows, *, title: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    from .common import read_csv
+    from .common import csv_command, csv_rows
 
-    p = argparse.ArgumentParser(prog="elsa bench targets", description="Check DESIGN.md's performance targets against a results CSV.")
-    p.add_argument("csv")
-    p.add_argument("--run", default="latest", help="'latest' (default), 'all', or a timestamp")
-    p.add_argument("--device", help="only rows of this device name")
+    p = csv_command("elsa bench targets", "Check DESIGN.md's performance targets against a results CSV.")
     a = p.parse_args(argv)
-    rows = read_csv(a.csv, run=a.run, device=a.device)
+    rows = csv_rows(a, "elsa bench targets")
     if not rows:
-        print(f"elsa bench targets: no rows in {a.csv}", file=sys.stderr)
         return 2
     print(render(rows))
     return 0

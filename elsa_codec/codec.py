@@ -14,9 +14,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from .bits import (
-    MAX_CODE_BITS,
     check_code_bits,
-    decode_codes,
     default_code_bits,
     encode_tensor,
     extract_level,

@@ -234,7 +234,6 @@ def run(
     Raises:
         ELSAError: bad levels or structure.
     """
-    from .codec import Counters
     from .io import load_file, save_file
     from .codec import extract
     from .train import embed_levels, parse_levels, prunable_weights, prune_gmp, recalibrate_bn

@@ -7,7 +7,6 @@ every tensor, so a truncated or byte-flipped file is an error, never a silently 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile

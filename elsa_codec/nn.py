@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bits import bits_view, check_code_bits, decode_counters, default_code_bits, extract_level
-from .codec import LevelInfo, TensorInfo, encode, resolve_level
+from .codec import encode, resolve_level
 from .errors import ELSAError
 
 __all__ = [

@@ -27,11 +27,10 @@ weights whose gradient is zero.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ from .bits import bits_view, check_code_bits, default_code_bits, encode_tensor
 from .codec import Counters, ELSAStateDict, encode
 from .errors import ELSAError
 from .masks import Structure, parse_level
-from .sparsify import GMPSchedule, Sparsifier, as_sparsifier, check_masks
+from .sparsify import GMPSchedule, as_sparsifier, check_masks
 
 __all__ = [
     "Phase",

@@ -1,5 +1,4 @@
 """The code rule, bit-exact: property tests over every finite value, code and code width."""
-import math
 
 import pytest
 import torch

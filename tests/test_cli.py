@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file as st_load, save_file as st_save
 
 import elsa_codec as ec

@@ -9,7 +9,6 @@ compilations a level switch costs (docs/SERVING.md).
 Compilations are counted with ``torch._dynamo.testing.CompileCounterWithBackend`` (one count per
 graph dynamo hands to the backend) and ``torch._dynamo.utils.counters["stats"]["unique_graphs"]``.
 """
-import copy
 
 import pytest
 import torch

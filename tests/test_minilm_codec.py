@@ -1,5 +1,4 @@
 """Real input: the pretrained all-MiniLM-L6-v2 encoded with three magnitude levels per dtype."""
-import math
 import os
 import time
 

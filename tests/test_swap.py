@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import elsa_codec as ec
-from elsa_codec import ELSAConv2d, ELSAError, ELSALinear, ELSAStateDict
+from elsa_codec import ELSAError, ELSALinear, ELSAStateDict
 from elsa_codec.nn import LevelBatchNormMixin
 
 
