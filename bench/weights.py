@@ -46,7 +46,6 @@ def nested_counters(shape: tuple[int, int], levels, structure: str, *, generator
     """Counters (uint8 `[N, K]`, values ``1..T+1``) of nested random masks; and the structures."""
     n, k = shape
     specs = [parse_level(lv, structure) for lv in levels]
-    T = len(specs)
     dens = [1.0 - s for s, _ in specs]
     st = specs[0][1]
     if st.kind == "nm":

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bits import bits_view, check_code_bits, decode_counters, default_code_bits, extract_level
-from .codec import encode, resolve_level
+from .codec import _tensor_info, encode, resolve_level
 from .errors import ELSAError
 
 __all__ = [
@@ -181,10 +181,8 @@ class ELSAModule(nn.Module):
         return t
 
     def _measure_sparsities(self) -> list:
-        n = max(self.weight.numel(), 1)
-        c = decode_counters(self.weight.detach(), self.code_bits).reshape(-1).to(torch.int64)
-        counts = torch.bincount(c, minlength=self.num_levels + 2)[1 : self.num_levels + 1]
-        return [1.0 - float(v) / n for v in torch.cumsum(counts, 0)]
+        w = self.weight.detach()
+        return _tensor_info(w, None, decode_counters(w, self.code_bits), self.num_levels).sparsity
 
     # -- backend ------------------------------------------------------------------------------
     @property
