@@ -425,6 +425,9 @@ def encode_file(
             sel = [n for n in all_names if names(n, get(n))]
         else:
             sel = list(names)
+            for n in sel:
+                if n not in where:
+                    raise ELSAError(f"{n}: not in {in_path}")
         if not sel:
             raise ELSAError(f"{in_path}: no tensor selected for encoding (no 2-D/4-D '*.weight' tensor)")
         thr = global_thresholds(get, sel, sps) if distribution == "global" and specs[0][1].kind != "nm" else None
