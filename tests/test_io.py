@@ -203,3 +203,11 @@ def test_bad_metadata(tmp_path, encoded, fn, msg):
 def test_missing_file(tmp_path):
     with pytest.raises(ELSAFormatError, match="no such file"):
         ec.load_file(str(tmp_path / "nope.safetensors"))
+
+
+def test_streaming_unknown_name(tmp_path):
+    src = str(tmp_path / "in.safetensors")
+    st_save(model_sd(), src)
+    with pytest.raises(ELSAError, match="nope.weight: not in"):
+        ec.encode_file(src, str(tmp_path / "o.safetensors"), levels=[0.5], names=["nope.weight"], progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
