@@ -41,6 +41,8 @@ __all__ = [
     "default_prunable",
     "tensor_magnitude_counters",
     "global_thresholds",
+    "parse_levels",
+    "select_tensors",
 ]
 
 FORMAT_NAME = "elsa-codec"
@@ -529,6 +531,23 @@ def magnitude_counters(
         ELSAError: levels not sparsest first or out of (0, 1), mixed N:M and fractional levels,
             no tensor selected, unknown distribution, shapes that do not suit the structure.
     """
+    specs = parse_levels(levels, structure, distribution)
+    sps = [s for s, _ in specs]
+    sel = select_tensors(names, state_dict, state_dict.__getitem__, "the state dict")
+    thr = None
+    if distribution == "global" and specs[0][1].kind != "nm":
+        thr = global_thresholds(lambda n: state_dict[n], sel, sps)
+    out = {n: tensor_magnitude_counters(state_dict[n], specs, thr, name=n).to(torch.uint8) for n in sel}
+    return Counters(out, len(specs), [str(st) for _, st in specs])
+
+
+def parse_levels(levels, structure: str = "unstructured", distribution: str = "uniform") -> list:
+    """Check a list of levels (sparsest first) and parse it into ``[(sparsity, Structure)]``.
+
+    Raises:
+        ELSAError: unknown distribution, no level, levels not sparsest first or out of (0, 1),
+            N:M patterns mixed with sparsities or with different M.
+    """
     if distribution not in ("uniform", "global"):
         raise ELSAError(f"unknown distribution {distribution!r}: expected 'uniform' or 'global'")
     levels = list(levels)
@@ -536,33 +555,38 @@ def magnitude_counters(
         raise ELSAError("levels must list at least one level")
     specs = [parse_level(lv, structure) for lv in levels]
     sps = [s for s, _ in specs]
-    kinds = {st.kind == "nm" for _, st in specs}
-    if len(kinds) > 1:
+    if len({st.kind == "nm" for _, st in specs}) > 1:
         raise ELSAError(f"levels {levels} mix N:M patterns and sparsities")
     if any(b >= a for a, b in zip(sps, sps[1:])):
         raise ELSAError(f"levels {levels} must be sparsest first (strictly decreasing sparsity)")
     if specs[0][1].kind == "nm" and len({st.m for _, st in specs}) > 1:
         raise ELSAError(f"N:M levels {levels} must share the same M")
+    return specs
+
+
+def select_tensors(names, candidates: Mapping, get_tensor, source: str) -> list:
+    """The tensors to encode among ``candidates`` (``name -> tensor``, or a stand-in with the right
+    ``dim()`` and floating-point-ness): ``names`` as a list, a predicate ``(name, tensor) -> bool``
+    (called with ``get_tensor(name)``), or None for :func:`default_prunable`.
+
+    Raises:
+        ELSAError: a listed name not in ``source``, nothing selected, a non-floating tensor.
+    """
     if names is None:
-        sel = [n for n, t in state_dict.items() if isinstance(t, torch.Tensor) and default_prunable(n, t)]
+        sel = [n for n, t in candidates.items() if isinstance(t, torch.Tensor) and default_prunable(n, t)]
     elif callable(names):
-        sel = [n for n, t in state_dict.items() if names(n, t)]
+        sel = [n for n in candidates if names(n, get_tensor(n))]
     else:
         sel = list(names)
         for n in sel:
-            if n not in state_dict:
-                raise ELSAError(f"{n}: not in the state dict")
+            if n not in candidates:
+                raise ELSAError(f"{n}: not in {source}")
     if not sel:
-        raise ELSAError("no tensor selected for encoding (no 2-D/4-D '*.weight' tensor found; pass names=)")
+        raise ELSAError(f"no tensor selected for encoding in {source} (no 2-D/4-D '*.weight' tensor found; pass names=)")
     for n in sel:
-        if not state_dict[n].is_floating_point():
-            raise ELSAError(f"{n}: cannot prune a {state_dict[n].dtype} tensor")
-
-    thr = None
-    if distribution == "global" and specs[0][1].kind != "nm":
-        thr = global_thresholds(lambda n: state_dict[n], sel, sps)
-    out = {n: tensor_magnitude_counters(state_dict[n], specs, thr, name=n).to(torch.uint8) for n in sel}
-    return Counters(out, len(specs), [str(st) for _, st in specs])
+        if not candidates[n].is_floating_point():
+            raise ELSAError(f"{n}: cannot prune a {candidates[n].dtype} tensor")
+    return sel
 
 
 def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: list | None = None, *, name: str = "weight") -> torch.Tensor:

@@ -24,12 +24,12 @@ from .codec import (
     ELSAStateDict,
     _make_meta,
     _tensor_info,
-    default_prunable,
     global_thresholds,
+    parse_levels,
+    select_tensors,
     tensor_magnitude_counters,
 )
 from .errors import ELSAError, ELSAFormatError
-from .masks import parse_level
 
 __all__ = [
     "save_file",
@@ -408,28 +408,16 @@ def encode_file(
                 raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
         specs = None
     else:
-        if distribution not in ("uniform", "global"):
-            raise ELSAError(f"unknown distribution {distribution!r}: expected 'uniform' or 'global'")
-        specs = [parse_level(lv, structure) for lv in levels]
+        specs = parse_levels(levels, structure, distribution)
         sps = [s for s, _ in specs]
-        if any(b >= a for a, b in zip(sps, sps[1:])):
-            raise ELSAError(f"levels {list(levels)} must be sparsest first (strictly decreasing sparsity)")
         T, structs = len(specs), [str(st) for _, st in specs]
-        if names is None:
-            sel = []
-            for n in all_names:
-                sl = handles[where[n]].get_slice(n)
-                if default_prunable(n, torch.empty([0] * len(sl.get_shape()), dtype=torch.float32 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else torch.int8)):
-                    sel.append(n)
-        elif callable(names):
-            sel = [n for n in all_names if names(n, get(n))]
-        else:
-            sel = list(names)
-            for n in sel:
-                if n not in where:
-                    raise ELSAError(f"{n}: not in {in_path}")
-        if not sel:
-            raise ELSAError(f"{in_path}: no tensor selected for encoding (no 2-D/4-D '*.weight' tensor)")
+        # shape-and-dtype stand-ins, so that selecting tensors reads no tensor data
+        stand_ins = {}
+        for n in all_names:
+            sl = handles[where[n]].get_slice(n)
+            kind = torch.float32 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else torch.int8
+            stand_ins[n] = torch.empty([0] * len(sl.get_shape()), dtype=kind)
+        sel = select_tensors(names, stand_ins, get, in_path)
         thr = global_thresholds(get, sel, sps) if distribution == "global" and specs[0][1].kind != "nm" else None
     k = default_code_bits(T) if code_bits is None else code_bits
 
