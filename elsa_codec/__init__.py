@@ -32,5 +32,16 @@ from .codec import (
 from .io import encode_file, load_counters, load_file, read_meta, save_counters, save_file
 from .sparsify import GMPSchedule, MagnitudeSparsifier, Sparsifier, erk_densities, gmp_sparsity
 from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
-from .nn import ELSAConv2d, ELSALinear, LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
+from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
+from .embedding import ELSAEmbedding
+from .select import SELECT_POLICIES, select_weights
 from .swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_sparsity, swap_
+
+
+def __getattr__(name):
+    # ELSAConv1D subclasses transformers' Conv1D: import transformers only when it is asked for.
+    if name == "ELSAConv1D":
+        from .hf import ELSAConv1D
+
+        return ELSAConv1D
+    raise AttributeError(f"module 'elsa_codec' has no attribute {name!r}")

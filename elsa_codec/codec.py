@@ -7,6 +7,7 @@ dense tensor set serves every level. See docs/FORMAT.md for the metadata documen
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -22,6 +23,9 @@ from .bits import (
 )
 from .errors import ELSAError, ELSAFormatError
 from .masks import magnitude_mask, parse_level, parse_structure
+from .select import DEFAULT_SELECT, check_select_arg, select_weights, tie_groups, transposed_weights
+
+logger = logging.getLogger("elsa_codec")
 
 __all__ = [
     "FORMAT_NAME",
@@ -46,7 +50,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "elsa-codec"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this library reads; files without tied tensors are written as 1
 #: Name prefix of the per-level batch-norm statistics tensors in a file:
 #: ``__elsa_bn__.{level}.{module}.{stat}`` (stripped by the loader, see docs/FORMAT.md).
 BN_PREFIX = "__elsa_bn__."
@@ -83,11 +87,13 @@ class TensorInfo:
 
 @dataclass
 class ELSAMeta:
-    """The metadata document of an ELSA checkpoint (docs/FORMAT.md, version 1).
+    """The metadata document of an ELSA checkpoint (docs/FORMAT.md, versions 1 and 2).
 
     ``num_levels`` is T (sparse levels; level T+1 is dense), ``code_bits`` is k, ``levels`` the
     T :class:`LevelInfo`, ``tensors`` maps each encoded tensor name to its :class:`TensorInfo`,
-    ``bn_modules`` the batch-norm modules with per-level statistics.
+    ``bn_modules`` the batch-norm modules with per-level statistics, ``tied`` maps each tensor
+    stored under another name (a tied weight, written once) to that name (version 2; empty in
+    version 1 files).
     """
 
     num_levels: int
@@ -97,6 +103,7 @@ class ELSAMeta:
     bn_modules: list = field(default_factory=list)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    tied: dict = field(default_factory=dict)
 
     @property
     def encoded(self) -> list:
@@ -110,7 +117,7 @@ class ELSAMeta:
     def to_json(self) -> str:
         d = {
             "format": self.format,
-            "version": self.version,
+            "version": 2 if self.tied else 1,  # version 1 readers know no tied tensors
             "num_levels": self.num_levels,
             "code_bits": self.code_bits,
             "levels": [asdict(lv) for lv in self.levels],
@@ -119,6 +126,8 @@ class ELSAMeta:
             "bn_modules": list(self.bn_modules),
             "bn_prefix": BN_PREFIX,
         }
+        if self.tied:
+            d["tied"] = dict(self.tied)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -161,6 +170,7 @@ class ELSAMeta:
             }
             enc = list(d["encoded"])
             bn = list(d.get("bn_modules", []))
+            tied = {str(a): str(b) for a, b in dict(d.get("tied", {})).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise ELSAFormatError(f"{source}: malformed ELSA metadata ({type(e).__name__}: {e})") from None
         if not isinstance(T, int) or T < 1 or not isinstance(k, int) or k < 1 or k > 8:
@@ -175,7 +185,10 @@ class ELSAMeta:
         for name, ti in tensors.items():
             if len(ti.sparsity) != T:
                 raise ELSAFormatError(f"{source}: tensor {name!r} records {len(ti.sparsity)} sparsities for {T} levels")
-        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver)
+        for alias, target in tied.items():
+            if target in tied or alias == target:
+                raise ELSAFormatError(f"{source}: tied tensor {alias!r} points to {target!r}, which is not a stored tensor")
+        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver, tied=tied)
 
 
 def _finite_json(d: dict) -> dict:
@@ -291,10 +304,12 @@ def encode(
     """
     if not isinstance(counters, Mapping) or not counters:
         raise ELSAError("counters must be a non-empty mapping of tensor names to integer tensors")
-    ranges = {}
-    for name, c in counters.items():
+    for name in counters:
         if name not in state_dict:
             raise ELSAError(f"{name}: counters given for a tensor that is not in the state dict")
+    per_name, canon = _tied_counters(state_dict, counters)
+    ranges = {}
+    for name, c in per_name.items():
         _check_counters(name, c, state_dict[name])
         if c.numel():
             ranges[name] = (int(c.min()), int(c.max()))
@@ -314,7 +329,7 @@ def encode(
         if lo < 1 or hi > T + 1:
             raise ELSAError(f"{name}: counters must lie in 1..{T + 1} (T={T}), got {lo}..{hi}")
     k = default_code_bits(T) if code_bits is None else code_bits
-    for name in counters:
+    for name in per_name:
         check_code_bits(state_dict[name].dtype, k, T, name=name)
     structs = list(structures) if structures is not None else list(getattr(counters, "structures", ["unstructured"] * T))
     if len(structs) != T:
@@ -324,6 +339,7 @@ def encode(
 
     out = {}
     infos = {}
+    done = {}  # first name of a tie group -> (encoded, info): a tie group is encoded once
     names = list(state_dict)
     it = names
     if progress:
@@ -332,15 +348,47 @@ def encode(
         it = tqdm(names, desc="encode", unit="tensor")
     for name in it:
         x = state_dict[name]
-        if name not in counters:
+        if name not in per_name:
             out[name] = x
             continue
-        c = counters[name].to(device=x.device)
-        y = encode_tensor(x, c - 1, k, name=name)
-        out[name] = y
-        infos[name] = _tensor_info(x, y, c, T)
+        key = canon.get(name, name)
+        if key not in done:
+            c = per_name[name].to(device=x.device)
+            y = encode_tensor(x, c - 1, k, name=name)
+            done[key] = (y, _tensor_info(x, y, c, T))
+        out[name], infos[name] = done[key]
     meta = _make_meta(T, k, structs, infos, bn)
     return ELSAStateDict(out, meta, bn)
+
+
+def _tied_counters(state_dict: Mapping, counters: Mapping) -> tuple[dict, dict]:
+    """``(name -> counters, name -> first name of its tie group)``: every tie group (tensors sharing
+    storage, e.g. a tied ``lm_head`` and token embedding) gets ONE counters tensor; the tensor is
+    encoded once and every name of the group gets the encoded result.
+
+    Raises:
+        ELSAError: two names of one tie group with different counters (names both).
+    """
+    out, canon = dict(counters), {}
+    for group in tie_groups(state_dict):
+        named = [n for n in group if n in counters]
+        if not named:
+            continue
+        first = counters[named[0]]
+        for n in named[1:]:
+            c = counters[n]
+            if c.shape != first.shape or not torch.equal(c.to(torch.int64), first.to(torch.int64)):
+                raise ELSAError(
+                    f"{named[0]!r} and {n!r} are one tied tensor (shared storage) but their counters differ; "
+                    "a tied weight has one set of levels: give both the same counters, or one of them"
+                )
+        for n in group:
+            out[n] = first
+            canon[n] = group[0]
+        if len(named) < len(group):
+            logger.info("encode: %s is tied to %s: encoded once, served under every name",
+                        named[0], ", ".join(n for n in group if n not in named))
+    return out, canon
 
 
 def _tensor_info(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor, T: int) -> TensorInfo:
@@ -502,17 +550,20 @@ def default_prunable(name: str, tensor: torch.Tensor) -> bool:
 
 
 def magnitude_counters(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict,
     levels,
     *,
     structure: str = "unstructured",
     distribution: str = "uniform",
     names: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    model: torch.nn.Module | None = None,
+    select=None,
 ) -> Counters:
     """One-shot nested magnitude levels (no training): a baseline and a way to encode any checkpoint.
 
     Args:
-        state_dict: ``name -> Tensor``; not modified.
+        state_dict: ``name -> Tensor`` (not modified), or the model itself (an ``nn.Module``: its
+            ``state_dict()`` is used and the model drives the selection).
         levels: sparsest first. Sparsities in (0, 1), strictly decreasing (``[0.9, 0.75, 0.5]``),
             or N:M patterns with increasing N and the same M (``["1:4", "2:4"]``: groups of M along
             the input dimension).
@@ -521,24 +572,83 @@ def magnitude_counters(
         distribution: ``"uniform"`` (each tensor at the level's sparsity) or ``"global"`` (one
             magnitude threshold across the tensors per level; block structures then use each
             tensor's resulting sparsity).
-        names: the tensors to encode: a list of names or a predicate ``(name, tensor) -> bool``;
-            default :func:`default_prunable`.
+        names: the tensors to encode: a list of names or a predicate ``(name, tensor) -> bool``.
+        model: the model the state dict belongs to (when ``state_dict`` is a mapping): selects by
+            module type (:func:`elsa_codec.select.select_weights`) and knows which weights are
+            transposed (``transformers`` ``Conv1D`` `[in, out]`: N:M groups and blocks are laid
+            along its dim 0, the input dimension).
+        select: with a model, the selection policy: ``"blocks"`` (default; the linear layers of
+            the blocks, embeddings and output head dense: the SparseGPT / Wanda convention),
+            ``"blocks+head"``, ``"all"`` (also embeddings), or a predicate ``(fqn, module) -> bool``.
+
+    Without a model and ``names``, :func:`default_prunable` picks 2-D/4-D ``*.weight`` tensors
+    that are not embeddings; a tensor tied to one it leaves out (a tied ``lm_head``) is left out
+    too. Either way the selection is logged (INFO, logger ``elsa_codec``). A tie group (tensors
+    sharing storage) appears once in the result, under its first selected name; :func:`encode`
+    encodes it once and serves every name of the group.
 
     Returns:
         :class:`Counters` (uint8), ``num_levels = len(levels)``, with the level structures.
 
     Raises:
         ELSAError: levels not sparsest first or out of (0, 1), mixed N:M and fractional levels,
-            no tensor selected, unknown distribution, shapes that do not suit the structure.
+            no tensor selected, unknown distribution or policy, ``select`` without a model or
+            with ``names``, shapes that do not suit the structure.
     """
+    if isinstance(state_dict, torch.nn.Module):
+        if model is not None and model is not state_dict:
+            raise ELSAError("magnitude_counters: pass the model once (as the first argument or as model=)")
+        model, state_dict = state_dict, state_dict.state_dict()
     specs = parse_levels(levels, structure, distribution)
     sps = [s for s, _ in specs]
-    sel = select_tensors(names, state_dict, state_dict.__getitem__, "the state dict")
+    sel = _magnitude_selection(state_dict, names, model, select)
+    transposed = transposed_weights(model) if model is not None and specs[0][1].kind != "unstructured" else set()
     thr = None
     if distribution == "global" and specs[0][1].kind != "nm":
         thr = global_thresholds(lambda n: state_dict[n], sel, sps)
-    out = {n: tensor_magnitude_counters(state_dict[n], specs, thr, name=n).to(torch.uint8) for n in sel}
+    out = {}
+    for n in sel:
+        w = state_dict[n]
+        if n in transposed:  # [in, out]: lay N:M groups / blocks along the input dimension (dim 0)
+            out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(torch.uint8)
+        else:
+            out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(torch.uint8)
     return Counters(out, len(specs), [str(st) for _, st in specs])
+
+
+def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:
+    """The names :func:`magnitude_counters` encodes: one per tie group, logged."""
+    if select is not None and model is None:
+        raise ELSAError("select= chooses weights by module type and needs the model: magnitude_counters(model, levels, select=...)")
+    if select is not None and names is not None:
+        raise ELSAError("pass either names= or select=, not both")
+    groups = tie_groups(state_dict)
+    if names is None and model is not None:
+        check_select_arg(select or DEFAULT_SELECT)
+        picked = select_weights(model, select or DEFAULT_SELECT)
+        missing = [n for n in picked if n not in state_dict]
+        if missing:
+            raise ELSAError(f"{missing[0]}: selected in the model but not in the state dict")
+        how = f"select={select or DEFAULT_SELECT!r}"
+    elif names is None:
+        picked = select_tensors(None, state_dict, state_dict.__getitem__, "the state dict")
+        left = {n for g in groups if any(m not in picked for m in g) for n in g}
+        picked = [n for n in picked if n not in left]  # a tied lm_head stays dense with its embedding
+        if not picked:
+            raise ELSAError("no tensor selected for encoding in the state dict (every 2-D/4-D '*.weight' is an embedding or tied to one; pass names=)")
+        how = "default_prunable (2-D/4-D '*.weight', no embeddings)"
+    else:
+        picked = select_tensors(names, state_dict, state_dict.__getitem__, "the state dict")
+        how = "names="
+    seen, sel = set(), []
+    first_of = {n: g[0] for g in groups for n in g}
+    for n in picked:
+        key = first_of.get(n, n)
+        if key not in seen:
+            seen.add(key)
+            sel.append(n)
+    logger.info("magnitude_counters: %d tensors selected by %s: %s", len(sel), how, ", ".join(sel))
+    return sel
 
 
 def parse_levels(levels, structure: str = "unstructured", distribution: str = "uniform") -> list:

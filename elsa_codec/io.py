@@ -6,6 +6,7 @@ every tensor, so a truncated or byte-flipped file is an error, never a silently 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from .codec import (
     tensor_magnitude_counters,
 )
 from .errors import ELSAError, ELSAFormatError
+from .select import tie_groups
 
 __all__ = [
     "save_file",
@@ -101,7 +103,14 @@ def _flat_tensors(encoded: ELSAStateDict) -> dict:
         for mod, stats in per.items():
             for s, v in stats.items():
                 out[f"{BN_PREFIX}{lvl}.{mod}.{s}"] = v
-    # safetensors refuses shared storage: give each tensor its own contiguous memory.
+    # A tied tensor (the same tensor under several names) is stored once; the others become
+    # aliases in the document's "tied" map. safetensors refuses any other shared storage: give
+    # each remaining tensor its own contiguous memory.
+    tied = {}
+    for group in tie_groups({n: t for n, t in out.items() if not n.startswith(BN_PREFIX)}):
+        for alias in group[1:]:
+            tied[alias] = group[0]
+            del out[alias]
     seen = set()
     for name, t in out.items():
         t = t.detach().cpu()
@@ -111,7 +120,7 @@ def _flat_tensors(encoded: ELSAStateDict) -> dict:
         elif key is not None:
             seen.add(key)
         out[name] = t
-    return out
+    return out, tied
 
 
 def _parse_size(s) -> int:
@@ -142,8 +151,8 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
     """
     from safetensors.torch import save_file as st_save
 
-    tensors = _flat_tensors(encoded)
-    doc = encoded.meta.to_json()
+    tensors, tied = _flat_tensors(encoded)
+    doc = dataclasses.replace(encoded.meta, tied=tied).to_json()
     crcs = {n: _crc(t) for n, t in tensors.items()}
     sharded = max_shard_size is not None or str(path).endswith(".index.json")
     if not sharded:
@@ -270,6 +279,11 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
             if _crc(t) != want:
                 raise ELSAFormatError(f"{path}: tensor {n!r} fails its CRC-32 check (file corrupted)")
     plain, bn = {}, {}
+    for alias, target in meta.tied.items():
+        if alias in tensors or target not in tensors:
+            why = "is also stored" if alias in tensors else f"points to {target!r}, which the file does not hold"
+            raise ELSAFormatError(f"{path}: tied tensor {alias!r} {why}")
+        tensors[alias] = tensors[target]  # one tensor under both names, as in the model
     for n, t in tensors.items():
         if n.startswith(BN_PREFIX):
             rest = n[len(BN_PREFIX) :]

@@ -38,7 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bits import bits_view, check_code_bits, decode_counters, default_code_bits, extract_level
+from .bits import (
+    MAX_CODE_BITS,
+    bits_view,
+    check_code_bits,
+    decode_codes,
+    decode_counters,
+    default_code_bits,
+    encode_tensor,
+    extract_level,
+)
 from .codec import _tensor_info, encode, resolve_level
 from .errors import ELSAError
 
@@ -47,6 +56,7 @@ __all__ = [
     "COMPILE_MODES",
     "ELSAModule",
     "ELSALinear",
+    "ELSAConv1d",
     "ELSAConv2d",
     "LevelBatchNormMixin",
     "LevelBatchNorm1d",
@@ -89,6 +99,10 @@ def _triton_usable(device: torch.device, fn: str) -> bool:
     return k is not None and hasattr(k, fn) and k.kernels_available(device)
 
 
+def _dtype_str(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -121,7 +135,11 @@ class ELSAModule(nn.Module):
         structs = ["unstructured"] * T if structures is None else [str(s) for s in structures]
         if len(structs) != T:
             raise ELSAError(f"{type(self).__name__}: structures lists {len(structs)} entries for T={T} levels")
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if isinstance(weight, nn.Parameter):  # a tied weight: every module that uses it gets the same Parameter
+            weight.requires_grad_(False)
+            self.weight = weight
+        else:
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         if bias is None:
             self.bias = None
         else:
@@ -292,9 +310,47 @@ class ELSAModule(nn.Module):
         self._cached = None
         self._tiles = None
 
+    def cast_plan(self, fn) -> tuple | None:
+        """What the tensor conversion ``fn`` (of ``Module._apply``: ``.half()``, ``.to(dtype)``...)
+        does to the codes: None when it keeps the weight's dtype, else ``(new dtype, new k)``.
+
+        Raises:
+            ELSAError: the new dtype cannot hold this weight's ``T+1`` codes (float64, an integer
+                type, more levels than bfloat16's 3 / float16's 4 code bits allow). Nothing changed.
+        """
+        w = self.weight
+        probe = fn(torch.empty((0, *w.shape[1:]), dtype=w.dtype, device=w.device))
+        dt = getattr(probe, "dtype", w.dtype)
+        if dt == w.dtype:
+            return None
+        T, name = self.num_levels, f"{type(self).__name__}.weight"
+        if dt not in MAX_CODE_BITS:
+            raise ELSAError(
+                f"{name}: casting an encoded weight ({_dtype_str(w.dtype)}, T={T}) to {_dtype_str(dt)} would drop its "
+                f"level codes: ELSA codes live in float32 / float16 / bfloat16 weights only. Nothing was converted"
+            )
+        k = self.code_bits if self.code_bits <= MAX_CODE_BITS[dt] else default_code_bits(T)
+        if T + 1 > (1 << MAX_CODE_BITS[dt]):
+            raise ELSAError(
+                f"{name}: casting to {_dtype_str(dt)} would drop level codes: {T + 1} levels need "
+                f"{default_code_bits(T)} code bits, {_dtype_str(dt)} holds at most {MAX_CODE_BITS[dt]}. Nothing was converted"
+            )
+        return dt, k
+
     def _apply(self, fn, recurse=True):
+        plan = self.cast_plan(fn)
+        codes = decode_codes(self.weight.detach(), self.code_bits) if plan is not None else None
         self.clear_cache()
         out = super()._apply(fn, recurse)
+        w = self.weight
+        if plan is not None and w.dtype == plan[0]:
+            # Keep every level: the cast rounded the values; put each weight's code back (the code
+            # rule in the new dtype: nearest value with those low bits, at most 2**(k-1) ulp).
+            with torch.no_grad():
+                w.data = encode_tensor(w.data, codes.to(w.device), plan[1], name=f"{type(self).__name__}.weight")
+            self.code_bits = plan[1]
+        elif w.dtype in MAX_CODE_BITS and self.code_bits > MAX_CODE_BITS[w.dtype]:
+            self.code_bits = default_code_bits(self.num_levels)  # a tied weight another module re-encoded
         self._refresh_path()
         return out
 
@@ -370,6 +426,7 @@ class ELSALinear(ELSAModule, nn.Linear):
     """
 
     _kernel_fn = "elsa_linear"
+    elsa_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
                  code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
@@ -456,7 +513,85 @@ class ELSALinear(ELSAModule, nn.Linear):
         return f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"
 
 
-class ELSAConv2d(ELSAModule, nn.Conv2d):
+class _ELSAConvNd(ELSAModule):
+    """Shared code of :class:`ELSAConv1d` / :class:`ELSAConv2d` (``_conv_cls`` is the stock class)."""
+
+    _kernel_fn = "decode_level"
+    _conv_cls: type = nn.Conv2d
+    elsa_kind = "conv"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, num_levels: int,
+                 code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
+                 cache: bool = True, compile_mode: str = "tensor", device=None, dtype=None,
+                 _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
+        self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                                padding_mode, device="meta", dtype=dtype)
+        dtype = dtype or torch.get_default_dtype()
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        if _weight is None:
+            _weight = torch.zeros(shape, device=device, dtype=dtype)
+        if bias and _bias is None:
+            _bias = torch.zeros(out_channels, device=_weight.device, dtype=_weight.dtype)
+        if tuple(_weight.shape) != shape:
+            raise ELSAError(f"{type(self).__name__}: weight has shape {tuple(_weight.shape)}, expected {shape}")
+        self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
+                        structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
+                        backend=backend, cache=cache, compile_mode=compile_mode)
+
+    @classmethod
+    def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, like: nn.Module,
+                     num_levels: int, code_bits: int | None = None, structures=None, sparsities=None,
+                     tensor_info=None, **kwargs):
+        """Wrap an already encoded weight `[out_channels, in_channels / groups, *kernel_size]` (no
+        copy; a ``nn.Parameter`` is kept as it is) with the configuration (stride, padding, ...) of
+        the stock convolution ``like``.
+
+        Raises:
+            ELSAError: ``like`` of another class, weight shape differs from ``like``'s, unsupported
+                dtype or ``code_bits``.
+        """
+        if not isinstance(like, cls._conv_cls):
+            raise ELSAError(f"{cls.__name__}.from_encoded: like= must be a {cls._conv_cls.__name__}, got {type(like).__name__}")
+        if bias is not None and tuple(bias.shape) != (like.out_channels,):
+            raise ELSAError(f"{cls.__name__}: bias has shape {tuple(bias.shape)}, expected ({like.out_channels},)")
+        return cls(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding, like.dilation,
+                   like.groups, bias is not None, like.padding_mode, num_levels=num_levels, code_bits=code_bits,
+                   structures=structures, dtype=weight.dtype, _weight=weight, _bias=bias, _sparsities=sparsities,
+                   _tensor_info=tensor_info, **kwargs)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, counters, *, code_bits: int | None = None, num_levels: int | None = None,
+                  structures=None, **kwargs):
+        """Encode ``conv.weight`` with ``counters`` (the code rule) into a new module.
+
+        Args:
+            conv: a stock convolution of this class's kind; never modified.
+            counters: integer tensor of the weight's shape with values ``1..T+1``, or a
+                :class:`~elsa_codec.codec.Counters` holding it.
+            code_bits, num_levels, structures, kwargs: as :meth:`ELSALinear.from_linear`.
+
+        Raises:
+            ELSAError: ``conv`` of another class; the errors of :func:`elsa_codec.encode`.
+        """
+        if not isinstance(conv, cls._conv_cls):
+            raise ELSAError(f"{cls.__name__}.from_conv needs a {cls._conv_cls.__name__}, got {type(conv).__name__}")
+        w, kw = _encode_weight(conv, counters, code_bits, num_levels, structures, "weight")
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        return cls.from_encoded(w, bias, like=conv, **kw, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._conv_forward(x, self._compiled_weight(), self.bias)
+        if self._level > self.num_levels:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, self.decoded_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self._conv_cls.extra_repr(self)}, {self._elsa_repr()}"
+
+
+class ELSAConv2d(_ELSAConvNd, nn.Conv2d):
     """``nn.Conv2d`` serving an encoded weight at any of its levels (ELSA, arXiv 2312.06872, sec. 2.2).
 
     Supports everything ``nn.Conv2d`` does (stride, padding incl. ``'same'`` / ``'valid'``,
@@ -472,80 +607,32 @@ class ELSAConv2d(ELSAModule, nn.Conv2d):
 
     The weight `[out_channels, in_channels / groups, kh, kw]` is a frozen ``nn.Parameter`` named
     ``weight``. Forward: `[N, C_in, H, W]` (or `[C_in, H, W]`) -> `[N, C_out, H_out, W_out]`.
+    Build one with :meth:`from_conv2d` / :meth:`from_encoded` (``like=`` a ``nn.Conv2d``).
 
     Raises:
         ELSAError: as :class:`ELSALinear`.
     """
 
-    _kernel_fn = "decode_level"
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, num_levels: int,
-                 code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
-                 cache: bool = True, compile_mode: str = "tensor", device=None, dtype=None,
-                 _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           padding_mode, device="meta", dtype=dtype)
-        dtype = dtype or torch.get_default_dtype()
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        if _weight is None:
-            _weight = torch.zeros(shape, device=device, dtype=dtype)
-        if bias and _bias is None:
-            _bias = torch.zeros(out_channels, device=_weight.device, dtype=_weight.dtype)
-        if tuple(_weight.shape) != shape:
-            raise ELSAError(f"ELSAConv2d: weight has shape {tuple(_weight.shape)}, expected {shape}")
-        self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
-                        structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
-                        backend=backend, cache=cache, compile_mode=compile_mode)
+    _conv_cls = nn.Conv2d
 
     @classmethod
-    def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, like: nn.Conv2d,
-                     num_levels: int, code_bits: int | None = None, structures=None, sparsities=None,
-                     tensor_info=None, **kwargs) -> "ELSAConv2d":
-        """Wrap an already encoded weight `[out_channels, in_channels / groups, kh, kw]` (no copy)
-        with the configuration (stride, padding, ...) of the ``nn.Conv2d`` ``like``.
+    def from_conv2d(cls, conv: nn.Conv2d, counters, **kwargs) -> "ELSAConv2d":
+        """:meth:`from_conv` for a ``nn.Conv2d`` (kept for its name)."""
+        return cls.from_conv(conv, counters, **kwargs)
 
-        Raises:
-            ELSAError: weight shape differs from ``like``'s, unsupported dtype or ``code_bits``.
-        """
-        if not isinstance(like, nn.Conv2d):
-            raise ELSAError(f"ELSAConv2d.from_encoded: like= must be a nn.Conv2d, got {type(like).__name__}")
-        if bias is not None and tuple(bias.shape) != (like.out_channels,):
-            raise ELSAError(f"ELSAConv2d: bias has shape {tuple(bias.shape)}, expected ({like.out_channels},)")
-        return cls(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding, like.dilation,
-                   like.groups, bias is not None, like.padding_mode, num_levels=num_levels, code_bits=code_bits,
-                   structures=structures, dtype=weight.dtype, _weight=weight, _bias=bias, _sparsities=sparsities,
-                   _tensor_info=tensor_info, **kwargs)
 
-    @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, counters, *, code_bits: int | None = None, num_levels: int | None = None,
-                    structures=None, **kwargs) -> "ELSAConv2d":
-        """Encode ``conv.weight`` with ``counters`` (the code rule) into a new module.
+class ELSAConv1d(_ELSAConvNd, nn.Conv1d):
+    """``nn.Conv1d`` serving an encoded weight at any of its levels (as :class:`ELSAConv2d`).
 
-        Args:
-            conv: a ``nn.Conv2d``; never modified.
-            counters: integer tensor `[out_channels, in_channels / groups, kh, kw]` with values
-                ``1..T+1``, or a :class:`~elsa_codec.codec.Counters` holding it.
-            code_bits, num_levels, structures, kwargs: as :meth:`ELSALinear.from_linear`.
+    The weight `[out_channels, in_channels / groups, k]` is a frozen ``nn.Parameter`` named
+    ``weight``. Forward: `[N, C_in, L]` (or `[C_in, L]`) -> `[N, C_out, L_out]`. Build one with
+    :meth:`from_conv` / :meth:`from_encoded` (``like=`` a ``nn.Conv1d``).
 
-        Raises:
-            ELSAError: not a ``nn.Conv2d``; the errors of :func:`elsa_codec.encode`.
-        """
-        if not isinstance(conv, nn.Conv2d):
-            raise ELSAError(f"from_conv2d needs a nn.Conv2d, got {type(conv).__name__}")
-        w, kw = _encode_weight(conv, counters, code_bits, num_levels, structures, "weight")
-        bias = None if conv.bias is None else conv.bias.detach().clone()
-        return cls.from_encoded(w, bias, like=conv, **kw, **kwargs)
+    Raises:
+        ELSAError: as :class:`ELSALinear`.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._conv_forward(x, self._compiled_weight(), self.bias)
-        if self._level > self.num_levels:
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(x, self.decoded_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, {self._elsa_repr()}"
+    _conv_cls = nn.Conv1d
 
 
 # ------------------------------------------------------------------------------------------------

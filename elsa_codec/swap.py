@@ -16,19 +16,21 @@ walker over ``named_modules`` serves every model (no per-model code):
 from __future__ import annotations
 
 import importlib
-
 import logging
 import os
+import types
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bits import check_code_bits, decode_counters
+from .bits import bits_view, check_code_bits, decode_counters
 from .codec import ELSAStateDict, LevelInfo, TensorInfo, _make_meta, _tensor_info, resolve_level
+from .embedding import ELSAEmbedding
 from .errors import ELSAError
-from .nn import ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, level_batch_norm
+from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, level_batch_norm
+from .select import group_of, model_tie_groups, module_kind
 
 __all__ = ["swap_", "load", "set_level", "set_sparsity", "levels", "elsa_state_dict", "elsa_modules"]
 
@@ -37,21 +39,6 @@ logger = logging.getLogger("elsa_codec")
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
-
-
-def _kind(module: nn.Module, parent: nn.Module | None) -> type | None:
-    """The ELSA class that can serve ``module``'s weight, or None."""
-    if isinstance(module, ELSALinear):
-        return ELSALinear
-    if isinstance(module, ELSAConv2d):
-        return ELSAConv2d
-    if isinstance(parent, nn.MultiheadAttention):
-        return None  # MultiheadAttention reads out_proj.weight directly, never calls out_proj
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return ELSALinear
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
-        return ELSAConv2d
-    return None
 
 
 def _module_of(name: str) -> tuple[str, str]:
@@ -110,42 +97,53 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
                 "(pass strict=False to keep the model's values)"
             )
 
-    # 2. encoded tensors: the weight of a Linear / Conv2d (or an ELSA module) to swap.
+    # 2. encoded tensors: the weight of a servable module (or an ELSA module) to swap.
+    ties = group_of(model_tie_groups(model))
+    _check_ties(enc, meta, ties)
     new_modules: dict[str, nn.Module] = {}
+    params: dict[str, nn.Parameter] = {}  # first name of a tie group -> the one Parameter it becomes
+    taken: dict[str, bool] = {}
     for name in meta.tensors:
         if name not in enc:
             raise ELSAError(f"encoded tensor {name!r} is listed in the metadata but missing from the checkpoint")
         fqn, attr = _module_of(name)
         mod = modules[fqn]
-        if filter_fn is not None and not filter_fn(mod, fqn):
+        taken[name] = filter_fn is None or bool(filter_fn(mod, fqn))
+        if not taken[name]:
             continue  # loaded as a plain tensor: the dense level only
         parent = modules.get(fqn.rpartition(".")[0]) if fqn else None
-        cls = _kind(mod, parent)
-        if cls is None:
+        kind = module_kind(mod, parent)
+        if kind is None:
             why = " (nn.MultiheadAttention reads it directly, never calls it)" if isinstance(parent, nn.MultiheadAttention) else ""
             raise ELSAError(
                 f"{_where(fqn)} is a {type(mod).__name__}{why}: its encoded tensor {name!r} can only be served by a plain "
-                "nn.Linear or nn.Conv2d (exclude it with filter_fn= to load it as a dense tensor)"
+                "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding or transformers Conv1D (exclude it with filter_fn= to load "
+                "it as a dense tensor)"
             )
         if not fqn:
-            raise ELSAError(f"the model itself is a {type(mod).__name__}: swap_ replaces submodules; build an ELSA module with {cls.__name__}.from_encoded")
+            raise ELSAError(f"the model itself is a {type(mod).__name__}: swap_ replaces submodules; build an ELSA module with from_encoded")
         if attr != "weight":
             raise ELSAError(f"{_where(fqn)}: only the weight of a {type(mod).__name__} can be encoded, the checkpoint encodes {attr!r}")
+        if kind == "embedding" and mod.max_norm is not None:
+            raise ELSAError(
+                f"{_where(fqn)} is an Embedding with max_norm={mod.max_norm}: it renormalises looked-up rows of its table in "
+                "place, which would overwrite their level codes (exclude it with filter_fn=)"
+            )
         w = enc[name]
         check_code_bits(w.dtype, k, T, name=name)
-        ref = mod.weight
-        weight = w.detach().to(device=ref.device)
-        info = meta.tensors[name]
-        kw = dict(num_levels=T, code_bits=k, structures=[lv.structure for lv in meta.levels],
-                  sparsities=info.sparsity, tensor_info=info)
-        if isinstance(mod, ELSAModule):
-            kw.update(backend=mod.backend_request, cache=mod.cache, compile_mode=mod.compile_mode)
-        if cls is ELSALinear:
-            new = ELSALinear.from_encoded(weight, mod.bias, **kw)
-        else:
-            new = ELSAConv2d.from_encoded(weight, mod.bias, like=mod, **kw)
-        new.train(mod.training)
-        new_modules[fqn] = new
+        group = ties.get(name)
+        weight = w.detach().to(device=mod.weight.device)
+        if group is not None:
+            weight = params.setdefault(group[0], nn.Parameter(weight, requires_grad=False))
+        new_modules[fqn] = _build(mod, kind, weight, meta, name)
+    for group in {tuple(g) for n, g in ties.items() if n in taken}:
+        kept = [n for n in group if taken.get(n)]
+        if kept and len(kept) < len(group):
+            other = next(n for n in group if not taken.get(n))
+            raise ELSAError(
+                f"{kept[0]!r} and {other!r} are one tied parameter: filter_fn keeps the module of {kept[0]!r} and not "
+                f"that of {other!r}; a tied weight is swapped in every module that uses it, or in none"
+            )
     if not new_modules:
         why = "filter_fn rejected every one" if meta.tensors and filter_fn is not None else "the checkpoint encodes no tensor"
         raise ELSAError(f"no module of the model matches the checkpoint's encoded tensors ({why}); nothing to swap")
@@ -202,6 +200,48 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
     return new_modules, new_bn, T
 
 
+def _check_ties(enc, meta, ties: dict) -> None:
+    """Tied parameters of the model: encoded in all their names or in none, with equal bits."""
+    for name in meta.tensors:
+        group = ties.get(name)
+        if group is None:
+            continue
+        for other in group:
+            if other not in meta.tensors:
+                raise ELSAError(
+                    f"{name!r} and {other!r} are one tied parameter in the model, but the checkpoint encodes {name!r} and "
+                    f"not {other!r}; encode the tied weight once (elsa_codec.encode does, given the model's state_dict)"
+                )
+            a, b = enc[group[0]], enc[other]
+            if a is not b and (a.shape != b.shape or a.dtype != b.dtype or not torch.equal(bits_view(a), bits_view(b))):
+                raise ELSAError(
+                    f"{group[0]!r} and {other!r} are one tied parameter in the model, but the checkpoint holds different "
+                    "tensors for them"
+                )
+
+
+def _build(mod: nn.Module, kind: str, weight, meta, name: str) -> nn.Module:
+    """The ELSA module serving ``weight`` (encoded) in place of ``mod`` (module kind ``kind``)."""
+    info = meta.tensors[name]
+    kw = dict(num_levels=meta.num_levels, code_bits=meta.code_bits, structures=[lv.structure for lv in meta.levels],
+              sparsities=info.sparsity, tensor_info=info)
+    if isinstance(mod, ELSAModule):
+        kw.update(backend=mod.backend_request, cache=mod.cache, compile_mode=mod.compile_mode)
+    if kind == "linear":
+        new = ELSALinear.from_encoded(weight, mod.bias, **kw)
+    elif kind == "conv":
+        cls = ELSAConv1d if isinstance(mod, nn.Conv1d) else ELSAConv2d
+        new = cls.from_encoded(weight, mod.bias, like=mod, **kw)
+    elif kind == "embedding":
+        new = ELSAEmbedding.from_encoded(weight, like=mod, **kw)
+    else:  # "conv1d_t": transformers Conv1D (transformers is loaded: the model holds one)
+        from .hf import ELSAConv1D
+
+        new = ELSAConv1D.from_encoded(weight, mod.bias, **kw)
+    new.train(mod.training)
+    return new
+
+
 def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -255,8 +295,21 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     for mod in model.modules():
         if isinstance(mod, (ELSAModule, LevelBatchNormMixin)) and mod.num_levels == T:
             mod.set_level(T + 1)
+    if "_apply" not in model.__dict__:
+        object.__setattr__(model, "_apply", types.MethodType(_apply, model))
     logger.info("swap_: %d encoded modules, %d per-level batch-norm layers, T=%d", len(new_modules), len(new_bn), T)
     return model
+
+
+def _apply(self: nn.Module, fn, recurse: bool = True):
+    """``Module._apply`` of a model given to :func:`swap_` (installed on that instance): before any
+    tensor is converted (``.half()``, ``.to(torch.bfloat16)``...), check that every ELSA weight can
+    keep its level codes in the new dtype (:meth:`~elsa_codec.nn.ELSAModule.cast_plan`); if one
+    cannot, raise :class:`ELSAError` with nothing converted. Each ELSA module then re-encodes its
+    weight in the new dtype, so every level survives the cast."""
+    for _, m in elsa_modules(self):
+        m.cast_plan(fn)
+    return type(self)._apply(self, fn, recurse)
 
 
 def load(path, model: nn.Module, *, filter_fn=None, strict: bool = True) -> nn.Module:
@@ -338,10 +391,11 @@ def levels(model: nn.Module) -> list:
         ELSAError: no ELSA module.
     """
     mods, T, _ = _levelled(model)
-    total = sum(m.weight.numel() for _, m in mods) or 1
+    uniq = list({id(m.weight): m for _, m in mods}.values())  # a tied weight counts once
+    total = sum(m.weight.numel() for m in uniq) or 1
     out = []
     for t in range(1, T + 1):
-        zeros = sum(m.sparsities[t - 1] * m.weight.numel() for _, m in mods)
+        zeros = sum(m.sparsities[t - 1] * m.weight.numel() for m in uniq)
         out.append(LevelInfo(t, mods[0][1].structures[t - 1], zeros / total))
     out.append(LevelInfo(T + 1, "dense", 0.0))
     return out

@@ -302,7 +302,12 @@ def _bad_cases():
         return model, _with(enc, bn=bn), {}
 
     def unsupported_module():
-        model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 4))
+        model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+        sd = model.state_dict()
+        return model, ec.encode(sd, random_counters(sd, ["0.weight", "1.weight"], 2, 0)), {}
+
+    def embedding_max_norm():
+        model = nn.Sequential(nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 4))
         sd = model.state_dict()
         return model, ec.encode(sd, random_counters(sd, ["0.weight", "1.weight"], 2, 0)), {}
 
@@ -337,7 +342,8 @@ def _bad_cases():
         ("bn stats for more levels", bn_levels_long, r"batch-norm module 'bn1'.*levels 1\.\.5.*T=3"),
         ("bn stats for a conv", bn_not_bn, r"module 'pw' is a Conv2d, not a batch-norm layer"),
         ("bn stat shape", bn_stat_shape, r"batch-norm module 'bn2': running_var of level 2 is \(7,\)"),
-        ("encoded embedding", unsupported_module, r"module '0' is a Embedding"),
+        ("encoded LayerNorm weight", unsupported_module, r"module '0' is a LayerNorm.*can only be served by"),
+        ("embedding with max_norm", embedding_max_norm, r"module '0' is an Embedding with max_norm=1.0.*overwrite their level codes"),
         ("encoded bias", encoded_bias, r"module '0'.*only the weight"),
         ("model tensor missing from file", model_tensor_missing, r"module 'pw': tensor 'pw\.bias'.*missing from the checkpoint"),
         ("MultiheadAttention out_proj", mha_out_proj, r"module 'self_attn\.out_proj'.*MultiheadAttention reads it directly"),
