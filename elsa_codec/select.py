@@ -194,7 +194,7 @@ def select_weights(model: nn.Module, select=DEFAULT_SELECT) -> list[str]:
     out = [n for n in order if n in sel]
     if not out:
         raise ELSAError(
-            f"no weight of the model ({type(model).__name__}) selected with select={select!r} "
+            f"no prunable layer: no weight of the model ({type(model).__name__}) selected with select={select!r} "
             f"(policies: {SELECT_POLICIES}); the model has no servable Linear / Conv / Conv1D / Embedding"
         )
     left = [_wname(f) for f, (_, k) in mods.items() if k is not None and _wname(f) not in sel]

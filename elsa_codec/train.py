@@ -40,6 +40,7 @@ from .bits import bits_view, check_code_bits, default_code_bits, encode_tensor
 from .codec import Counters, ELSAStateDict, encode
 from .errors import ELSAError
 from .masks import Structure, parse_level
+from .select import DEFAULT_SELECT, SELECT_POLICIES, select_weights, transposed_weights
 from .sparsify import GMPSchedule, as_sparsifier, check_masks
 
 __all__ = [
@@ -161,21 +162,26 @@ class ELSAResult:
 # helpers
 # --------------------------------------------------------------------------------------------
 def prunable_weights(model: nn.Module, prunable=None) -> dict[str, nn.Parameter]:
-    """The weights ELSA prunes: ``param_name -> Parameter``.
+    """The weights ELSA prunes: ``param_name -> Parameter`` (a tied Parameter once, under its first name).
 
     Args:
         model: any ``nn.Module``.
-        prunable: None (the ``weight`` of every ``nn.Linear`` and ``nn.Conv2d``: the layers the
-            serving swap replaces), a predicate ``(module_name, module) -> bool`` called on every
-            module with a ``weight`` Parameter, or an iterable of module names / parameter names
-            (``"fc"`` or ``"fc.weight"``).
+        prunable: None or a policy of :data:`elsa_codec.select.SELECT_POLICIES` (default
+            ``"blocks"``: the weights of the Linear / Conv1d / Conv2d / transformers ``Conv1D``
+            layers, without embeddings and the output head, as SparseGPT / Wanda prune
+            transformers; :func:`elsa_codec.select.select_weights`), a predicate
+            ``(module_name, module) -> bool`` called on every module with a ``weight`` Parameter,
+            or an iterable of module names / parameter names (``"fc"`` or ``"fc.weight"``).
 
     Raises:
-        ELSAError: no prunable layer; a listed name that is not in the model.
+        ELSAError: no prunable layer; a listed name that is not in the model; unknown policy.
     """
     mods = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
-    if prunable is None:
-        sel = [n for n, m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if prunable is None or isinstance(prunable, str):
+        if isinstance(prunable, str) and prunable not in SELECT_POLICIES:
+            raise ELSAError(f"unknown prunable policy {prunable!r}: expected one of {SELECT_POLICIES}, a predicate or names")
+        names = select_weights(model, prunable or DEFAULT_SELECT)
+        sel = [n[: -len(".weight")] if n.endswith(".weight") else "" for n in names]
     elif callable(prunable):
         sel = [n for n, m in mods.items() if prunable(n, m)]
     else:
@@ -186,11 +192,17 @@ def prunable_weights(model: nn.Module, prunable=None) -> dict[str, nn.Parameter]
             if mn not in mods:
                 raise ELSAError(f"{n}: no module with a weight Parameter of that name in the model")
             sel.append(mn)
-    if not sel:
+    out, seen = {}, set()
+    for n in sel:
+        p = (mods[n] if n in mods else model.get_submodule(n)).weight
+        if id(p) not in seen:  # a tied weight is one tensor: pruned and frozen once
+            seen.add(id(p))
+            out[f"{n}.weight" if n else "weight"] = p
+    if not out:
         raise ELSAError(
-            "the model has no prunable layer (no nn.Linear / nn.Conv2d weight selected); pass prunable= to choose tensors"
+            "the model has no prunable layer (no Linear / Conv / Conv1D weight selected); pass prunable= to choose tensors"
         )
-    return {(f"{n}.weight" if n else "weight"): mods[n].weight for n in sel}
+    return out
 
 
 def parse_levels(levels, structure="unstructured") -> list[tuple[float, Structure]]:
@@ -383,6 +395,7 @@ class _Engine:
     def __init__(self, model, params, *, seed, progress, frozen=None):
         self.model = model
         self.params = params
+        self.transposed = transposed_weights(model) & set(params)
         self.ids = {id(p) for p in params.values()}
         self.seed = seed
         self.progress = progress
@@ -510,10 +523,17 @@ class _Engine:
 
     def _prune_to(self, sparsity, final=False):
         spf, sched, target, st = self._sparsify
-        weights = {n: p.detach() for n, p in self.params.items()}
-        masks = spf.masks(weights, self.frozen, float(sparsity), st)
-        masks = check_masks(masks, weights, self.frozen, st if final else None)
-        self.set_mask(masks)
+        # transformers Conv1D weights are [in, out]: structured masks are laid on their transpose
+        tr = self.transposed if str(st) != "unstructured" else set()
+
+        def view(d):
+            return {n: (v.t() if n in tr else v) for n, v in d.items()}
+
+        weights = view({n: p.detach() for n, p in self.params.items()})
+        frozen = view(self.frozen)
+        masks = spf.masks(weights, frozen, float(sparsity), st)
+        masks = check_masks(masks, weights, frozen, st if final else None)
+        self.set_mask({n: (m.t().contiguous() if n in tr else m) for n, m in masks.items()})
 
     # ---- phases ----
     def run_phase(self, kind, train_fn, *, steps, level=None, sparsity=0.0, structure="unstructured",
@@ -575,15 +595,16 @@ class _Engine:
         return phase
 
 
-def _check_prunable(params, specs, k, T):
+def _check_prunable(params, specs, k, T, transposed=frozenset()):
     for n, p in params.items():
+        cols = p.shape[0] if n in transposed else _cols(p)  # transformers Conv1D: [in, out]
         check_code_bits(p.dtype, k, T, name=n)
         if not torch.isfinite(p.detach()).all():
             raise ELSAError(f"{n}: weights must be finite before ELSA training")
         st = specs[-1][1]
-        if st.kind == "nm" and _cols(p) % st.m:
+        if st.kind == "nm" and cols % st.m:
             raise ELSAError(
-                f"{n}: input dimension {_cols(p)} is not a multiple of M={st.m} for the {st} levels; "
+                f"{n}: input dimension {cols} is not a multiple of M={st.m} for the {st} levels; "
                 "leave this layer out with prunable="
             )
 
@@ -696,7 +717,8 @@ def embed_levels(
         bn_batches: at most this many calibration batches per level.
         bn_forward: ``fn(model, batch)`` for one calibration forward pass (default: ``model(x)``
             for a tensor, ``model(b[0])`` for a tuple, ``model(**b)`` for a dict).
-        prunable: which weights: see :func:`prunable_weights` (default every Linear/Conv2d weight).
+        prunable: which weights: see :func:`prunable_weights` (default ``"blocks"``: the Linear / Conv
+            / Conv1D weights of the blocks; embeddings and the output head stay dense).
         code_bits: ``k`` (default ``max(1, ceil(log2(T+1)))``; at most 8/4/3 for fp32/fp16/bf16).
         seed: makes the run reproducible: each phase seeds the global torch RNG with a value derived
             from it (also in ``phase.seed``).
@@ -731,7 +753,7 @@ def embed_levels(
     schedule = schedule or GMPSchedule()
     params = prunable_weights(model, prunable)
     k = default_code_bits(T) if code_bits is None else code_bits
-    _check_prunable(params, specs, k, T)
+    _check_prunable(params, specs, k, T, transposed_weights(model))
     edt = _check_encode_dtype(encode_dtype, params)
     if edt is not None:
         for n in params:
@@ -870,9 +892,11 @@ def prune_gmp(
     spf = as_sparsifier(sparsifier)
     schedule = schedule or GMPSchedule()
     params = prunable_weights(model, prunable)
+    tr = transposed_weights(model)
     for n, p in params.items():
-        if st.kind == "nm" and _cols(p) % st.m:
-            raise ELSAError(f"{n}: input dimension {_cols(p)} is not a multiple of M={st.m} for {st}")
+        cols = p.shape[0] if n in tr else _cols(p)
+        if st.kind == "nm" and cols % st.m:
+            raise ELSAError(f"{n}: input dimension {cols} is not a multiple of M={st.m} for {st}")
     if frozen is not None:
         for n in frozen:
             if n not in params:
