@@ -165,10 +165,11 @@ def verify_file(path: str) -> list:
                 problems.append(f"{n}: level {t} sparsity recorded {rec:.6f}, measured {got:.6f}")
         for t in range(1, T + 1):
             st = meta.levels[t - 1].structure
-            if not mask_structure_ok(codes < t, st):
+            mask = codes < t
+            if not mask_structure_ok(mask.t() if ti.transposed else mask, st):  # Conv1D: [in, out]
                 problems.append(f"{n}: level {t} mask breaks its structure {st}")
     if not problems:
-        measured = _make_meta(T, k, [lv.structure for lv in meta.levels], infos, {})
+        measured = _make_meta(T, k, [lv.structure for lv in meta.levels], infos, {}, meta.tied)
         for rec, got in zip(meta.levels, measured.levels):
             if abs(rec.sparsity - got.sparsity) > 1e-9:
                 problems.append(f"level {rec.level}: sparsity recorded {rec.sparsity:.6f}, measured {got.sparsity:.6f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -76,13 +77,16 @@ class LevelInfo:
 class TensorInfo:
     """Per-tensor record: ``sparsity`` per level 1..T (list), encoding error (``max_ulp``: the
     largest error in ulp of the original value; ``sqnr_db``: SQNR of the dense level vs the
-    original, dB; ``inf`` when unchanged; None when unknown, e.g. counters from a file)."""
+    original, dB; ``inf`` when unchanged; None when unknown, e.g. counters from a file);
+    ``transposed``: the tensor is stored `[in, out]` (transformers ``Conv1D``), so N:M groups and
+    block tiles lie along its dim 0 (written to the document only when true)."""
 
     shape: list
     dtype: str
     sparsity: list
     max_ulp: float | None = None
     sqnr_db: float | None = None
+    transposed: bool = False
 
 
 @dataclass
@@ -122,7 +126,7 @@ class ELSAMeta:
             "code_bits": self.code_bits,
             "levels": [asdict(lv) for lv in self.levels],
             "encoded": self.encoded,
-            "tensors": {k: _finite_json(asdict(v)) for k, v in self.tensors.items()},
+            "tensors": {k: _tensor_json(v) for k, v in self.tensors.items()},
             "bn_modules": list(self.bn_modules),
             "bn_prefix": BN_PREFIX,
         }
@@ -165,6 +169,7 @@ class ELSAMeta:
                     sparsity=[float(s) for s in v["sparsity"]],
                     max_ulp=_from_json_float(v.get("max_ulp")),
                     sqnr_db=_from_json_float(v.get("sqnr_db")),
+                    transposed=bool(v.get("transposed", False)),
                 )
                 for name, v in d["tensors"].items()
             }
@@ -189,6 +194,13 @@ class ELSAMeta:
             if target in tied or alias == target:
                 raise ELSAFormatError(f"{source}: tied tensor {alias!r} points to {target!r}, which is not a stored tensor")
         return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver, tied=tied)
+
+
+def _tensor_json(info: TensorInfo) -> dict:
+    d = _finite_json(asdict(info))
+    if not d.get("transposed"):
+        d.pop("transposed", None)  # version-1 documents stay byte-identical
+    return d
 
 
 def _finite_json(d: dict) -> dict:
@@ -233,12 +245,15 @@ class ELSAStateDict(dict):
 class Counters(dict):
     """``name -> counters`` (integer tensors, values ``1..T+1``) with ``num_levels`` (T) and the
     ``structures`` of levels 1..T. Returned by :func:`counters_from_masks`,
-    :func:`magnitude_counters` and the training procedure; accepted by :func:`encode`."""
+    :func:`magnitude_counters` and the training procedure; accepted by :func:`encode`.
+    ``transposed`` names the tensors stored `[in, out]` (transformers ``Conv1D``)."""
 
-    def __init__(self, tensors: Mapping, num_levels: int, structures: Iterable[str] | None = None):
+    def __init__(self, tensors: Mapping, num_levels: int, structures: Iterable[str] | None = None,
+                 transposed: Iterable[str] = ()):
         super().__init__(tensors)
         self.num_levels = int(num_levels)
         self.structures = list(structures) if structures is not None else ["unstructured"] * self.num_levels
+        self.transposed = set(transposed)
 
 
 def resolve_level(level, num_levels: int) -> int:
@@ -357,7 +372,12 @@ def encode(
             y = encode_tensor(x, c - 1, k, name=name)
             done[key] = (y, _tensor_info(x, y, c, T))
         out[name], infos[name] = done[key]
-    meta = _make_meta(T, k, structs, infos, bn)
+    transposed = getattr(counters, "transposed", set())
+    for name, info in infos.items():
+        if name in transposed or canon.get(name) in transposed:
+            infos[name] = dataclasses.replace(info, transposed=True)
+    tied = {n: c for n, c in canon.items() if n != c and n in infos}
+    meta = _make_meta(T, k, structs, infos, bn, tied)
     return ELSAStateDict(out, meta, bn)
 
 
@@ -414,14 +434,18 @@ def _tensor_info(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor, T: in
 _STAT_CHUNK = 1 << 22
 
 
-def _make_meta(T: int, k: int, structs: list, infos: dict, bn: dict) -> ELSAMeta:
-    total = sum(math.prod(ti.shape) for ti in infos.values()) or 1
+def _make_meta(T: int, k: int, structs: list, infos: dict, bn: dict, tied: dict | None = None) -> ELSAMeta:
+    """The document for ``infos``; ``tied`` (alias -> stored name) tensors count once in the level
+    sparsities."""
+    tied = dict(tied or {})
+    own = [ti for n, ti in infos.items() if n not in tied]
+    total = sum(math.prod(ti.shape) for ti in own) or 1
     levels = []
     for t in range(1, T + 1):
-        zeros = sum(ti.sparsity[t - 1] * math.prod(ti.shape) for ti in infos.values())
+        zeros = sum(ti.sparsity[t - 1] * math.prod(ti.shape) for ti in own)
         levels.append(LevelInfo(t, structs[t - 1], zeros / total))
     bn_modules = sorted({m for per in bn.values() for m in per})
-    return ELSAMeta(num_levels=T, code_bits=k, levels=levels, tensors=infos, bn_modules=bn_modules)
+    return ELSAMeta(num_levels=T, code_bits=k, levels=levels, tensors=infos, bn_modules=bn_modules, tied=tied)
 
 
 def _check_bn_stats(bn_stats, T: int, state_dict) -> dict:
@@ -613,7 +637,8 @@ def magnitude_counters(
             out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(torch.uint8)
         else:
             out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(torch.uint8)
-    return Counters(out, len(specs), [str(st) for _, st in specs])
+    tr_all = transposed_weights(model) if model is not None else set()
+    return Counters(out, len(specs), [str(st) for _, st in specs], transposed=tr_all & set(out))
 
 
 def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:

@@ -152,7 +152,7 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
     from safetensors.torch import save_file as st_save
 
     tensors, tied = _flat_tensors(encoded)
-    doc = dataclasses.replace(encoded.meta, tied=tied).to_json()
+    doc = dataclasses.replace(encoded.meta, tied=tied).to_json()  # what the file stores once
     crcs = {n: _crc(t) for n, t in tensors.items()}
     sharded = max_shard_size is not None or str(path).endswith(".index.json")
     if not sharded:
@@ -315,7 +315,10 @@ def save_counters(counters: Counters, path: str) -> None:
     from safetensors.torch import save_file as st_save
 
     t = {n: c.to(torch.uint8).contiguous() for n, c in counters.items()}
-    md = {"elsa_counters": json.dumps({"num_levels": counters.num_levels, "structures": counters.structures})}
+    head = {"num_levels": counters.num_levels, "structures": counters.structures}
+    if getattr(counters, "transposed", None):
+        head["transposed"] = sorted(counters.transposed)
+    md = {"elsa_counters": json.dumps(head)}
     with _atomic(path) as tmp:
         st_save(t, tmp, metadata=md)
 
@@ -327,14 +330,14 @@ def load_counters(path: str) -> Counters:
         ELSAFormatError: unreadable file or no counters metadata.
     """
     f = _open_safetensors(path)
-    T, structs = _counters_header(f, path)
-    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs)
+    T, structs, transposed = _counters_header(f, path)
+    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs, transposed)
 
 
 def _counters_header(f, path: str) -> tuple:
     try:
         d = json.loads((f.metadata() or {})["elsa_counters"])
-        return int(d["num_levels"]), list(d["structures"])
+        return int(d["num_levels"]), list(d["structures"]), set(d.get("transposed", []))
     except (KeyError, ValueError, TypeError):
         raise ELSAFormatError(f"{path}: not an ELSA counters file (no 'elsa_counters' metadata)") from None
 
@@ -411,11 +414,12 @@ def encode_file(
     if counters is not None:
         if isinstance(counters, str):  # read the counters file tensor by tensor, too
             cf = _open_safetensors(counters)
-            T, structs = _counters_header(cf, counters)
+            T, structs, transposed = _counters_header(cf, counters)
             sel = list(cf.keys())
             get_counters = cf.get_tensor
         else:
             T, structs, sel = counters.num_levels, list(counters.structures), list(counters)
+            transposed = set(getattr(counters, "transposed", ()))
             get_counters = counters.__getitem__
         for n in sel:
             if n not in where:
@@ -424,7 +428,7 @@ def encode_file(
     else:
         specs = parse_levels(levels, structure, distribution)
         sps = [s for s, _ in specs]
-        T, structs = len(specs), [str(st) for _, st in specs]
+        T, structs, transposed = len(specs), [str(st) for _, st in specs], set()
         # shape-and-dtype stand-ins, so that selecting tensors reads no tensor data
         stand_ins = {}
         for n in all_names:
@@ -454,7 +458,7 @@ def encode_file(
                 else:
                     c = tensor_magnitude_counters(x, specs, thr, name=n)
                 y = encode_tensor(x, c - 1, k, name=n)
-                infos[n] = _tensor_info(x, y, c, T)
+                infos[n] = dataclasses.replace(_tensor_info(x, y, c, T), transposed=n in transposed)
                 x = y
                 del c, y
             x = x.contiguous()

@@ -451,6 +451,7 @@ def elsa_state_dict(model: nn.Module) -> ELSAStateDict:
         old = m.tensor_info
         if isinstance(old, TensorInfo) and old.sparsity == info.sparsity and old.shape == info.shape and old.dtype == info.dtype:
             info = TensorInfo(info.shape, info.dtype, info.sparsity, old.max_ulp, old.sqnr_db)
+        info.transposed = m.elsa_kind == "conv1d_t"
         infos[name] = info
     bn: dict[int, dict] = {}
     for fqn, m in model.named_modules():
@@ -462,5 +463,6 @@ def elsa_state_dict(model: nn.Module) -> ELSAStateDict:
             for s, v in bn[T + 1][fqn].items():
                 sd[f"{fqn}.{s}"] = v
     structs = list(mods[0][1].structures)
-    meta = _make_meta(T, k, structs, infos, bn)
+    tied = {n: g[0] for g in model_tie_groups(model) for n in g[1:] if n in infos and g[0] in infos}
+    meta = _make_meta(T, k, structs, infos, bn, tied)
     return ELSAStateDict(sd, meta, bn)

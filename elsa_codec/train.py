@@ -810,7 +810,7 @@ def embed_levels(
             p.copy_(torch.where(new, enc, p))
             eng.frozen[n] = torch.ones_like(eng.frozen[n])
             eng.ref[n] = p.detach().clone()
-    cnt = Counters(counters, T, structs)
+    cnt = Counters(counters, T, structs, transposed=eng.transposed)
 
     bn_stats = None
     if calib is not None:

@@ -223,3 +223,47 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
             ec.set_level(model, t)
             assert torch.equal(_out(pre(**x)), _out(model(**x)))
             assert torch.equal(_out(plain(**x)), _out(model(**x)))
+
+
+def test_file_records_transposed_and_tied_and_verify_passes(tmp_path, capsys):
+    from elsa_codec.cli import main
+
+    model, _ = build("gpt2")
+    enc = ec.encode(model.state_dict(), ec.magnitude_counters(model, ["1:4", "2:4"], select="all"))
+    info = enc.meta.tensors
+    assert info["transformer.h.0.mlp.c_fc.weight"].transposed and not info["lm_head.weight"].transposed
+    assert enc.meta.tied == {"lm_head.weight": "transformer.wte.weight"}
+    # the tied tensor counts once in each level's sparsity
+    own = [n for n in info if n != "lm_head.weight"]
+    total = sum(enc[n].numel() for n in own)
+    assert enc.meta.levels[0].sparsity == pytest.approx(sum(info[n].sparsity[0] * enc[n].numel() for n in own) / total)
+    path = str(tmp_path / "gpt2.elsa.safetensors")
+    ec.save_file(enc, path)
+    assert main(["verify", path]) == 0, capsys.readouterr()
+    back = ec.load_file(path)
+    assert back.meta.tensors["transformer.h.0.mlp.c_fc.weight"].transposed
+    ec.swap_(model, back)
+    assert ec.elsa_state_dict(model).meta.to_json() == back.meta.to_json()
+
+
+def test_embed_levels_on_gpt2_nm_levels_along_the_input_dimension():
+    model, x = build("gpt2")
+    ids = x["input_ids"]
+
+    def train_fn(m, phase):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        m.train()
+        for _ in range(phase.steps):
+            loss = m(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    res = ec.embed_levels(model, ["1:4", "2:4"], train_fn, steps=4, progress=False, seed=0)
+    enc = res.encode()
+    names = select_weights(model)
+    assert set(res.counters) == set(names) and "lm_head.weight" not in names
+    assert res.counters.transposed == {n for n in names if ".attn." in n or ".mlp." in n}
+    for n in names:
+        for t, st in ((1, "1:4"), (2, "2:4")):
+            assert mask_structure_ok(level_mask(enc[n], t, enc.code_bits).t(), st), (n, t)
