@@ -211,3 +211,44 @@ def test_streaming_unknown_name(tmp_path):
     with pytest.raises(ELSAError, match="nope.weight: not in"):
         ec.encode_file(src, str(tmp_path / "o.safetensors"), levels=[0.5], names=["nope.weight"], progress=False)
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def _tied_encoded():
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head, "fc": torch.nn.Linear(8, 8)})
+    return ec.encode(model.state_dict(), ec.magnitude_counters(model, [0.5], select="all"))
+
+
+def test_tied_tensor_stored_once_and_restored(tmp_path):
+    enc = _tied_encoded()
+    p = str(tmp_path / "t.safetensors")
+    ec.save_file(enc, p)
+    with safe_open(p, "pt") as f:
+        assert sorted(f.keys()) == ["emb.weight", "fc.bias", "fc.weight"]
+        doc = json.loads(f.metadata()["elsa"])
+    assert doc["version"] == 2 and doc["tied"] == {"head.weight": "emb.weight"}
+    back = ec.load_file(p)
+    assert back["head.weight"] is back["emb.weight"] and torch.equal(back["emb.weight"], enc["emb.weight"])
+    sharded = str(tmp_path / "s.safetensors.index.json")
+    ec.save_file(enc, sharded, max_shard_size=400)
+    back = ec.load_file(sharded)
+    assert back["head.weight"] is back["emb.weight"] and back.meta.tied == {"head.weight": "emb.weight"}
+
+
+@pytest.mark.parametrize(
+    "fn, msg",
+    [
+        (lambda md: md.update(elsa=md["elsa"].replace('"tied":{"head.weight":"emb.weight"}', '"tied":{"head.weight":"nope.weight"}')),
+         "tied tensor 'head.weight' points to 'nope.weight', which the file does not hold"),
+        (lambda md: md.update(elsa=md["elsa"].replace('"tied":{"head.weight":"emb.weight"}', '"tied":{"fc.weight":"emb.weight"}')),
+         "tied tensor 'fc.weight' is also stored"),
+        (lambda md: md.update(elsa=md["elsa"].replace('"version":2', '"version":3')), "format version 3 is newer"),
+    ],
+    ids=["dangling-alias", "alias-also-stored", "future-version"],
+)
+def test_bad_tied_metadata(tmp_path, fn, msg):
+    p = _rewrite_meta(tmp_path, _tied_encoded(), fn)
+    with pytest.raises(ELSAFormatError, match=msg):
+        ec.load_file(p)
