@@ -82,10 +82,13 @@ def inspect_dict(path: str) -> dict:
                 "sparsity": ti.sparsity,
                 "max_ulp": ti.max_ulp,
                 "sqnr_db": ("inf" if ti.sqnr_db is not None and math.isinf(ti.sqnr_db) else ti.sqnr_db),
+                "transposed": ti.transposed,
+                "tied_to": meta.tied.get(n),
             }
             for n, ti in meta.tensors.items()
         },
         "bn_modules": meta.bn_modules,
+        "tied": dict(meta.tied),
     }
 
 
@@ -109,7 +112,9 @@ def cmd_inspect(a) -> int:
         sq = ti["sqnr_db"]
         sq = sq if isinstance(sq, str) else _fmt_db(sq)
         mu = "-" if ti["max_ulp"] is None else f"{ti['max_ulp']:g}"
-        print(f"{n:<48} {str(tuple(ti['shape'])):<18} {ti['dtype']:<9} {sp}  {mu:>7}  {sq:>7}")
+        notes = ([f"tied to {ti['tied_to']} (stored once)"] if ti["tied_to"] else []) + (["[in, out]"] if ti["transposed"] else [])
+        note = f"  {', '.join(notes)}" if notes else ""
+        print(f"{n:<48} {str(tuple(ti['shape'])):<18} {ti['dtype']:<9} {sp}  {mu:>7}  {sq:>7}{note}")
     return 0
 
 

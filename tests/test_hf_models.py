@@ -240,6 +240,10 @@ def test_file_records_transposed_and_tied_and_verify_passes(tmp_path, capsys):
     path = str(tmp_path / "gpt2.elsa.safetensors")
     ec.save_file(enc, path)
     assert main(["verify", path]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["inspect", path]) == 0
+    shown = capsys.readouterr().out
+    assert "elsa-codec v2" in shown and "tied to transformer.wte.weight (stored once)" in shown and "[in, out]" in shown
     back = ec.load_file(path)
     assert back.meta.tensors["transformer.h.0.mlp.c_fc.weight"].transposed
     ec.swap_(model, back)
