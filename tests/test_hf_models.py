@@ -271,3 +271,21 @@ def test_embed_levels_on_gpt2_nm_levels_along_the_input_dimension():
     for n in names:
         for t, st in ((1, "1:4"), (2, "2:4")):
             assert mask_structure_ok(level_mask(enc[n], t, enc.code_bits).t(), st), (n, t)
+
+
+def test_cast_and_copy_of_a_served_hf_model_keep_levels_and_tie():
+    from elsa_codec.bits import decode_counters
+
+    model, x = build("gpt2")
+    enc = ec.encode(model.state_dict(), ec.magnitude_counters(model, [0.9, 0.5], select="all"))
+    ec.swap_(model, enc)
+    twin = copy.deepcopy(model)
+    twin.to(torch.bfloat16)  # PreTrainedModel.to -> the model-level check, then every ELSA layer re-encodes
+    assert twin.lm_head.weight is twin.transformer.wte.weight and twin.lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float32  # the copy has its own check and tensors
+    for n in enc.meta.tensors:
+        w = twin.get_submodule(n[: -len(".weight")]).weight
+        assert torch.equal(decode_counters(w, enc.code_bits), decode_counters(enc[n], enc.code_bits)), n
+    with pytest.raises(ELSAError, match="would drop its level codes"):
+        model.double()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
