@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import nn as _elsa_nn
 from .errors import ELSAError
-from .nn import ELSAModule, _encode_weight, _kernels
+from .nn import ELSAModule, _encode_weight
 
 __all__ = ["ELSAConv1D"]
 
@@ -93,12 +93,7 @@ class ELSAConv1D(ELSAModule, Conv1D):
     def tile_table(self) -> torch.Tensor:
         """The per-64x64-tile minimum-code table of ``weight.t()`` (uint8
         `[cdiv(nf, 64), cdiv(nx, 64)]`), computed once, runtime only."""
-        w = self.weight
-        key = (w.device, w.data_ptr(), w._version, self.code_bits)
-        if self._tiles is None or self._tiles[0] != key:
-            with torch.no_grad():
-                self._tiles = (key, _kernels("tile_table").tile_table(w.t(), self.code_bits))
-        return self._tiles[1]
+        return self._cached_tile_table(self.weight.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)

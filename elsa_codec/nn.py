@@ -295,6 +295,16 @@ class ELSAModule(nn.Module):
         codes = bits_view(self.weight) & ((1 << self.code_bits) - 1)
         return torch.where(codes < self._level_t, self.weight, torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
 
+    def _cached_tile_table(self, w2d: torch.Tensor) -> torch.Tensor:
+        """:func:`elsa_codec.kernels.tile_table` of ``w2d`` (the weight as `[out, in]`, a view of
+        :attr:`weight`), computed once per weight version, runtime only."""
+        w = self.weight
+        key = (w.device, w.data_ptr(), w._version, self.code_bits)
+        if self._tiles is None or self._tiles[0] != key:
+            with torch.no_grad():
+                self._tiles = (key, _kernels("tile_table").tile_table(w2d, self.code_bits))
+        return self._tiles[1]
+
     @property
     def cached_bytes(self) -> int:
         """Bytes held by the runtime caches (decoded weight, tile table); 0 at the dense level."""
@@ -502,12 +512,7 @@ class ELSALinear(ELSAModule, nn.Linear):
         """The per-64x64-tile minimum-code table of the weight (uint8
         `[cdiv(out_features, 64), cdiv(in_features, 64)]`), computed once with
         :func:`elsa_codec.kernels.tile_table` and kept at runtime only (never in ``state_dict``)."""
-        w = self.weight
-        key = (w.device, w.data_ptr(), w._version, self.code_bits)
-        if self._tiles is None or self._tiles[0] != key:
-            with torch.no_grad():
-                self._tiles = (key, _kernels("tile_table").tile_table(w, self.code_bits))
-        return self._tiles[1]
+        return self._cached_tile_table(self.weight)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"
