@@ -294,6 +294,11 @@ def encode(
 ) -> ELSAStateDict:
     """Encode each tensor named in ``counters`` with its counters (the code rule); pass the rest through.
 
+    Tied tensors (names that share one storage in ``state_dict``, as ``model.state_dict()`` gives
+    a tied ``lm_head`` and token embedding) are one tensor: counters for any of the names encode
+    it once, and every name of the group gets the same encoded tensor and record (``meta.tied``
+    maps the others to the first name; the file stores it once).
+
     Args:
         state_dict: ``name -> Tensor``. Encoded tensors must be float32 / float16 / bfloat16 and
             finite. Never modified.
@@ -314,7 +319,8 @@ def encode(
 
     Raises:
         ELSAError: a counters name missing from ``state_dict``; counters of the wrong shape, not
-            integer, out of ``1..T+1``, or with different T across tensors; NaN/Inf weights;
+            integer, out of ``1..T+1``, or with different T across tensors; different counters for
+            two names of one tied tensor; NaN/Inf weights;
             unsupported dtype; more levels than the dtype's code bits allow. Each names the tensor.
     """
     if not isinstance(counters, Mapping) or not counters:

@@ -3,11 +3,14 @@
 ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". One generic
 walker over ``named_modules`` serves every model (no per-model code):
 
-- :func:`swap_` replaces, in place, exactly the ``nn.Linear`` / ``nn.Conv2d`` modules whose
-  ``weight`` is encoded in an :class:`~elsa_codec.codec.ELSAStateDict` (or a file) by
-  :class:`~elsa_codec.nn.ELSALinear` / :class:`~elsa_codec.nn.ELSAConv2d`, loads every other
-  tensor, and gives the batch-norm layers named in the file's per-level statistics one set of
-  running statistics per level. Everything is validated first: on any error nothing changes.
+- :func:`swap_` replaces, in place, exactly the modules whose ``weight`` is encoded in an
+  :class:`~elsa_codec.codec.ELSAStateDict` (or a file) by their ELSA layer (``nn.Linear`` ->
+  :class:`~elsa_codec.nn.ELSALinear`, ``nn.Conv1d`` / ``nn.Conv2d`` -> ``ELSAConv1d`` /
+  ``ELSAConv2d``, ``transformers`` ``Conv1D`` -> :class:`~elsa_codec.hf.ELSAConv1D`,
+  ``nn.Embedding`` -> :class:`~elsa_codec.embedding.ELSAEmbedding`), keeps tied weights one
+  ``Parameter``, loads every other tensor, and gives the batch-norm layers named in the file's
+  per-level statistics one set of running statistics per level. Everything is validated first:
+  on any error nothing changes. Casts of the swapped model keep every level (or refuse first).
 - :func:`set_level` / :func:`set_sparsity` / :func:`levels` select and list the levels.
 - :func:`elsa_state_dict` rebuilds the encoded state dict (metadata and per-level batch-norm
   statistics included) from a swapped model, ready for :func:`elsa_codec.save_file`.
@@ -252,12 +255,15 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
           strict: bool = True) -> nn.Module:
     """Serve ``encoded`` with ``model``, in place (ELSA, arXiv 2312.06872, sec. 2.2).
 
-    Replaces exactly the ``nn.Linear`` / ``nn.Conv2d`` modules whose ``weight`` is encoded by
-    :class:`~elsa_codec.nn.ELSALinear` / :class:`~elsa_codec.nn.ELSAConv2d` holding the encoded
-    tensor (moved to the old weight's device; same name, shape and dtype, so ``state_dict()`` keys
-    are unchanged), copies every other tensor of the checkpoint into the model, turns the
-    batch-norm layers with per-level statistics into per-level ones
-    (:class:`~elsa_codec.nn.LevelBatchNormMixin`), and selects the dense level ``T+1``.
+    Replaces exactly the modules whose ``weight`` is encoded (``nn.Linear``, ``nn.Conv1d``,
+    ``nn.Conv2d``, ``transformers`` ``Conv1D``, ``nn.Embedding``; :func:`elsa_codec.select.module_kind`)
+    by their ELSA layer holding the encoded tensor (moved to the old weight's device; same name,
+    shape and dtype, so ``state_dict()`` keys are unchanged); a tied weight becomes ONE frozen
+    ``Parameter`` shared by every module that uses it. Copies every other tensor of the checkpoint
+    into the model, turns the batch-norm layers with per-level statistics into per-level ones
+    (:class:`~elsa_codec.nn.LevelBatchNormMixin`), selects the dense level ``T+1``, and installs
+    on ``model`` the check that makes a later cast (``.half()``, ``.to(dtype)``) keep every level
+    or raise before any tensor changes.
 
     Args:
         model: any ``nn.Module`` whose ``state_dict()`` the checkpoint was made from.
@@ -273,8 +279,10 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     Raises:
         ELSAError: (nothing changed) a checkpoint tensor missing from the model, or of another
             shape or dtype; a model tensor missing from the checkpoint (``strict``); an encoded
-            tensor that is not the weight of a plain ``nn.Linear`` / ``nn.Conv2d``; no module to
-            swap; ELSA modules already present with another ``T`` / ``k``; batch-norm statistics
+            tensor that is not the weight of a servable module (``MultiheadAttention.out_proj``,
+            an ``Embedding`` with ``max_norm``, a bias...); a tied parameter encoded under only
+            some of its names, with different tensors, or kept by ``filter_fn`` in only some of
+            its modules; no module to swap; ELSA modules already present with another ``T`` / ``k``; batch-norm statistics
             for another number of levels, for a missing or non-batch-norm module, or of another
             shape or dtype. Each names the module and the problem.
         ELSAFormatError: ``encoded`` is a path to an invalid file.
@@ -322,7 +330,7 @@ def load(path, model: nn.Module, *, filter_fn=None, strict: bool = True) -> nn.M
 
 
 def elsa_modules(model: nn.Module) -> list:
-    """``[(fqn, module)]`` of the :class:`~elsa_codec.nn.ELSALinear` / ``ELSAConv2d`` in ``model``."""
+    """``[(fqn, module)]`` of the ELSA layers (:class:`~elsa_codec.nn.ELSAModule`) in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ELSAModule)]
 
 
