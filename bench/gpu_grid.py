@@ -1,0 +1,317 @@
+"""The GPU benchmark grid with its roofline floor: ``python -m elsa_codec.bench.gpu_grid``.
+
+Step 3 of ``bench/gpu_check.sh``. For every configuration of bench/roofline.py's grid (bfloat16
+then float16; Llama-7B-class weights; M in {1, 16, 128, 4096}; every level of the unstructured,
+2:4 and block:64x64 level sets), it times on the GPU:
+
+- ``dense``: ``F.linear`` on the dense weight (cuBLAS), the baseline;
+- ``elsa-fused``: :func:`elsa_codec.kernels.elsa_linear` (autotuned Triton kernel; the tile table
+  is passed when the level has empty tiles, as bench/layer.py does), with the config the
+  autotuner chose for that shape;
+- ``semi-structured``: the decoded 2:4 / 1:4 level through ``to_sparse_semi_structured`` where the
+  GPU supports it (no floor computed for it);
+
+and writes one CSV row per measurement with the floor of bench/roofline.py for this GPU (H100 or
+H200 by name) and ``measured / floor``. Every output is checked against ``F.linear`` in float32
+before timing (``max_rel_err``). Timing: ``triton.testing.do_bench`` / ``do_bench_cudagraph``
+through bench/common.py's GpuTimer (short runs), each provider cycling through copies of its
+weight (working set >= 2x L2) so that each call reads its weight from HBM.
+
+Weights are ``randn`` with nested random masks of exact density (bench/weights.py's method, made
+on the GPU with its own generator), encoded with ``encode_tensor``.
+
+``--dry-run`` (no GPU needed): the same code path on the interpreter-sized grid (one small
+weight, M in {1, 16}) with no timing at all: each provider runs once (the Triton interpreter when
+``TRITON_INTERPRET=1``, else the PyTorch reference), is checked, and its row carries the floor and
+empty timings. Never a CPU time presented as a GPU figure.
+
+The run stops starting new (dtype, shape) groups once ``--budget-s`` seconds have passed, so that
+a slow machine still leaves a CSV; rows are appended and flushed as they are measured.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import roofline
+
+COLUMNS = [
+    "dtype", "m", "n", "k", "shape", "level_set", "level", "structure", "density", "provider", "table",
+    "autotune_config", "p20_us", "p50_us", "p80_us", "timing", "floor_gpu", "floor_us", "measured_vs_floor",
+    "dense_p50_us", "speedup_vs_dense", "max_rel_err", "device", "torch", "triton", "timestamp",
+]
+DRY_SHAPES = ((128, 256),)
+DRY_M = (1, 16)
+
+
+def floor_gpu(device_name: str) -> str | None:
+    """The roofline GPU whose peaks apply to ``device_name`` (``"H100"`` / ``"H200"``), else None."""
+    up = device_name.upper()
+    for g in ("H200", "H100"):
+        if g in up:
+            return g
+    return None
+
+
+def gpu_counters(shape, levels, structure: str, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """bench/weights.py's ``nested_counters`` made on ``device`` (``generator`` on that device):
+    counters `[N, K]` uint8 in ``1..T+1`` of nested random masks of exact density, and the level
+    structures."""
+    from elsa_codec.masks import parse_level
+
+    n, k = shape
+    specs = [parse_level(lv, structure) for lv in levels]
+    st = specs[0][1]
+    if st.kind == "nm":
+        r = torch.rand((n, k // st.m, st.m), generator=generator, device=device).argsort(-1).argsort(-1).reshape(n, k)
+        keep = [s.n for _, s in specs]
+    elif st.kind == "block":
+        tr, tc = -(-n // st.r), -(-k // st.c)
+        rt = torch.randperm(tr * tc, generator=generator, device=device).reshape(tr, tc)
+        r = rt.repeat_interleave(st.r, 0)[:n].repeat_interleave(st.c, 1)[:, :k]
+        keep = [round((1.0 - s) * tr * tc) for s, _ in specs]
+    else:
+        r = torch.randperm(n * k, generator=generator, device=device).reshape(n, k)
+        keep = [round((1.0 - s) * n * k) for s, _ in specs]
+    c = torch.ones((n, k), dtype=torch.uint8, device=device)
+    for kv in keep:
+        c += (r >= kv).to(torch.uint8)
+    return c, [str(s) for _, s in specs]
+
+
+class Grid:
+    """Runs the grid and writes ``grid.csv`` (appending, flushed per row) and ``grid.log``."""
+
+    def __init__(self, out: str, *, dry_run: bool, budget_s: float, rep_ms: int, log_path: str | None = None):
+        from .common import Env, Log
+
+        self.dry = dry_run
+        self.device = torch.device("cpu" if dry_run else "cuda")
+        self.env = Env.detect(self.device, torch.get_num_threads())
+        self.gpu = None if dry_run else floor_gpu(self.env.device_name)
+        self.budget_s = budget_s
+        self.t0 = time.perf_counter()
+        os.makedirs(out, exist_ok=True)
+        self.csv_path = os.path.join(out, "grid.csv")
+        self.log = Log(log_path or os.path.join(out, "grid.log"))
+        new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
+        self._f = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
+        if new:
+            self._w.writeheader()
+        self.rows = 0
+        self.kernels = None
+        self.timer = None
+        if not dry_run:
+            from .common import GpuTimer
+
+            self.timer = GpuTimer(rep_ms=rep_ms, warmup_ms=max(2, rep_ms // 5), graphs="auto")
+        try:
+            import elsa_codec.kernels as kernels
+
+            self.kernels = kernels
+        except ImportError as e:  # no triton: dry run on the references
+            if not dry_run:
+                raise
+            self.log(f"elsa_codec.kernels not importable ({e}): the dry run uses the PyTorch references")
+
+    # -------------------------------------------------------------------------------------- helpers
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def close(self) -> None:
+        self._f.close()
+        self.log.close()
+
+    def _copies(self, nbytes: int) -> int:
+        """Weight copies each provider cycles through (working set >= 2x L2, at most 64); 1 dry."""
+        if self.dry:
+            return 1
+        props = torch.cuda.get_device_properties(self.device)
+        l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+        return max(1, min(64, -(-2 * l2 // max(nbytes, 1))))
+
+    def autotune_choice(self) -> str:
+        """The config the autotuner last used for ``elsa_linear`` (``""`` when none)."""
+        if self.kernels is None or self.dry:
+            return ""
+        tuned = getattr(self.kernels.linear, "_elsa_linear_kernel_tuned", None)
+        cfg = getattr(tuned, "best_config", None)
+        if cfg is None:
+            return ""
+        kw = cfg.kwargs
+        return (f"BM{kw.get('BLOCK_M')}-BN{kw.get('BLOCK_N')}-BK{kw.get('BLOCK_K')}-G{kw.get('GROUP_M')}"
+                f"-w{cfg.num_warps}-s{cfg.num_stages}")
+
+    # -------------------------------------------------------------------------------------- the grid
+    def run(self, dtypes, shapes, ms) -> int:
+        """Every (dtype, shape) group in order until the budget is spent; returns rows written."""
+        self.log(f"grid: device {self.env.device_name}; torch {self.env.torch}, triton {self.env.triton}; "
+                 f"floor GPU {self.gpu or 'none (not an H100/H200: no floor ratio)'}; "
+                 f"{'DRY RUN: no timing' if self.dry else f'budget {self.budget_s:.0f} s'}")
+        g = torch.Generator(device=self.device).manual_seed(0)
+        for dt in dtypes:
+            for n, k in shapes:
+                if self.elapsed() > self.budget_s:
+                    self.log(f"budget of {self.budget_s:.0f} s spent after {self.elapsed():.0f} s: "
+                             f"skipping {dt} {n}x{k} and the rest")
+                    return self.rows
+                t = time.perf_counter()
+                self._group(getattr(torch, dt), n, k, ms, g)
+                self.log(f"-- {dt} {n}x{k}: {time.perf_counter() - t:.1f} s (total {self.elapsed():.0f} s)")
+                if not self.dry:
+                    torch.cuda.empty_cache()
+        return self.rows
+
+    def _levels(self, w, n, k, g):
+        """``[(level_set, Level, encoded, t, code_bits, tile_table or None, decoded)]`` and the
+        roofline Levels by key."""
+        import elsa_codec as ec
+
+        floors = {(lv.level_set, lv.level): lv for lv in roofline.grid_levels(n, k)}
+        out = []
+        for set_name, levels, structure in roofline.level_sets():
+            c, structs = gpu_counters((n, k), levels, structure, g, self.device)
+            T = len(structs)
+            kb = ec.default_code_bits(T)
+            enc = ec.encode_tensor(w, c - 1, kb, name=f"grid.{n}x{k}")
+            del c
+            table = self.kernels.tile_table(enc, kb) if self.kernels is not None else None
+            for t in range(1, T + 1):
+                use_table = table is not None and self.kernels.tile_density(table, t) < 1.0
+                dec = ec.extract_level(enc, t, kb, T)
+                out.append((set_name, floors[(set_name, str(t))], enc, t, kb, table if use_table else None, dec))
+        return out
+
+    def _group(self, dtype, n, k, ms, g) -> None:
+        dname = str(dtype).replace("torch.", "")
+        w = (torch.randn((n, k), generator=g, device=self.device) / math.sqrt(k)).to(dtype)
+        rot = self._copies(w.numel() * w.element_size())
+        levels = self._levels(w, n, k, g)
+        dense_w = [w] + [w.clone() for _ in range(rot - 1)]
+        semi_ok = (self.kernels is not None and not self.dry and self.kernels.semi_structured_supported(self.device))
+        semi = {}
+        for set_name, lv, enc, t, kb, tt, dec in levels if semi_ok else ():
+            if lv.structure in ("1:4", "2:4"):
+                try:
+                    semi[(set_name, lv.level)] = [self.kernels.to_semi_structured(dec) for _ in range(rot)]
+                except Exception as e:  # noqa: BLE001 - backend missing for this shape: say so
+                    self.log(f"  semi-structured unavailable for {n}x{k} {dname}: {type(e).__name__}: {e}")
+        for m in ms:
+            x = torch.randn((m, k), generator=g, device=self.device).to(dtype)
+            dense_lv = roofline.Level("dense", "dense", "dense", 1.0, 1.0, 1.0, False)
+            dense_stats = self._measure(lambda wt: F.linear(x, wt), dense_w, x, w)
+            dense_p50 = dense_stats[1] if dense_stats else None
+            self._emit(dname, m, n, k, dense_lv, "dense", None, dense_stats, dense_p50, "", w, x, dense_w[0])
+            for set_name, lv, enc, t, kb, tt, dec in levels:
+                encs = [enc] + [enc.clone() for _ in range(rot - 1)]
+                fused = self._fused_fn(x, t, kb, tt)
+                st = self._measure(fused, encs, x, dec)
+                self._emit(dname, m, n, k, lv, "elsa-fused", tt, st, dense_p50, self.autotune_choice(), dec, x,
+                           encs[0], fn=fused)
+                del encs
+                ws = semi.get((set_name, lv.level))
+                if ws:
+                    st = self._measure(lambda wt: F.linear(x, wt), ws, x, dec)
+                    self._emit(dname, m, n, k, lv, "semi-structured", None, st, dense_p50, "", dec, x, ws[0],
+                               fn=lambda wt: F.linear(x, wt), floor=False)
+        del levels, dense_w, w, semi
+
+    def _fused_fn(self, x, t, kb, tt):
+        if self.kernels is not None:
+            return lambda e: self.kernels.elsa_linear(x, e, t, kb, tile_table=tt)
+        from elsa_codec.bits import extract_level
+
+        return lambda e: F.linear(x, extract_level(e, t, kb))
+
+    def _measure(self, fn, weights, x, ref_w):
+        """``(p20, p50, p80, method)`` in microseconds, or None in a dry run (no timing)."""
+        if self.dry:
+            return None
+        from .layer import _Cycle
+
+        cyc = _Cycle([(lambda wt=wt: fn(wt)) for wt in weights])
+        cyc()  # first call outside timing: Triton autotuning and compilation
+        torch.cuda.synchronize()
+        graphs = self.timer.choose_graphs(cyc)
+        s = self.timer(cyc, graphs=graphs)
+        return (s.p20_us, s.p50_us, s.p80_us, s.method)
+
+    def _emit(self, dname, m, n, k, lv, provider, tt, stats, dense_p50, choice, ref_w, x, w_arg, fn=None,
+              floor=True) -> None:
+        """Check ``provider``'s output and write its row (the floor of its level)."""
+        fn = fn or (lambda wt: F.linear(x, wt))
+        try:
+            y = fn(w_arg)
+            if y.layout != torch.strided:
+                y = y.to_dense()
+            ref = F.linear(x.float(), ref_w.float())
+            err = float((y.float() - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+            err_s = f"{err:.3e}"
+        except Exception as e:  # noqa: BLE001 - a failing provider is reported in its row and the log
+            err_s = f"error: {type(e).__name__}"
+            self.log(f"  {provider} {m}x{n}x{k} {dname} level {lv.level}: {type(e).__name__}: {e}")
+        fl = roofline.row(m, n, k, dname, lv) if floor else None
+        gpu = "H200" if self.dry else self.gpu  # the dry run computes the H200 floor
+        r = {c: "" for c in COLUMNS}
+        r.update(dtype=dname, m=m, n=n, k=k, shape=f"{m}x{n}x{k}", level_set=lv.level_set, level=lv.level,
+                 structure=lv.structure, density=f"{lv.density:.6f}", provider=provider,
+                 table="yes" if tt is not None else "no", autotune_config=choice, max_rel_err=err_s,
+                 device=self.env.device_name, torch=self.env.torch, triton=self.env.triton,
+                 timestamp=self.env.timestamp)
+        if fl is not None:
+            r["floor_gpu"] = gpu or "none"
+            r["floor_us"] = fl[f"{gpu.lower()}_floor_us"] if gpu else ""
+        if stats is None:
+            r["timing"] = "none (dry run)" if self.dry else "failed"
+        else:
+            p20, p50, p80, method = stats
+            r.update(p20_us=f"{p20:.3f}", p50_us=f"{p50:.3f}", p80_us=f"{p80:.3f}", timing=method)
+            if r["floor_us"] and self.gpu:
+                r["measured_vs_floor"] = f"{p50 / float(r['floor_us']):.3f}"
+            if dense_p50:
+                r["dense_p50_us"] = f"{dense_p50:.3f}"
+                r["speedup_vs_dense"] = f"{dense_p50 / p50:.3f}"
+        self._w.writerow(r)
+        self._f.flush()
+        self.rows += 1
+        self.log(f"  {dname:8s} {r['shape']:>17s} {lv.level_set:12s} L={lv.level:<5s} {provider:15s} "
+                 f"p50 {r['p50_us'] or '-':>10s} us  floor {r['floor_us'] or '-':>9s} us  "
+                 f"x{r['measured_vs_floor'] or '-':>6s}  vs dense {r['speedup_vs_dense'] or '-':>6s}  "
+                 f"err {err_s}  {choice}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.gpu_grid",
+                                description="The GPU grid of bench/roofline.py, timed, with measured / floor per row.")
+    p.add_argument("--out", required=True, help="folder for grid.csv and grid.log")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: interpreter-sized grid, no timing")
+    p.add_argument("--budget-s", type=float, default=240.0, help="start no new (dtype, shape) group after this")
+    p.add_argument("--rep-ms", type=int, default=25, help="do_bench rep per measurement (ms)")
+    p.add_argument("--dtypes", default=",".join(roofline.GRID_DTYPES))
+    p.add_argument("--m", help="comma list of M (default 1,16,128,4096; dry run 1,16)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        print("gpu_grid: no CUDA device (torch.cuda.is_available() is False); use --dry-run", file=sys.stderr)
+        return 2
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    ms = tuple(int(x) for x in a.m.split(",")) if a.m else (DRY_M if a.dry_run else roofline.GRID_M)
+    shapes = DRY_SHAPES if a.dry_run else roofline.GRID_SHAPES
+    grid = Grid(a.out, dry_run=a.dry_run, budget_s=a.budget_s, rep_ms=a.rep_ms)
+    try:
+        n = grid.run(dtypes, shapes, ms)
+        grid.log(f"wrote {n} rows to {grid.csv_path} in {grid.elapsed():.0f} s")
+    finally:
+        grid.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
