@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick plot clean venv
+.PHONY: demo test lint bench bench-quick plot clean venv static roofline gpu-check
 
 $(STAMP): requirements.txt setup.py
 	python3 -m venv $(VENV)
@@ -27,6 +27,18 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/elsa bench --quick
+
+# The sm_90a compile gate (no GPU): bench/results/static-sm90/; the roofline floor: bench/results/roofline/.
+static: $(STAMP)
+	$(VENV)/bin/elsa bench static
+
+roofline: $(STAMP)
+	$(VENV)/bin/elsa bench roofline
+
+# On a GPU machine (its own python3 with torch and triton; no venv, no install): make gpu-check OUT=DIR
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR [PYTHON=python3]" >&2; exit 2; }
+	bash bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

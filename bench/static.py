@@ -383,14 +383,14 @@ def occupancy(registers: int, smem_bytes: int, num_warps: int) -> tuple[int, int
 
     Registers: ``ceil(regs * 32 / 256) * 256`` per warp out of 65536 per SM; shared memory:
     ``smem + 1 KiB`` (reserved) per block out of 228 KiB; at most 64 warps and 32 blocks per SM.
-    ``limiter`` names the binding limit (``registers``, ``shared memory``, ``warps``, ``blocks``).
+    ``limiter`` names the binding limit (``warps``, ``blocks``, ``registers``, ``shared memory``).
     """
     per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    by = {
-        "registers": (REGS_PER_SM // per_warp) // num_warps,
-        "shared memory": SMEM_PER_SM // (smem_bytes + SMEM_RESERVED_PER_BLOCK),
+    by = {  # on a tie the first named is the limiter: "warps" means full occupancy
         "warps": MAX_WARPS_PER_SM // num_warps,
         "blocks": MAX_BLOCKS_PER_SM,
+        "registers": (REGS_PER_SM // per_warp) // num_warps,
+        "shared memory": SMEM_PER_SM // (smem_bytes + SMEM_RESERVED_PER_BLOCK),
     }
     limiter = min(by, key=lambda k: (by[k], list(by).index(k)))
     blocks = by[limiter]

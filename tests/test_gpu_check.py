@@ -1,0 +1,109 @@
+"""bench/gpu_check.sh (the one command of a GPU stretch) and its grid runner, without a GPU: the dry
+run says what each step would run and writes the grid CSV with floors and no timing; the pieces
+the GPU run relies on (source-tree shim, floor lookup, synthetic counters, the test-device guard,
+the hypothesis stand-in) are checked here."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from elsa_codec.bench import gpu_grid, roofline
+from elsa_codec.bench.common import REPO_DIR
+
+SCRIPT = os.path.join(REPO_DIR, "bench", "gpu_check.sh")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", SCRIPT, "--dry-run", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    return out, res
+
+
+def test_dry_run_succeeds_and_reports_each_step(dry_run):
+    out, res = dry_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["env.txt", "grid.csv", "grid.log", "summary.txt", "tests.log"]
+    summary = (out / "summary.txt").read_text()
+    assert "tests: would run:" in summary and "test_kernels_linear.py" in summary
+    assert "static: would run:" in summary and "--subset" in summary
+    assert "grid: rc=0" in summary
+    env = (out / "env.txt").read_text()
+    assert "torch " in env and "triton " in env and "dry run: 1" in env
+    # the package came from the source-tree shim, with kernels/ as elsa_codec.kernels
+    assert "elsa_codec from " in env and "elsa-shim" in env
+
+
+def test_dry_run_grid_has_floors_and_no_timing(dry_run):
+    out, _ = dry_run
+    with open(out / "grid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(roofline.GRID_DTYPES) * len(gpu_grid.DRY_M) * 9
+    floors = roofline.lookup(roofline.grid_rows(roofline.GRID_DTYPES, gpu_grid.DRY_M, gpu_grid.DRY_SHAPES))
+    for r in rows:
+        assert r["timing"] == "none (dry run)" and r["p50_us"] == "" and r["measured_vs_floor"] == ""
+        assert r["floor_gpu"] == "H200"
+        want = floors[(r["dtype"], int(r["m"]), int(r["n"]), int(r["k"]), r["level_set"], r["level"])]
+        assert r["floor_us"] == want["h200_floor_us"] and float(r["floor_us"]) > 0
+        assert float(r["max_rel_err"]) < 2e-2, r
+        assert r["provider"] == ("dense" if r["level"] == "dense" else "elsa-fused")
+        assert r["table"] == ("yes" if r["level_set"] == "block:64x64" else "no")
+
+
+def test_grid_refuses_to_time_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert gpu_grid.main(["--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("name, want", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),
+                                        ("NVIDIA H100 PCIe", "H100"), ("NVIDIA A100-SXM4-80GB", None)])
+def test_floor_gpu(name, want):
+    assert gpu_grid.floor_gpu(name) == want
+
+
+@pytest.mark.parametrize("set_name", [s[0] for s in roofline.level_sets()])
+def test_gpu_counters_exact_nested_levels(set_name):
+    """The grid's on-device counters follow bench/weights.py: nested, exact density per level."""
+    n, k = 128, 256
+    _, levels, structure = next(s for s in roofline.level_sets() if s[0] == set_name)
+    c, structs = gpu_grid.gpu_counters((n, k), levels, structure, torch.Generator().manual_seed(0), "cpu")
+    lv = {x.level: x for x in roofline.grid_levels(n, k) if x.level_set == set_name}
+    codes = c.to(torch.int64) - 1
+    assert int(codes.min()) >= 0 and int(codes.max()) <= len(levels)
+    for t, st in enumerate(structs, start=1):
+        kept = codes < t
+        if ":" in st and not st.startswith("block"):
+            per_group = kept.view(n, k // 4, 4).sum(-1)
+            assert (per_group == int(st.split(":")[0])).all()
+        else:
+            assert float(kept.float().mean()) == pytest.approx(lv[str(t)].density, abs=1e-9)
+
+
+def test_conftest_insists_on_cuda_when_asked():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    env = dict(os.environ, ELSA_TEST_DEVICE="cuda")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", os.path.join(REPO_DIR, "tests",
+                          "test_roofline.py")], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_DIR)
+    assert res.returncode != 0
+    assert "ELSA_TEST_DEVICE=cuda but torch.cuda.is_available() is False" in res.stdout + res.stderr
+
+
+def test_hypothesis_stand_in_skips_with_reason():
+    import conftest
+
+    hyp, st = conftest._hypothesis_stub()
+
+    @hyp.settings(max_examples=5, deadline=None)
+    @hyp.given(st.integers(1, 5).map(lambda v: v * 2), st.lists(st.floats(allow_nan=False)))
+    def test_prop(a, b):
+        raise AssertionError("must not run")
+
+    (mark,) = [m for m in test_prop.pytestmark if m.name == "skip"]
+    assert mark.kwargs["reason"] == conftest.HYPOTHESIS_MISSING
