@@ -131,12 +131,17 @@ class _FakeTensor:
         return self._e
 
 
-def linear_launch_configs(dtype: str, *, ieee: bool | None = None, aligned_k: bool = True
+#: Argument layouts of the linear kernel: (label, EVEN_K, K a multiple of 16, the K the pruner is
+#: asked about: a multiple of every BLOCK_K; a multiple of 16 only; not a multiple of 16).
+LAYOUTS = (("evenk", True, True, 4096), ("oddk", False, True, 4112), ("unalignedk", False, False, 4100))
+
+
+def linear_launch_configs(dtype: str, *, ieee: bool | None = None, layout: str = "evenk"
                           ) -> list[tuple[str, dict, int, int, bool]]:
     """Every ``(label, kwargs, num_warps, num_stages, use_table)`` the autotuned launcher of
     :func:`elsa_codec.kernels.elsa_linear` can pick for ``dtype``: the configs its own pruner
     (``kernels.linear._prune_configs``) keeps for some M bucket (1, 2, 4, ..., 4096), with and
-    without a tile table, for ``K`` (= the row strides) a multiple of 16 or not (``aligned_k``).
+    without a tile table, for a contiguous problem with the ``K`` of ``layout`` (:data:`LAYOUTS`).
     ``ieee=None``: the launcher's default (float32: True). ``INTERPRETER_CONFIG`` is not among them:
     on a GPU it runs only when a caller forces a config (``_launch_linear(..., _config=...)``, the
     tests)."""
@@ -144,7 +149,7 @@ def linear_launch_configs(dtype: str, *, ieee: bool | None = None, aligned_k: bo
 
     if ieee is None:
         ieee = dtype == "float32"
-    k = 4096 if aligned_k else 4100
+    k = {name: kk for name, _, _, kk in LAYOUTS}[layout]
     out, seen = [], set()
     buckets = [1 << i for i in range(13)]
     for use_table in (False, True):
@@ -192,7 +197,8 @@ def linear_spec(dtype: str, label: str, kw: dict, warps: int, stages: int, *, us
     if aligned_k:
         aligned += ["K", "stride_xm", "stride_wn"]
     names = {n for n, _ in sig}
-    parts = ["bias" if has_bias else "nobias", "table" if use_table else "notable", "evenk" if even_k else ("oddk" if aligned_k else "unalignedk"),
+    parts = ["bias" if has_bias else "nobias", "table" if use_table else "notable",
+             "evenk" if even_k else ("oddk" if aligned_k else "unalignedk"),
              "i64" if int64 else "i32"]
     if dtype == "float32":
         parts.append("ieee" if ieee else "tf32")
@@ -224,12 +230,9 @@ def decode_specs(dtype: str, *, full: bool = True) -> list[Spec]:
                     const = (("CODE_MASK", (1 << k) - 1), ("BLOCK", block), ("INT64", int64))
                     aligned = ("src_ptr", "dst_ptr") + (("n_elements",) if even else ())
                     spec = f"{'i64' if int64 else 'i32'}-{'n16' if even else 'nodd'}-k{k}"
-                    out.append(Spec(kernel, f"block{block}-w{warps}", dtype, spec, warps, 1, tuple(sig), const, aligned))
+                    out.append(Spec(kernel, f"block{block}-w{warps}", dtype, spec, warps, 1, tuple(sig), const,
+                                    aligned))
     return out
-
-
-#: Argument layouts of the linear kernel: (label, EVEN_K, K a multiple of 16).
-LAYOUTS = (("evenk", True, True), ("oddk", False, True), ("unalignedk", False, False))
 
 
 def linear_specs(dtype: str) -> list[Spec]:
@@ -240,8 +243,8 @@ def linear_specs(dtype: str) -> list[Spec]:
     out, seen = [], set()
     ieees = (True, False) if dtype == "float32" else (False,)
     for ieee in ieees:
-        for _, even_k, aligned_k in LAYOUTS:
-            for label, kw, warps, stages, use_table in linear_launch_configs(dtype, ieee=ieee, aligned_k=aligned_k):
+        for layout, even_k, aligned_k, _ in LAYOUTS:
+            for label, kw, warps, stages, use_table in linear_launch_configs(dtype, ieee=ieee, layout=layout):
                 for has_bias in (True, False):
                     for int64 in (False, True):
                         out.append(linear_spec(dtype, label, kw, warps, stages, use_table=use_table, has_bias=has_bias,
@@ -280,16 +283,17 @@ def subset_specs(dtypes=DTYPES) -> list[Spec]:
     :data:`SUBSET_LINEAR` (with bias, int32 offsets, code bits 2), each checked to be one the
     launcher can pick, and the decode kernel with the dtype's widest code."""
     out = []
-    layouts = {name: (even, aligned) for name, even, aligned in LAYOUTS}
+    layouts = {name: (even, aligned) for name, even, aligned, _ in LAYOUTS}
     for dt in dtypes:
         groups = [("float32-ieee", True), ("float32-tf32", False)] if dt == "float32" else [("16-bit", False)]
         for group, ieee in groups:
             for key, layout in SUBSET_LINEAR[group]:
                 even_k, aligned_k = layouts[layout]
                 pick = {(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], w, s, t): (label, kw, w, s, t)
-                        for label, kw, w, s, t in linear_launch_configs(dt, ieee=ieee, aligned_k=aligned_k)}
+                        for label, kw, w, s, t in linear_launch_configs(dt, ieee=ieee, layout=layout)}
                 if key not in pick:
-                    raise ValueError(f"subset config {key} ({group}, {layout}) is not one the launcher can pick for {dt}")
+                    raise ValueError(f"subset config {key} ({group}, {layout}) is not one the launcher can pick "
+                                     f"for {dt}")
                 label, kw, w, s, t = pick[key]
                 out.append(linear_spec(dt, label, kw, w, s, use_table=t, even_k=even_k, aligned_k=aligned_k, ieee=ieee))
         out += [s for s in decode_specs(dt, full=False) if s.kernel == "decode_level" and "i32" in s.spec]
@@ -410,7 +414,8 @@ def check_spec(spec: Spec, workdir: str) -> dict:
     try:
         k = compile_spec(spec)
     except Exception as e:  # noqa: BLE001 - any compiler error is a gate failure, reported
-        row.update(status="FAIL", reasons=f"does not compile: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        row.update(status="FAIL", reasons=f"does not compile: {type(e).__name__}: {first}",
                    compile_s=f"{time.perf_counter() - t0:.2f}")
         return row
     row["compile_s"] = f"{time.perf_counter() - t0:.2f}"
@@ -567,7 +572,8 @@ def render_markdown(rows: list[dict], *, command: str, seconds: float) -> str:
         "",
         "Static figures only: nothing ran, nothing was timed, no result was checked on hardware.",
         "",
-        "| kernel | config | dtype | specs | pass | max regs | max stack B | max smem B | wgmma | min warps/SM | limiter |",
+        "| kernel | config | dtype | specs | pass | max regs | max stack B | max smem B | wgmma | min warps/SM "
+        "| limiter |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list] = {}
@@ -622,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["status"] != "pass" or done % 25 == 0 or done == total:
             tag = "" if row["status"] == "pass" else f"  FAIL: {row['reasons']}"
             print(f"  [{done}/{total}] {row['kernel']}/{row['config']}/{row['dtype']}/{row['spec']}: "
-                  f"regs {row['registers']} stack {row['stack_bytes']} smem {row['smem_bytes']} wgmma {row['wgmma']}{tag}",
+                  f"regs {row['registers']} stack {row['stack_bytes']} smem {row['smem_bytes']} "
+                  f"wgmma {row['wgmma']}{tag}",
                   flush=True)
 
     rows = run_gate(specs, jobs=a.jobs, progress=progress)

@@ -153,15 +153,18 @@ def _cfg(bm, bn, bk, group_m, warps, stages):
 
 #: Autotune candidates for H100/H200-class GPUs on the tensor cores: float16 / bfloat16, and
 #: float32 with TF32 (``torch.backends.cuda.matmul.allow_tf32``; those that fit in shared memory).
-#: float32 with TF32 off has its own list (:data:`IEEE_FP32_CONFIGS`). Every block size is a power of two dividing 64 or a multiple of
-#: 64 (tile-table tiles). With a tile table only configs with BLOCK_N <= 64 and BLOCK_K <= 64 are
-#: used, so that every K step covers a single 64x64 table tile and skipping has the table's full
-#: granularity. Every config the launcher can pick passes the sm_90a compile gate
+#: float32 with TF32 off has its own list (:data:`IEEE_FP32_CONFIGS`). Every block size is a power
+#: of two dividing 64 or a multiple of 64 (tile-table tiles). With a tile table only configs with
+#: BLOCK_N <= 64 and BLOCK_K <= 64 are used, so that every K step covers a single 64x64 table tile
+#: and skipping has the table's full granularity. Every config the launcher can pick passes the
+#: sm_90a compile gate
 #: (``elsa bench static``: compiles, <= 255 registers, no spill, fits shared memory, wgmma for
 #: 16-bit tiles with BLOCK_M >= 64); bench/results/static-sm90/ has the figures.
 _TENSOR_CORE_CONFIGS = [
     # M <= 16: weight streaming (GEMV-like), many narrow column blocks to fill the SMs.
-    _cfg(16, 32, 256, 1, 4, 4),
+    # 8 warps, not 4: with 4 warps (any num_stages) the no-bias EVEN_K kernel kept 16 B of stack
+    # per thread (11 LDL/STL), float16 and bfloat16 (compile gate, triton 3.9).
+    _cfg(16, 32, 256, 1, 8, 4),
     _cfg(16, 64, 128, 1, 4, 5),
     # 8 warps, not 4: with 4 warps ptxas spilled (255 registers + 24-32 B of stack per thread) in
     # every specialisation, float16 and bfloat16 (compile gate, triton 3.9).
@@ -229,8 +232,10 @@ def _prune_configs(configs, named_args, **kwargs):
 
     - float32 with IEEE precision: only :data:`IEEE_FP32_CONFIGS` (and those only there);
     - otherwise: BLOCK_M suits the M bucket, the pipeline fits shared memory, float32 (TF32) only
-      with BLOCK_K <= 64 (larger K tiles spilled), and with unaligned rows (see
-      :func:`_rows_aligned`) at most ``_UNALIGNED_TILE_ELEMENTS`` tile elements per thread;
+      with BLOCK_K <= 64 (larger K tiles spilled) and not the 32x64x64 / 4-warp tile when K is not
+      a multiple of BLOCK_K (254 registers and 8 B of stack without bias, at every num_stages
+      tried), and with unaligned rows (see :func:`_rows_aligned`) at most
+      ``_UNALIGNED_TILE_ELEMENTS`` tile elements per thread;
     - with a tile table, BLOCK_N and BLOCK_K do not exceed the 64x64 table tiles.
     """
     mb = named_args["M_BUCKET"]
@@ -255,6 +260,8 @@ def _prune_configs(configs, named_args, **kwargs):
             if (bm * bk + bk * bn) * elt * c.num_stages > _SMEM_BUDGET:
                 continue
             if elt == 4 and bk > 64:
+                continue
+            if elt == 4 and (bm, bn, bk, c.num_warps) == (32, 64, 64, 4) and int(named_args.get("K", 0)) % bk:
                 continue
             if not aligned and (bm * bn + bm * bk + bk * bn) > _UNALIGNED_TILE_ELEMENTS * 32 * c.num_warps:
                 continue

@@ -70,7 +70,8 @@ def _hypothesis_stub():
     mod = types.ModuleType("hypothesis")
     mod.__spec__ = importlib.machinery.ModuleSpec("hypothesis", None)
     mod.__dict__.update(given=given, settings=passthrough, example=passthrough, assume=lambda *a, **k: True,
-                        note=lambda *a, **k: None, is_hypothesis_test=lambda fn: False, HealthCheck=_Anything(), Verbosity=_Anything(), Phase=_Anything())
+                        note=lambda *a, **k: None, is_hypothesis_test=lambda fn: False, HealthCheck=_Anything(),
+                        Verbosity=_Anything(), Phase=_Anything())
     strategies = types.ModuleType("hypothesis.strategies")
     strategies.__spec__ = importlib.machinery.ModuleSpec("hypothesis.strategies", None)
     def any_strategy(name):

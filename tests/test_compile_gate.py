@@ -67,8 +67,8 @@ def test_launcher_picks_respect_the_gate_rules(dtype):
     small-K family, unaligned K only small tiles."""
     ieee_keys = {linear_mod._config_key(c) for c in linear_mod.IEEE_FP32_CONFIGS}
     for ieee in ((True, False) if dtype == "float32" else (False,)):
-        for aligned in (True, False):
-            picks = static.linear_launch_configs(dtype, ieee=ieee, aligned_k=aligned)
+        for layout, _, aligned, _ in static.LAYOUTS:
+            picks = static.linear_launch_configs(dtype, ieee=ieee, layout=layout)
             assert picks
             for label, kw, warps, stages, use_table in picks:
                 key = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], warps, stages)
