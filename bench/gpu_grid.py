@@ -109,6 +109,7 @@ class Grid:
         self.rows = 0
         self.kernels = None
         self.timer = None
+        self.graphs = False
         if not dry_run:
             from .common import GpuTimer
 
@@ -130,9 +131,13 @@ class Grid:
         self._f.close()
         self.log.close()
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def _copies(self, nbytes: int) -> int:
-        """Weight copies each provider cycles through (working set >= 2x L2, at most 64); 1 dry."""
-        if self.dry:
+        """Weight copies each provider cycles through (working set >= 2x L2, at most 64); 1 off CUDA."""
+        if self.device.type != "cuda":
             return 1
         props = torch.cuda.get_device_properties(self.device)
         l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
@@ -166,7 +171,7 @@ class Grid:
                 t = time.perf_counter()
                 self._group(getattr(torch, dt), n, k, ms, g)
                 self.log(f"-- {dt} {n}x{k}: {time.perf_counter() - t:.1f} s (total {self.elapsed():.0f} s)")
-                if not self.dry:
+                if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return self.rows
 
@@ -207,22 +212,35 @@ class Grid:
         for m in ms:
             x = torch.randn((m, k), generator=g, device=self.device).to(dtype)
             dense_lv = roofline.Level("dense", "dense", "dense", 1.0, 1.0, 1.0, False)
-            dense_stats = self._measure(lambda wt: F.linear(x, wt), dense_w, x, w)
+            # CUDA graphs for the whole (shape, M) group when the dense baseline is short (layer.py's rule)
+            dense_stats = self._measure(lambda wt: F.linear(x, wt), dense_w, graphs=False)
+            self.graphs = self._use_graphs(dense_stats)
+            if self.graphs:
+                dense_stats = self._measure(lambda wt: F.linear(x, wt), dense_w)
             dense_p50 = dense_stats[1] if dense_stats else None
             self._emit(dname, m, n, k, dense_lv, "dense", None, dense_stats, dense_p50, "", w, x, dense_w[0])
             for set_name, lv, enc, t, kb, tt, dec in levels:
                 encs = [enc] + [enc.clone() for _ in range(rot - 1)]
                 fused = self._fused_fn(x, t, kb, tt)
-                st = self._measure(fused, encs, x, dec)
+                st = self._measure(fused, encs)
                 self._emit(dname, m, n, k, lv, "elsa-fused", tt, st, dense_p50, self.autotune_choice(), dec, x,
                            encs[0], fn=fused)
                 del encs
                 ws = semi.get((set_name, lv.level))
                 if ws:
-                    st = self._measure(lambda wt: F.linear(x, wt), ws, x, dec)
+                    st = self._measure(lambda wt: F.linear(x, wt), ws)
                     self._emit(dname, m, n, k, lv, "semi-structured", None, st, dense_p50, "", dec, x, ws[0],
                                fn=lambda wt: F.linear(x, wt), floor=False)
         del levels, dense_w, w, semi
+
+    def _use_graphs(self, dense_stats) -> bool:
+        """CUDA graphs for a (shape, M) group: ``on``, or ``auto`` and the plain dense p50 below
+        the timer's threshold (50 us: launch overhead would dominate)."""
+        if self.timer is None or self.timer.graphs == "off":
+            return False
+        if self.timer.graphs == "on":
+            return True
+        return dense_stats is not None and dense_stats[1] < self.timer.graph_below_us
 
     def _fused_fn(self, x, t, kb, tt):
         if self.kernels is not None:
@@ -231,17 +249,22 @@ class Grid:
 
         return lambda e: F.linear(x, extract_level(e, t, kb))
 
-    def _measure(self, fn, weights, x, ref_w):
-        """``(p20, p50, p80, method)`` in microseconds, or None in a dry run (no timing)."""
+    def _measure(self, fn, weights, graphs: bool | None = None):
+        """``(p20, p50, p80, method)`` in microseconds of ``fn`` cycling through ``weights``, CUDA
+        graphs as decided for the group (``graphs=None``); None in a dry run (no timing)."""
         if self.dry:
             return None
         from .layer import _Cycle
 
         cyc = _Cycle([(lambda wt=wt: fn(wt)) for wt in weights])
-        cyc()  # first call outside timing: Triton autotuning and compilation
-        torch.cuda.synchronize()
-        graphs = self.timer.choose_graphs(cyc)
-        s = self.timer(cyc, graphs=graphs)
+        try:
+            cyc()  # first call outside timing and graph capture: Triton autotuning and compilation
+            self._sync()
+            s = self.timer(cyc, graphs=self.graphs if graphs is None else graphs)
+        except Exception as e:  # noqa: BLE001 - one provider failing must not end the grid
+            self.log(f"  timing failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            self._sync()
+            return None
         return (s.p20_us, s.p50_us, s.p80_us, s.method)
 
     def _emit(self, dname, m, n, k, lv, provider, tt, stats, dense_p50, choice, ref_w, x, w_arg, fn=None,

@@ -107,3 +107,39 @@ def test_hypothesis_stand_in_skips_with_reason():
 
     (mark,) = [m for m in test_prop.pytestmark if m.name == "skip"]
     assert mark.kwargs["reason"] == conftest.HYPOTHESIS_MISSING
+
+
+class FakeTimer:
+    """Stands for common.GpuTimer on the CPU: calls the function once, reports fixed figures."""
+
+    graphs, graph_below_us = "auto", 50.0
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, graphs=False):
+        from elsa_codec.bench.common import Stats
+
+        fn()
+        self.calls.append(graphs)
+        return Stats(10.0, 20.0, 30.0, 5, "do_bench_cudagraph" if graphs else "do_bench")
+
+
+def test_timed_path_rows_carry_measured_over_floor(tmp_path):
+    """The GPU path of the grid runner, with a fake timer on the CPU: every row has its p50, the
+    H200 floor and measured / floor = p50 / floor; the dense p50 (20 us < 50 us) turns graphs on."""
+    grid = gpu_grid.Grid(str(tmp_path), dry_run=True, budget_s=60, rep_ms=1)
+    grid.dry, grid.gpu, grid.timer = False, "H200", FakeTimer()
+    try:
+        grid.run(["bfloat16"], gpu_grid.DRY_SHAPES, (16,))
+    finally:
+        grid.close()
+    with open(tmp_path / "grid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    for r in rows:
+        assert r["p50_us"] == "20.000" and r["floor_gpu"] == "H200"
+        assert float(r["measured_vs_floor"]) == pytest.approx(20.0 / float(r["floor_us"]), rel=1e-3)
+        assert r["dense_p50_us"] == "20.000" and r["speedup_vs_dense"] == "1.000"
+        assert r["timing"] == "do_bench_cudagraph"
+    assert grid.timer.calls[0] is False and all(grid.timer.calls[1:])  # plain dense first, then graphs
