@@ -151,15 +151,13 @@ def _cfg(bm, bn, bk, group_m, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-#: Autotune candidates for H100/H200-class GPUs on the tensor cores: float16 / bfloat16, and
-#: float32 with TF32 (``torch.backends.cuda.matmul.allow_tf32``; those that fit in shared memory).
-#: float32 with TF32 off has its own list (:data:`IEEE_FP32_CONFIGS`). Every block size is a power
-#: of two dividing 64 or a multiple of 64 (tile-table tiles). With a tile table only configs with
-#: BLOCK_N <= 64 and BLOCK_K <= 64 are used, so that every K step covers a single 64x64 table tile
-#: and skipping has the table's full granularity. Every config the launcher can pick passes the
-#: sm_90a compile gate
-#: (``elsa bench static``: compiles, <= 255 registers, no spill, fits shared memory, wgmma for
-#: 16-bit tiles with BLOCK_M >= 64); bench/results/static-sm90/ has the figures.
+#: Autotune candidates for float16 / bfloat16 on H100/H200-class GPUs (tensor cores; float32 has
+#: its own list, :data:`FP32_CONFIGS`). Every block size is a power of two dividing 64 or a
+#: multiple of 64 (tile-table tiles). With a tile table only configs with BLOCK_N <= 64 and
+#: BLOCK_K <= 64 are used, so that every K step covers a single 64x64 table tile and skipping has
+#: the table's full granularity. Every config the launcher can pick passes the sm_90a compile gate
+#: with triton 3.9 and 3.6 (``elsa bench static``: compiles, <= 255 registers, no spill, fits
+#: shared memory, wgmma for tiles with BLOCK_M >= 64); bench/results/static-sm90/ has the figures.
 _TENSOR_CORE_CONFIGS = [
     # M <= 16: weight streaming (GEMV-like), many narrow column blocks to fill the SMs.
     # 8 warps, not 4: with 4 warps (any num_stages) the no-bias EVEN_K kernel kept 16 B of stack
@@ -187,19 +185,20 @@ _TENSOR_CORE_CONFIGS = [
     _cfg(64, 64, 64, 8, 4, 4),  # table-compatible; the fallback when every other config is pruned
 ]
 
-#: float32 with ``input_precision="ieee"`` (TF32 off: torch's default) multiplies on the FMA units,
-#: not the tensor cores, with the operand fragments in registers: the compile gate found every
-#: tensor-core config above spilling there (e.g. 128x128x64: 10 KB of stack per thread, 16x64x64:
-#: 360 B), and only small-K tiles clean in every specialisation. These are the only candidates
-#: for IEEE float32 (any M: it is not a performance target on Hopper), and are used for nothing else.
-IEEE_FP32_CONFIGS = [
+#: float32 candidates (any M; float32 is not a performance target on Hopper). With
+#: ``input_precision="ieee"`` (TF32 off: torch's default) the product runs on the FMA units with
+#: the operand fragments in registers, and the compile gate found nearly every config above
+#: spilling (e.g. 128x128x64: 10 KB of stack per thread; 16x64x64: 360 B); with TF32 several did
+#: too (16x32x256 and 32x64x128 with triton 3.9; 16x32x64 and 128x64x64 with triton 3.6). These
+#: small-K tiles compile clean in every specialisation, both precisions, both triton versions.
+FP32_CONFIGS = [
     _cfg(16, 32, 16, 1, 4, 4),
     _cfg(16, 64, 16, 1, 4, 4),
     _cfg(32, 64, 16, 8, 4, 4),
     _cfg(64, 64, 16, 8, 8, 4),
 ]
 
-AUTOTUNE_CONFIGS = _TENSOR_CORE_CONFIGS + IEEE_FP32_CONFIGS
+AUTOTUNE_CONFIGS = _TENSOR_CORE_CONFIGS + FP32_CONFIGS
 
 #: The single fixed configuration used under the Triton interpreter and when no autotuning is
 #: wanted (small blocks keep interpreted programs cheap).
@@ -207,10 +206,10 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
 
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may use (H100/H200: 227 KiB)
 #: Row strides (``K``) that are not multiples of 16 elements defeat vectorised and asynchronous
-#: copies: the tiles then pass through registers, and the compile gate found every config holding
-#: more than this many tile elements per thread (``(BM*BN + BM*BK + BK*BN) / threads``) spilling
-#: there (e.g. 128x64x64 with 4 warps, 160: 392 B of stack); up to 112 none did.
-_UNALIGNED_TILE_ELEMENTS = 112
+#: copies: the tiles then pass through registers, and the compile gate found configs holding more
+#: than this many tile elements per thread (``(BM*BN + BM*BK + BK*BN) / threads``) spilling there
+#: (e.g. 128x64x64 with 4 warps, 160: 392 B of stack; 32x64x128, 112: 32 B with triton 3.6).
+_UNALIGNED_TILE_ELEMENTS = 96
 
 
 def _config_key(c) -> tuple:
@@ -218,7 +217,7 @@ def _config_key(c) -> tuple:
     return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_warps, c.num_stages
 
 
-_IEEE_FP32_KEYS = frozenset(_config_key(c) for c in IEEE_FP32_CONFIGS)
+_FP32_KEYS = frozenset(_config_key(c) for c in FP32_CONFIGS)
 
 
 def _rows_aligned(named_args) -> bool:
@@ -230,27 +229,25 @@ def _rows_aligned(named_args) -> bool:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that suit the call (each rule keeps the compile gate's verdict true):
 
-    - float32 with IEEE precision: only :data:`IEEE_FP32_CONFIGS` (and those only there);
-    - otherwise: BLOCK_M suits the M bucket, the pipeline fits shared memory, float32 (TF32) only
-      with BLOCK_K <= 64 (larger K tiles spilled) and not the 32x64x64 / 4-warp tile when K is not
-      a multiple of BLOCK_K (254 registers and 8 B of stack without bias, at every num_stages
-      tried), and with unaligned rows (see :func:`_rows_aligned`) at most
-      ``_UNALIGNED_TILE_ELEMENTS`` tile elements per thread;
+    - float32: only :data:`FP32_CONFIGS` (and those only there);
+    - float16 / bfloat16: BLOCK_M suits the M bucket, the pipeline fits shared memory, and with
+      unaligned rows (see :func:`_rows_aligned`) at most ``_UNALIGNED_TILE_ELEMENTS`` tile
+      elements per thread;
     - with a tile table, BLOCK_N and BLOCK_K do not exceed the 64x64 table tiles.
     """
     mb = named_args["M_BUCKET"]
     elt = named_args["x_ptr"].element_size()
     use_table = kwargs.get("USE_TABLE", False)
-    fma = elt == 4 and bool(kwargs.get("IEEE", False))
+    fp32 = elt == 4
     aligned = _rows_aligned(named_args)
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if (_config_key(c) in _IEEE_FP32_KEYS) != fma:
+        if (_config_key(c) in _FP32_KEYS) != fp32:
             continue
         if use_table and (bn > TILE_N or bk > TILE_K):
             continue
-        if not fma:
+        if not fp32:
             if mb <= 16 and bm != 16:
                 continue
             if 16 < mb <= 64 and not 32 <= bm <= 64:
@@ -259,16 +256,12 @@ def _prune_configs(configs, named_args, **kwargs):
                 continue
             if (bm * bk + bk * bn) * elt * c.num_stages > _SMEM_BUDGET:
                 continue
-            if elt == 4 and bk > 64:
-                continue
-            if elt == 4 and (bm, bn, bk, c.num_warps) == (32, 64, 64, 4) and int(named_args.get("K", 0)) % bk:
-                continue
             if not aligned and (bm * bn + bm * bk + bk * bn) > _UNALIGNED_TILE_ELEMENTS * 32 * c.num_warps:
                 continue
         kept.append(c)
     if kept:
         return kept
-    return [IEEE_FP32_CONFIGS[0] if fma else _TENSOR_CORE_CONFIGS[-1]]
+    return [FP32_CONFIGS[0] if fp32 else _TENSOR_CORE_CONFIGS[-1]]
 
 
 _elsa_linear_kernel_tuned = triton.autotune(
