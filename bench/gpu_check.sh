@@ -123,8 +123,8 @@ record env 0 "$(( $(date +%s) - T_START ))"
 
 # --- 2. kernel and serving tests on CUDA ------------------------------------------------------------
 TESTS=()
-for t in test_kernels_decode test_kernels_linear test_semi_structured_level test_compile test_nn test_swap \
-         test_hf_models test_minilm_serving test_compile_gate test_roofline; do
+for t in test_kernels_decode test_kernels_linear test_semi_structured_level test_compile test_nn test_layers_more test_swap \
+         test_hf_models test_cast test_minilm_serving test_compile_gate test_roofline; do
     [ -f "$REPO/tests/$t.py" ] && TESTS+=("$REPO/tests/$t.py")
 done
 PYTEST_ARGS=(-q -rs --durations=15 --junitxml="$OUT/tests.xml" -o junit_family=xunit2)

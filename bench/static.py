@@ -132,8 +132,13 @@ class _FakeTensor:
 
 
 #: Argument layouts of the linear kernel: (label, EVEN_K, K a multiple of 16, the K the pruner is
-#: asked about: a multiple of every BLOCK_K; a multiple of 16 only; not a multiple of 16).
-LAYOUTS = (("evenk", True, True, 4096), ("oddk", False, True, 4112), ("unalignedk", False, False, 4100))
+#: asked about: a multiple of every BLOCK_K; a multiple of 16 only; not a multiple of 16, weight
+#: transposed). ``wt-*``: the weight is the view ``W.t()`` of a `[K, N]` tensor (strides ``(1, N)``:
+#: ``stride_wn`` is the constant 1, ``stride_wk = N`` a multiple of 16), as ``ELSAConv1D`` serves a
+#: ``transformers`` ``Conv1D`` (GPT-2 family: K in {768, 3072, ...}).
+LAYOUTS = (("evenk", True, True, 4096, False), ("oddk", False, True, 4112, False),
+           ("unalignedk", False, False, 4100, False), ("wt-evenk", True, True, 4096, True),
+           ("wt-oddk", False, True, 4112, True))
 
 
 def linear_launch_configs(dtype: str, *, ieee: bool | None = None, layout: str = "evenk"
@@ -149,12 +154,13 @@ def linear_launch_configs(dtype: str, *, ieee: bool | None = None, layout: str =
 
     if ieee is None:
         ieee = dtype == "float32"
-    k = {name: kk for name, _, _, kk in LAYOUTS}[layout]
+    k, transposed = {name: (kk, wt) for name, _, _, kk, wt in LAYOUTS}[layout]
     out, seen = [], set()
     buckets = [1 << i for i in range(13)]
     for use_table in (False, True):
         for mb in buckets:
-            args = {"M_BUCKET": mb, "x_ptr": _FakeTensor(_ELT[dtype]), "K": k, "stride_xm": k, "stride_wn": k}
+            args = {"M_BUCKET": mb, "x_ptr": _FakeTensor(_ELT[dtype]), "K": k, "stride_xm": k,
+                    "stride_wn": 1 if transposed else k, "stride_wk": 4096 if transposed else 1}
             kept = lin._prune_configs(lin.AUTOTUNE_CONFIGS, args, USE_TABLE=use_table, IEEE=ieee)
             for c in kept:
                 kw = {k_: c.kwargs[k_] for k_ in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
@@ -167,12 +173,13 @@ def linear_launch_configs(dtype: str, *, ieee: bool | None = None, layout: str =
 
 def linear_spec(dtype: str, label: str, kw: dict, warps: int, stages: int, *, use_table: bool, has_bias: bool = True,
                 even_k: bool = True, aligned_k: bool = True, int64: bool = False, ieee: bool | None = None,
-                code_bits: int = 2) -> Spec:
+                code_bits: int = 2, w_transposed: bool = False) -> Spec:
     """The :class:`Spec` of one ``_elsa_linear_kernel`` compilation (see the module doc for the
     argument specialisation). ``even_k``: ``K`` a multiple of ``BLOCK_K``; ``aligned_k``: ``K`` (and
     the row strides of ``x`` and ``w``, which equal it) a multiple of 16 (always true with
     ``even_k``). ``ieee=None``: what the launcher passes by default (float32 with TF32 off,
-    torch's default: ``True``; float16 / bfloat16: ``False``)."""
+    torch's default: ``True``; float16 / bfloat16: ``False``). ``w_transposed``: the weight is a
+    transposed view (``stride_wn`` the constant 1, ``stride_wk`` a multiple of 16; see :data:`LAYOUTS`)."""
     aligned_k = aligned_k or even_k
     if ieee is None:
         ieee = dtype == "float32"
@@ -183,8 +190,11 @@ def linear_spec(dtype: str, label: str, kw: dict, warps: int, stages: int, *, us
            ("TT_ROWS", "i32"), ("TT_COLS", "i32"), ("M_BUCKET", "i32")]
     if not use_table:  # the launcher passes y as tt_ptr, zero strides and sizes (int 0: a multiple of 16)
         sig = [(n, "*" + fty if n == "tt_ptr" else t) for n, t in sig] + [("stride_tc", "i32")]
+    unit_w = "stride_wn" if w_transposed else "stride_wk"
+    if w_transposed:
+        sig = [("stride_wk", t) if n == "stride_wn" else (n, t) for n, t in sig]
     const = dict(
-        stride_xk=1, stride_wk=1, stride_yn=1,  # contiguous: unit strides are specialised to 1
+        stride_xk=1, stride_yn=1, **{unit_w: 1},  # unit strides are specialised to 1
         CODE_MASK=(1 << code_bits) - 1, HAS_BIAS=has_bias, USE_TABLE=use_table, UPCAST=False, IEEE=ieee,
         INT64=int64, ROUND_BF16=False, **kw, EVEN_K=even_k,
         TT_R=max(kw["BLOCK_N"] // 64, 1), TT_C=max(kw["BLOCK_K"] // 64, 1),
@@ -195,10 +205,12 @@ def linear_spec(dtype: str, label: str, kw: dict, warps: int, stages: int, *, us
     else:
         aligned += ["stride_tr", "stride_tc", "TT_ROWS", "TT_COLS"]
     if aligned_k:
-        aligned += ["K", "stride_xm", "stride_wn"]
+        aligned += ["K", "stride_xm"] + ([] if w_transposed else ["stride_wn"])
+    if w_transposed:
+        aligned.append("stride_wk")  # = N, a multiple of 16
     names = {n for n, _ in sig}
     parts = ["bias" if has_bias else "nobias", "table" if use_table else "notable",
-             "evenk" if even_k else ("oddk" if aligned_k else "unalignedk"),
+             ("wt-" if w_transposed else "") + ("evenk" if even_k else ("oddk" if aligned_k else "unalignedk")),
              "i64" if int64 else "i32"]
     if dtype == "float32":
         parts.append("ieee" if ieee else "tf32")
@@ -243,13 +255,14 @@ def linear_specs(dtype: str) -> list[Spec]:
     out, seen = [], set()
     ieees = (True, False) if dtype == "float32" else (False,)
     for ieee in ieees:
-        for layout, even_k, aligned_k, _ in LAYOUTS:
+        for layout, even_k, aligned_k, _, wt in LAYOUTS:
             for label, kw, warps, stages, use_table in linear_launch_configs(dtype, ieee=ieee, layout=layout):
                 for has_bias in (True, False):
                     for int64 in (False, True):
                         out.append(linear_spec(dtype, label, kw, warps, stages, use_table=use_table, has_bias=has_bias,
-                                               even_k=even_k, aligned_k=aligned_k, int64=int64, ieee=ieee))
-                if even_k and (label, use_table) not in seen:
+                                               even_k=even_k, aligned_k=aligned_k, int64=int64, ieee=ieee,
+                                               w_transposed=wt))
+                if even_k and not wt and (label, use_table) not in seen:
                     seen.add((label, use_table))
                     for k in range(1, _MAX_CODE_BITS[dtype] + 1):
                         if k != 2:
@@ -272,7 +285,8 @@ def all_specs(dtypes=DTYPES) -> list[Spec]:
 #: small-K configs): IEEE (FMA) and TF32.
 SUBSET_LINEAR = {
     "16-bit": [((16, 64, 64, 4, 6, True), "evenk"), ((64, 64, 64, 4, 4, True), "oddk"),
-               ((128, 128, 64, 8, 3, False), "evenk"), ((64, 64, 64, 4, 4, False), "unalignedk")],
+               ((128, 128, 64, 8, 3, False), "evenk"), ((64, 64, 64, 4, 4, False), "unalignedk"),
+               ((16, 64, 64, 4, 6, True), "wt-evenk")],
     "float32-ieee": [((32, 64, 16, 4, 4, True), "evenk"), ((16, 64, 16, 4, 4, False), "unalignedk")],
     "float32-tf32": [((64, 64, 16, 8, 4, False), "evenk")],
 }
@@ -283,19 +297,20 @@ def subset_specs(dtypes=DTYPES) -> list[Spec]:
     :data:`SUBSET_LINEAR` (with bias, int32 offsets, code bits 2), each checked to be one the
     launcher can pick, and the decode kernel with the dtype's widest code."""
     out = []
-    layouts = {name: (even, aligned) for name, even, aligned, _ in LAYOUTS}
+    layouts = {name: (even, aligned, wt) for name, even, aligned, _, wt in LAYOUTS}
     for dt in dtypes:
         groups = [("float32-ieee", True), ("float32-tf32", False)] if dt == "float32" else [("16-bit", False)]
         for group, ieee in groups:
             for key, layout in SUBSET_LINEAR[group]:
-                even_k, aligned_k = layouts[layout]
+                even_k, aligned_k, wt = layouts[layout]
                 pick = {(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], w, s, t): (label, kw, w, s, t)
                         for label, kw, w, s, t in linear_launch_configs(dt, ieee=ieee, layout=layout)}
                 if key not in pick:
                     raise ValueError(f"subset config {key} ({group}, {layout}) is not one the launcher can pick "
                                      f"for {dt}")
                 label, kw, w, s, t = pick[key]
-                out.append(linear_spec(dt, label, kw, w, s, use_table=t, even_k=even_k, aligned_k=aligned_k, ieee=ieee))
+                out.append(linear_spec(dt, label, kw, w, s, use_table=t, even_k=even_k, aligned_k=aligned_k, ieee=ieee,
+                                       w_transposed=wt))
         out += [s for s in decode_specs(dt, full=False) if s.kernel == "decode_level" and "i32" in s.spec]
     return out
 

@@ -33,7 +33,7 @@ def test_subset_covers_every_dtype_kernel_and_layout():
     assert {s.dtype for s in SUBSET} == set(static.DTYPES)
     assert {s.kernel for s in SUBSET} >= {"linear", "decode_level"}
     specs = " ".join(s.spec for s in SUBSET)
-    for part in ("table", "notable", "evenk", "oddk", "unalignedk", "ieee", "tf32"):
+    for part in ("table", "notable", "evenk", "oddk", "unalignedk", "wt-evenk", "ieee", "tf32"):
         assert part in specs
     assert any(s.wgmma_required for s in SUBSET)
 
@@ -67,7 +67,7 @@ def test_launcher_picks_respect_the_gate_rules(dtype):
     small-K family, unaligned K only small tiles."""
     fp32_keys = {linear_mod._config_key(c) for c in linear_mod.FP32_CONFIGS}
     for ieee in ((True, False) if dtype == "float32" else (False,)):
-        for layout, _, aligned, _ in static.LAYOUTS:
+        for layout, _, aligned, _, wt in static.LAYOUTS:
             picks = static.linear_launch_configs(dtype, ieee=ieee, layout=layout)
             assert picks
             for label, kw, warps, stages, use_table in picks:
@@ -75,7 +75,9 @@ def test_launcher_picks_respect_the_gate_rules(dtype):
                 assert (key in fp32_keys) == (dtype == "float32"), label
                 if use_table:
                     assert kw["BLOCK_N"] <= 64 and kw["BLOCK_K"] <= 64, label
-                if not aligned and key not in fp32_keys:
+                if wt and key in fp32_keys:
+                    assert kw["BLOCK_M"] == 16, label
+                if (wt or not aligned) and key not in fp32_keys:  # a unit stride_wn counts as unaligned
                     elems = kw["BLOCK_M"] * kw["BLOCK_N"] + kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"])
                     assert elems <= linear_mod._UNALIGNED_TILE_ELEMENTS * 32 * warps, label
 
