@@ -24,7 +24,7 @@ from .bits import (
 )
 from .errors import ELSAError, ELSAFormatError
 from .masks import magnitude_mask, parse_level, parse_structure
-from .select import DEFAULT_SELECT, check_select_arg, select_weights, tie_groups, transposed_weights
+from .select import DEFAULT_SELECT, select_weights, tie_groups, transposed_weights
 
 logger = logging.getLogger("elsa_codec")
 
@@ -632,19 +632,18 @@ def magnitude_counters(
     specs = parse_levels(levels, structure, distribution)
     sps = [s for s, _ in specs]
     sel = _magnitude_selection(state_dict, names, model, select)
-    transposed = transposed_weights(model) if model is not None and specs[0][1].kind != "unstructured" else set()
+    transposed = transposed_weights(model) & set(sel) if model is not None else set()
     thr = None
     if distribution == "global" and specs[0][1].kind != "nm":
         thr = global_thresholds(lambda n: state_dict[n], sel, sps)
     out = {}
     for n in sel:
         w = state_dict[n]
-        if n in transposed:  # [in, out]: lay N:M groups / blocks along the input dimension (dim 0)
+        if n in transposed and specs[0][1].kind != "unstructured":  # [in, out]: N:M groups / blocks along dim 0
             out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(torch.uint8)
         else:
             out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(torch.uint8)
-    tr_all = transposed_weights(model) if model is not None else set()
-    return Counters(out, len(specs), [str(st) for _, st in specs], transposed=tr_all & set(out))
+    return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
 
 
 def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:
@@ -655,7 +654,6 @@ def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:
         raise ELSAError("pass either names= or select=, not both")
     groups = tie_groups(state_dict)
     if names is None and model is not None:
-        check_select_arg(select or DEFAULT_SELECT)
         picked = select_weights(model, select or DEFAULT_SELECT)
         missing = [n for n in picked if n not in state_dict]
         if missing:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bits import bits_view, extract_level
+from .bits import extract_level
 from .errors import ELSAError
 from .nn import ELSAModule, _encode_weight
 
@@ -104,11 +104,7 @@ class ELSAEmbedding(ELSAModule, nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
         if torch.compiler.is_compiling():
-            if self.compile_mode == "static":
-                t = self._level
-                return rows if t > self.num_levels else extract_level(rows, t, self.code_bits)
-            codes = bits_view(rows) & ((1 << self.code_bits) - 1)
-            return torch.where(codes < self._level_t, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+            return self._compiled_level(rows)
         t = self._level
         if t > self.num_levels:
             return rows

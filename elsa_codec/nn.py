@@ -99,7 +99,7 @@ def _triton_usable(device: torch.device, fn: str) -> bool:
     return k is not None and hasattr(k, fn) and k.kernels_available(device)
 
 
-def _dtype_str(dt: torch.dtype) -> str:
+def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
@@ -289,11 +289,17 @@ class ELSAModule(nn.Module):
 
     def _compiled_weight(self) -> torch.Tensor:
         """The weight inside a ``torch.compile`` graph (no cache: the graph recomputes it)."""
+        return self._compiled_level(self.weight)
+
+    def _compiled_level(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the weight, or values gathered from it) at the current level, inside a
+        ``torch.compile`` graph: a Python constant level in ``"static"`` mode, the ``_level_t``
+        buffer in ``"tensor"`` mode."""
         if self.compile_mode == "static":
             t = self._level
-            return self.weight if t > self.num_levels else extract_level(self.weight, t, self.code_bits)
-        codes = bits_view(self.weight) & ((1 << self.code_bits) - 1)
-        return torch.where(codes < self._level_t, self.weight, torch.zeros((), dtype=self.weight.dtype, device=self.weight.device))
+            return w if t > self.num_levels else extract_level(w, t, self.code_bits)
+        codes = bits_view(w) & ((1 << self.code_bits) - 1)
+        return torch.where(codes < self._level_t, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
     def _cached_tile_table(self, w2d: torch.Tensor) -> torch.Tensor:
         """:func:`elsa_codec.kernels.tile_table` of ``w2d`` (the weight as `[out, in]`, a view of
@@ -336,14 +342,14 @@ class ELSAModule(nn.Module):
         T, name = self.num_levels, f"{type(self).__name__}.weight"
         if dt not in MAX_CODE_BITS:
             raise ELSAError(
-                f"{name}: casting an encoded weight ({_dtype_str(w.dtype)}, T={T}) to {_dtype_str(dt)} would drop its "
+                f"{name}: casting an encoded weight ({_dtype_name(w.dtype)}, T={T}) to {_dtype_name(dt)} would drop its "
                 f"level codes: ELSA codes live in float32 / float16 / bfloat16 weights only. Nothing was converted"
             )
         k = self.code_bits if self.code_bits <= MAX_CODE_BITS[dt] else default_code_bits(T)
         if T + 1 > (1 << MAX_CODE_BITS[dt]):
             raise ELSAError(
-                f"{name}: casting to {_dtype_str(dt)} would drop level codes: {T + 1} levels need "
-                f"{default_code_bits(T)} code bits, {_dtype_str(dt)} holds at most {MAX_CODE_BITS[dt]}. Nothing was converted"
+                f"{name}: casting to {_dtype_name(dt)} would drop level codes: {T + 1} levels need "
+                f"{default_code_bits(T)} code bits, {_dtype_name(dt)} holds at most {MAX_CODE_BITS[dt]}. Nothing was converted"
             )
         return dt, k
 

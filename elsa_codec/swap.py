@@ -32,16 +32,12 @@ from .bits import bits_view, check_code_bits, decode_counters
 from .codec import ELSAStateDict, LevelInfo, TensorInfo, _make_meta, _tensor_info, resolve_level
 from .embedding import ELSAEmbedding
 from .errors import ELSAError
-from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, level_batch_norm
+from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, _dtype_name, level_batch_norm
 from .select import group_of, model_tie_groups, module_kind
 
 __all__ = ["swap_", "load", "set_level", "set_sparsity", "levels", "elsa_state_dict", "elsa_modules"]
 
 logger = logging.getLogger("elsa_codec")
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
 
 
 def _module_of(name: str) -> tuple[str, str]:

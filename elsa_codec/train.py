@@ -232,7 +232,11 @@ def parse_levels(levels, structure="unstructured") -> list[tuple[float, Structur
     return specs
 
 
-def _cols(w: torch.Tensor) -> int:
+def _cols(w: torch.Tensor, transposed: bool = False) -> int:
+    """The input dimension N:M groups lie along: dim 0 of a transposed (transformers ``Conv1D``,
+    `[in, out]`) weight, else the flattened `[in/groups * kh * kw]` of `[out, ...]`."""
+    if transposed:
+        return w.shape[0]
     return w[0].numel() if w.dim() >= 2 else w.numel()
 
 
@@ -597,7 +601,7 @@ class _Engine:
 
 def _check_prunable(params, specs, k, T, transposed=frozenset()):
     for n, p in params.items():
-        cols = p.shape[0] if n in transposed else _cols(p)  # transformers Conv1D: [in, out]
+        cols = _cols(p, n in transposed)
         check_code_bits(p.dtype, k, T, name=n)
         if not torch.isfinite(p.detach()).all():
             raise ELSAError(f"{n}: weights must be finite before ELSA training")
@@ -894,7 +898,7 @@ def prune_gmp(
     params = prunable_weights(model, prunable)
     tr = transposed_weights(model)
     for n, p in params.items():
-        cols = p.shape[0] if n in tr else _cols(p)
+        cols = _cols(p, n in tr)
         if st.kind == "nm" and cols % st.m:
             raise ELSAError(f"{n}: input dimension {cols} is not a multiple of M={st.m} for {st}")
     if frozen is not None:
