@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import roofline
+from .weights import nested_counters
 
 COLUMNS = [
     "dtype", "m", "n", "k", "shape", "level_set", "level", "structure", "density", "provider", "table",
@@ -58,32 +59,6 @@ def floor_gpu(device_name: str) -> str | None:
         if g in up:
             return g
     return None
-
-
-def gpu_counters(shape, levels, structure: str, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
-    """bench/weights.py's ``nested_counters`` made on ``device`` (``generator`` on that device):
-    counters `[N, K]` uint8 in ``1..T+1`` of nested random masks of exact density, and the level
-    structures."""
-    from elsa_codec.masks import parse_level
-
-    n, k = shape
-    specs = [parse_level(lv, structure) for lv in levels]
-    st = specs[0][1]
-    if st.kind == "nm":
-        r = torch.rand((n, k // st.m, st.m), generator=generator, device=device).argsort(-1).argsort(-1).reshape(n, k)
-        keep = [s.n for _, s in specs]
-    elif st.kind == "block":
-        tr, tc = -(-n // st.r), -(-k // st.c)
-        rt = torch.randperm(tr * tc, generator=generator, device=device).reshape(tr, tc)
-        r = rt.repeat_interleave(st.r, 0)[:n].repeat_interleave(st.c, 1)[:, :k]
-        keep = [round((1.0 - s) * tr * tc) for s, _ in specs]
-    else:
-        r = torch.randperm(n * k, generator=generator, device=device).reshape(n, k)
-        keep = [round((1.0 - s) * n * k) for s, _ in specs]
-    c = torch.ones((n, k), dtype=torch.uint8, device=device)
-    for kv in keep:
-        c += (r >= kv).to(torch.uint8)
-    return c, [str(s) for _, s in specs]
 
 
 class Grid:
@@ -183,7 +158,7 @@ class Grid:
         floors = {(lv.level_set, lv.level): lv for lv in roofline.grid_levels(n, k)}
         out = []
         for set_name, levels, structure in roofline.level_sets():
-            c, structs = gpu_counters((n, k), levels, structure, g, self.device)
+            c, structs = nested_counters((n, k), levels, structure, generator=g, device=self.device)
             T = len(structs)
             kb = ec.default_code_bits(T)
             enc = ec.encode_tensor(w, c - 1, kb, name=f"grid.{n}x{k}")

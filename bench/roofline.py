@@ -36,6 +36,8 @@ import math
 import os
 import sys
 
+from .common import fmt_us
+
 #: Floors are computed for these GPUs: (copy bandwidth in bytes/s, dense bf16/fp16 FLOP/s).
 GPUS = {
     "H100": (3.0e12, 800e12),
@@ -194,10 +196,6 @@ def write_csv(rows: list[dict], path: str) -> None:
         w.writerows(rows)
 
 
-def _fmt(us: float) -> str:
-    return f"{us / 1e3:.2f} ms" if us >= 1e3 else f"{us:.1f} us"
-
-
 def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
     """``roofline.md``: per GPU, one table (weight shape x level) with the floor per M and its
     ratio to the dense cuBLAS floor of the same shape."""
@@ -235,7 +233,7 @@ def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
                     continue
                 f = float(r[f"{g}_floor_us"])
                 ratio = float(r[f"{g}_floor_vs_dense"])
-                cells.append(f"{_fmt(f)} ({ratio:.2f}x)" + ("" if r[f"{g}_bound"] == "memory" else " c"))
+                cells.append(f"{fmt_us(f)} ({ratio:.2f}x)" + ("" if r[f"{g}_bound"] == "memory" else " c"))
             lines.append(f"| {n}x{k} | {level} | {any_r['structure']} | {float(any_r['density']):.3f} | "
                          + " | ".join(cells) + " |")
         lines.append("")

@@ -43,8 +43,11 @@ class EncodedWeight:
 
 def nested_counters(shape: tuple[int, int], levels, structure: str, *, generator: torch.Generator,
                     device="cpu") -> tuple[torch.Tensor, list]:
-    """Counters (uint8 `[N, K]`, values ``1..T+1``) of nested random masks; and the structures."""
+    """Counters (uint8 `[N, K]`, values ``1..T+1``) of nested random masks of exact density; and the
+    structures. Drawn on ``generator``'s device (a CUDA generator keeps the GPU grid's large shapes
+    off the CPU), returned on ``device``."""
     n, k = shape
+    gdev = generator.device
     specs = [parse_level(lv, structure) for lv in levels]
     dens = [1.0 - s for s, _ in specs]
     st = specs[0][1]
@@ -53,17 +56,17 @@ def nested_counters(shape: tuple[int, int], levels, structure: str, *, generator
         if k % m:
             raise ValueError(f"in_features={k} is not a multiple of {m} for N:M levels")
         # rank of every weight inside its group of m (a random permutation per group)
-        r = torch.rand((n, k // m, m), generator=generator).argsort(-1).argsort(-1).reshape(n, k)
+        r = torch.rand((n, k // m, m), generator=generator, device=gdev).argsort(-1).argsort(-1).reshape(n, k)
         keep = [s.n for _, s in specs]
     elif st.kind == "block":
         tr, tc = -(-n // st.r), -(-k // st.c)
-        rt = torch.randperm(tr * tc, generator=generator).reshape(tr, tc)
+        rt = torch.randperm(tr * tc, generator=generator, device=gdev).reshape(tr, tc)
         r = rt.repeat_interleave(st.r, 0)[:n].repeat_interleave(st.c, 1)[:, :k]
         keep = [round(d * tr * tc) for d in dens]
     else:
-        r = torch.randperm(n * k, generator=generator).reshape(n, k)
+        r = torch.randperm(n * k, generator=generator, device=gdev).reshape(n, k)
         keep = [round(d * n * k) for d in dens]
-    c = torch.ones((n, k), dtype=torch.uint8)
+    c = torch.ones((n, k), dtype=torch.uint8, device=gdev)
     for kv in keep:
         c += (r >= kv).to(torch.uint8)
     del r

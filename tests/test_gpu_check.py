@@ -12,6 +12,7 @@ import torch
 
 from elsa_codec.bench import gpu_grid, roofline
 from elsa_codec.bench.common import REPO_DIR
+from elsa_codec.bench.weights import nested_counters
 
 SCRIPT = os.path.join(REPO_DIR, "bench", "gpu_check.sh")
 
@@ -67,11 +68,12 @@ def test_floor_gpu(name, want):
 
 
 @pytest.mark.parametrize("set_name", [s[0] for s in roofline.level_sets()])
-def test_gpu_counters_exact_nested_levels(set_name):
-    """The grid's on-device counters follow bench/weights.py: nested, exact density per level."""
+def test_grid_counters_exact_nested_levels(set_name):
+    """The grid's counters (bench/weights.py's nested_counters) match the roofline's levels:
+    nested, exact density per level."""
     n, k = 128, 256
     _, levels, structure = next(s for s in roofline.level_sets() if s[0] == set_name)
-    c, structs = gpu_grid.gpu_counters((n, k), levels, structure, torch.Generator().manual_seed(0), "cpu")
+    c, structs = nested_counters((n, k), levels, structure, generator=torch.Generator().manual_seed(0))
     lv = {x.level: x for x in roofline.grid_levels(n, k) if x.level_set == set_name}
     codes = c.to(torch.int64) - 1
     assert int(codes.min()) >= 0 and int(codes.max()) <= len(levels)
