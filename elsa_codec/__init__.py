@@ -32,6 +32,8 @@ from .codec import (
 from .io import encode_file, load_counters, load_file, read_meta, save_counters, save_file
 from .sparsify import GMPSchedule, MagnitudeSparsifier, Sparsifier, erk_densities, gmp_sparsity
 from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
+from .config import ELSAConfig
+from .embedder import LevelEmbedder
 from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
 from .embedding import ELSAEmbedding
 from .select import SELECT_POLICIES, select_weights

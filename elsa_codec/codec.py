@@ -108,6 +108,7 @@ class ELSAMeta:
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
     tied: dict = field(default_factory=dict)
+    training: dict | None = None  # the ELSAConfig of the run that made the file (optional)
 
     @property
     def encoded(self) -> list:
@@ -132,6 +133,8 @@ class ELSAMeta:
         }
         if self.tied:
             d["tied"] = dict(self.tied)
+        if self.training is not None:
+            d["training"] = self.training
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -176,6 +179,9 @@ class ELSAMeta:
             enc = list(d["encoded"])
             bn = list(d.get("bn_modules", []))
             tied = {str(a): str(b) for a, b in dict(d.get("tied", {})).items()}
+            training = d.get("training")
+            if training is not None and not isinstance(training, dict):
+                raise TypeError("'training' is not an object")
         except (KeyError, TypeError, ValueError) as e:
             raise ELSAFormatError(f"{source}: malformed ELSA metadata ({type(e).__name__}: {e})") from None
         if not isinstance(T, int) or T < 1 or not isinstance(k, int) or k < 1 or k > 8:
@@ -193,7 +199,8 @@ class ELSAMeta:
         for alias, target in tied.items():
             if target in tied or alias == target:
                 raise ELSAFormatError(f"{source}: tied tensor {alias!r} points to {target!r}, which is not a stored tensor")
-        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver, tied=tied)
+        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver, tied=tied,
+                   training=training)
 
 
 def _tensor_json(info: TensorInfo) -> dict:

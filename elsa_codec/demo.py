@@ -248,8 +248,8 @@ def run(
     dense = DigitsCNN()
     # N:M patterns run along the input dimension; conv1's (1*3*3 = 9) fits no M > 1: keep it dense.
     nm = any(isinstance(v, str) and ":" in v for v in lv)
-    prunable = (lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)) and n != "conv1") if nm else None
-    pnames = list(prunable_weights(dense, prunable))
+    filter_fn = (lambda m, fqn: isinstance(m, (nn.Linear, nn.Conv2d)) and fqn != "conv1") if nm else None
+    pnames = list(prunable_weights(dense, filter_fn=filter_fn))
     train_fn = make_train_fn(xtr, ytr, lr=lr)
     calib = [xtr[i : i + 256] for i in range(0, len(xtr), 256)]
 
@@ -267,7 +267,7 @@ def run(
     model.load_state_dict(dense_state)
     res = embed_levels(
         model, lv, train_fn, steps=steps, densify_steps=densify_steps, structure=st,
-        sparsifier=distribution, bn_calibration=calib, prunable=prunable, seed=seed, progress=progress,
+        sparsifier=distribution, bn_calibration=calib, filter_fn=filter_fn, seed=seed, progress=progress,
         freeze_shared=freeze_shared, densify_init=densify_init,
         encode_dtype=dtype if dtype != torch.float32 else None,
     )
@@ -309,7 +309,7 @@ def run(
         net = DigitsCNN()
         net.load_state_dict(dense_state)
         masks = prune_gmp(net, lvl, train_fn, steps=steps + densify_steps, structure=st,
-                          sparsifier=distribution, prunable=prunable, seed=seed * 7 + 1000 + i, progress=progress)
+                          sparsifier=distribution, filter_fn=filter_fn, seed=seed * 7 + 1000 + i, progress=progress)
         recalibrate_bn(net, calib)
         net = _cast(net, dtype)
         acc_gmp.append(evaluate(net, xev, yte))

@@ -1,0 +1,101 @@
+"""Optimizer binding: step hooks on the optimizers an embedder is attached to (and only those).
+
+``Optimizer.register_step_pre_hook`` / ``register_step_post_hook`` (the per-optimizer hooks, not
+the global ones) call the embedder before and after each ``step()``. Several optimizers may share
+the model (e.g. one per parameter group kind): each restores its own parameters, and the run
+advances by one step when every attached optimizer has stepped once more.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ..errors import ELSAError
+
+__all__ = ["OptimizerBinding", "torch_optimizer", "auto_attach"]
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside a wrapper (accelerate's ``AcceleratedOptimizer``:
+    ``.optimizer``; Lightning's ``LightningOptimizer``: ``._optimizer``).
+
+    Raises:
+        ELSAError: no torch optimizer inside.
+    """
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None:
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ELSAError(f"attach needs a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    return optimizer
+
+
+class OptimizerBinding:
+    """Per-optimizer hooks calling ``pre(key, ids)`` / ``post(key, ids)``.
+
+    ``key`` identifies the optimizer; ``ids`` is the set of ``id()`` of the model's parameters it
+    holds (None when it holds all of them: the fast path).
+    """
+
+    def __init__(self, pre: Callable, post: Callable):
+        self.pre, self.post = pre, post
+        self.handles: dict[int, tuple] = {}
+        self.ids: dict[int, set | None] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+
+    def attach(self, optimizer, model_ids: set) -> int:
+        """Register the hooks on ``optimizer``; returns its key.
+
+        Raises:
+            ELSAError: not a torch optimizer, or one that holds no parameter of the model.
+        """
+        opt = torch_optimizer(optimizer)
+        key = id(opt)
+        if key in self.handles:
+            return key
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        if not held & model_ids:
+            raise ELSAError(f"attach: the {type(opt).__name__} holds no parameter of the model")
+        mine = held & model_ids
+        self.ids[key] = None if mine == model_ids else mine
+        pre = opt.register_step_pre_hook(lambda o, a, k: self.pre(key, self.ids[key]))
+        post = opt.register_step_post_hook(lambda o, a, k: self.post(key, self.ids[key]))
+        self.handles[key] = (pre, post)
+        self.optimizers[key] = opt
+        return key
+
+    def detach(self) -> None:
+        """Remove every hook."""
+        for pre, post in self.handles.values():
+            pre.remove()
+            post.remove()
+        self.handles.clear()
+        self.ids.clear()
+        self.optimizers.clear()
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+
+@contextmanager
+def auto_attach(binding: OptimizerBinding, model_ids: set, attach: Callable):
+    """While the block runs, ``attach(optimizer)`` every optimizer that steps for the first time
+    and holds a parameter of the model (one global pre-step hook; the ELSA work itself runs in the
+    per-optimizer hooks ``attach`` registers). For ``train_fn`` APIs that create their optimizer
+    inside the function (:func:`elsa_codec.embed_levels`, :func:`elsa_codec.prune_gmp`)."""
+
+    def hook(opt, args, kwargs):
+        if id(opt) not in binding.handles and any(id(p) in model_ids for g in opt.param_groups for p in g["params"]):
+            attach(opt)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

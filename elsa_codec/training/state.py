@@ -1,0 +1,189 @@
+"""Mask state of an ELSA run: pruning masks, frozen masks and values, the per-step restore.
+
+Per prunable weight (one entry per Parameter, tied weights once) the state holds, on the bit
+patterns of the weight (:func:`elsa_codec.bits.bits_view`):
+
+- ``keep``: all-ones bits where the weight trains (in the current pruning mask and not frozen),
+  zero elsewhere;
+- ``base``: the frozen value's bits where the weight is frozen, zero elsewhere (a pruned weight
+  is +0.0).
+
+After each optimizer step the weight becomes ``(bits & keep) | base``: frozen weights come back bit
+for bit and pruned weights to zero, whatever momentum or weight decay did, with two integer passes
+(``torch.where`` and ``masked_fill`` with a bool mask are several times slower on CPU). Before a step of a
+sparsify phase the gradients of the pruned weights are zeroed (``grad & keep``), so their optimizer
+state decays as if they were absent; frozen weights need no gradient mask (element-wise optimizers
+update each weight on its own, and the restore undoes it). Shared parameters frozen whole
+(``freeze_shared``) lose their gradient (``grad = None``: the optimizer skips them).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..bits import bits_view
+from ..errors import ELSAError
+
+__all__ = ["MaskState"]
+
+
+def _ones_bits(p: torch.Tensor) -> torch.Tensor:
+    return torch.full(p.shape, -1, dtype=bits_view(p.detach()).dtype, device=p.device)
+
+
+class MaskState:
+    """Masks and frozen values of the prunable weights ``params`` (``name -> Parameter``).
+
+    Attributes:
+        params: ``name -> Parameter`` (one per Parameter identity).
+        frozen: ``name -> bool Tensor`` (weight shape): weights of the levels already embedded.
+        mask: ``name -> bool Tensor`` (pruning mask, ``True`` = kept) or None (no pruning).
+        shared: ``name -> Parameter`` frozen whole (``freeze_shared``), with ``shared_ref``.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], frozen=None):
+        self.params = params
+        self.name_of = {id(p): n for n, p in params.items()}
+        self.frozen = {
+            n: (frozen[n].to(device=p.device, dtype=torch.bool).clone() if frozen is not None and n in frozen
+                else torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+            for n, p in params.items()
+        }
+        self.mask = None
+        self.shared: dict[str, torch.nn.Parameter] = {}
+        self.shared_ref: dict[str, torch.Tensor] = {}
+        self.values = {n: p.detach().clone() for n, p in params.items()}  # frozen values (where frozen)
+        self._derive()
+
+    # ---- derived per-step tensors ----
+    def _derive(self) -> None:
+        """Rebuild ``keep`` / ``base`` / the lists of weights the hooks touch from the masks."""
+        self.keep, self.base, self.restore_names, self.grad_names = {}, {}, [], []
+        for n, p in self.params.items():
+            f = self.frozen[n]
+            trainable = ~f if self.mask is None else self.mask[n] & ~f
+            if bool(trainable.all()):
+                continue
+            bits = bits_view(p.detach())
+            self.keep[n] = torch.where(trainable, _ones_bits(p), torch.zeros((), dtype=bits.dtype, device=p.device))
+            self.base[n] = torch.where(f, bits_view(self.values[n]), torch.zeros((), dtype=bits.dtype, device=p.device))
+            self.restore_names.append(n)
+            if self.mask is not None and bool((~self.mask[n]).any()):
+                self.grad_names.append(n)
+        self.restore()
+
+    def set_mask(self, mask) -> None:
+        """Set the pruning mask (``name -> bool``, containing the frozen masks; None: no pruning)
+        and apply it to the weights at once."""
+        self.mask = mask
+        self._derive()
+
+    def freeze(self, frozen: dict[str, torch.Tensor]) -> None:
+        """Freeze the weights of ``frozen`` (``name -> bool``) at their current values."""
+        for n, p in self.params.items():
+            self.frozen[n] = frozen[n].clone()
+            self.values[n] = p.detach().clone()
+        self._derive()
+
+    def freeze_shared(self, named: dict[str, torch.nn.Parameter]) -> None:
+        """Freeze whole non-prunable parameters (biases, norm affine): bit-identical from now on."""
+        for n, p in named.items():
+            if id(p) in self.name_of or n in self.shared:
+                continue
+            self.shared[n] = p
+            self.shared_ref[n] = p.detach().clone()
+
+    # ---- per step ----
+    @torch.no_grad()
+    def mask_grads(self, ids: set | None = None) -> None:
+        """Zero the gradients of pruned weights; drop those of frozen shared parameters."""
+        for n in self.grad_names:
+            p = self.params[n]
+            if p.grad is not None and (ids is None or id(p) in ids):
+                bits_view(p.grad).bitwise_and_(self.keep[n])
+        for p in self.shared.values():
+            if ids is None or id(p) in ids:
+                p.grad = None
+
+    @torch.no_grad()
+    def restore(self, ids: set | None = None) -> None:
+        """Frozen weights back to their values bit for bit, pruned weights to +0.0."""
+        for n in self.restore_names:
+            p = self.params[n]
+            if ids is None or id(p) in ids:
+                bits_view(p.detach()).bitwise_and_(self.keep[n]).bitwise_or_(self.base[n])
+        for n, p in self.shared.items():
+            if ids is None or id(p) in ids:
+                p.copy_(self.shared_ref[n])
+
+    def changed(self) -> tuple[str, int, bool] | None:
+        """``(name, count, shared)`` of the first tensor whose frozen values differ, or None."""
+        for n, p in self.shared.items():
+            a, b = p.detach(), self.shared_ref[n]
+            k = int((bits_view(a) != bits_view(b)).sum()) if a.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+                else int((a != b).sum())
+            if k:
+                return n, k, True
+        for n, p in self.params.items():
+            f = self.frozen[n]
+            if f.any():
+                k = int(((bits_view(p.detach()) != bits_view(self.values[n])) & f).sum())
+                if k:
+                    return n, k, False
+        return None
+
+    def check(self, where: str) -> None:
+        """Raise (after restoring) if a frozen weight or frozen shared parameter changed.
+
+        Raises:
+            ELSAError: names the tensor, the number of changed values and ``where``.
+        """
+        bad = self.changed()
+        if bad is None:
+            return
+        n, k, shared = bad
+        self.restore()
+        what = "values of this frozen shared parameter" if shared else "frozen weights"
+        raise ELSAError(
+            f"{n}: {k} {what} were changed {where} (frozen weights must stay bit-identical: train only through "
+            "a torch.optim optimizer, whose steps ELSA guards, and never write to the weights directly); "
+            "the frozen values have been restored"
+        )
+
+    def sparsity(self) -> float:
+        """Fraction of exact zeros over the prunable weights."""
+        total = sum(p.numel() for p in self.params.values())
+        zeros = sum(int((p.detach() == 0).sum()) for p in self.params.values())
+        return zeros / max(total, 1)
+
+    # ---- checkpoint ----
+    def state_dict(self) -> dict:
+        """Tensors needed to resume: frozen masks and values (packed), the pruning mask, shared values."""
+        return {
+            "frozen": {n: f.clone() for n, f in self.frozen.items()},
+            "frozen_values": {n: self.values[n][self.frozen[n]].clone() for n in self.params},
+            "mask": None if self.mask is None else {n: m.clone() for n, m in self.mask.items()},
+            "shared": {n: v.clone() for n, v in self.shared_ref.items()},
+        }
+
+    def load_state_dict(self, sd: dict, shared_params: dict) -> None:
+        """Inverse of :meth:`state_dict` (``shared_params``: the model's shared parameters by name).
+
+        Raises:
+            ELSAError: a tensor missing, unknown or of another shape (names it).
+        """
+        for n, p in self.params.items():
+            f = sd["frozen"].get(n)
+            if f is None or tuple(f.shape) != tuple(p.shape):
+                raise ELSAError(f"{n}: the ELSA state has no frozen mask of shape {tuple(p.shape)} for this weight")
+            self.frozen[n] = f.to(device=p.device, dtype=torch.bool)
+            self.values[n] = p.detach().clone()
+            self.values[n][self.frozen[n]] = sd["frozen_values"][n].to(device=p.device, dtype=p.dtype)
+        m = sd["mask"]
+        self.mask = None if m is None else {n: m[n].to(device=p.device) for n, p in self.params.items()}
+        self.shared, self.shared_ref = {}, {}
+        for n, v in sd["shared"].items():
+            if n not in shared_params:
+                raise ELSAError(f"{n}: the ELSA state freezes this shared parameter, the model has none of that name")
+            self.shared[n] = shared_params[n]
+            self.shared_ref[n] = v.to(device=shared_params[n].device)
+        self._derive()
