@@ -145,6 +145,8 @@ class ELSAConfig:
             raise ELSAError(f"ELSAConfig.schedule must be a GMPSchedule or None, got {type(self.schedule).__name__}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ELSAError(f"ELSAConfig.filter_fn must be a callable (module, fqn) -> bool, got {type(self.filter_fn).__name__}")
+        if self.select is None:
+            self.select = "blocks"
         sel = self.select
         if isinstance(sel, str):
             if sel not in SELECT_POLICIES:

@@ -228,11 +228,11 @@ class LevelEmbedder:
 
     def _end(self) -> None:
         ph = self.phase
+        if self.config.verify != "off":
+            self.state.check(f"during {ph.name}")
         if ph.kind == "sparsify":
             self._gmp.finish(self.state)
             self._freeze(ph.level)
-        if self.config.verify != "off":
-            self.state.check(f"during {ph.name}")
         self.history.append(dict(kind=ph.kind, level=ph.level, steps=ph.steps, steps_done=self._local,
                                  sparsity=self.sparsity(), seconds=time.perf_counter() - self._t0))
         self._gmp = None
@@ -274,6 +274,8 @@ class LevelEmbedder:
         if self._finalized:
             raise ELSAError("finalize: the LevelEmbedder is already finalized")
         self._ensure_started()
+        if self.config.verify != "off":
+            self.state.check("after the last phase")
         if not self.done:
             self._finish_early()
         encode_dense_rest(self.state, self.num_levels, self.code_bits, self.encode_dtype)

@@ -34,6 +34,7 @@ from .embedding import ELSAEmbedding
 from .errors import ELSAError
 from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, _dtype_name, level_batch_norm
 from .select import group_of, model_tie_groups, module_kind
+from .wrappers import unwrap_model
 
 __all__ = ["swap_", "load", "set_level", "set_sparsity", "levels", "elsa_state_dict", "elsa_modules"]
 
@@ -262,7 +263,10 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     or raise before any tensor changes.
 
     Args:
-        model: any ``nn.Module`` whose ``state_dict()`` the checkpoint was made from.
+        model: any ``nn.Module`` whose ``state_dict()`` the checkpoint was made from; a model
+            wrapped in ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` is
+            served through its inner module (the file holds the bare names, no ``module.`` /
+            ``_orig_mod.`` prefix).
         encoded: an :class:`~elsa_codec.codec.ELSAStateDict` (from :func:`elsa_codec.encode` or
             :func:`elsa_codec.load_file`) or a path to an ELSA safetensors file.
         filter_fn: ``(module, fqn) -> bool``; encoded modules for which it returns False are not
@@ -284,6 +288,9 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
         ELSAFormatError: ``encoded`` is a path to an invalid file.
     """
     enc = _as_encoded(encoded)
+    outer = model
+    if isinstance(model, nn.Module):
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the file holds the bare names
     new_modules, new_bn, T = _plan(model, enc, filter_fn, strict)
     # Commit: nothing below can fail on validated input.
     for fqn, new in {**new_modules, **new_bn}.items():
@@ -302,7 +309,7 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     if "_apply" not in model.__dict__:
         object.__setattr__(model, "_apply", types.MethodType(_apply, model))
     logger.info("swap_: %d encoded modules, %d per-level batch-norm layers, T=%d", len(new_modules), len(new_bn), T)
-    return model
+    return outer
 
 
 def _apply(self: nn.Module, fn, recurse: bool = True):
