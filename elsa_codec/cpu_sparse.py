@@ -34,6 +34,8 @@ __all__ = [
     "default_max_tokens",
     "pack_level",
     "pack_level_reference",
+    "pack_for_module",
+    "release_pages",
     "sparse_linear",
     "sparse_linear_reference",
     "unpack",
@@ -282,6 +284,92 @@ def unpack(packed: PackedLevel) -> torch.Tensor:
     return out
 
 
+def pack_for_module(module, level: int) -> PackedLevel:
+    """Pack ``level`` of an ELSA module's weight for the ``sparse-cpu`` backend: the module's
+    ``cpu_format`` or :func:`choose_format` of the level's structure and recorded density; then,
+    if ``module.keep_weight_resident`` is False, :func:`release_pages` of the encoded weight.
+
+    Raises:
+        ELSAError: ``cpu_format`` unknown, ``"bsr"`` for a level that is not ``block:RxC``, the
+            kernels unavailable.
+    """
+    structure = module.structures[level - 1]
+    fmt, blk = choose_format(structure, 1.0 - module.sparsities[level - 1])
+    name = f"{type(module).__name__}.weight"
+    if module.cpu_format is not None:
+        if module.cpu_format not in FORMATS:
+            raise ELSAError(f"{name}: cpu_format must be None or one of {FORMATS}, got {module.cpu_format!r}")
+        if module.cpu_format == "bsr" and fmt != "bsr":
+            st = parse_structure(structure)
+            if st.kind != "block":
+                raise ELSAError(f"{name}: cpu_format 'bsr' needs a block:RxC level; level {level} is {structure}")
+            blk = (st.r, st.c)
+        fmt = module.cpu_format
+    with torch.no_grad():
+        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk, name=name)
+    if not module.keep_weight_resident:
+        release_pages(module.weight)
+    return packed
+
+
+def _file_backed(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one file-backed mapping of this process (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= start and end <= hi:
+                    return len(parts) == 6 and parts[5].strip().startswith("/")
+    except OSError:
+        return False
+    return False
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Hand the resident pages of ``t``'s bytes back to the OS when ``t`` is memory-mapped from a
+    file (``madvise(MADV_PAGEOUT)``, Linux 5.4+): the bytes stay valid and are read again from the
+    file on the next access; nothing is lost (modified private pages are never discarded). A
+    no-op (False) for tensors in ordinary memory, on other systems, or on older kernels.
+
+    Returns:
+        True when the pages were handed back.
+    """
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    lo, hi = -(-begin // page) * page, end // page * page
+    if hi <= lo or not _file_backed(begin, end):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(lo, hi - lo, 21) == 0  # MADV_PAGEOUT
+
+
+class _SparseLinear(torch.autograd.Function):
+    """The packed product with a backward (input and bias gradients; the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, threads):
+        ctx.packed = packed
+        return _sparse_linear(x, packed, bias, threads)
+
+    @staticmethod
+    def backward(ctx, gy):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ unpack(ctx.packed).to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gb, None, None
+
+
 # -- the product -------------------------------------------------------------------------------------
 def _check_x(x: torch.Tensor, packed: PackedLevel, bias) -> None:
     K = packed.shape[1]
@@ -297,13 +385,20 @@ def sparse_linear(x: torch.Tensor, packed: PackedLevel, bias: torch.Tensor | Non
                   threads: int | None = None) -> torch.Tensor:
     """``F.linear(x, W_t, bias)`` from the packed level: `[*, in_features]` -> `[*, out_features]`
     in ``x``'s dtype, accumulated in float32 (the kernels of ``kernels/cpu/elsa_cpu.cpp``).
+    Differentiable with respect to ``x`` and ``bias`` (the weight is frozen).
 
     Raises:
         ELSAError: the kernels are unavailable, or ``x`` / ``bias`` do not fit the weight.
     """
+    _check_x(x, packed, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _SparseLinear.apply(x, bias, packed, threads)
+    return _sparse_linear(x, packed, bias, threads)
+
+
+def _sparse_linear(x, packed, bias, threads):
     from .cpu_build import cpu_kernels, cpu_kernels_error
 
-    _check_x(x, packed, bias)
     lib = cpu_kernels()
     if lib is None:
         raise ELSAError(f"sparse_linear: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")

@@ -3,7 +3,8 @@
 ``transformers.pytorch_utils.Conv1D`` is a linear layer with a transposed weight `[in, out]`
 (``y = addmm(bias, x, W)``). ELSA (arXiv 2312.06872, sec. 2.2) serves it like
 :class:`~elsa_codec.nn.ELSALinear`: dense level = the stock ``addmm`` on the stored tensor; sparse
-level on the CPU = ``addmm`` with the decoded weight of the level (cached); on CUDA = the fused
+level on the CPU = the packed level of ``W.t()`` and the ``sparse-cpu`` kernels (or ``addmm``
+with the decoded weight of the level, cached, on the reference backend); on CUDA = the fused
 Triton GEMM :func:`elsa_codec.kernels.elsa_linear` on the transposed view ``W.t()``
 (`[out, in]`, strides swapped, no copy) with its tile table.
 
@@ -40,7 +41,11 @@ class ELSAConv1D(ELSAModule, Conv1D):
     """
 
     _kernel_fn = "elsa_linear"
+    _sparse_cpu_ok = True
     elsa_kind = "conv1d_t"
+
+    def _linear_weight(self) -> torch.Tensor:
+        return self.weight.t()  # `[nf, nx]`: output features first
 
     def __init__(self, nf: int, nx: int, *, num_levels: int, code_bits: int | None = None, structures=None,
                  level=None, backend: str = "auto", cache: bool = True, compile_mode: str = "tensor",
@@ -110,6 +115,8 @@ class ELSAConv1D(ELSAModule, Conv1D):
         elif self._triton:
             k = self._kernels_for("elsa_linear")
             y = k.elsa_linear(x2, self.weight.t(), t, self.code_bits, self.bias, tile_table=self.tile_table())
+        elif self._sparse_cpu and (y := self._sparse_cpu_linear(x2)) is not None:
+            pass
         else:
             y = torch.addmm(self.bias, x2, self.decoded_weight())
         return y.view(size_out)

@@ -10,6 +10,11 @@ holds ONE encoded weight (same name, shape and dtype as the original module's ``
   (:func:`elsa_codec.bits.extract_level`), the decoded weight of the current level cached (one
   extra weight while a sparse level is active; ``cache=False`` turns it off; dropped on a level
   change);
+- sparse level on the CPU (``backend`` ``"sparse-cpu"``, the default there for :class:`ELSALinear`
+  and ``ELSAConv1D``): the level packed once per level switch (:mod:`elsa_codec.cpu_sparse`: csr,
+  bitmask or bsr, only the kept weights) and multiplied by the C++ kernels; no decoded weight is
+  held. Calls with more than :attr:`~ELSAModule.cpu_max_tokens` input rows, where the dense GEMM is
+  faster, run the reference path;
 - sparse level on CUDA (``backend`` ``"triton"``): :class:`ELSALinear` runs the fused Triton GEMM
   :func:`elsa_codec.kernels.elsa_linear` with the per-tile minimum-code table
   (:func:`elsa_codec.kernels.tile_table`, computed once, runtime only); :class:`ELSAConv2d` decodes
@@ -66,7 +71,7 @@ __all__ = [
 ]
 
 #: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
-BACKENDS = ("auto", "reference", "triton", "semi-structured")
+BACKENDS = ("auto", "reference", "triton", "semi-structured", "sparse-cpu")
 #: Accepted values of ``compile_mode`` (how the level enters a ``torch.compile`` graph).
 COMPILE_MODES = ("tensor", "static")
 
@@ -99,6 +104,16 @@ def _triton_usable(device: torch.device, fn: str) -> bool:
     return k is not None and hasattr(k, fn) and k.kernels_available(device)
 
 
+def _sparse_cpu_usable(w: torch.Tensor) -> bool:
+    """Whether the sparse-cpu kernels can serve ``w`` (auto backend): a CPU tensor of an ELSA dtype
+    and kernels that built (the first call builds them; a failure warns once)."""
+    if w.device.type != "cpu" or w.dtype not in MAX_CODE_BITS:
+        return False
+    from .cpu_build import cpu_kernels
+
+    return cpu_kernels() is not None
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
@@ -121,9 +136,26 @@ class ELSAModule(nn.Module):
         cache: keep the decoded weight of the current sparse level (reference path and
             :class:`ELSAConv2d` on CUDA).
         compile_mode: ``"tensor"`` or ``"static"`` (see the module docstring).
+        cpu_format: ``None`` (the rule of :func:`elsa_codec.cpu_sparse.choose_format`) or the packed
+            format the ``sparse-cpu`` backend must use (``"csr"``, ``"bitmask"``, ``"bsr"``).
+        cpu_max_tokens: ``None`` (:func:`elsa_codec.cpu_sparse.default_max_tokens`) or the largest
+            number of input rows the ``sparse-cpu`` backend serves from the packed level; larger
+            calls use the decoded weight (cached) and the stock op.
+        keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
+            level is packed, the encoded weight's pages (memory-mapped from the file) are handed
+            back to the OS (:func:`elsa_codec.cpu_sparse.release_pages`); they are read again from
+            the file at the next level switch.
     """
 
     _kernel_fn = "decode_level"  # the kernel the triton backend needs
+    _sparse_cpu_ok = False  # a linear product the sparse-cpu kernels serve (ELSALinear, ELSAConv1D)
+    cpu_format = None
+    cpu_max_tokens = None
+    keep_weight_resident = True
+
+    def _linear_weight(self) -> torch.Tensor:
+        """The weight as `[out_features, in_features]` (a view of :attr:`weight`)."""
+        return self.weight
 
     def _elsa_init(self, weight, bias, *, num_levels, code_bits, structures, sparsities, tensor_info,
                    level, backend, cache, compile_mode) -> None:
@@ -160,6 +192,8 @@ class ELSAModule(nn.Module):
         self.compile_mode = compile_mode
         self._level = T + 1
         self._triton = False
+        self._sparse_cpu = False
+        self._packed = None  # (key, PackedLevel of the current sparse level), sparse-cpu backend
         self._cached = None  # (key, decoded weight of the current sparse level)
         self._tiles = None  # (key, tile table)
         self.register_buffer("_level_t", torch.tensor(T + 1, dtype=torch.int32, device=weight.device), persistent=False)
@@ -188,6 +222,7 @@ class ELSAModule(nn.Module):
         t = resolve_level(level, self.num_levels)
         if t != self._level:
             self._cached = None
+            self._packed = None
             self._level = t
         self._refresh_path()
         lt = self._level_t
@@ -206,17 +241,22 @@ class ELSAModule(nn.Module):
     @property
     def backend(self) -> str:
         """The path the current level runs on the weight's device: ``"dense"`` (stock op on the
-        stored tensor), ``"reference"`` (PyTorch decode, cached) or ``"triton"`` (Triton kernels).
+        stored tensor), ``"reference"`` (PyTorch decode, cached), ``"triton"`` (Triton kernels) or
+        ``"sparse-cpu"`` (packed level, C++ kernels).
 
-        Assign ``"auto"`` (Triton on CUDA when available, else reference), ``"reference"`` or
-        ``"triton"`` (on the CPU it needs ``TRITON_INTERPRET=1`` set before ``elsa_codec.kernels``
-        is imported) to override the choice; :attr:`backend_request` keeps the request.
+        Assign ``"auto"`` (Triton on CUDA when available; on the CPU ``"sparse-cpu"`` for
+        :class:`ELSALinear` / ``ELSAConv1D`` when its kernels build; else reference),
+        ``"reference"``, ``"sparse-cpu"`` or ``"triton"`` (on the CPU it needs
+        ``TRITON_INTERPRET=1`` set before ``elsa_codec.kernels`` is imported) to override the
+        choice; :attr:`backend_request` keeps the request.
         """
         if self._level > self.num_levels:
             return "dense"
         req = self.backend_request
         if req == "auto":
-            return "triton" if _triton_usable(self.weight.device, self._kernel_fn) else "reference"
+            if _triton_usable(self.weight.device, self._kernel_fn):
+                return "triton"
+            return "sparse-cpu" if self._sparse_cpu_ok and _sparse_cpu_usable(self.weight) else "reference"
         return req
 
     @backend.setter
@@ -225,17 +265,24 @@ class ELSAModule(nn.Module):
             raise ELSAError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {value!r}")
         if value == "semi-structured" and not isinstance(self, nn.Linear):
             raise ELSAError(f"{type(self).__name__}: backend 'semi-structured' (2:4 sparse tensor cores) is for ELSALinear only")
+        if value == "sparse-cpu" and not self._sparse_cpu_ok:
+            raise ELSAError(f"{type(self).__name__}: backend 'sparse-cpu' serves linear layers only (ELSALinear, ELSAConv1D)")
         self.backend_request = value
         self._cached = None
+        self._packed = None
         if "_level" in self.__dict__:
             self._refresh_path()
 
     def _refresh_path(self) -> None:
         """Resolve the path of the current level once (eagerly, outside any compiled region):
         ``_triton`` is read by :meth:`forward` instead of re-resolving the backend per call."""
-        self._triton = self.backend == "triton"
+        be = self.backend
+        self._triton = be == "triton"
+        self._sparse_cpu = be == "sparse-cpu"
         if self._triton:
             _kernels()  # import outside torch.compile tracing
+        if self._sparse_cpu:
+            self.packed_level()  # pack at the level switch, not in the first forward
 
     def _kernels_for(self, fn: str):
         """The kernels module for a forced or automatic Triton run on this weight's device."""
@@ -311,10 +358,45 @@ class ELSAModule(nn.Module):
                 self._tiles = (key, _kernels("tile_table").tile_table(w2d, self.code_bits))
         return self._tiles[1]
 
+    def packed_level(self):
+        """The current sparse level packed for the ``sparse-cpu`` kernels
+        (:class:`~elsa_codec.cpu_sparse.PackedLevel`), built once per level and weight version from
+        the encoded weight (one read), runtime only (never in ``state_dict``).
+
+        Raises:
+            ELSAError: the dense level is current, ``cpu_format`` does not fit the level, the
+                kernels are unavailable.
+        """
+        from .cpu_sparse import pack_for_module
+
+        t, w = self._level, self.weight
+        if t > self.num_levels:
+            raise ELSAError(f"{type(self).__name__}: the dense level is current; there is no sparse level to pack")
+        key = (t, w.data_ptr(), w._version, w.dtype, self.cpu_format)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # never hold two packed levels at once
+            self._packed = (key, pack_for_module(self, t))
+        return self._packed[1]
+
+    def _sparse_cpu_linear(self, x: torch.Tensor):
+        """``F.linear(x, W_t, bias)`` from the packed level, or None where the reference path must
+        run instead (more than ``cpu_max_tokens`` rows, or an input of another dtype)."""
+        from .cpu_sparse import default_max_tokens, sparse_linear
+
+        packed = self.packed_level()
+        rows = x.numel() // max(1, x.shape[-1])
+        limit = self.cpu_max_tokens if self.cpu_max_tokens is not None else default_max_tokens(packed)
+        if rows > limit or x.dtype != self.weight.dtype:
+            return None
+        return sparse_linear(x, packed, self.bias)
+
     @property
     def cached_bytes(self) -> int:
-        """Bytes held by the runtime caches (decoded weight, tile table); 0 at the dense level."""
+        """Bytes held by the runtime caches (decoded weight, packed level, tile table); 0 at the
+        dense level."""
         n = 0
+        if self._packed is not None:
+            n += self._packed[1].nbytes
         if self._cached is not None:
             n += _nbytes(self._cached[1])
         if self._tiles is not None:
@@ -322,8 +404,9 @@ class ELSAModule(nn.Module):
         return n
 
     def clear_cache(self) -> None:
-        """Drop the decoded weight and the tile table (recomputed when needed)."""
+        """Drop the decoded weight, the packed level and the tile table (recomputed when needed)."""
         self._cached = None
+        self._packed = None
         self._tiles = None
 
     def cast_plan(self, fn) -> tuple | None:
@@ -378,6 +461,12 @@ class ELSAModule(nn.Module):
         else:
             lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
         be = self.backend
+        if be == "sparse-cpu" and self._packed is not None:
+            p = self._packed[1]
+            from .cpu_sparse import default_max_tokens
+
+            mt = self.cpu_max_tokens if self.cpu_max_tokens is not None else default_max_tokens(p)
+            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={mt})"
         if self.backend_request != "auto":
             be += f" (forced {self.backend_request})"
         st = sorted(set(self.structures))
@@ -442,6 +531,7 @@ class ELSALinear(ELSAModule, nn.Linear):
     """
 
     _kernel_fn = "elsa_linear"
+    _sparse_cpu_ok = True
     elsa_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
@@ -512,6 +602,10 @@ class ELSALinear(ELSAModule, nn.Linear):
         if self._triton:
             k = self._kernels_for("elsa_linear")
             return k.elsa_linear(x, self.weight, t, self.code_bits, self.bias, tile_table=self.tile_table())
+        if self._sparse_cpu:
+            y = self._sparse_cpu_linear(x)
+            if y is not None:
+                return y
         return F.linear(x, self.decoded_weight(), self.bias)
 
     def tile_table(self) -> torch.Tensor:

@@ -323,13 +323,35 @@ def _apply(self: nn.Module, fn, recurse: bool = True):
     return type(self)._apply(self, fn, recurse)
 
 
-def load(path, model: nn.Module, *, filter_fn=None, strict: bool = True) -> nn.Module:
+def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = True) -> nn.Module:
     """Read the ELSA file ``path`` (:func:`elsa_codec.load_file`) and :func:`swap_` it into ``model``.
 
+    The file is memory-mapped (safetensors): the encoded weights the model serves are views of the
+    mapping, never copied. With ``level`` (``1..T+1``, ``"dense"``), the model serves that level at
+    once and keeps no dense copy resident: each sparse level is packed for the ``sparse-cpu``
+    kernels (only the kept weights), then every tensor of the file hands its pages back to the OS
+    (:func:`elsa_codec.cpu_sparse.release_pages`; the bytes are read again from the file when a
+    later :func:`set_level` packs another level). Resident memory measured in
+    bench/results/cpu-sparse/.
+
     Raises:
-        ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged).
+        ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged); a level out
+            of range.
     """
-    return swap_(model, os.fspath(path), filter_fn=filter_fn, strict=strict)
+    from .cpu_sparse import release_pages
+    from .io import load_file
+
+    enc = load_file(os.fspath(path))
+    if level is not None:
+        resolve_level(level, enc.meta.num_levels)  # before anything changes
+    swap_(model, enc, filter_fn=filter_fn, strict=strict)
+    if level is not None:
+        for _, m in elsa_modules(model):
+            m.keep_weight_resident = False
+        set_level(model, level)
+        for t in list(enc.values()) + [s for lv in enc.bn_stats.values() for mod in lv.values() for s in mod.values()]:
+            release_pages(t)
+    return model
 
 
 def elsa_modules(model: nn.Module) -> list:

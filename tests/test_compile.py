@@ -80,7 +80,7 @@ def test_cnn_with_level_batch_norm_one_compile():
     ec.swap_(model, enc)
     cnt = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
-    walk(model, compiled, torch.randn(2, 3, 8, 8))
+    walk(model, compiled, torch.randn(2, 3, 8, 8), exact=False)  # eager: the sparse-cpu head
     assert cnt.frame_count == 1
 
 

@@ -101,7 +101,9 @@ def assert_unchanged(model, snap):
 
 
 def assert_levels_match(served, original, enc, run):
-    """At every level, served == original with extract(enc, level) loaded (bit-exact)."""
+    """At every level, served == original with extract(enc, level) loaded: bit-exact at the dense
+    level and on the reference path; within float32 summation-order tolerance where the
+    sparse-cpu kernels serve a sparse level (another summation order)."""
     ref = copy.deepcopy(original)
     T = enc.meta.num_levels
     for t in list(range(1, T + 2)) + ["dense", 2 if T >= 2 else 1]:
@@ -109,7 +111,10 @@ def assert_levels_match(served, original, enc, run):
         ref.load_state_dict(ec.extract(enc, lv))
         with torch.no_grad():
             a, b = run(served), run(ref)
-        assert torch.equal(a, b), f"level {t}"
+        if lv > T or all(m.backend != "sparse-cpu" for _, m in ec.elsa_modules(served)):
+            assert torch.equal(a, b), f"level {t}"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"level {t}")
 
 
 # ---------------------------------------------------------------------------------------------
