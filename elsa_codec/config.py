@@ -25,7 +25,7 @@ __all__ = ["ELSAConfig", "VERIFY_MODES", "DENSIFY_INITS"]
 #: the default: the per-step restore keeps them bit-exact anyway), or never (``"off"``).
 VERIFY_MODES = ("step", "phase_end", "off")
 #: What the pruned weights restart from when a level's densify phase begins.
-DENSIFY_INITS = ("restore", "zero")
+DENSIFY_INITS = ("zero", "restore")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHORT = ("warn", "raise")
 
@@ -58,9 +58,11 @@ class ELSAConfig:
             or a mask function ``(name, weight, frozen_mask, target) -> mask``.
         schedule: where the cubic GMP ramp sits in a sparsify phase
             (:class:`elsa_codec.GMPSchedule`; default ramp over the first 70%, 10 pruning steps).
-        densify_init: ``"restore"`` (default; the pruned weights restart from their values before
-            the level's sparsify phase) or ``"zero"``. Measured in ``docs/TRAINING.md``: with
-            ``"zero"`` dead units of the dense level ship as exact zeros.
+        densify_init: ``"zero"`` (default: the pruned weights restart from zero) or ``"restore"``
+            (from their values before the level's sparsify phase). Measured
+            (``bench/densify_init.py``, digits / breast cancer / wine, 3 seeds): ``"zero"`` gives the
+            better dense level on all three (+0.25 to +0.6 points) but leaves 5-13% of its
+            weights at zero; ``"restore"`` leaves none.
         freeze_shared: freeze the non-prunable parameters (biases, norm affine) with level 1, so
             every level is bit for bit the network that was frozen.
         encode_dtype: the dtype the file ships in when narrower than float32 master weights
@@ -88,7 +90,7 @@ class ELSAConfig:
     structure: str = "unstructured"
     sparsifier: Any = "uniform"
     schedule: GMPSchedule | None = None
-    densify_init: str = "restore"
+    densify_init: str = "zero"
     freeze_shared: bool = True
     encode_dtype: Any = None
     code_bits: int | None = None

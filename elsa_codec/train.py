@@ -99,7 +99,7 @@ def embed_levels(
     structure: str = "unstructured",
     sparsifier="uniform",
     schedule: GMPSchedule | None = None,
-    densify_init: str = "restore",
+    densify_init: str = "zero",
     freeze_shared: bool = True,
     encode_dtype: torch.dtype | None = None,
     bn_calibration=None,
@@ -134,7 +134,7 @@ def embed_levels(
         model: ``nn.Module``; prunable weights float32/float16/bfloat16.
         levels, steps, densify_steps, final_steps, structure, sparsifier, schedule, densify_init,
             freeze_shared, encode_dtype, code_bits, seed, bn_batches, on_short: as
-            :class:`elsa_codec.ELSAConfig` (``densify_init`` defaults to ``"restore"``; ``seed``
+            :class:`elsa_codec.ELSAConfig` (``seed``
             no longer re-seeds the global RNG: use ``phase.seed`` for the data order).
         train_fn: ``train_fn(model, phase)``; it must not write to the weights other than
             through ``optimizer.step()``.

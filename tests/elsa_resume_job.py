@@ -18,7 +18,7 @@ from torch import nn
 
 import elsa_codec as ec
 
-CONFIG = dict(levels=[0.75, 0.5], steps=10, densify_steps=6, final_steps=8, seed=5,
+CONFIG = dict(levels=[0.75, 0.5], steps=10, densify_steps=6, final_steps=8, seed=5, densify_init="restore",
               schedule=ec.GMPSchedule(end=0.6, updates=4))
 
 

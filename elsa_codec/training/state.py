@@ -57,7 +57,7 @@ class MaskState:
     # ---- derived per-step tensors ----
     def _derive(self) -> None:
         """Rebuild ``keep`` / ``base`` / the lists of weights the hooks touch from the masks."""
-        self.keep, self.base, self.restore_names, self.grad_names = {}, {}, [], []
+        self.keep, self.base, self.restore_names, self.grad_names, self.frozen_names = {}, {}, [], [], set()
         for n, p in self.params.items():
             f = self.frozen[n]
             trainable = ~f if self.mask is None else self.mask[n] & ~f
@@ -67,6 +67,8 @@ class MaskState:
             self.keep[n] = torch.where(trainable, _ones_bits(p), torch.zeros((), dtype=bits.dtype, device=p.device))
             self.base[n] = torch.where(f, bits_view(self.values[n]), torch.zeros((), dtype=bits.dtype, device=p.device))
             self.restore_names.append(n)
+            if bool(f.any()):
+                self.frozen_names.add(n)  # else base is all zero: the OR pass is skipped
             if self.mask is not None and bool((~self.mask[n]).any()):
                 self.grad_names.append(n)
         self.restore()
@@ -110,7 +112,9 @@ class MaskState:
         for n in self.restore_names:
             p = self.params[n]
             if ids is None or id(p) in ids:
-                bits_view(p.detach()).bitwise_and_(self.keep[n]).bitwise_or_(self.base[n])
+                bits = bits_view(p.detach()).bitwise_and_(self.keep[n])
+                if n in self.frozen_names:
+                    bits.bitwise_or_(self.base[n])
         for n, p in self.shared.items():
             if ids is None or id(p) in ids:
                 p.copy_(self.shared_ref[n])
