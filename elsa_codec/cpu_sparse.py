@@ -35,6 +35,7 @@ __all__ = [
     "pack_level",
     "pack_level_reference",
     "pack_for_module",
+    "module_plan",
     "release_pages",
     "sparse_linear",
     "sparse_linear_reference",
@@ -74,6 +75,14 @@ class PackedLevel:
     tensors: dict
     block: tuple = (0, 0)
 
+    def mv(self, x_ptr: int, bias_ptr, y_ptr: int, threads: int) -> None:
+        """The M = 1 kernel on raw pointers (x float32 `[K padded]`, bias float32 `[N]` or None,
+        y float32 `[N]`), its constant arguments bound once (keeps the per-call cost low)."""
+        fn = self.__dict__.get("_mv")
+        if fn is None:
+            fn = self._mv = _bind_mv(_lib(), self)
+        fn(x_ptr, bias_ptr, y_ptr, threads)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed arrays."""
@@ -100,18 +109,32 @@ def choose_format(structure, density: float) -> tuple[str, tuple]:
     return ("bitmask" if density >= BITMASK_DENSITY else "csr"), (0, 0)
 
 
-def default_max_tokens(packed: PackedLevel) -> int:
-    """Largest number of input rows ``M`` for which the packed product is expected to beat the
-    dense ``F.linear`` (rule from bench/results/cpu-sparse/; above it the module serves the level
-    from its decoded weight). float32: up to 64 at density <= 0.3 (csr, bsr), 8 otherwise, 1 for
-    bitmask; 16-bit dtypes: 1 (PyTorch's dense bf16/fp16 GEMM uses AMX / AVX-512 where present),
-    8 at density <= 0.15 (csr)."""
-    d = packed.density
-    if packed.format == "bitmask":
+#: Below this many weight bytes the dense GEMV runs from cache (compute-bound, tens of microseconds)
+#: and the packed product pays only at low density (:data:`SMALL_LAYER_DENSITY`).
+SMALL_LAYER_BYTES = 1 << 20
+SMALL_LAYER_DENSITY = 0.15
+
+
+def default_max_tokens(fmt: str, shape, dtype: torch.dtype, density: float) -> int:
+    """Largest number of input rows ``M`` for which the packed product of a level in format ``fmt``
+    of a weight ``shape`` `[N, K]` is expected to beat the dense ``F.linear`` (rule from bench/results/cpu-sparse/; above it the module serves the level
+    from its decoded weight, so a level is never served much slower than dense):
+
+    - a layer under :data:`SMALL_LAYER_BYTES` (MiniLM's 384x384) above
+      :data:`SMALL_LAYER_DENSITY`: 0 (always the decoded weight: its dense GEMV runs from cache);
+    - ``bitmask``: 1;
+    - float32: up to 64 at density <= 0.3 (csr, bsr), 8 otherwise;
+    - 16-bit dtypes: 8 for csr at density <= 0.15, else 1 (PyTorch's dense bf16 / fp16 GEMM uses
+      AMX / AVX-512 where the CPU has them).
+    """
+    n, k = shape
+    if n * k * dtype.itemsize < SMALL_LAYER_BYTES and density > SMALL_LAYER_DENSITY:
+        return 0
+    if fmt == "bitmask":
         return 1
-    if packed.dtype == torch.float32:
-        return 64 if d <= 0.3 else 8
-    return 8 if (packed.format == "csr" and d <= 0.15) else 1
+    if dtype == torch.float32:
+        return 64 if density <= 0.3 else 8
+    return 8 if (fmt == "csr" and density <= 0.15) else 1
 
 
 # -- packing ---------------------------------------------------------------------------------------
@@ -284,17 +307,17 @@ def unpack(packed: PackedLevel) -> torch.Tensor:
     return out
 
 
-def pack_for_module(module, level: int) -> PackedLevel:
-    """Pack ``level`` of an ELSA module's weight for the ``sparse-cpu`` backend: the module's
-    ``cpu_format`` or :func:`choose_format` of the level's structure and recorded density; then,
-    if ``module.keep_weight_resident`` is False, :func:`release_pages` of the encoded weight.
+def module_plan(module, level: int) -> tuple[str, tuple, int]:
+    """``(format, block, max_tokens)`` of the ``sparse-cpu`` backend for ``level`` of an ELSA
+    module, from its structure, recorded density, shape and dtype, and its ``cpu_format`` /
+    ``cpu_max_tokens`` overrides. ``max_tokens == 0``: the packed product never pays here.
 
     Raises:
-        ELSAError: ``cpu_format`` unknown, ``"bsr"`` for a level that is not ``block:RxC``, the
-            kernels unavailable.
+        ELSAError: ``cpu_format`` unknown, or ``"bsr"`` for a level that is not ``block:RxC``.
     """
     structure = module.structures[level - 1]
-    fmt, blk = choose_format(structure, 1.0 - module.sparsities[level - 1])
+    density = 1.0 - module.sparsities[level - 1]
+    fmt, blk = choose_format(structure, density)
     name = f"{type(module).__name__}.weight"
     if module.cpu_format is not None:
         if module.cpu_format not in FORMATS:
@@ -305,8 +328,26 @@ def pack_for_module(module, level: int) -> PackedLevel:
                 raise ELSAError(f"{name}: cpu_format 'bsr' needs a block:RxC level; level {level} is {structure}")
             blk = (st.r, st.c)
         fmt = module.cpu_format
+    w = module.weight
+    shape = (w.shape[1], w.shape[0]) if module._linear_weight() is not w else tuple(w.shape)
+    limit = module.cpu_max_tokens
+    if limit is None:
+        limit = default_max_tokens(fmt, shape, w.dtype, density)
+    return fmt, blk, int(limit)
+
+
+def pack_for_module(module, level: int) -> PackedLevel:
+    """Pack ``level`` of an ELSA module's weight for the ``sparse-cpu`` backend
+    (:func:`module_plan`); then, if ``module.keep_weight_resident`` is False,
+    :func:`release_pages` of the encoded weight.
+
+    Raises:
+        ELSAError: as :func:`module_plan`; the kernels unavailable.
+    """
+    fmt, blk, _ = module_plan(module, level)
     with torch.no_grad():
-        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk, name=name)
+        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk,
+                            name=f"{type(module).__name__}.weight")
     if not module.keep_weight_resident:
         release_pages(module.weight)
     return packed
@@ -397,25 +438,43 @@ def sparse_linear(x: torch.Tensor, packed: PackedLevel, bias: torch.Tensor | Non
 
 
 def _sparse_linear(x, packed, bias, threads):
+    N, K = packed.shape
+    nt = threads or torch.get_num_threads()
+    b = None if bias is None else bias.detach()
+    if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+        b = b.to(torch.float32).contiguous()
+    bp = None if b is None else b.data_ptr()
+    if x.dim() == 2 and x.shape[0] == 1 or x.dim() == 1:
+        if x.dtype == torch.float32 and x.is_contiguous() and _xpad(packed) == K:
+            xf = x
+        else:
+            xf = torch.zeros(_xpad(packed), dtype=torch.float32)
+            xf[:K] = x.reshape(-1)
+        y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+        packed.mv(xf.data_ptr(), bp, y.data_ptr(), nt)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_zeros(*lead, N)
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M == 1:
+        xf = torch.zeros(_xpad(packed), dtype=torch.float32)
+        xf[:K] = x2[0]
+        packed.mv(xf.data_ptr(), bp, y.data_ptr(), nt)
+    else:
+        _mm(_lib(), packed, x2, b, y, M, nt)
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, N)
+
+
+def _lib():
     from .cpu_build import cpu_kernels, cpu_kernels_error
 
     lib = cpu_kernels()
     if lib is None:
         raise ELSAError(f"sparse_linear: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
-    N, K = packed.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    nt = threads or torch.get_num_threads()
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    if M == 0:
-        return x.new_zeros(*lead, N)
-    y = torch.empty(M, N, dtype=torch.float32)
-    if M == 1:
-        _mv(lib, packed, x2[0], b, y, nt)
-    else:
-        _mm(lib, packed, x2, b, y, M, nt)
-    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, N)
+    return lib
 
 
 def _xpad(packed: PackedLevel) -> int:
@@ -428,25 +487,27 @@ def _xpad(packed: PackedLevel) -> int:
     return K
 
 
-def _mv(lib, packed, x1, b, y, nt) -> None:
+def _bind_mv(lib, packed):
+    """``f(x_ptr, bias_ptr, y_ptr, threads)``: the format's M = 1 kernel with the packed arrays bound."""
+    import ctypes
+
     N, K = packed.shape
     t, dt = packed.tensors, _DT[packed.dtype]
-    Kp = _xpad(packed)
-    if Kp == K and x1.dtype == torch.float32 and x1.is_contiguous():
-        xf = x1
-    else:
-        xf = torch.zeros(Kp, dtype=torch.float32)
-        xf[:K] = x1
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
     if packed.format == "csr":
-        lib.elsa_csr_mv(N, t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(), t["val"].data_ptr(),
-                        dt, xf.data_ptr(), _ptr(b), y.data_ptr(), nt)
+        fn = lib.elsa_csr_mv
+        pre = (I64(N), P(t["rowptr"].data_ptr()), P(t["col"].data_ptr()), ctypes.c_int(t["col"].element_size()),
+               P(t["val"].data_ptr()), ctypes.c_int(dt))
     elif packed.format == "bitmask":
-        lib.elsa_bitmask_mv(N, t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(), t["val"].data_ptr(),
-                            dt, xf.data_ptr(), _ptr(b), y.data_ptr(), nt)
+        fn = lib.elsa_bitmask_mv
+        pre = (I64(N), I64(t["mask"].shape[1]), P(t["rowptr"].data_ptr()), P(t["mask"].data_ptr()),
+               P(t["val"].data_ptr()), ctypes.c_int(dt))
     else:
         R, C = packed.block
-        lib.elsa_bsr_mv(N, R, -(-R // 8) * 8, C, t["browptr"].data_ptr(), t["bcol"].data_ptr(), t["bval"].data_ptr(),
-                        dt, xf.data_ptr(), _ptr(b), y.data_ptr(), nt)
+        fn = lib.elsa_bsr_mv
+        pre = (I64(N), I64(R), I64(-(-R // 8) * 8), I64(C), P(t["browptr"].data_ptr()), P(t["bcol"].data_ptr()),
+               P(t["bval"].data_ptr()), ctypes.c_int(dt))
+    return lambda x, b, y, nt: fn(*pre, x, b, y, nt)
 
 
 def _mm(lib, packed, x2, b, y, M, nt) -> None:

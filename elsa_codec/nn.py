@@ -149,9 +149,40 @@ class ELSAModule(nn.Module):
 
     _kernel_fn = "decode_level"  # the kernel the triton backend needs
     _sparse_cpu_ok = False  # a linear product the sparse-cpu kernels serve (ELSALinear, ELSAConv1D)
-    cpu_format = None
-    cpu_max_tokens = None
+    _cpu_format = None
+    _cpu_max_tokens = None
     keep_weight_resident = True
+
+    @property
+    def cpu_format(self):
+        """Packed format the ``sparse-cpu`` backend must use (None: the rule); assigning re-plans."""
+        return self._cpu_format
+
+    @cpu_format.setter
+    def cpu_format(self, value) -> None:
+        old, self._cpu_format = self._cpu_format, value
+        self._packed = None
+        if "_level" in self.__dict__:
+            try:
+                self._refresh_path()
+            except ELSAError:  # a format that does not fit the current level: keep the old one
+                self._cpu_format = old
+                self._refresh_path()
+                raise
+
+    @property
+    def cpu_max_tokens(self):
+        """Largest input row count the ``sparse-cpu`` backend serves from the packed level (None:
+        the rule); assigning re-plans (and may turn the auto backend on or off for this level)."""
+        return self._cpu_max_tokens
+
+    @cpu_max_tokens.setter
+    def cpu_max_tokens(self, value) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ELSAError(f"{type(self).__name__}: cpu_max_tokens must be None or an int >= 0, got {value!r}")
+        self._cpu_max_tokens = value
+        if "_level" in self.__dict__:
+            self._refresh_path()
 
     def _linear_weight(self) -> torch.Tensor:
         """The weight as `[out_features, in_features]` (a view of :attr:`weight`)."""
@@ -256,7 +287,7 @@ class ELSAModule(nn.Module):
         if req == "auto":
             if _triton_usable(self.weight.device, self._kernel_fn):
                 return "triton"
-            return "sparse-cpu" if self._sparse_cpu_ok and _sparse_cpu_usable(self.weight) else "reference"
+            return "sparse-cpu" if self._sparse_cpu_pays() else "reference"
         return req
 
     @backend.setter
@@ -378,15 +409,28 @@ class ELSAModule(nn.Module):
             self._packed = (key, pack_for_module(self, t))
         return self._packed[1]
 
+    def _sparse_cpu_pays(self) -> bool:
+        """Auto backend on the CPU: the sparse-cpu kernels serve this module's current level (they
+        build, and :func:`elsa_codec.cpu_sparse.module_plan` expects the packed product to pay)."""
+        if not self._sparse_cpu_ok or not _sparse_cpu_usable(self.weight):
+            return False
+        from .cpu_sparse import module_plan
+
+        return module_plan(self, self._level)[2] > 0
+
     def _sparse_cpu_linear(self, x: torch.Tensor):
         """``F.linear(x, W_t, bias)`` from the packed level, or None where the reference path must
         run instead (more than ``cpu_max_tokens`` rows, or an input of another dtype)."""
-        from .cpu_sparse import default_max_tokens, sparse_linear
+        from .cpu_sparse import module_plan, sparse_linear
 
-        packed = self.packed_level()
-        rows = x.numel() // max(1, x.shape[-1])
-        limit = self.cpu_max_tokens if self.cpu_max_tokens is not None else default_max_tokens(packed)
-        if rows > limit or x.dtype != self.weight.dtype:
+        w = self.weight
+        key = (self._level, w.data_ptr(), w._version, self.cpu_format, self.cpu_max_tokens)
+        fast = self.__dict__.get("_sparse_fast")
+        if fast is None or fast[0] != key or self._packed is None:
+            packed = self.packed_level()
+            fast = self._sparse_fast = (key, packed, module_plan(self, self._level)[2])
+        packed = fast[1]
+        if x.numel() > fast[2] * x.shape[-1] or x.dtype != w.dtype:
             return None
         return sparse_linear(x, packed, self.bias)
 
@@ -462,11 +506,10 @@ class ELSAModule(nn.Module):
             lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
         be = self.backend
         if be == "sparse-cpu" and self._packed is not None:
-            p = self._packed[1]
-            from .cpu_sparse import default_max_tokens
+            from .cpu_sparse import module_plan
 
-            mt = self.cpu_max_tokens if self.cpu_max_tokens is not None else default_max_tokens(p)
-            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={mt})"
+            p = self._packed[1]
+            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={module_plan(self, t)[2]})"
         if self.backend_request != "auto":
             be += f" (forced {self.backend_request})"
         st = sorted(set(self.structures))

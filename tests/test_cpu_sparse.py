@@ -155,7 +155,8 @@ def test_choose_format_rule():
 
 
 # -- the module path ------------------------------------------------------------------------------
-def linear_at_levels(levels, structure="unstructured", n=63, k=128, dtype=torch.float32, bias=True):
+def linear_at_levels(levels, structure="unstructured", n=1031, k=520, dtype=torch.float32, bias=True):
+    """A layer above SMALL_LAYER_BYTES in float32 and bfloat16 (the auto backend packs every level)."""
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=bias).to(dtype)
     cnt = ec.magnitude_counters({"weight": lin.weight.detach().float()}, levels, structure=structure)
@@ -170,7 +171,7 @@ def linear_at_levels(levels, structure="unstructured", n=63, k=128, dtype=torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_module_auto_selects_sparse_cpu_per_structure(levels, structure, fmts, dtype):
     m = linear_at_levels(levels, structure, dtype=dtype)
-    x = torch.randn(1, 128).to(dtype)
+    x = torch.randn(1, 520).to(dtype)
     for t, fmt in enumerate(fmts, 1):
         m.set_level(t)
         assert m.backend == "sparse-cpu" and m.packed_level().format == fmt
@@ -188,7 +189,7 @@ def test_module_fallback_above_max_tokens_and_overrides():
     m = linear_at_levels([0.5])
     m.set_level(1)
     assert m.packed_level().format == "bitmask" and "max_tokens=1" in repr(m)
-    x = torch.randn(4, 128)
+    x = torch.randn(4, 520)
     with torch.no_grad():
         y = m(x)  # 4 rows > max_tokens: the decoded weight (reference path)
     assert m._cached is not None
@@ -201,9 +202,9 @@ def test_module_fallback_above_max_tokens_and_overrides():
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
     m.cpu_format = "csr"
     assert m.packed_level().format == "csr"
-    m.cpu_format = "bsr"
     with pytest.raises(ec.ELSAError, match="block"):
-        m.packed_level()
+        m.cpu_format = "bsr"
+    assert m.cpu_format == "csr" and m.packed_level().format == "csr"
     m.cpu_format = None
     m.backend = "reference"
     assert m.backend == "reference" and "forced reference" in repr(m)
@@ -211,12 +212,27 @@ def test_module_fallback_above_max_tokens_and_overrides():
         ec.ELSAConv2d.from_conv2d(nn.Conv2d(2, 2, 1), torch.ones(2, 2, 1, 1, dtype=torch.long) * 2, num_levels=1).backend = "sparse-cpu"
 
 
+def test_small_layers_use_the_decoded_weight_unless_very_sparse():
+    m = linear_at_levels([0.9, 0.5], n=63, k=128)  # 32 KiB: its dense GEMV runs from cache
+    m.set_level(1)
+    assert m.backend == "sparse-cpu" and m.packed_level().format == "csr"
+    m.set_level(2)
+    assert m.backend == "reference" and m._packed is None
+    m.cpu_max_tokens = 1  # the override turns it on
+    assert m.backend == "sparse-cpu" and m._packed is not None and "max_tokens=1" in repr(m)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        assert_close_linear(m(x), x, extract_level(m.weight, 2, m.code_bits), m.bias, torch.float32)
+    with pytest.raises(ec.ELSAError, match="cpu_max_tokens"):
+        m.cpu_max_tokens = -1
+
+
 def test_module_gradients_flow_to_input_and_bias():
     m = linear_at_levels([0.75])
     m.set_level(1)
-    x = torch.randn(1, 128, requires_grad=True)
+    x = torch.randn(1, 520, requires_grad=True)
     m(x).square().sum().backward()
-    ref = nn.Linear(128, 63)
+    ref = nn.Linear(520, 1031)
     with torch.no_grad():
         ref.weight.copy_(extract_level(m.weight, 1, m.code_bits))
         ref.bias.copy_(m.bias)
@@ -231,23 +247,23 @@ def test_hf_conv1d_transposed_weight():
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    conv = Conv1D(63, 123)  # weight [nx=123, nf=63]
+    conv = Conv1D(1031, 301)  # weight [nx=301, nf=1031]
     cnt = ec.magnitude_counters({"weight": conv.weight.detach()}, [0.9, 0.5])
     m = ec.ELSAConv1D.from_conv1d(conv, cnt)
-    x = torch.randn(1, 2, 123)
+    x = torch.randn(1, 2, 301)
     for t in (1, 2):
         m.set_level(t)
-        assert m.backend == "sparse-cpu" and m.packed_level().shape == (63, 123)
+        assert m.backend == "sparse-cpu" and m.packed_level().shape == (1031, 301)
         with torch.no_grad():
             y = m(x)
-        ref = torch.addmm(m.bias, x.view(-1, 123), extract_level(m.weight, t, m.code_bits)).view(1, 2, 63)
+        ref = torch.addmm(m.bias, x.view(-1, 301), extract_level(m.weight, t, m.code_bits)).view(1, 2, 1031)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 # -- loading one level from the file ---------------------------------------------------------------
 def mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 33))
+    return nn.Sequential(nn.Linear(520, 1031), nn.ReLU(), nn.Linear(1031, 33))  # 2 MiB and 133 KiB
 
 
 def test_load_level_packs_only_that_level_and_switches(tmp_path):
@@ -257,14 +273,15 @@ def test_load_level_packs_only_that_level_and_switches(tmp_path):
     path = str(tmp_path / "m.safetensors")
     ec.save_file(enc, path)
     served = ec.load(path, mlp(), level=1)
-    x = torch.randn(1, 64)
+    x = torch.randn(1, 520)
     ref = mlp()
     for t in (1, 3, 2, "dense"):
         lv = ec.set_level(served, t)
         ref.load_state_dict(ec.extract(enc, lv))
-        for _, m in ec.elsa_modules(served):
-            assert m.level == lv and m._cached is None and m.keep_weight_resident is False
-            assert (m._packed is None) == (lv == 4)
+        big, small = served[0], served[2]
+        assert big.level == small.level == lv and big.keep_weight_resident is False
+        assert big.backend == ("dense" if lv == 4 else "sparse-cpu") and (big._packed is None) == (lv == 4)
+        assert small.backend == {1: "sparse-cpu", 4: "dense"}.get(lv, "reference")
         with torch.no_grad():
             torch.testing.assert_close(served(x), ref(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ec.ELSAError, match="level"):

@@ -150,7 +150,7 @@ def test_counters_container_and_structures():
     assert m.sparsities == pytest.approx([0.75, 0.5])
     m.set_level(1)
     r = repr(m)
-    for s in ("ELSALinear(", "in_features=8", "T=2", "k=2", "structure=['1:4', '2:4']", "level=1 (1:4, sparsity=0.750)", "backend=sparse-cpu (csr"):
+    for s in ("ELSALinear(", "in_features=8", "T=2", "k=2", "structure=['1:4', '2:4']", "level=1 (1:4, sparsity=0.750)", "backend=reference"):  # 8x8: too small to pack
         assert s in r, (s, r)
     m.set_level("dense")
     assert "level=3 (dense)" in repr(m) and "backend=dense" in repr(m)
