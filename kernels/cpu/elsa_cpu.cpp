@@ -267,6 +267,61 @@ void bitmask_mv_rows(int64_t n0, int64_t n1, int64_t KB, const int64_t* rowptr, 
     }
 }
 
+// bsr, M = 1: rows r0 .. r0 + 8 NV of block row br, NV accumulators of 8 rows held in registers;
+// each kept block is read once, column by column (R8 values), prefetched ahead.
+struct BsrRow {
+    int64_t br, r0, R, R8, C, N;
+    const int64_t* browptr;
+    const int32_t* bcol;
+    const void* bval;
+    const float* x;
+    const float* bias;
+    float* y;
+};
+
+template <int DT, int NV>
+void bsr_mv_rows(const BsrRow& a) {
+    v8f acc[NV];
+    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    const int es = DT == 0 ? 4 : 2;
+    for (int64_t b = a.browptr[a.br]; b < a.browptr[a.br + 1]; b++) {
+        const float* xb = a.x + (int64_t)a.bcol[b] * a.C;
+        int64_t base = b * a.C * a.R8 + a.r0;
+        for (int64_t c = 0; c < a.C; c++) {
+            int64_t off = base + c * a.R8;
+#if ELSA_AVX2
+            _mm_prefetch((const char*)a.bval + off * es + 4096, _MM_HINT_T0);
+            __m256 xs = _mm256_set1_ps(xb[c]);
+            for (int u = 0; u < NV; u++) acc[u] = (v8f)_mm256_fmadd_ps(load8(a.bval, DT, off + 8 * u), xs, (__m256)acc[u]);
+#else
+            float xv = xb[c];
+            for (int u = 0; u < NV; u++)
+                for (int l = 0; l < 8; l++) acc[u][l] += load1(a.bval, DT, off + 8 * u + l) * xv;
+#endif
+        }
+    }
+    (void)es;
+    for (int u = 0; u < NV; u++)
+        for (int l = 0; l < 8; l++) {
+            int64_t r = a.r0 + 8 * u + l, n = a.br * a.R + r;
+            if (r < a.R && n < a.N) a.y[n] = acc[u][l] + (a.bias ? a.bias[n] : 0.f);
+        }
+}
+
+template <int DT>
+void bsr_mv_dispatch(int nv, const BsrRow& a) {
+    switch (nv) {
+        case 1: bsr_mv_rows<DT, 1>(a); break;
+        case 2: bsr_mv_rows<DT, 2>(a); break;
+        case 3: bsr_mv_rows<DT, 3>(a); break;
+        case 4: bsr_mv_rows<DT, 4>(a); break;
+        case 5: bsr_mv_rows<DT, 5>(a); break;
+        case 6: bsr_mv_rows<DT, 6>(a); break;
+        case 7: bsr_mv_rows<DT, 7>(a); break;
+        default: bsr_mv_rows<DT, 8>(a); break;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -363,36 +418,16 @@ void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int 
 void elsa_bsr_mv(int64_t N, int64_t R, int64_t R8, int64_t C, const int64_t* browptr, const int32_t* bcol,
                  const void* bval, int dt, const float* x, const float* bias, float* y, int nt) {
     int64_t NBR = (N + R - 1) / R;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, browptr[NBR] * R8 * C))
-    for (int64_t br = 0; br < NBR; br++) {
-        v8f acc[8];
-        for (int64_t u = 0; u < 8; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-        float tail[512];
-        for (int64_t r0 = 0; r0 < R8; r0 += 64) {
-            int64_t nv = (R8 - r0) / 8 < 8 ? (R8 - r0) / 8 : 8;
-            for (int64_t u = 0; u < nv; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-            for (int64_t b = browptr[br]; b < browptr[br + 1]; b++) {
-                const float* xb = x + (int64_t)bcol[b] * C;
-                int64_t base = b * C * R8 + r0;
-                for (int64_t c = 0; c < C; c++) {
-                    float xv = xb[c];
-#if ELSA_AVX2
-                    __m256 xs = _mm256_set1_ps(xv);
-                    for (int64_t u = 0; u < nv; u++)
-                        acc[u] = (v8f)_mm256_fmadd_ps(load8(bval, dt, base + c * R8 + 8 * u), xs, (__m256)acc[u]);
-#else
-                    for (int64_t u = 0; u < nv; u++)
-                        for (int l = 0; l < 8; l++) acc[u][l] += load1(bval, dt, base + c * R8 + 8 * u + l) * xv;
-#endif
-                }
+    over_rows(NBR, nt, browptr[NBR] * R8 * C, [&](int64_t b0, int64_t b1) {
+        for (int64_t br = b0; br < b1; br++)
+            for (int64_t r0 = 0; r0 < R8; r0 += 64) {
+                int nv = (int)((R8 - r0) / 8 < 8 ? (R8 - r0) / 8 : 8);
+                BsrRow a{br, r0, R, R8, C, N, browptr, bcol, bval, x, bias, y};
+                if (dt == 0) bsr_mv_dispatch<0>(nv, a);
+                else if (dt == 1) bsr_mv_dispatch<1>(nv, a);
+                else bsr_mv_dispatch<2>(nv, a);
             }
-            for (int64_t u = 0; u < nv; u++) std::memcpy(tail + 8 * u, &acc[u], 32);
-            for (int64_t r = r0; r < r0 + 8 * nv && r < R; r++) {
-                int64_t n = br * R + r;
-                if (n < N) y[n] = tail[r - r0] + (bias ? bias[n] : 0.f);
-            }
-        }
-    }
+    });
 }
 
 void elsa_csr_mv(int64_t N, const int64_t* rowptr, const void* col, int isz, const void* val, int dt,
