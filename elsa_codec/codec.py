@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping
 
+import warnings
+
 import torch
 
 from .bits import (
@@ -591,10 +593,12 @@ def magnitude_counters(
     levels,
     *,
     structure: str = "unstructured",
-    distribution: str = "uniform",
+    sparsifier: str | None = None,
     names: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
     model: torch.nn.Module | None = None,
     select=None,
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    distribution: str | None = None,
 ) -> Counters:
     """One-shot nested magnitude levels (no training): a baseline and a way to encode any checkpoint.
 
@@ -606,9 +610,11 @@ def magnitude_counters(
             the input dimension).
         structure: for fractional levels, ``"unstructured"`` or ``"block:RxC"`` (tiles of the 2-D
             view ``[out, in*kh*kw]`` ranked by L2 norm).
-        distribution: ``"uniform"`` (each tensor at the level's sparsity) or ``"global"`` (one
-            magnitude threshold across the tensors per level; block structures then use each
-            tensor's resulting sparsity).
+        sparsifier: how a level's sparsity spreads over the tensors (the name
+            :class:`~elsa_codec.ELSAConfig` uses): ``"uniform"`` (default; each tensor at the
+            level's sparsity) or ``"global"`` (one magnitude threshold across the tensors per
+            level; block structures then use each tensor's resulting sparsity).
+        distribution: the former name of ``sparsifier`` (still accepted).
         names: the tensors to encode: a list of names or a predicate ``(name, tensor) -> bool``.
         model: the model the state dict belongs to (when ``state_dict`` is a mapping): selects by
             module type (:func:`elsa_codec.select.select_weights`) and knows which weights are
@@ -616,7 +622,11 @@ def magnitude_counters(
             along its dim 0, the input dimension).
         select: with a model, the selection policy: ``"blocks"`` (default; the linear layers of
             the blocks, embeddings and output head dense: the SparseGPT / Wanda convention),
-            ``"blocks+head"``, ``"all"`` (also embeddings), or a predicate ``(fqn, module) -> bool``.
+            ``"blocks+head"``, ``"all"`` (also embeddings); a predicate ``(fqn, module) -> bool``
+            still works but is deprecated: use ``filter_fn``.
+        filter_fn: with a model, ``(module, fqn) -> bool`` called on every module with a
+            ``weight`` Parameter (the torchao convention, as :func:`elsa_codec.swap_` and
+            :class:`~elsa_codec.ELSAConfig`); replaces ``select``.
 
     Without a model and ``names``, :func:`default_prunable` picks 2-D/4-D ``*.weight`` tensors
     that are not embeddings; a tensor tied to one it leaves out (a tied ``lm_head``) is left out
@@ -636,6 +646,8 @@ def magnitude_counters(
         if model is not None and model is not state_dict:
             raise ELSAError("magnitude_counters: pass the model once (as the first argument or as model=)")
         model, state_dict = state_dict, state_dict.state_dict()
+    distribution = _sparsifier_arg(sparsifier, distribution)
+    select = _filter_arg(select, filter_fn)
     specs = parse_levels(levels, structure, distribution)
     sps = [s for s, _ in specs]
     sel = _magnitude_selection(state_dict, names, model, select)
@@ -651,6 +663,29 @@ def magnitude_counters(
         else:
             out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(torch.uint8)
     return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
+
+
+def _sparsifier_arg(sparsifier, distribution) -> str:
+    """One value from ``sparsifier=`` and its former name ``distribution=``."""
+    if sparsifier is not None and distribution is not None and sparsifier != distribution:
+        raise ELSAError(f"magnitude_counters: sparsifier={sparsifier!r} and distribution={distribution!r} disagree "
+                        "(distribution is the former name of sparsifier: pass one)")
+    return sparsifier or distribution or "uniform"
+
+
+def _filter_arg(select, filter_fn):
+    """The selection predicate in ``select``'s convention ``(fqn, module)`` from ``filter_fn``
+    ``(module, fqn)``; a ``select`` predicate warns (deprecated)."""
+    if filter_fn is not None:
+        if not callable(filter_fn):
+            raise ELSAError(f"filter_fn must be a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+        if select is not None:
+            raise ELSAError("pass either select= (a policy) or filter_fn=, not both")
+        return lambda fqn, m: filter_fn(m, fqn)
+    if callable(select):
+        warnings.warn("magnitude_counters(select=predicate) with (fqn, module) is deprecated: pass "
+                      "filter_fn=(module, fqn) -> bool, the convention of swap_ and ELSAConfig", DeprecationWarning, stacklevel=3)
+    return select
 
 
 def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:
