@@ -26,6 +26,7 @@ import torch
 from .bits import bits_view, check_code_bits
 from .errors import ELSAError
 from .masks import parse_structure
+from .pages import release_pages  # noqa: F401  (re-exported: packing and page release go together)
 
 __all__ = [
     "FORMATS",
@@ -36,7 +37,6 @@ __all__ = [
     "pack_level_reference",
     "pack_for_module",
     "module_plan",
-    "release_pages",
     "sparse_linear",
     "sparse_linear_reference",
     "unpack",
@@ -349,48 +349,10 @@ def pack_for_module(module, level: int) -> PackedLevel:
         packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk,
                             name=f"{type(module).__name__}.weight")
     if not module.keep_weight_resident:
+        from .pages import release_pages
+
         release_pages(module.weight)
     return packed
-
-
-def _file_backed(start: int, end: int) -> bool:
-    """Whether [start, end) lies inside one file-backed mapping of this process (/proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                lo, hi = (int(v, 16) for v in parts[0].split("-"))
-                if lo <= start and end <= hi:
-                    return len(parts) == 6 and parts[5].strip().startswith("/")
-    except OSError:
-        return False
-    return False
-
-
-def release_pages(t: torch.Tensor) -> bool:
-    """Hand the resident pages of ``t``'s bytes back to the OS when ``t`` is memory-mapped from a
-    file (``madvise(MADV_PAGEOUT)``, Linux 5.4+): the bytes stay valid and are read again from the
-    file on the next access; nothing is lost (modified private pages are never discarded). A
-    no-op (False) for tensors in ordinary memory, on other systems, or on older kernels.
-
-    Returns:
-        True when the pages were handed back.
-    """
-    import ctypes
-    import mmap
-    import sys
-
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return False
-    page = mmap.PAGESIZE
-    begin = t.data_ptr()
-    end = begin + t.numel() * t.element_size()
-    lo, hi = -(-begin // page) * page, end // page * page
-    if hi <= lo or not _file_backed(begin, end):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(lo, hi - lo, 21) == 0  # MADV_PAGEOUT
 
 
 class _SparseLinear(torch.autograd.Function):

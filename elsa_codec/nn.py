@@ -143,7 +143,7 @@ class ELSAModule(nn.Module):
             calls use the decoded weight (cached) and the stock op.
         keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
             level is packed, the encoded weight's pages (memory-mapped from the file) are handed
-            back to the OS (:func:`elsa_codec.cpu_sparse.release_pages`); they are read again from
+            back to the OS (:func:`elsa_codec.pages.release_pages`); they are read again from
             the file at the next level switch.
     """
 

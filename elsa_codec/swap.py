@@ -330,7 +330,7 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
     mapping, never copied. With ``level`` (``1..T+1``, ``"dense"``), the model serves that level at
     once and keeps no dense copy resident: each sparse level is packed for the ``sparse-cpu``
     kernels (only the kept weights), then every tensor of the file hands its pages back to the OS
-    (:func:`elsa_codec.cpu_sparse.release_pages`; the bytes are read again from the file when a
+    (:func:`elsa_codec.pages.release_pages`; the bytes are read again from the file when a
     later :func:`set_level` packs another level). Resident memory measured in
     bench/results/cpu-sparse/.
 
@@ -338,7 +338,7 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
         ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged); a level out
             of range.
     """
-    from .cpu_sparse import release_pages
+    from .pages import release_pages
     from .io import load_file
 
     enc = load_file(os.fspath(path))

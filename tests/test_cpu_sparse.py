@@ -19,6 +19,7 @@ import elsa_codec as ec
 from elsa_codec import cpu_sparse as cs
 from elsa_codec.bits import encode_tensor, extract_level
 from elsa_codec.cpu_build import cpu_kernels
+from elsa_codec.pages import release_pages
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
 
@@ -298,9 +299,9 @@ def test_release_pages_only_for_mapped_files(tmp_path):
     with safe_open(path, framework="pt") as f:
         t = f.get_tensor("w")
     before = t.clone()
-    assert cs.release_pages(t) in (True, False)  # False only where the kernel lacks MADV_PAGEOUT
+    assert release_pages(t) in (True, False)  # False only where the kernel lacks MADV_PAGEOUT
     assert torch.equal(t, before)  # the bytes come back from the file
-    assert cs.release_pages(torch.zeros(300000)) is False  # ordinary memory: never touched
+    assert release_pages(torch.zeros(300000)) is False  # ordinary memory: never touched
 
 
 def test_without_the_kernels_the_reference_path_serves_and_warns_once(tmp_path):
