@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ELSAError
-from ..masks import Structure, parse_level
+from ..masks import Structure
 
 __all__ = ["Phase", "parse_levels", "build_plan", "phase_seed"]
 
@@ -74,20 +73,11 @@ def parse_levels(levels, structure="unstructured") -> list[tuple[float, Structur
     Raises:
         ELSAError: empty, not sparsest first, outside (0, 1), mixed kinds, N:M with different M.
     """
+    from ..codec import parse_levels as _parse
+
     if isinstance(levels, (str, float, int)):
         levels = [levels]
-    levels = list(levels)
-    if not levels:
-        raise ELSAError("levels must list at least one level (sparsest first), e.g. [0.9, 0.75, 0.5]")
-    specs = [parse_level(lv, structure) for lv in levels]
-    sps = [s for s, _ in specs]
-    if len({st.kind == "nm" for _, st in specs}) > 1:
-        raise ELSAError(f"levels {levels} mix N:M patterns and sparsities")
-    if any(b >= a for a, b in zip(sps, sps[1:])):
-        raise ELSAError(f"levels {levels} must be given sparsest first (strictly decreasing sparsity)")
-    if specs[0][1].kind == "nm" and len({st.m for _, st in specs}) > 1:
-        raise ELSAError(f"N:M levels {levels} must share the same M")
-    return specs
+    return _parse(levels, structure)
 
 
 def phase_seed(seed: int | None, index: int) -> int | None:
