@@ -9,6 +9,7 @@ Usage::
     elsa bench stream-memory          # peak RSS of `elsa encode` on a multi-GB synthetic checkpoint
     elsa bench static [--subset]      # compile gate for sm_90a, no GPU: registers, spills, smem, wgmma
     elsa bench roofline               # bytes / FLOPs / floor time of the GPU grid on H100 and H200
+    elsa bench cpu [--quick] [--out DIR]  # the sparse-cpu backend: layer grid, memory, MiniLM (bench/cpu_sparse.py)
 
 A run appends its rows to ``<out>/results.csv`` (default ``bench/results/<device-slug>/``), appends
 its log to ``bench.log`` and its command line to ``COMMAND.txt``, writes ``targets.md`` and the
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elsa bench",
         description="Latency per level (layer and model), codec throughput and serving ratios; CSV + PNG + targets. "
-                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'static', 'roofline'.",
+                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'static', 'roofline', 'cpu'.",
     )
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: MiniLM shapes, M in {1, 16}, short timings")
     p.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
@@ -199,6 +200,10 @@ def _run(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``elsa bench`` (``argv`` without the program name)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "cpu":
+        from .cpu_sparse import main as cpu_main
+
+        return int(cpu_main(argv[1:]) or 0)
     if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline"):
         import importlib
 
