@@ -8,7 +8,9 @@ The source is compiled on first use (never at ``import elsa_codec``) with the sy
 - the shared object is named by a hash of the source, the flags and the compiler, written to a
   temporary name and renamed (atomic: concurrent first uses never load a half-written file);
 - folder ``$ELSA_CPU_CACHE`` or ``~/.cache/elsa_codec/cpu``; ``ELSA_CPU_KERNELS=0`` turns the
-  backend off.
+  backend off;
+- at run time the kernels pick the best instruction set the CPU has (:func:`cpu_isa`);
+  ``ELSA_CPU_ISA=avx2`` (or ``scalar``) caps it, e.g. to measure the AVX2 path on an AVX-512 CPU.
 
 Why ctypes and not ``torch.utils.cpp_extension``: the kernels take raw pointers and need nothing
 from ATen, so a plain shared object builds in about 5 s on the project's 2-core machine, against
@@ -31,7 +33,11 @@ import tempfile
 import threading
 import warnings
 
-__all__ = ["cpu_kernels", "cpu_kernels_error", "cpu_kernels_source", "cpu_flags"]
+__all__ = ["cpu_kernels", "cpu_kernels_error", "cpu_kernels_source", "cpu_flags", "cpu_isa", "ISAS"]
+
+#: Instruction sets of the kernels, lowest first (``cpu_isa``): the bitmask product at M = 1 runs
+#: AVX-512 (masked expand-loads) where the CPU has AVX-512 F/BW/VL/DQ + VBMI2; everything else AVX2.
+ISAS = ("scalar", "avx2", "avx512")
 
 _LIB = None  # the loaded ctypes library, False after a failed build
 _ERROR: str | None = None
@@ -42,6 +48,8 @@ _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "elsa_cpu_abi": [],
     "elsa_cpu_avx2": [],
+    "elsa_cpu_isa": [],
+    "elsa_cpu_set_isa": [_I],
     "elsa_count_rows": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _I],
     "elsa_pack_csr": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
     "elsa_pack_bitmask": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _P, _I64, _P, _I],
@@ -54,7 +62,7 @@ _SIGNATURES = {
     "elsa_bitmask_mm": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_bsr_mm": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
 }
-_ABI = 1
+_ABI = 2
 
 
 def cpu_kernels_source() -> str:
@@ -132,6 +140,11 @@ def _load(path: str):
         fn.restype = ctypes.c_int if name.startswith("elsa_cpu_") else None
     if lib.elsa_cpu_abi() != _ABI:
         raise RuntimeError(f"{path}: ABI {lib.elsa_cpu_abi()}, expected {_ABI}")
+    cap = os.environ.get("ELSA_CPU_ISA")
+    if cap:
+        if cap not in ISAS:
+            raise RuntimeError(f"ELSA_CPU_ISA={cap!r}: expected one of {ISAS}")
+        lib.elsa_cpu_set_isa(ISAS.index(cap))
     return lib
 
 
@@ -152,6 +165,23 @@ def cpu_kernels():
                         f"elsa_codec: the CPU sparse kernels are unavailable ({_ERROR}); sparse levels run the "
                         "slower reference path (decoded weight + F.linear)", RuntimeWarning, stacklevel=3)
     return _LIB or None
+
+
+def cpu_isa(cap: str | None = None) -> str | None:
+    """The instruction set the kernels use (``"avx512"``, ``"avx2"``, ``"scalar"``), None without
+    kernels. With ``cap``, first cap it there (never above what the CPU has; process-wide).
+
+    Raises:
+        ValueError: ``cap`` not in :data:`ISAS`.
+    """
+    lib = cpu_kernels()
+    if lib is None:
+        return None
+    if cap is not None:
+        if cap not in ISAS:
+            raise ValueError(f"cpu_isa: cap must be one of {ISAS}, got {cap!r}")
+        lib.elsa_cpu_set_isa(ISAS.index(cap))
+    return ISAS[lib.elsa_cpu_isa()]
 
 
 def cpu_kernels_error() -> str | None:

@@ -115,6 +115,28 @@ def test_sparse_linear_equals_the_level(fmt, block, shape, dtype, m, bias):
         assert_close_linear(cs.sparse_linear_reference(x, p, b), x, extract_level(w, t, 2), b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_every_instruction_set_gives_the_level(dtype):
+    """The AVX-512 bitmask product (where the CPU has it) and the AVX2 / scalar paths below it."""
+    from elsa_codec.cpu_build import ISAS, cpu_isa
+
+    top = cpu_isa()
+    w = encoded(123, 291, dtype)
+    x = torch.randn(1, 291).to(dtype)
+    b = torch.randn(123).to(dtype)
+    try:
+        for isa in ISAS[: ISAS.index(top) + 1]:
+            assert cpu_isa(isa) == isa
+            for fmt in ("bitmask", "csr"):
+                p = cs.pack_level(w, 2, 2, fmt)
+                assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, 2, 2), b, dtype)
+    finally:
+        cpu_isa(top)
+    assert cpu_isa() == top
+    with pytest.raises(ValueError, match="avx"):
+        cpu_isa("sse9")
+
+
 @pytest.mark.parametrize("fmt,block", FORMATS[:3], ids=lambda v: str(v))
 @pytest.mark.parametrize("m", [1, 9])
 def test_threads_give_identical_results(fmt, block, m):

@@ -322,12 +322,78 @@ void bsr_mv_dispatch(int nv, const BsrRow& a) {
     }
 }
 
+#if ELSA_AVX2
+// bitmask, M = 1, AVX-512 (runtime-dispatched where the CPU has AVX-512 F/BW/VL/DQ and VBMI2): one
+// masked expand-load puts a mask word's 16 kept values in their column lanes (zeros elsewhere).
+#define ELSA_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2")))
+template <int DT>
+ELSA_512 inline __m512 expand16(const void* val, int64_t i, __mmask16 m) {
+    if (DT == 0) return _mm512_maskz_expandloadu_ps(m, (const float*)val + i);
+    __m256i h = _mm256_maskz_expandloadu_epi16(m, (const uint16_t*)val + i);
+    if (DT == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+template <int DT>
+ELSA_512 void bitmask_mv_rows_512(int64_t n0, int64_t n1, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
+                                 const void* val, const float* x, const float* bias, float* y) {
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t i = rowptr[n];
+        const uint8_t* mb = mask + n * KB;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t j = 0;
+        for (; j + 4 <= KB; j += 4) {
+            uint32_t w;
+            std::memcpy(&w, mb + j, 4);
+            __mmask16 m0 = (__mmask16)(w & 0xffff), m1 = (__mmask16)(w >> 16);
+            _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
+            int p0 = __builtin_popcount(w & 0xffff);
+            a0 = _mm512_fmadd_ps(expand16<DT>(val, i, m0), _mm512_loadu_ps(x + 8 * j), a0);
+            a1 = _mm512_fmadd_ps(expand16<DT>(val, i + p0, m1), _mm512_loadu_ps(x + 8 * j + 16), a1);
+            i += __builtin_popcount(w);
+        }
+        __m512 a = _mm512_add_ps(a0, a1);
+        float s = hsum(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+        for (; j < KB; j++) {
+            unsigned b = mb[j];
+            while (b) {
+                s += load1(val, DT, i++) * x[8 * j + __builtin_ctz(b)];
+                b &= b - 1;
+            }
+        }
+        y[n] = s + (bias ? bias[n] : 0.f);
+    }
+}
+#endif
+
+// Instruction set of the M = 1 bitmask kernel: 2 = AVX-512 (where the CPU has it), 1 = AVX2, 0 = scalar.
+int detect_isa() {
+#if ELSA_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi2"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+int isa = detect_isa();
+
 }  // namespace
 
 extern "C" {
 
-int elsa_cpu_abi() { return 1; }
+int elsa_cpu_abi() { return 2; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
+// The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
+// (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
+int elsa_cpu_isa() { return isa; }
+int elsa_cpu_set_isa(int want) {
+    int top = detect_isa();
+    isa = want < top ? (want < 0 ? 0 : want) : top;
+    return isa;
+}
 
 // -- packers ------------------------------------------------------------------------------------
 // w: encoded bits `[N, ld]` (es = 4 or 2 bytes per element); k code bits; level t.
@@ -451,6 +517,14 @@ void elsa_csr_mv(int64_t N, const int64_t* rowptr, const void* col, int isz, con
 void elsa_bitmask_mv(int64_t N, int64_t KB, const int64_t* rowptr, const uint8_t* mask, const void* val, int dt,
                      const float* x, const float* bias, float* y, int nt) {
     over_rows(N, nt, N * KB * 8, [&](int64_t n0, int64_t n1) {
+#if ELSA_AVX2
+        if (isa >= 2) {
+            if (dt == 0) bitmask_mv_rows_512<0>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            else if (dt == 1) bitmask_mv_rows_512<1>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            else bitmask_mv_rows_512<2>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            return;
+        }
+#endif
         if (dt == 0) bitmask_mv_rows<0>(n0, n1, KB, rowptr, mask, val, x, bias, y);
         else if (dt == 1) bitmask_mv_rows<1>(n0, n1, KB, rowptr, mask, val, x, bias, y);
         else bitmask_mv_rows<2>(n0, n1, KB, rowptr, mask, val, x, bias, y);
