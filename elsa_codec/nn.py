@@ -14,7 +14,8 @@ holds ONE encoded weight (same name, shape and dtype as the original module's ``
   and ``ELSAConv1D``): the level packed once per level switch (:mod:`elsa_codec.cpu_sparse`: csr,
   bitmask or bsr, only the kept weights) and multiplied by the C++ kernels; no decoded weight is
   held. Calls with more than :attr:`~ELSAModule.cpu_max_tokens` input rows, where the dense GEMM is
-  faster, run the reference path;
+  faster, multiply the level's weight unpacked from the packed level (cached when :attr:`cache` is
+  on: fastest; ``cache=False`` unpacks per call and keeps only the packed level resident);
 - sparse level on CUDA (``backend`` ``"triton"``): :class:`ELSALinear` runs the fused Triton GEMM
   :func:`elsa_codec.kernels.elsa_linear` with the per-tile minimum-code table
   (:func:`elsa_codec.kernels.tile_table`, computed once, runtime only); :class:`ELSAConv2d` decodes
@@ -338,6 +339,11 @@ class ELSAModule(nn.Module):
                 return importlib.import_module("elsa_codec.kernels.semi_structured").to_semi_structured(base)
             if backend == "triton":
                 return self._kernels_for("decode_level").decode_level(self.weight, t, self.code_bits)
+            if backend == "sparse-cpu":  # from the packed level: a memory-mapped weight stays out of memory
+                from .cpu_sparse import unpack
+
+                w = unpack(self.packed_level())
+                return w if self._linear_weight() is self.weight else w.t()
             return extract_level(self.weight, t, self.code_bits)
 
     def decoded_weight(self, level=None) -> torch.Tensor:
@@ -351,6 +357,8 @@ class ELSAModule(nn.Module):
             return self.weight
         if t == self._level and self.backend_request == "semi-structured":
             backend = "semi-structured"
+        elif self._sparse_cpu and t == self._level:
+            backend = "sparse-cpu"
         else:
             backend = "triton" if self._triton and t == self._level else "reference"
         if t != self._level:

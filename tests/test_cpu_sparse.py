@@ -61,6 +61,7 @@ def test_pack_matches_reference_and_unpacks_to_the_level(fmt, block, shape, dtyp
         for name in p.tensors:
             assert torch.equal(bits(p.tensors[name]), bits(r.tensors[name])), (name, t)
         assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, t, 2))), t
+        assert torch.equal(bits(cs.unpack_reference(p)), bits(extract_level(w, t, 2))), t
 
 
 def test_pack_threads_and_strided_rows_bit_exact():
@@ -215,8 +216,14 @@ def test_module_fallback_above_max_tokens_and_overrides():
     x = torch.randn(4, 520)
     with torch.no_grad():
         y = m(x)  # 4 rows > max_tokens: the decoded weight (reference path)
-    assert m._cached is not None
+    assert m._cached is not None and m._cached[0][1] == "sparse-cpu"  # unpacked from the packed level
     torch.testing.assert_close(y, F.linear(x, extract_level(m.weight, 1, m.code_bits), m.bias), rtol=0, atol=0)
+    m.cache = False
+    m.clear_cache()
+    with torch.no_grad():
+        y1 = m(x)  # cache off: unpacked per call, only the packed level stays
+    assert m._cached is None and m._packed is not None and torch.equal(y1, y)
+    m.cache = True
     m.clear_cache()
     m.cpu_max_tokens = 64
     with torch.no_grad():

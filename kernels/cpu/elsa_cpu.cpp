@@ -479,6 +479,41 @@ void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int 
     }
 }
 
+// -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
+// es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.
+void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const void* col, int isz, const void* val, int es,
+                     void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * 4))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = rowptr[n]; i < rowptr[n + 1]; i++) {
+            int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
+            uint32_t u = es == 4 ? ((const uint32_t*)val)[i] : ((const uint16_t*)val)[i];
+            if (u) copy_val(out, n * K + c, val, es, i);  // padding entries: +0.0 at column 0
+        }
+}
+
+void elsa_unpack_bitmask(int64_t N, int64_t K, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
+                         const void* val, int es, void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t i = rowptr[n];
+        const uint8_t* mb = mask + n * KB;
+        for (int64_t j = 0; j < KB; j++)
+            for (unsigned b = mb[j]; b; b &= b - 1) copy_val(out, n * K + 8 * j + __builtin_ctz(b), val, es, i++);
+    }
+}
+
+void elsa_unpack_bsr(int64_t N, int64_t K, int64_t R, int64_t R8, int64_t C, const int64_t* browptr,
+                     const int32_t* bcol, const void* bval, int es, void* out, int nt) {
+    int64_t NBR = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t br = 0; br < NBR; br++)
+        for (int64_t b = browptr[br]; b < browptr[br + 1]; b++)
+            for (int64_t c = 0; c < C && bcol[b] * C + c < K; c++)
+                for (int64_t r = 0; r < R && br * R + r < N; r++)
+                    copy_val(out, (br * R + r) * K + bcol[b] * C + c, bval, es, (b * C + c) * R8 + r);
+}
+
 // -- products, M = 1 -------------------------------------------------------------------------------
 // bsr: x `[NBC C]` (zero padded past K); y `[N]`.
 void elsa_bsr_mv(int64_t N, int64_t R, int64_t R8, int64_t C, const int64_t* browptr, const int32_t* bcol,
