@@ -13,7 +13,8 @@ of the test batch. Each worker (``python -m elsa_codec.bench.cpu_minilm --worker
 
 then times forwards under ``torch.inference_mode`` of batch 1 (one sentence) and batch 8 (eight
 of the 66 sentences of :mod:`elsa_codec.minilm`, padded), alternating, ``reps`` each, at 1 and 2
-threads (p20 / p50 / p80 of the single-call times), records RSS (``/proc/self/status``,
+threads, each served forward followed by one of the unencoded model loaded in the same worker after
+the memory was read (``ratio_vs_dense`` = p50 / p50 of those interleaved baseline forwards) (p20 / p50 / p80 of the single-call times), records RSS (``/proc/self/status``,
 ``ru_maxrss``) and counts, per forward, the ELSA modules' packed calls and fallbacks to the
 reference path (``ELSAModule._sparse_cpu_linear`` wrapped). The cosine of the level's mean-pooled
 embeddings to the unencoded model's is in the note (a check that the served model is the model).
@@ -109,22 +110,31 @@ def worker(a) -> dict:
             if a.save_ref:
                 per_batch[bs]["emb"] = _pool(h, b["attention_mask"]).tolist()
             per_batch[bs]["status"] = read_status(files)  # after the first forward of batch 1, then of batch 8
+        gc.collect()
+        after_fwd = read_status(files)  # memory after both batches ran once (caches built), before any baseline
+        # Same-process baseline: the unencoded model, timed in interleaved rounds with the served one, so
+        # each ratio compares forwards a few milliseconds apart (this VM's speed drifts between processes).
+        base = None if a.case == "unencoded" else BertModel.from_pretrained(path, add_pooling_layer=True).eval().float()
         lat = []
         for th in a.threads:
             torch.set_num_threads(th)
             for bs, b in batches.items():  # warm-up
                 for _ in range(2):
                     model(**b)
-            times = {1: [], 8: []}
+                    if base is not None:
+                        base(**b)
+            times, btimes = {1: [], 8: []}, {1: [], 8: []}
             for _ in range(a.reps):
                 for bs, b in batches.items():
                     t1 = time.perf_counter()
                     model(**b)
                     times[bs].append(time.perf_counter() - t1)
-            lat.append(dict(threads=th, times=times))
+                    if base is not None:
+                        t1 = time.perf_counter()
+                        base(**b)
+                        btimes[bs].append(time.perf_counter() - t1)
+            lat.append(dict(threads=th, times=times, baseline=btimes if base is not None else None))
     ELSAModule._sparse_cpu_linear = orig
-    gc.collect()
-    after_fwd = read_status(files)
     packed = sum(m.packed_level().nbytes for _, m in ec.elsa_modules(model)
                  if getattr(m, "_sparse_cpu", False) and m.level <= m.num_levels)
     cached = sum(m.cached_bytes for _, m in ec.elsa_modules(model))
@@ -232,8 +242,16 @@ def _rows_of(ctx, r, level_name, density, structure="dense") -> None:
                 note += f"; min cosine to unencoded {pb['cos_min']:.5f}"
             if structure != "dense":
                 note += f"; {structure} level {level_name}"
+            base = (lat.get("baseline") or {}).get(bs) or (lat.get("baseline") or {}).get(str(bs))
+            ratio = None
+            if base:
+                bp = percentiles([s * 1e6 for s in base])
+                ratio = p[1] / bp[1]
+                add("minilm_forward", "unencoded-same-process", f"minilm-l6/{bs}x{pb['tokens']}", torch.float32, level,
+                    st_name, density, Stats(*bp, len(base), "perf_counter"), threads=th, m=int(bs) * pb["tokens"],
+                    note=f"the unencoded model timed in interleaved rounds with {prov} {structure} level {level_name}")
             add("minilm_forward", prov, f"minilm-l6/{bs}x{pb['tokens']}", torch.float32, level, st_name, density, st,
-                threads=th, m=int(bs) * pb["tokens"], note=note)
+                threads=th, m=int(bs) * pb["tokens"], note=note, ratio_vs_dense=ratio)
     fl, af = r["floor"], r["after_forward"]
     shape = "minilm-l6"
     b1 = r["per_batch"]["1"]["status"]

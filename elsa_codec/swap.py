@@ -248,8 +248,34 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _load_plain(model: nn.Module, enc, encoded_names: set, *, assign: bool) -> None:
+    """Put the checkpoint's tensors that are not encoded weights into ``model``: copied into the
+    model's own tensors, or with ``assign`` (``load(..., level=)``) the checkpoint's tensors
+    themselves (views of the memory-mapped file: nothing copied, pages read on demand; as
+    ``load_state_dict(assign=True)``). Tensors shared by several names in the model and tensors
+    off the CPU are always copied (an assign would untie them or leave them on the CPU)."""
+    sd = model.state_dict(keep_vars=True)
+    counts: dict[int, int] = {}
+    for t in sd.values():
+        counts[id(t)] = counts.get(id(t), 0) + 1
+    assigned = {}
+    with torch.no_grad():
+        for name, t in enc.items():
+            if name in encoded_names:
+                continue
+            dst = sd[name]
+            if dst is t:
+                continue
+            if assign and dst.device.type == "cpu" and t.device.type == "cpu" and counts[id(dst)] == 1:
+                assigned[name] = t
+            else:
+                dst.copy_(t)
+    if assigned:
+        model.load_state_dict(assigned, strict=False, assign=True)
+
+
 def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
-          strict: bool = True) -> nn.Module:
+          strict: bool = True, _assign: bool = False) -> nn.Module:
     """Serve ``encoded`` with ``model``, in place (ELSA, arXiv 2312.06872, sec. 2.2).
 
     Replaces exactly the modules whose ``weight`` is encoded (``nn.Linear``, ``nn.Conv1d``,
@@ -295,14 +321,7 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     # Commit: nothing below can fail on validated input.
     for fqn, new in {**new_modules, **new_bn}.items():
         _replace(model, fqn, new)
-    encoded_names = {f"{fqn}.weight" for fqn in new_modules}
-    sd = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, t in enc.items():
-            if name not in encoded_names:
-                dst = sd[name]
-                if dst is not t:
-                    dst.copy_(t)
+    _load_plain(model, enc, {f"{fqn}.weight" for fqn in new_modules}, assign=_assign)
     for mod in model.modules():
         if isinstance(mod, (ELSAModule, LevelBatchNormMixin)) and mod.num_levels == T:
             mod.set_level(T + 1)
@@ -328,8 +347,10 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
 
     The file is memory-mapped (safetensors): the encoded weights the model serves are views of the
     mapping, never copied. With ``level`` (``1..T+1``, ``"dense"``), the model serves that level at
-    once and keeps no dense copy resident: each sparse level is packed for the ``sparse-cpu``
-    kernels (only the kept weights), then every tensor of the file hands its pages back to the OS
+    once and keeps no dense copy resident: the tensors that are not encoded become views of the
+    mapping too (``load_state_dict(assign=True)``; tied or non-CPU ones are copied), each sparse
+    level is packed for the ``sparse-cpu`` kernels (only the kept weights), then every tensor of
+    the file hands its pages back to the OS
     (:func:`elsa_codec.pages.release_pages`; the bytes are read again from the file when a
     later :func:`set_level` packs another level). Resident memory measured in
     bench/results/cpu-sparse/.
@@ -344,7 +365,7 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
     enc = load_file(os.fspath(path))
     if level is not None:
         resolve_level(level, enc.meta.num_levels)  # before anything changes
-    swap_(model, enc, filter_fn=filter_fn, strict=strict)
+    swap_(model, enc, filter_fn=filter_fn, strict=strict, _assign=level is not None)
     if level is not None:
         for _, m in elsa_modules(model):
             m.keep_weight_resident = False

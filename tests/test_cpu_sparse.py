@@ -359,3 +359,35 @@ def test_build_into_a_fresh_cache(tmp_path):
     ok, where = out.stdout.split()
     assert ok == "True" and where == str(tmp_path)
     assert [f for f in os.listdir(tmp_path) if f.endswith(".so")] and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_load_level_assigns_plain_tensors_from_the_file_and_keeps_ties(tmp_path):
+    """Non-encoded tensors become views of the mapped file (nothing copied); a tied pair stays one."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 520)
+            self.fc = nn.Linear(520, 1031)
+            self.head = nn.Linear(520, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.fc(self.emb(ids))[..., :520])
+
+    torch.manual_seed(0)
+    model = Tied()
+    sd = model.state_dict()
+    enc = ec.encode(sd, ec.magnitude_counters(model, [0.9, 0.5]))  # fc only ("blocks")
+    path = str(tmp_path / "t.safetensors")
+    ec.save_file(enc, path)
+    fresh = Tied()
+    before = fresh.fc.bias
+    served = ec.load(path, fresh, level=1)
+    assert served.fc.bias is not before and torch.equal(served.fc.bias, sd["fc.bias"])  # assigned, not copied
+    assert served.head.weight is served.emb.weight and torch.equal(served.emb.weight, sd["emb.weight"])
+    ids = torch.tensor([[1, 2, 3]])
+    ref = Tied()
+    ref.load_state_dict(ec.extract(enc, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), ref(ids), rtol=1e-5, atol=1e-5)
