@@ -13,8 +13,9 @@ The source is compiled on first use (never at ``import elsa_codec``) with the sy
   ``ELSA_CPU_ISA=avx2`` (or ``scalar``) caps it, e.g. to measure the AVX2 path on an AVX-512 CPU.
 
 Why ctypes and not ``torch.utils.cpp_extension``: the kernels take raw pointers and need nothing
-from ATen, so a plain shared object builds in about 5 s on the project's 2-core machine, against
-well over half a minute for an extension that includes the torch headers; the threads are OpenMP's
+from ATen, so a plain shared object builds in about 9 s on the project's 2-core machine, against
+39 s for an empty ``torch.utils.cpp_extension.load_inline`` module (``#include
+<torch/extension.h>``, measured on the same machine); the threads are OpenMP's
 (the same ``libgomp`` the PyTorch wheel loads), sized by ``torch.get_num_threads()`` per call.
 
 If the build fails (no compiler, a read-only cache), :func:`cpu_kernels` returns None, the
