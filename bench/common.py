@@ -377,16 +377,16 @@ class Results:
         return append_csv(path, self.rows)
 
 
-def append_csv(path: str, rows: list[dict]) -> int:
+def append_csv(path: str, rows: list[dict], columns: list[str] = COLUMNS) -> int:
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), None)
-        if header != COLUMNS:
-            raise SystemExit(f"{path}: existing CSV has columns {header}, expected {COLUMNS}; use another --out")
+        if header != columns:
+            raise SystemExit(f"{path}: existing CSV has columns {header}, expected {columns}; use another --out")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
         w.writerows(rows)

@@ -119,19 +119,7 @@ class Rows:
         return row
 
     def write(self, path: str) -> int:
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        if not new:
-            with open(path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
-            if header != COLUMNS:
-                raise SystemExit(f"{path}: existing CSV has columns {header}, expected {COLUMNS}; use another --out")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(self.rows)
-        return len(self.rows)
+        return common.append_csv(path, self.rows, columns=COLUMNS)
 
 
 #: The ops of each section (``latest`` picks the newest run per section: a run of ``--only

@@ -223,6 +223,14 @@ void over_rows(int64_t N, int nt, int64_t work, F f) {
     }
 }
 
+// The mask bytes j .. KB of a row (after the vector loop), one kept weight at a time, added to s.
+template <int DT>
+inline float bitmask_tail(float s, int64_t j, int64_t KB, int64_t i, const uint8_t* mb, const void* val, const float* x) {
+    for (; j < KB; j++)
+        for (unsigned b = mb[j]; b; b &= b - 1) s += load1(val, DT, i++) * x[8 * j + __builtin_ctz(b)];
+    return s;
+}
+
 // bitmask: x `[8 KB]` (zero padded past K). Four mask bytes (32 columns) per step: each byte
 // compresses its 8 inputs to the positions of its kept weights (one permute), multiplied with the
 // next popcount values (lanes past it masked off).
@@ -256,14 +264,7 @@ void bitmask_mv_rows(int64_t n0, int64_t n1, int64_t KB, const int64_t* rowptr, 
         }
         s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
-        for (; j < KB; j++) {
-            unsigned b = mb[j];
-            while (b) {
-                s += load1(val, DT, i++) * x[8 * j + __builtin_ctz(b)];
-                b &= b - 1;
-            }
-        }
-        y[n] = s + (bias ? bias[n] : 0.f);
+        y[n] = bitmask_tail<DT>(s, j, KB, i, mb, val, x) + (bias ? bias[n] : 0.f);
     }
 }
 
@@ -354,14 +355,7 @@ ELSA_512 void bitmask_mv_rows_512(int64_t n0, int64_t n1, int64_t KB, const int6
         }
         __m512 a = _mm512_add_ps(a0, a1);
         float s = hsum(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
-        for (; j < KB; j++) {
-            unsigned b = mb[j];
-            while (b) {
-                s += load1(val, DT, i++) * x[8 * j + __builtin_ctz(b)];
-                b &= b - 1;
-            }
-        }
-        y[n] = s + (bias ? bias[n] : 0.f);
+        y[n] = bitmask_tail<DT>(s, j, KB, i, mb, val, x) + (bias ? bias[n] : 0.f);
     }
 }
 #endif
