@@ -184,11 +184,7 @@ def table_memory(rows, command) -> str:
                "from the file after `release_pages` (p50 of repetitions).\n")
     out.append("| layer | dtype | case | format | packed | resident | target | met | file pages resident | peak over floor | tracemalloc peak |")
     out.append("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|")
-    keys = []
-    for r in mem:
-        k = (r["shape"], r["dtype"], r["provider"], r["level"])
-        if k not in keys:
-            keys.append(k)
+    keys = list(dict.fromkeys((r["shape"], r["dtype"], r["provider"], r["level"]) for r in mem))
     for k in keys:
         g = {r["metric"]: r for r in mem if (r["shape"], r["dtype"], r["provider"], r["level"]) == k}
         res = g.get("resident_beyond_floor")
@@ -228,11 +224,7 @@ def table_minilm(rows, command) -> str:
         " | calls b1 / b8 | VmRSS | peak RSS | resident over floor after batch 1 / after all | packed | decoded (fallback) cache |"
     out.append(head)
     out.append("|---|---|---:|" + "---:|" * (2 * len(ths)) + "---|---:|---:|---:|---:|---:|")
-    keys = []
-    for r in fw:
-        k = (r["provider"], r["structure"], r["level"])
-        if k not in keys:
-            keys.append(k)
+    keys = list(dict.fromkeys((r["provider"], r["structure"], r["level"]) for r in fw))
     un = {}
     for k in keys:
         g = [r for r in fw if (r["provider"], r["structure"], r["level"]) == k]

@@ -76,6 +76,18 @@ class PackedLevel:
     tensors: dict
     block: tuple = (0, 0)
 
+    def arrays(self) -> tuple:
+        """The format's arrays as the kernels take them, after the leading sizes (``csr``: rowptr,
+        col, index bytes, val; ``bitmask``: mask bytes per row, rowptr, mask, val; ``bsr``: R, R8, C,
+        browptr, bcol, bval): one list for the M = 1 and M > 1 products and for unpack."""
+        t = self.tensors
+        if self.format == "csr":
+            return t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(), t["val"].data_ptr()
+        if self.format == "bitmask":
+            return t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(), t["val"].data_ptr()
+        R, C = self.block
+        return R, -(-R // 8) * 8, C, t["browptr"].data_ptr(), t["bcol"].data_ptr(), t["bval"].data_ptr()
+
     def mv(self, x_ptr: int, bias_ptr, y_ptr: int, threads: int) -> None:
         """The M = 1 kernel on raw pointers (x float32 `[K padded]`, bias float32 `[N]` or None,
         y float32 `[N]`), its constant arguments bound once (keeps the per-call cost low)."""
@@ -287,19 +299,9 @@ def unpack(packed: PackedLevel, *, threads: int | None = None) -> torch.Tensor:
     if lib is None:
         return unpack_reference(packed)
     N, K = packed.shape
-    t, es = packed.tensors, packed.dtype.itemsize
     out = torch.zeros(N, K, dtype=packed.dtype)
-    nt = threads or torch.get_num_threads()
-    if packed.format == "csr":
-        lib.elsa_unpack_csr(N, K, t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(),
-                            t["val"].data_ptr(), es, out.data_ptr(), nt)
-    elif packed.format == "bitmask":
-        lib.elsa_unpack_bitmask(N, K, t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(),
-                                t["val"].data_ptr(), es, out.data_ptr(), nt)
-    else:
-        R, C = packed.block
-        lib.elsa_unpack_bsr(N, K, R, -(-R // 8) * 8, C, t["browptr"].data_ptr(), t["bcol"].data_ptr(),
-                            t["bval"].data_ptr(), es, out.data_ptr(), nt)
+    getattr(lib, f"elsa_unpack_{packed.format}")(N, K, *packed.arrays(), packed.dtype.itemsize, out.data_ptr(),
+                                                 threads or torch.get_num_threads())
     return out
 
 
@@ -432,28 +434,22 @@ def _sparse_linear(x, packed, bias, threads):
     b = None if bias is None else bias.detach()
     if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
         b = b.to(torch.float32).contiguous()
-    bp = None if b is None else b.data_ptr()
-    if x.dim() == 2 and x.shape[0] == 1 or x.dim() == 1:
+    lead = x.shape[:-1]
+    if x.numel() == K:  # one row (any leading dims of size 1): the M = 1 kernel on x itself
         if x.dtype == torch.float32 and x.is_contiguous() and _xpad(packed) == K:
             xf = x
         else:
             xf = torch.zeros(_xpad(packed), dtype=torch.float32)
             xf[:K] = x.reshape(-1)
-        y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-        packed.mv(xf.data_ptr(), bp, y.data_ptr(), nt)
+        y = torch.empty(*lead, N, dtype=torch.float32)
+        packed.mv(xf.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), nt)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
         return x.new_zeros(*lead, N)
     y = torch.empty(M, N, dtype=torch.float32)
-    if M == 1:
-        xf = torch.zeros(_xpad(packed), dtype=torch.float32)
-        xf[:K] = x2[0]
-        packed.mv(xf.data_ptr(), bp, y.data_ptr(), nt)
-    else:
-        _mm(_lib(), packed, x2, b, y, M, nt)
+    _mm(_lib(), packed, x2, b, y, M, nt)
     return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, N)
 
 
@@ -477,44 +473,21 @@ def _xpad(packed: PackedLevel) -> int:
 
 
 def _bind_mv(lib, packed):
-    """``f(x_ptr, bias_ptr, y_ptr, threads)``: the format's M = 1 kernel with the packed arrays bound."""
-    import ctypes
-
-    N, K = packed.shape
-    t, dt = packed.tensors, _DT[packed.dtype]
-    P, I64 = ctypes.c_void_p, ctypes.c_int64
-    if packed.format == "csr":
-        fn = lib.elsa_csr_mv
-        pre = (I64(N), P(t["rowptr"].data_ptr()), P(t["col"].data_ptr()), ctypes.c_int(t["col"].element_size()),
-               P(t["val"].data_ptr()), ctypes.c_int(dt))
-    elif packed.format == "bitmask":
-        fn = lib.elsa_bitmask_mv
-        pre = (I64(N), I64(t["mask"].shape[1]), P(t["rowptr"].data_ptr()), P(t["mask"].data_ptr()),
-               P(t["val"].data_ptr()), ctypes.c_int(dt))
-    else:
-        R, C = packed.block
-        fn = lib.elsa_bsr_mv
-        pre = (I64(N), I64(R), I64(-(-R // 8) * 8), I64(C), P(t["browptr"].data_ptr()), P(t["bcol"].data_ptr()),
-               P(t["bval"].data_ptr()), ctypes.c_int(dt))
+    """``f(x_ptr, bias_ptr, y_ptr, threads)``: the format's M = 1 kernel with the packed arrays bound
+    (converted to their ctypes types once: the per-call conversion is what costs at small sizes)."""
+    fn = getattr(lib, f"elsa_{packed.format}_mv")
+    args = (packed.shape[0], *packed.arrays(), _DT[packed.dtype])
+    pre = tuple(ct(v) for ct, v in zip(fn.argtypes, args))
     return lambda x, b, y, nt: fn(*pre, x, b, y, nt)
 
 
 def _mm(lib, packed, x2, b, y, M, nt) -> None:
     N, K = packed.shape
-    t, dt = packed.tensors, _DT[packed.dtype]
     M8 = (M + 7) // 8 * 8
     xt = torch.zeros(_xpad(packed), M8, dtype=torch.float32)
     xt[:K, :M] = x2.t()
-    if packed.format == "csr":
-        lib.elsa_csr_mm(N, M, M8, t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(),
-                        t["val"].data_ptr(), dt, xt.data_ptr(), _ptr(b), y.data_ptr(), N, nt)
-    elif packed.format == "bitmask":
-        lib.elsa_bitmask_mm(N, M, M8, t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(),
-                            t["val"].data_ptr(), dt, xt.data_ptr(), _ptr(b), y.data_ptr(), N, nt)
-    else:
-        R, C = packed.block
-        lib.elsa_bsr_mm(N, M, M8, R, -(-R // 8) * 8, C, t["browptr"].data_ptr(), t["bcol"].data_ptr(),
-                        t["bval"].data_ptr(), dt, xt.data_ptr(), _ptr(b), y.data_ptr(), N, nt)
+    getattr(lib, f"elsa_{packed.format}_mm")(N, M, M8, *packed.arrays(), _DT[packed.dtype], xt.data_ptr(), _ptr(b),
+                                             y.data_ptr(), N, nt)
 
 
 def sparse_linear_reference(x: torch.Tensor, packed: PackedLevel, bias: torch.Tensor | None = None) -> torch.Tensor:

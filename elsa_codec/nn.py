@@ -225,6 +225,7 @@ class ELSAModule(nn.Module):
         self._level = T + 1
         self._triton = False
         self._sparse_cpu = False
+        self._sparse_limit = 0  # input rows the sparse-cpu backend serves packed (planned with the path)
         self._packed = None  # (key, PackedLevel of the current sparse level), sparse-cpu backend
         self._cached = None  # (key, decoded weight of the current sparse level)
         self._tiles = None  # (key, tile table)
@@ -314,6 +315,9 @@ class ELSAModule(nn.Module):
         if self._triton:
             _kernels()  # import outside torch.compile tracing
         if self._sparse_cpu:
+            from .cpu_sparse import module_plan
+
+            self._sparse_limit = module_plan(self, self._level)[2]  # rows served packed
             self.packed_level()  # pack at the level switch, not in the first forward
 
     def _kernels_for(self, fn: str):
@@ -429,18 +433,11 @@ class ELSAModule(nn.Module):
     def _sparse_cpu_linear(self, x: torch.Tensor):
         """``F.linear(x, W_t, bias)`` from the packed level, or None where the reference path must
         run instead (more than ``cpu_max_tokens`` rows, or an input of another dtype)."""
-        from .cpu_sparse import module_plan, sparse_linear
+        from .cpu_sparse import sparse_linear
 
-        w = self.weight
-        key = (self._level, w.data_ptr(), w._version, self.cpu_format, self.cpu_max_tokens)
-        fast = self.__dict__.get("_sparse_fast")
-        if fast is None or fast[0] != key or self._packed is None:
-            packed = self.packed_level()
-            fast = self._sparse_fast = (key, packed, module_plan(self, self._level)[2])
-        packed = fast[1]
-        if x.numel() > fast[2] * x.shape[-1] or x.dtype != w.dtype:
+        if x.numel() > self._sparse_limit * x.shape[-1] or x.dtype != self.weight.dtype:
             return None
-        return sparse_linear(x, packed, self.bias)
+        return sparse_linear(x, self.packed_level(), self.bias)
 
     @property
     def cached_bytes(self) -> int:
@@ -514,10 +511,8 @@ class ELSAModule(nn.Module):
             lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
         be = self.backend
         if be == "sparse-cpu" and self._packed is not None:
-            from .cpu_sparse import module_plan
-
             p = self._packed[1]
-            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={module_plan(self, t)[2]})"
+            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={self._sparse_limit})"
         if self.backend_request != "auto":
             be += f" (forced {self.backend_request})"
         st = sorted(set(self.structures))
