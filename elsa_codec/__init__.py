@@ -29,7 +29,8 @@ from .codec import (
     extract,
     magnitude_counters,
 )
-from .io import encode_file, load_counters, load_file, read_meta, save_counters, save_file
+from .stream import encode_file
+from .io import load_counters, load_file, read_meta, save_counters, save_file
 from .sparsify import GMPSchedule, MagnitudeSparsifier, Sparsifier, erk_densities, gmp_sparsity
 from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
 from .config import ELSAConfig

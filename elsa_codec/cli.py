@@ -36,7 +36,7 @@ def _fmt_db(x) -> str:
 
 
 def cmd_encode(a) -> int:
-    from .io import encode_file
+    from .stream import encode_file
 
     t0 = time.perf_counter()
     meta = encode_file(

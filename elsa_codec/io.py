@@ -7,7 +7,9 @@ every tensor, so a truncated or byte-flipped file is an error, never a silently 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -37,10 +39,10 @@ __all__ = [
     "save_file",
     "load_file",
     "read_meta",
-    "encode_file",
     "save_counters",
     "load_counters",
     "write_plain",
+    "stale_temporaries",
 ]
 
 _META_KEY = "elsa"
@@ -64,13 +66,69 @@ def _crc(t: torch.Tensor) -> str:
     return f"{zlib.crc32(memoryview(b)) & 0xFFFFFFFF:08x}"
 
 
-@contextmanager
-def _atomic(path: str, suffix: str = ".tmp"):
-    """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on failure."""
+_TMP_SUFFIX = ".elsa-tmp"
+
+
+def _tmp_prefix(path: str) -> str:
+    """``.{12 hex digits of the target name's hash}-`` : temporary names stay 40 characters long
+    whatever the target's length (a legal 255-character name must stay writable) and still say
+    which target they belong to."""
+    return "." + hashlib.sha256(os.path.basename(path).encode("utf-8", "surrogateescape")).hexdigest()[:12] + "-"
+
+
+def stale_temporaries(path: str) -> list:
+    """Temporary files of earlier writes of ``path`` whose writing process is gone (killed while
+    writing): ``[paths]``. :func:`_atomic` removes them on the next write of ``path``;
+    ``elsa verify`` reports them."""
     d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=d)
+    pre = _tmp_prefix(path)
+    out = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    for n in names:
+        if not (n.startswith(pre) and n.endswith(_TMP_SUFFIX)):
+            continue
+        pid = n[len(pre):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another process is writing this target right now
+        if pid.isdigit() and int(pid) == os.getpid() and n in _OPEN_TMPS:
+            continue
+        out.append(os.path.join(d, n))
+    return sorted(out)
+
+
+_OPEN_TMPS: set = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _atomic(path: str, suffix: str = _TMP_SUFFIX):
+    """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on failure.
+
+    The temporary name is ``.{hash of the target name}-{pid}-{random}.elsa-tmp`` (under 50
+    characters); stale ones of the same target left by a killed process are removed first.
+    """
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(d, exist_ok=True)  # the API creates missing folders; the CLI refuses them (a typo)
+    for stale in stale_temporaries(path):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=suffix, dir=d)
     os.close(fd)
+    _OPEN_TMPS.add(os.path.basename(tmp))
     try:
         yield tmp
         umask = os.umask(0)
@@ -81,6 +139,83 @@ def _atomic(path: str, suffix: str = ".tmp"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        _OPEN_TMPS.discard(os.path.basename(tmp))
+
+
+_HEADER_KEY = "elsa_header_sha256"
+#: ``__metadata__`` keys of an ELSA file. Files written before the header checksum (the golden
+#: file) hold only the first three; any other key there means a corrupted key name.
+_KNOWN_KEYS = ("format", _META_KEY, _CRC_KEY, _HEADER_KEY)
+
+
+def header_checksum(metadata: Mapping[str, str], entries: Mapping[str, tuple]) -> str:
+    """SHA-256 (hex) of the canonical form of a header: the ``__metadata__`` strings (without the
+    checksum itself) and every tensor's ``(dtype, shape)`` (``entries``: ``name -> (dtype, shape)``,
+    dtype the safetensors code ``"F32"``). Data offsets are not part of it: the per-tensor CRC-32s
+    check what they point to."""
+    canon = {
+        "metadata": {k: v for k, v in metadata.items() if k != _HEADER_KEY},
+        "tensors": {n: [str(d), [int(x) for x in s]] for n, (d, s) in entries.items()},
+    }
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def st_dtype(t: torch.Tensor, name: str) -> str:
+    """The safetensors dtype code of ``t`` (``"F32"``); ELSAError naming ``name`` if none."""
+    if t.dtype not in _DTYPES:
+        raise ELSAError(f"{name}: dtype {t.dtype} cannot be written to a safetensors file")
+    return _DTYPES[t.dtype]
+
+
+_ITEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def data_order(entries: Mapping[str, tuple]) -> list:
+    """The order of the tensors' bytes in the file: widest dtype first, then by name (as
+    safetensors lays them out, so every tensor is aligned to its element size).
+    ``entries``: ``name -> (dtype code, shape)``."""
+    return sorted(entries, key=lambda n: (-_ITEM[entries[n][0]], n))
+
+
+def header_bytes(entries: Mapping[str, tuple], metadata: Mapping[str, str]) -> bytes:
+    """The first bytes of a safetensors file: 8-byte little-endian length, then the header JSON.
+
+    ``entries``: ``name -> (dtype code, shape)``; the data offsets follow :func:`data_order`.
+    ``metadata`` gets the header checksum (:func:`header_checksum`). The JSON has sorted keys and
+    compact separators, padded with spaces to a multiple of 8 bytes: the same input gives the same
+    bytes in every process (safetensors' own writer orders ``__metadata__`` by a hash map).
+    """
+    md = {str(k): str(v) for k, v in metadata.items()}
+    md[_HEADER_KEY] = header_checksum(md, entries)
+    header, off = {"__metadata__": md}, 0
+    for n in data_order(entries):
+        d, s = entries[n]
+        nb = _ITEM[d] * math.prod(s)
+        header[n] = {"dtype": d, "shape": [int(x) for x in s], "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    return len(hb).to_bytes(8, "little") + hb
+
+
+def write_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` (CPU, contiguous) and ``metadata`` as a safetensors file at ``path``
+    (not atomic: call inside :func:`_atomic`), byte-reproducible (:func:`header_bytes`)."""
+    entries = {n: (st_dtype(t, n), list(t.shape)) for n, t in tensors.items()}
+    with open(path, "wb") as f:
+        f.write(header_bytes(entries, metadata))
+        for n in data_order(entries):
+            t = tensors[n]
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def file_metadata(doc: str, crcs: Mapping[str, str]) -> dict:
+    """The ``__metadata__`` of an ELSA file (before its header checksum): the document and the
+    per-tensor CRC-32 table (sorted, compact)."""
+    return {"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps(dict(crcs), sort_keys=True, separators=(",", ":"))}
 
 
 def _check_out_path(path: str, inputs: Iterable[str] = ()) -> None:
@@ -149,15 +284,13 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
     Raises:
         ELSAError: not an ELSAStateDict, or a tensor name using the reserved prefix.
     """
-    from safetensors.torch import save_file as st_save
-
     tensors, tied = _flat_tensors(encoded)
     doc = dataclasses.replace(encoded.meta, tied=tied).to_json()  # what the file stores once
     crcs = {n: _crc(t) for n, t in tensors.items()}
     sharded = max_shard_size is not None or str(path).endswith(".index.json")
     if not sharded:
         with _atomic(path) as tmp:
-            st_save(tensors, tmp, metadata={"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps(crcs)})
+            write_tensors(tmp, tensors, file_metadata(doc, crcs))
         return
     limit = _parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
     groups, cur, size = [], [], 0
@@ -181,16 +314,12 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
             shard = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
             sub = {n: tensors[n] for n in names}
             with _atomic(os.path.join(folder, shard)) as tmp:
-                st_save(sub, tmp, metadata={"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps({n: crcs[n] for n in names})})
+                write_tensors(tmp, sub, file_metadata(doc, {n: crcs[n] for n in names}))
             written.append(os.path.join(folder, shard))
             weight_map.update({n: shard for n in names})
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()), _META_KEY: doc, _CRC_KEY: json.dumps(crcs)},
-            "weight_map": weight_map,
-        }
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
         with _atomic(index_path) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(index, f, indent=1)
+            write_index(tmp, weight_map, total, doc, crcs)
     except BaseException:
         for p in written:
             if os.path.exists(p):
@@ -198,31 +327,103 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
         raise
 
 
-def _open_safetensors(path: str):
+def write_index(path: str, weight_map: Mapping[str, str], total_size: int, doc: str, crcs: Mapping[str, str]) -> None:
+    """Write a ``*.safetensors.index.json`` (not atomic: call inside :func:`_atomic`): sorted keys,
+    the document, every checksum and the index's own checksum (:func:`index_checksum`)."""
+    md = {"total_size": int(total_size), **file_metadata(doc, crcs)}
+    del md["format"]
+    index = {"metadata": md, "weight_map": dict(sorted(weight_map.items()))}
+    index["metadata"][_HEADER_KEY] = index_checksum(index)
+    with open(path, "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def index_checksum(index: Mapping) -> str:
+    """SHA-256 (hex) of an index's canonical form: its metadata (without this checksum) and weight map."""
+    md = {k: v for k, v in dict(index.get("metadata", {})).items() if k != _HEADER_KEY}
+    canon = json.dumps({"metadata": md, "weight_map": index.get("weight_map")}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _open_safetensors(path: str, *, check_header: bool = True):
+    """``safe_open`` of ``path`` with its header checked (:func:`_check_header`); every failure is
+    an ELSAFormatError naming the file."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
         raise ELSAFormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ELSAFormatError(f"{path}: is a directory, not a safetensors file")
     size = os.path.getsize(path)
     if size < 8:
         raise ELSAFormatError(f"{path}: truncated file ({size} bytes; a safetensors file starts with an 8-byte header size)")
     try:
-        return safe_open(path, framework="pt", device="cpu")
+        f = safe_open(path, framework="pt", device="cpu")
+        if check_header:
+            _check_header(f, path)
+        return f
+    except ELSAFormatError:
+        raise
     except Exception as e:  # safetensors raises its own error type for malformed headers / truncation
         raise ELSAFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _check_header(f, path: str) -> None:
+    """Verify the header checksum (:func:`header_checksum`) of an opened file. A file without one
+    is accepted only if it could have been written before checksums existed (an ELSA file then
+    holds no metadata key but ``format``, ``elsa``, ``elsa_checksums``)."""
+    md = f.metadata() or {}
+    want = md.get(_HEADER_KEY)
+    if want is None:
+        extra = sorted(set(md) - set(_KNOWN_KEYS))
+        if _META_KEY in md and extra:
+            raise ELSAFormatError(f"{path}: header has no checksum and an unknown metadata key {extra[0]!r} (corrupted header)")
+        return
+    entries = {}
+    for n in f.keys():
+        sl = f.get_slice(n)
+        entries[n] = (sl.get_dtype(), sl.get_shape())
+    if header_checksum(md, entries) != want:
+        raise ELSAFormatError(
+            f"{path}: the header (metadata document, checksum table or tensor list) fails its SHA-256 check (file corrupted)"
+        )
+
+
+def _no_duplicates(pairs):
+    """``object_pairs_hook`` for ``json.load``: a repeated key is an error, not "the last wins"."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicated key {k!r}")
+        d[k] = v
+    return d
 
 
 def _shards(path: str):
     """[(shard_path, [names] or None)] and the index metadata (or None) for a file or an index."""
     if str(path).endswith(".index.json"):
         try:
-            with open(path) as f:
-                index = json.load(f)
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f, object_pairs_hook=_no_duplicates)
             wm = index["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(s, str) for s in wm.values()):
+                raise TypeError("weight_map is not an object of file names")
         except FileNotFoundError:
             raise ELSAFormatError(f"{path}: no such file") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except IsADirectoryError:
+            raise ELSAFormatError(f"{path}: is a directory, not an index file") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ELSAFormatError(f"{path}: malformed index file ({e})") from None
+        md = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        want = md.get(_HEADER_KEY)
+        if want is None and _META_KEY in md and set(md) - {"total_size", _META_KEY, _CRC_KEY}:
+            raise ELSAFormatError(f"{path}: index has no checksum and unknown metadata keys (corrupted)")
+        if want is not None and index_checksum(index) != want:
+            raise ELSAFormatError(f"{path}: the index (metadata, checksums or weight map) fails its SHA-256 check (file corrupted)")
+        for s in wm.values():
+            if os.path.basename(s) != s or s in ("", ".", ".."):
+                raise ELSAFormatError(f"{path}: weight_map names a shard {s!r} outside the index's folder")
         folder = os.path.dirname(os.path.abspath(path))
         by_shard = {}
         for n, s in wm.items():
@@ -312,15 +513,13 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
 def save_counters(counters: Counters, path: str) -> None:
     """Write :class:`Counters` (uint8 tensors) to a safetensors file, atomically, with T and the
     level structures in the metadata. Read back with :func:`load_counters` or ``elsa encode --counters``."""
-    from safetensors.torch import save_file as st_save
-
     t = {n: c.to(torch.uint8).contiguous() for n, c in counters.items()}
     head = {"num_levels": counters.num_levels, "structures": counters.structures}
     if getattr(counters, "transposed", None):
         head["transposed"] = sorted(counters.transposed)
     md = {"elsa_counters": json.dumps(head)}
     with _atomic(path) as tmp:
-        st_save(t, tmp, metadata=md)
+        write_tensors(tmp, t, md)
 
 
 def load_counters(path: str) -> Counters:
@@ -344,145 +543,14 @@ def _counters_header(f, path: str) -> tuple:
 
 def write_plain(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Write a plain safetensors file (any loader reads it), atomically."""
-    from safetensors.torch import save_file as st_save
-
-    flat = {n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}
+    flat = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     with _atomic(path) as tmp:
-        st_save(flat, tmp, metadata=dict(metadata or {"format": "pt"}))
+        write_tensors(tmp, flat, dict(metadata or {"format": "pt"}))
 
 
-# ----------------------------------------------------------------------------------------------
-# Streaming encode: tensor by tensor, peak memory near the largest tensor.
+def __getattr__(name):
+    if name == "encode_file":  # moved to elsa_codec.stream; kept importable from here
+        from .stream import encode_file
 
-
-def encode_file(
-    in_path: str,
-    out_path: str,
-    *,
-    levels=None,
-    counters: str | Counters | None = None,
-    structure: str = "unstructured",
-    distribution: str = "uniform",
-    dtype: torch.dtype | None = None,
-    code_bits: int | None = None,
-    names=None,
-    progress: bool = True,
-) -> ELSAMeta:
-    """Encode a safetensors checkpoint from disk, tensor by tensor, into an ELSA file.
-
-    Peak memory stays near the largest tensor (plus one global-distribution pass over
-    magnitudes' histogram), not the checkpoint. The output is written atomically and never over
-    the input.
-
-    Args:
-        in_path: ``*.safetensors`` or ``*.safetensors.index.json``.
-        out_path: the ELSA file (``*.safetensors``).
-        levels: magnitude levels, sparsest first (``[0.9, 0.75, 0.5]`` or ``["1:4", "2:4"]``);
-            exclusive with ``counters``.
-        counters: a counters file (:func:`save_counters`) or :class:`Counters`, e.g. from training.
-        structure, distribution, names: as :func:`elsa_codec.magnitude_counters`.
-        dtype: convert floating tensors to this dtype first (e.g. ``torch.bfloat16``).
-        code_bits: k (default from T).
-
-    Returns:
-        The written :class:`ELSAMeta`.
-
-    Raises:
-        ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`.
-    """
-    from tqdm.auto import tqdm
-
-    if (levels is None) == (counters is None):
-        raise ELSAError("give exactly one of levels= (magnitude levels) or counters= (a counters file)")
-    _check_out_path(out_path, [in_path])
-    shards, _ = _shards(in_path)
-    handles = {}
-    where = {}
-    for shard, ns in shards:
-        f = _open_safetensors(shard)
-        handles[shard] = f
-        for n in ns if ns is not None else f.keys():
-            where[n] = shard
-    all_names = list(where)
-
-    def get(n):
-        t = handles[where[n]].get_tensor(n)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t
-
-    if counters is not None:
-        if isinstance(counters, str):  # read the counters file tensor by tensor, too
-            cf = _open_safetensors(counters)
-            T, structs, transposed = _counters_header(cf, counters)
-            sel = list(cf.keys())
-            get_counters = cf.get_tensor
-        else:
-            T, structs, sel = counters.num_levels, list(counters.structures), list(counters)
-            transposed = set(getattr(counters, "transposed", ()))
-            get_counters = counters.__getitem__
-        for n in sel:
-            if n not in where:
-                raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
-        specs = None
-    else:
-        specs = parse_levels(levels, structure, distribution)
-        sps = [s for s, _ in specs]
-        T, structs, transposed = len(specs), [str(st) for _, st in specs], set()
-        # shape-and-dtype stand-ins, so that selecting tensors reads no tensor data
-        stand_ins = {}
-        for n in all_names:
-            sl = handles[where[n]].get_slice(n)
-            kind = torch.float32 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else torch.int8
-            stand_ins[n] = torch.empty([0] * len(sl.get_shape()), dtype=kind)
-        sel = select_tensors(names, stand_ins, get, in_path)
-        thr = global_thresholds(get, sel, sps) if distribution == "global" and specs[0][1].kind != "nm" else None
-    k = default_code_bits(T) if code_bits is None else code_bits
-
-    infos = {}
-    header = {}
-    crcs = {}
-    offset = 0
-    with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out_path)) or ".") as data:
-        it = tqdm(all_names, desc="encode", unit="tensor", disable=not progress)
-        for n in it:
-            x = get(n)
-            if n in sel:
-                check_code_bits(x.dtype, k, T, name=n)
-                if specs is None:
-                    c = get_counters(n)
-                    if c.shape != x.shape:
-                        raise ELSAError(f"{n}: counters have shape {tuple(c.shape)} but the tensor has shape {tuple(x.shape)}")
-                    if c.numel() and (int(c.min()) < 1 or int(c.max()) > T + 1):
-                        raise ELSAError(f"{n}: counters must lie in 1..{T + 1}, got {int(c.min())}..{int(c.max())}")
-                else:
-                    c = tensor_magnitude_counters(x, specs, thr, name=n)
-                y = encode_tensor(x, c - 1, k, name=n)
-                infos[n] = dataclasses.replace(_tensor_info(x, y, c, T), transposed=n in transposed)
-                x = y
-                del c, y
-            x = x.contiguous()
-            if x.dtype not in _DTYPES:
-                raise ELSAError(f"{n}: dtype {x.dtype} cannot be written")
-            buf = x.reshape(-1).view(torch.uint8).numpy() if x.numel() else b""  # a view: no copy
-            data.write(buf)
-            nbytes = x.numel() * x.element_size()
-            header[n] = {"dtype": _DTYPES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + nbytes]}
-            crcs[n] = f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"
-            offset += nbytes
-            del x, buf  # free this tensor before reading the next one
-        meta = _make_meta(T, k, structs, infos, {})
-        header["__metadata__"] = {"format": "pt", _META_KEY: meta.to_json(), _CRC_KEY: json.dumps(crcs)}
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        hb += b" " * ((8 - len(hb) % 8) % 8)
-        data.seek(0)
-        with _atomic(out_path) as tmp:
-            with open(tmp, "wb") as out:
-                out.write(len(hb).to_bytes(8, "little"))
-                out.write(hb)
-                while True:
-                    chunk = data.read(1 << 24)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-    return meta
+        return encode_file
+    raise AttributeError(f"module 'elsa_codec.io' has no attribute {name!r}")

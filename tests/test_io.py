@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file as st_load, save_file as st_save
 
 import elsa_codec as ec
+from elsa_codec.io import header_checksum
 from elsa_codec import ELSAError, ELSAFormatError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -178,8 +179,17 @@ def _rewrite_meta(tmp_path, encoded, fn):
         md = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     fn(md)
+    # a writer that lies consistently: the header checksum matches the lie, so the semantic
+    # checks must catch it
+    md["elsa_header_sha256"] = header_checksum(md, {n: (_code(t), list(t.shape)) for n, t in tensors.items()})
     st_save(tensors, p, metadata=md)
     return p
+
+
+def _code(t):
+    from elsa_codec.io import _DTYPES
+
+    return _DTYPES[t.dtype]
 
 
 @pytest.mark.parametrize(
