@@ -25,7 +25,12 @@ def _levels(text: str) -> list:
         part = part.strip()
         if not part:
             continue
-        out.append(part if ":" in part else float(part))
+        try:
+            out.append(part if ":" in part else float(part))
+        except ValueError:
+            raise ELSAError(f"--levels: {part!r} is neither a sparsity in (0, 1) nor an N:M pattern such as '2:4'") from None
+    if not out:
+        raise ELSAError(f"--levels {text!r} lists no level; e.g. --levels 0.9,0.75,0.5")
     return out
 
 
@@ -122,10 +127,11 @@ def cmd_extract(a) -> int:
     from .codec import extract
     from .io import load_file, write_plain
 
+    from .codec import resolve_level
+    from .io import read_meta
+
+    level = resolve_level(a.level, read_meta(a.file).num_levels)  # before reading any tensor
     enc = load_file(a.file)
-    if os.path.exists(a.output) and os.path.samefile(a.file, a.output):
-        raise ELSAError(f"output {a.output!r} is the input file: refusing to overwrite it")
-    level = a.level if a.level == "dense" else int(a.level)
     sd = extract(enc, level)
     write_plain(sd, a.output, {"format": "pt", "elsa_level": str(level)})
     print(f"wrote {a.output}: level {level} of {a.file} ({len(sd)} tensors)")
@@ -133,72 +139,60 @@ def cmd_extract(a) -> int:
 
 
 def verify_file(path: str) -> list:
-    """Check every invariant of an ELSA file; return the list of problems (empty = valid).
+    """Check every invariant of an ELSA file; return the list of problems (empty = valid), each
+    one line.
 
-    Checks: the file reads (CRC of every tensor, metadata document and tensor list), every code
-    lies in ``0..T``, every encoded tensor is finite, recorded sparsities (per tensor and per
-    level) equal the measured ones, level structures hold (N:M, block), batch-norm statistics
-    cover levels ``1..T+1``.
+    :func:`elsa_codec.load_file` checks the file (header or index checksum, the metadata
+    document, the CRC-32 of every tensor, every code in ``0..T``, recorded sparsities per tensor
+    and per level equal to the measured ones, level structures (N:M, block), batch-norm
+    statistics covering levels ``1..T+1``): a file it refuses is one problem, its message. A file
+    it reads must also hold finite encoded tensors.
     """
-    from .bits import decode_codes
-    from .codec import _make_meta, _tensor_info
     from .errors import ELSAFormatError
     from .io import load_file
-    from .masks import mask_structure_ok
 
     try:
         enc = load_file(path)
     except ELSAFormatError as e:
         return [str(e)]
-    meta = enc.meta
-    T, k = meta.num_levels, meta.code_bits
-    problems = []
-    infos = {}
-    for n, ti in meta.tensors.items():
-        x = enc[n]
-        if not torch.isfinite(x).all():
-            problems.append(f"{n}: holds NaN or Inf")
-            continue
-        codes = decode_codes(x, k).to(torch.int64)
-        if codes.numel() and int(codes.max()) > T:
-            problems.append(f"{n}: code {int(codes.max())} is out of range 0..{T} (T={T})")
-            continue
-        info = _tensor_info(x, None, codes + 1, T)
-        infos[n] = info
-        for t, (rec, got) in enumerate(zip(ti.sparsity, info.sparsity), start=1):
-            if abs(rec - got) > 1e-9:
-                problems.append(f"{n}: level {t} sparsity recorded {rec:.6f}, measured {got:.6f}")
-        for t in range(1, T + 1):
-            st = meta.levels[t - 1].structure
-            mask = codes < t
-            if not mask_structure_ok(mask.t() if ti.transposed else mask, st):  # Conv1D: [in, out]
-                problems.append(f"{n}: level {t} mask breaks its structure {st}")
-    if not problems:
-        measured = _make_meta(T, k, [lv.structure for lv in meta.levels], infos, {}, meta.tied)
-        for rec, got in zip(meta.levels, measured.levels):
-            if abs(rec.sparsity - got.sparsity) > 1e-9:
-                problems.append(f"level {rec.level}: sparsity recorded {rec.sparsity:.6f}, measured {got.sparsity:.6f}")
-    if enc.bn_stats and sorted(enc.bn_stats) != list(range(1, T + 2)):
-        problems.append(f"batch-norm statistics cover levels {sorted(enc.bn_stats)}, expected 1..{T + 1}")
-    return problems
+    return [f"{n}: holds NaN or Inf" for n in enc.meta.tensors if not torch.isfinite(enc[n]).all()]
 
 
 def cmd_verify(a) -> int:
     problems = verify_file(a.file)
     if problems:
         for p in problems:
-            print(f"elsa verify: {a.file}: {p}", file=sys.stderr)
+            print(f"elsa verify: {a.file}: {' '.join(str(p).split())}", file=sys.stderr)  # one line each
         return 1
     print(f"{a.file}: OK")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``elsa encode: error: ...``, exit 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: Commands that write a file, and the arguments holding their input and output paths.
+_OUTPUTS = {"encode": ("input", "output"), "extract": ("file", "output")}
+
+
+def _check_output(a) -> None:
+    """The output path of ``encode`` / ``extract``, checked before any input is read."""
+    from .checks import check_out_path
+
+    src, dst = _OUTPUTS[a.command]
+    check_out_path(getattr(a, dst), what="-o/--output", inputs=[getattr(a, src)])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="elsa",
         description="ELSA codec: nested sparse levels stored in the low mantissa bits of the weights (arXiv 2312.06872).",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     e = sub.add_parser("encode", help="encode a safetensors checkpoint into an ELSA file", description="Encode a safetensors checkpoint (or sharded index) into one ELSA file, streaming tensor by tensor.")
     e.add_argument("input", help="input .safetensors or .safetensors.index.json")
@@ -220,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("extract", help="write one level as a plain safetensors file any loader reads")
     x.add_argument("file")
-    x.add_argument("--level", required=True, help="1..T, T+1 or 'dense'")
+    x.add_argument("--level", required=True, help="1..T, T+1 or 'dense' (any case)")
     x.add_argument("-o", "--output", required=True)
     x.set_defaults(func=cmd_extract)
 
@@ -255,13 +249,23 @@ def main(argv=None) -> int:
         p.print_help()
         return 2
     try:
+        if getattr(a, "command", None) in _OUTPUTS:
+            _check_output(a)
         return int(a.func(a) or 0)
-    except ELSAError as e:
-        print(f"elsa: error: {e}", file=sys.stderr)
+    except (ELSAError, ValueError, TypeError) as e:  # bad input: one line, no traceback
+        print(f"elsa: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except ValueError as e:  # e.g. a malformed --levels list
-        print(f"elsa: error: {e}", file=sys.stderr)
+    except OSError as e:  # the file system said no (permissions, space, a name too long)
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"elsa: error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("elsa: interrupted (no output written)", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from .bits import (
     extract_level,
     ulp_error,
 )
-from .errors import ELSAError, ELSAFormatError
+from .checks import check_encoded, check_list, check_state_dict
+from .errors import ELSAError, ELSAFormatError, ELSATypeError
 from .masks import magnitude_mask, parse_level, parse_structure
 from .select import DEFAULT_SELECT, select_weights, tie_groups, transposed_weights
 
@@ -50,6 +51,7 @@ __all__ = [
     "global_thresholds",
     "parse_levels",
     "select_tensors",
+    "counter_dtype",
 ]
 
 FORMAT_NAME = "elsa-codec"
@@ -141,69 +143,35 @@ class ELSAMeta:
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "metadata") -> "ELSAMeta":
-        """Parse and validate a metadata document.
+        """Parse and validate a metadata document (docs/FORMAT.md, "Readers must refuse").
+
+        Checked here, from the document alone: valid JSON without a duplicated key, the known keys
+        with the right types, ``T`` against the levels list, ``k`` against ``T`` and each
+        tensor's dtype (``MAX_CODE_BITS``), each structure (canonical), sparsities in [0, 1] and
+        non-increasing over the levels, each level's sparsity against its tensors' records,
+        ``encoded`` against ``tensors`` (no duplicate), the tied aliases. What the tensors must
+        match (shapes, codes, measured sparsities, structures) :func:`elsa_codec.load_file` checks.
 
         Raises:
             ELSAFormatError: malformed JSON, wrong format name, a version from the future, or
-                missing / inconsistent fields. The message names ``source``.
+                missing / mistyped / inconsistent fields. The message names ``source``.
         """
+        d = _document(text, source)
         try:
-            d = json.loads(text)
-        except (TypeError, ValueError) as e:
-            raise ELSAFormatError(f"{source}: the ELSA metadata document is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ELSAFormatError(f"{source}: the ELSA metadata document is not a JSON object")
-        if d.get("format") != FORMAT_NAME:
-            raise ELSAFormatError(f"{source}: metadata format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
-        ver = d.get("version")
-        if not isinstance(ver, int):
-            raise ELSAFormatError(f"{source}: metadata has no integer 'version'")
-        if ver > FORMAT_VERSION:
-            raise ELSAFormatError(
-                f"{source}: format version {ver} is newer than this library supports ({FORMAT_VERSION}); upgrade elsa-codec"
-            )
-        if ver < 1:
-            raise ELSAFormatError(f"{source}: unknown format version {ver}")
-        try:
-            T, k = d["num_levels"], d["code_bits"]
-            levels = [LevelInfo(int(x["level"]), str(x["structure"]), float(x["sparsity"])) for x in d["levels"]]
-            tensors = {
-                name: TensorInfo(
-                    shape=list(v["shape"]),
-                    dtype=str(v["dtype"]),
-                    sparsity=[float(s) for s in v["sparsity"]],
-                    max_ulp=_from_json_float(v.get("max_ulp")),
-                    sqnr_db=_from_json_float(v.get("sqnr_db")),
-                    transposed=bool(v.get("transposed", False)),
-                )
-                for name, v in d["tensors"].items()
-            }
-            enc = list(d["encoded"])
-            bn = list(d.get("bn_modules", []))
-            tied = {str(a): str(b) for a, b in dict(d.get("tied", {})).items()}
-            training = d.get("training")
-            if training is not None and not isinstance(training, dict):
-                raise TypeError("'training' is not an object")
+            f = _document_fields(d)
         except (KeyError, TypeError, ValueError) as e:
             raise ELSAFormatError(f"{source}: malformed ELSA metadata ({type(e).__name__}: {e})") from None
-        if not isinstance(T, int) or T < 1 or not isinstance(k, int) or k < 1 or k > 8:
-            raise ELSAFormatError(f"{source}: bad num_levels={T!r} or code_bits={k!r}")
-        if T + 1 > (1 << k):
-            raise ELSAFormatError(f"{source}: {T} levels do not fit in code_bits={k}")
-        if [lv.level for lv in levels] != list(range(1, T + 1)):
-            raise ELSAFormatError(f"{source}: metadata lists levels {[lv.level for lv in levels]}, expected 1..{T}")
+        enc, tensors = f.pop("encoded"), f.pop("tensors")
+        if len(set(enc)) != len(enc):
+            dup = next(n for n in enc if enc.count(n) > 1)
+            raise ELSAFormatError(f"{source}: 'encoded' lists {dup!r} twice")
         if sorted(enc) != sorted(tensors):
             raise ELSAFormatError(f"{source}: 'encoded' and 'tensors' list different tensors")
-        tensors = {n: tensors[n] for n in enc}  # keep the file's tensor order
-        for name, ti in tensors.items():
-            if len(ti.sparsity) != T:
-                raise ELSAFormatError(f"{source}: tensor {name!r} records {len(ti.sparsity)} sparsities for {T} levels")
-        for alias, target in tied.items():
-            if target in tied or alias == target:
-                raise ELSAFormatError(f"{source}: tied tensor {alias!r} points to {target!r}, which is not a stored tensor")
-        return cls(num_levels=T, code_bits=k, levels=levels, tensors=tensors, bn_modules=bn, version=ver, tied=tied,
-                   training=training)
-
+        meta = cls(tensors={n: tensors[n] for n in enc}, version=d["version"], **f)  # the file's tensor order
+        _check_levels(meta, source)
+        _check_records(meta, source)
+        _check_tied(meta, source)
+        return meta
 
 def _tensor_json(info: TensorInfo) -> dict:
     d = _finite_json(asdict(info))
@@ -217,13 +185,209 @@ def _finite_json(d: dict) -> dict:
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
 
-def _from_json_float(v):
-    if v is None:
-        return None
-    if v == "inf":
-        return math.inf
+#: The keys of the ``elsa`` document; a new key needs a new format version (a reader must not
+#: silently ignore what it does not understand). ``training`` is informative (any version).
+_DOC_KEYS = frozenset({"format", "version", "num_levels", "code_bits", "levels", "encoded", "tensors",
+                       "bn_modules", "bn_prefix", "tied", "training"})
+_LEVEL_KEYS = frozenset({"level", "structure", "sparsity"})
+_RECORD_KEYS = frozenset({"shape", "dtype", "sparsity", "max_ulp", "sqnr_db", "transposed"})
+_RECORD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Tolerance between a recorded sparsity and the one measured or recomputed from the records.
+_SPARSITY_TOL = 1e-9
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` for ``json.loads``: a repeated key is an error, not "the last wins"."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicated key {k!r}")
+        d[k] = v
+    return d
+
+
+def _document(text, source: str) -> dict:
+    """The JSON object of a metadata document, with its format name, a version this library
+    reads, no unknown key, no ``tied`` in version 1, the standard ``bn_prefix``."""
+    try:
+        d = json.loads(text, object_pairs_hook=_unique_keys)
+    except (TypeError, ValueError) as e:
+        raise ELSAFormatError(f"{source}: the ELSA metadata document is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ELSAFormatError(f"{source}: the ELSA metadata document is not a JSON object")
+    if d.get("format") != FORMAT_NAME:
+        raise ELSAFormatError(f"{source}: metadata format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+    ver = d.get("version")
+    if not isinstance(ver, int) or isinstance(ver, bool):
+        raise ELSAFormatError(f"{source}: metadata has no integer 'version'")
+    if ver > FORMAT_VERSION:
+        raise ELSAFormatError(
+            f"{source}: format version {ver} is newer than this library supports ({FORMAT_VERSION}); upgrade elsa-codec"
+        )
+    if ver < 1:
+        raise ELSAFormatError(f"{source}: unknown format version {ver}")
+    unknown = sorted(set(d) - _DOC_KEYS)
+    if unknown:
+        raise ELSAFormatError(f"{source}: unknown key {unknown[0]!r} in the ELSA metadata document (corrupted)")
+    if ver == 1 and "tied" in d:
+        raise ELSAFormatError(f"{source}: a version 1 document has 'tied' (tied tensors need version 2)")
+    if d.get("bn_prefix", BN_PREFIX) != BN_PREFIX:
+        raise ELSAFormatError(f"{source}: bn_prefix is {d['bn_prefix']!r}, expected {BN_PREFIX!r}")
+    return d
+
+
+def _document_fields(d: dict) -> dict:
+    """The typed fields of a document (``ELSAMeta`` arguments plus ``encoded``); KeyError,
+    TypeError or ValueError naming the field that is missing or of the wrong type."""
+    training = d.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise TypeError("'training' is not an object")
+    return {
+        "num_levels": _json_int(d["num_levels"], "num_levels"),
+        "code_bits": _json_int(d["code_bits"], "code_bits"),
+        "levels": [_json_level(x) for x in _json_list(d["levels"], "levels")],
+        "encoded": [_json_str(n, "an 'encoded' name") for n in _json_list(d["encoded"], "encoded")],
+        "tensors": {n: _json_record(v, n) for n, v in _json_object(d["tensors"], "tensors").items()},
+        "bn_modules": [_json_str(m, "a bn_modules name") for m in _json_list(d.get("bn_modules", []), "bn_modules")],
+        "tied": {a: _json_str(b, f"tied[{a!r}]") for a, b in _json_object(d.get("tied", {}), "tied").items()},
+        "training": training,
+    }
+
+
+def _json_int(v, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{what} is {v!r}, expected an integer")
+    return v
+
+
+def _json_number(v, what: str) -> float:
+    """A finite JSON number (not a boolean), as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{what} is {v!r}, expected a finite number")
     return float(v)
 
+
+def _json_sparsity(v, what: str) -> float:
+    s = _json_number(v, what)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"{what} is {s!r}, outside [0, 1]")
+    return s
+
+
+def _json_str(v, what: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError(f"{what} is {v!r}, expected a non-empty string")
+    return v
+
+
+def _json_list(v, what: str) -> list:
+    if not isinstance(v, list):
+        raise TypeError(f"{what} is a {type(v).__name__}, expected a list")
+    return v
+
+
+def _json_object(v, what: str, keys: frozenset | None = None, required: tuple = ()) -> dict:
+    """``v`` must be a JSON object with string keys, only ``keys`` (if given), all ``required``."""
+    if not isinstance(v, dict):
+        raise TypeError(f"{what} is a {type(v).__name__}, expected an object")
+    extra = sorted(set(v) - keys) if keys is not None else []
+    if extra:
+        raise ValueError(f"{what} has an unknown key {extra[0]!r}")
+    for k in required:
+        if k not in v:
+            raise KeyError(f"{what} has no {k!r}")
+    return v
+
+
+def _json_level(x) -> LevelInfo:
+    x = _json_object(x, "a level", _LEVEL_KEYS, tuple(_LEVEL_KEYS))
+    t = _json_int(x["level"], "a level's number")
+    return LevelInfo(t, _json_structure(x["structure"], f"level {t}'s structure"), _json_sparsity(x["sparsity"], f"level {t}'s sparsity"))
+
+
+def _json_structure(v, what: str) -> str:
+    """A structure in the canonical spelling :func:`parse_structure` gives back (``"2:4"``)."""
+    s = _json_str(v, what)
+    canon = str(parse_structure(s))
+    if canon != s:
+        raise ValueError(f"{what} is {s!r}, not the canonical {canon!r}")
+    return s
+
+
+def _json_record(v, name: str) -> TensorInfo:
+    v = _json_object(v, f"tensors[{name!r}]", _RECORD_KEYS, ("shape", "dtype", "sparsity"))
+    shape = [_json_int(x, f"{name}'s shape") for x in _json_list(v["shape"], f"{name}'s shape")]
+    if any(x < 0 for x in shape):
+        raise ValueError(f"{name}'s shape {shape} has a negative size")
+    dtype = _json_str(v["dtype"], f"{name}'s dtype")
+    if dtype not in _RECORD_DTYPES:
+        raise ValueError(f"{name}'s dtype is {dtype!r}, expected one of {sorted(_RECORD_DTYPES)}")
+    transposed = v.get("transposed", False)
+    if not isinstance(transposed, bool) or (transposed and len(shape) != 2):
+        raise ValueError(f"{name}'s transposed is {transposed!r} for shape {shape} (only a 2-D weight can be transposed)")
+    max_ulp = v.get("max_ulp")
+    if max_ulp is not None and _json_number(max_ulp, f"{name}'s max_ulp") < 0:
+        raise ValueError(f"{name}'s max_ulp is negative")
+    sqnr = v.get("sqnr_db")
+    return TensorInfo(
+        shape=shape,
+        dtype=dtype,
+        sparsity=[_json_sparsity(s, f"{name}'s sparsity") for s in _json_list(v["sparsity"], f"{name}'s sparsity")],
+        max_ulp=None if max_ulp is None else float(max_ulp),
+        sqnr_db=None if sqnr is None else (math.inf if sqnr == "inf" else _json_number(sqnr, f"{name}'s sqnr_db")),
+        transposed=transposed,
+    )
+
+
+def _check_levels(meta: "ELSAMeta", source: str) -> None:
+    """``T`` and ``k`` fit each other, the levels are ``1..T``, their sparsities non-increasing
+    and each equal to what its tensors' records give (tied aliases counted once)."""
+    T, k = meta.num_levels, meta.code_bits
+    if T < 1 or not 1 <= k <= 8:
+        raise ELSAFormatError(f"{source}: bad num_levels={T!r} or code_bits={k!r}")
+    if T + 1 > (1 << k):
+        raise ELSAFormatError(f"{source}: {T} levels do not fit in code_bits={k}")
+    if [lv.level for lv in meta.levels] != list(range(1, T + 1)):
+        raise ELSAFormatError(f"{source}: metadata lists levels {[lv.level for lv in meta.levels]}, expected 1..{T}")
+    sps = meta.sparsities()
+    if any(b > a for a, b in zip(sps, sps[1:])):
+        raise ELSAFormatError(f"{source}: level sparsities {sps} increase (nested levels: level t+1 keeps what level t keeps)")
+    if any(len(ti.sparsity) != T for ti in meta.tensors.values()):
+        return  # _check_records names the tensor
+    own = [ti for n, ti in meta.tensors.items() if n not in meta.tied]
+    total = sum(math.prod(ti.shape) for ti in own) or 1
+    for t, lv in enumerate(meta.levels, start=1):
+        got = sum(ti.sparsity[t - 1] * math.prod(ti.shape) for ti in own) / total
+        if abs(got - lv.sparsity) > _SPARSITY_TOL:
+            raise ELSAFormatError(f"{source}: level {t}: sparsity recorded {lv.sparsity:.6f}, its tensors' records give {got:.6f}")
+
+
+def _check_records(meta: "ELSAMeta", source: str) -> None:
+    """Each encoded tensor's record: a name outside the reserved prefix, ``T`` non-increasing
+    sparsities, ``k`` within its dtype's code bits."""
+    from .bits import MAX_CODE_BITS
+
+    T, k = meta.num_levels, meta.code_bits
+    for name, ti in meta.tensors.items():
+        if name.startswith(BN_PREFIX):
+            raise ELSAFormatError(f"{source}: encoded tensor {name!r} uses the reserved prefix {BN_PREFIX!r}")
+        if len(ti.sparsity) != T:
+            raise ELSAFormatError(f"{source}: tensor {name!r} records {len(ti.sparsity)} sparsities for {T} levels")
+        if any(b > a for a, b in zip(ti.sparsity, ti.sparsity[1:])):
+            raise ELSAFormatError(f"{source}: tensor {name!r} records sparsities {ti.sparsity} that increase over the levels")
+        kmax = MAX_CODE_BITS[_RECORD_DTYPES[ti.dtype]]
+        if k > kmax:
+            raise ELSAFormatError(f"{source}: code_bits={k} exceeds the {kmax} code bits of {ti.dtype} tensor {name!r}")
+    if len(set(meta.bn_modules)) != len(meta.bn_modules):
+        raise ELSAFormatError(f"{source}: bn_modules lists a module twice")
+
+
+def _check_tied(meta: "ELSAMeta", source: str) -> None:
+    """Each alias points to another name that is no alias and no batch-norm statistic (whether
+    the file holds it, and the records of an encoded alias, :func:`elsa_codec.load_file` checks)."""
+    for alias, target in meta.tied.items():
+        if target in meta.tied or alias == target or any(n.startswith(BN_PREFIX) for n in (alias, target)):
+            raise ELSAFormatError(f"{source}: tied tensor {alias!r} points to {target!r}, which is not a stored tensor")
 
 class ELSAStateDict(dict):
     """An encoded state dict: ``name -> Tensor`` (encoded weights and pass-through tensors) plus
@@ -231,12 +395,17 @@ class ELSAStateDict(dict):
     per-level batch-norm statistics, levels ``1..T+1``; empty if none).
 
     A plain ``model.load_state_dict(encoded)`` gives the dense network (no decoding needed).
+    :func:`elsa_codec.swap_` serves it without copying: one ``ELSAStateDict`` serves one model
+    (a second model is refused; give it ``copy.deepcopy(encoded)`` or load the file again).
     """
 
     def __init__(self, tensors: Mapping, meta: ELSAMeta, bn_stats: Mapping | None = None):
         super().__init__(tensors)
         self.meta = meta
         self.bn_stats = {int(k): dict(v) for k, v in (bn_stats or {}).items()}
+
+    def __getstate__(self):  # copies and pickles do not inherit the model it serves (swap_)
+        return {k: v for k, v in self.__dict__.items() if k != "_served_by"}
 
     @property
     def num_levels(self) -> int:
@@ -263,6 +432,13 @@ class Counters(dict):
         self.num_levels = int(num_levels)
         self.structures = list(structures) if structures is not None else ["unstructured"] * self.num_levels
         self.transposed = set(transposed)
+
+
+def counter_dtype(num_levels: int) -> torch.dtype:
+    """The integer dtype of counters (values ``1..T+1``) for ``T`` levels: ``uint8`` up to
+    ``T = 254``; ``int16`` for ``T = 255`` (float32's maximum, ``k = 8``), whose dense counter 256
+    does not fit a byte."""
+    return torch.uint8 if num_levels + 1 <= 255 else torch.int16
 
 
 def resolve_level(level, num_levels: int) -> int:
@@ -332,8 +508,19 @@ def encode(
             two names of one tied tensor; NaN/Inf weights;
             unsupported dtype; more levels than the dtype's code bits allow. Each names the tensor.
     """
-    if not isinstance(counters, Mapping) or not counters:
-        raise ELSAError("counters must be a non-empty mapping of tensor names to integer tensors")
+    check_state_dict(state_dict, "state_dict", "encode")
+    if isinstance(counters, torch.nn.Module) or not isinstance(counters, Mapping):
+        raise ELSATypeError(
+            f"encode: counters must be a mapping of tensor names to integer tensors (e.g. from magnitude_counters), "
+            f"got a {type(counters).__name__}"
+        )
+    if not counters:
+        raise ELSAError("encode: counters is empty: name at least one tensor to encode")
+    for arg, v in (("code_bits", code_bits), ("num_levels", num_levels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ELSATypeError(f"encode: {arg} must be an int, got {v!r}")
+    if structures is not None:
+        structures = check_list(structures, "structures", "encode", "['unstructured', '2:4']")
     for name in counters:
         if name not in state_dict:
             raise ELSAError(f"{name}: counters given for a tensor that is not in the state dict")
@@ -365,6 +552,7 @@ def encode(
     if len(structs) != T:
         raise ELSAError(f"structures lists {len(structs)} entries for {T} levels")
     structs = [str(parse_structure(s)) for s in structs]
+    _check_structures(per_name, structs, getattr(counters, "transposed", set()), canon)
     bn = _check_bn_stats(bn_stats, T, state_dict)
 
     out = {}
@@ -394,6 +582,31 @@ def encode(
     tied = {n: c for n, c in canon.items() if n != c and n in infos}
     meta = _make_meta(T, k, structs, infos, bn, tied)
     return ELSAStateDict(out, meta, bn)
+
+
+def _check_structures(per_name: Mapping, structs: list, transposed, canon: Mapping) -> None:
+    """Each structured level's mask (``counters <= t``) must hold its structure (N:M groups along
+    the input dimension, block tiles; dim 0 for a ``transposed`` ``[in, out]`` weight): a file
+    must never claim a 2:4 level whose mask is not 2:4 (the 2:4 kernels would compute a wrong
+    product).
+
+    Raises:
+        ELSAError: names the tensor, the level and its structure.
+    """
+    from .masks import mask_structure_ok
+
+    for t, st in enumerate(structs, start=1):
+        if st == "unstructured":
+            continue
+        for name, c in per_name.items():
+            mask = c <= t
+            if name in transposed or canon.get(name) in transposed:
+                mask = mask.t()
+            if not mask_structure_ok(mask, st):
+                raise ELSAError(
+                    f"{name}: structures say level {t} is {st}, but its mask (counters <= {t}) is not {st}; "
+                    "give the structures the counters were made with"
+                )
 
 
 def _tied_counters(state_dict: Mapping, counters: Mapping) -> tuple[dict, dict]:
@@ -508,9 +721,7 @@ def extract(encoded: ELSAStateDict, level) -> dict:
     Raises:
         ELSAError: level out of range; ``encoded`` has no metadata.
     """
-    meta = getattr(encoded, "meta", None)
-    if meta is None:
-        raise ELSAError("extract needs an ELSAStateDict (from encode or load_file), got a plain mapping")
+    meta = check_encoded(encoded, "encoded", "extract").meta
     T, k = meta.num_levels, meta.code_bits
     t = resolve_level(level, T)
     out = {}
@@ -532,16 +743,16 @@ def counters_from_masks(masks, *, structures: Iterable[str] | None = None) -> Co
 
     Returns:
         :class:`Counters` with ``N = `` the first level whose mask holds the weight, ``T+1`` if none
-        (uint8 tensors).
+        (uint8 tensors; int16 for T = 255, :func:`counter_dtype`).
 
     Raises:
         ELSAError: masks not nested (names the tensor, the levels and the first position), not
             boolean, of differing shapes, or differing names / level counts across tensors.
     """
     if isinstance(masks, Mapping):
-        per_name = {n: list(v) for n, v in masks.items()}
+        per_name = {n: check_list(v, f"masks[{n!r}]", "counters_from_masks", "[level-1 mask, level-2 mask]") for n, v in masks.items()}
     else:
-        levels = list(masks)
+        levels = check_list(masks, "masks", "counters_from_masks", "[{name: level-1 mask}, {name: level-2 mask}]")
         if not levels:
             raise ELSAError("counters_from_masks needs at least one level of masks")
         names = list(levels[0])
@@ -572,7 +783,7 @@ def counters_from_masks(masks, *, structures: Iterable[str] | None = None) -> Co
         n = torch.full(ms[0].shape, T + 1, dtype=torch.int64, device=ms[0].device)
         for m in ms:
             n -= m.to(torch.int64)
-        out[name] = n.to(torch.uint8)
+        out[name] = n.to(counter_dtype(T))
     return Counters(out, T, structures)
 
 
@@ -635,7 +846,7 @@ def magnitude_counters(
     encodes it once and serves every name of the group.
 
     Returns:
-        :class:`Counters` (uint8), ``num_levels = len(levels)``, with the level structures.
+        :class:`Counters` (uint8; int16 for 255 levels), ``num_levels = len(levels)``, with the level structures.
 
     Raises:
         ELSAError: levels not sparsest first or out of (0, 1), mixed N:M and fractional levels,
@@ -646,6 +857,11 @@ def magnitude_counters(
         if model is not None and model is not state_dict:
             raise ELSAError("magnitude_counters: pass the model once (as the first argument or as model=)")
         model, state_dict = state_dict, state_dict.state_dict()
+    check_state_dict(state_dict, "state_dict", "magnitude_counters")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ELSATypeError(f"magnitude_counters: model must be a torch.nn.Module, got {type(model).__name__}")
+    if names is not None:
+        names = check_list(names, "names", "magnitude_counters", "['fc1.weight', 'fc2.weight']", allow_callable=True)
     distribution = _sparsifier_arg(sparsifier, distribution)
     select = _filter_arg(select, filter_fn)
     specs = parse_levels(levels, structure, distribution)
@@ -659,9 +875,9 @@ def magnitude_counters(
     for n in sel:
         w = state_dict[n]
         if n in transposed and specs[0][1].kind != "unstructured":  # [in, out]: N:M groups / blocks along dim 0
-            out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(torch.uint8)
+            out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(counter_dtype(len(specs)))
         else:
-            out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(torch.uint8)
+            out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(counter_dtype(len(specs)))
     return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
 
 
@@ -731,7 +947,7 @@ def parse_levels(levels, structure: str = "unstructured", distribution: str = "u
     """
     if distribution not in ("uniform", "global"):
         raise ELSAError(f"unknown distribution {distribution!r}: expected 'uniform' or 'global'")
-    levels = list(levels)
+    levels = check_list(levels, "levels", "levels", "[0.9, 0.75, 0.5] or ['1:4', '2:4']")
     if not levels:
         raise ELSAError("levels must list at least one level")
     specs = [parse_level(lv, structure) for lv in levels]
@@ -758,8 +974,10 @@ def select_tensors(names, candidates: Mapping, get_tensor, source: str) -> list:
     elif callable(names):
         sel = [n for n in candidates if names(n, get_tensor(n))]
     else:
-        sel = list(names)
+        sel = check_list(names, "names", "select", "['fc1.weight', 'fc2.weight']")
         for n in sel:
+            if not isinstance(n, str):
+                raise ELSATypeError(f"names: {n!r} is a {type(n).__name__}, expected a tensor name (str)")
             if n not in candidates:
                 raise ELSAError(f"{n}: not in {source}")
     if not sel:
@@ -789,7 +1007,7 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
         # stays near 3x the tensor (a streaming encode relies on it).
         flat = a.reshape(-1)
         n = flat.numel()
-        c = torch.full((n,), T + 1, dtype=torch.uint8, device=weight.device)
+        c = torch.full((n,), T + 1, dtype=counter_dtype(T), device=weight.device)
         keeps = [int(round((1.0 - s) * n)) for s in sps]
         thrs = _kth_largest(flat, [kp for kp in keeps if 0 < kp < n])
         for keep in keeps:
@@ -803,7 +1021,7 @@ def tensor_magnitude_counters(weight: torch.Tensor, specs: list, thresholds: lis
             need = keep - int(inside.sum())
             if need > 0:
                 inside[(flat == thr).nonzero().reshape(-1)[:need]] = True
-            c.sub_(inside.to(torch.uint8))
+            c.sub_(inside.to(c.dtype))
         return c.reshape(weight.shape)
     c = torch.full(weight.shape, T + 1, dtype=torch.int64, device=weight.device)
     frozen = None

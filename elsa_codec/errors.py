@@ -11,3 +11,8 @@ class ELSAError(ValueError):
 class ELSAFormatError(ELSAError):
     """A file that is not a valid ELSA checkpoint: truncated, corrupted, missing or malformed
     metadata, or a format version this library does not know."""
+
+
+class ELSATypeError(ELSAError, TypeError):
+    """An argument of the wrong type (a model where a state dict is expected, one string where a
+    list is expected, arguments in another order): both an :class:`ELSAError` and a ``TypeError``."""

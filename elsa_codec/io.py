@@ -25,14 +25,18 @@ from .codec import (
     Counters,
     ELSAMeta,
     ELSAStateDict,
+    BN_STATS,
+    _SPARSITY_TOL,
     _make_meta,
+    _unique_keys,
     _tensor_info,
     global_thresholds,
     parse_levels,
     select_tensors,
     tensor_magnitude_counters,
 )
-from .errors import ELSAError, ELSAFormatError
+from .checks import check_encoded, check_path, check_shard_size
+from .errors import ELSAError, ELSAFormatError, ELSATypeError
 from .select import tie_groups
 
 __all__ = [
@@ -225,8 +229,6 @@ def _check_out_path(path: str, inputs: Iterable[str] = ()) -> None:
 
 
 def _flat_tensors(encoded: ELSAStateDict) -> dict:
-    if getattr(encoded, "meta", None) is None:
-        raise ELSAError("save_file needs an ELSAStateDict (from encode or load_file), got a plain mapping")
     out = {}
     for name, t in encoded.items():
         if name.startswith(BN_PREFIX):
@@ -258,16 +260,6 @@ def _flat_tensors(encoded: ELSAStateDict) -> dict:
     return out, tied
 
 
-def _parse_size(s) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*", str(s), re.I)
-    if not m:
-        raise ELSAError(f"bad shard size {s!r}: expected bytes or e.g. '2GB', '500MB'")
-    unit = m.group(2).upper().replace("I", "").replace("B", "")
-    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[unit])
-
-
 def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None:
     """Write an :class:`ELSAStateDict` to a safetensors file (or shards plus an index), atomically.
 
@@ -275,15 +267,23 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
         encoded: from :func:`elsa_codec.encode`, :func:`load_file` or ``elsa_state_dict(model)``.
         path: ``*.safetensors``; or ``*.safetensors.index.json`` (or ``max_shard_size`` given) for
             the usual shards ``{stem}-00001-of-0000N.safetensors`` beside an index file.
-        max_shard_size: bytes per shard (int, or ``"2GB"``); implies sharding.
+        max_shard_size: bytes per shard (a positive int, or ``"2GB"``, ``"500MB"``, ``"1GiB"``);
+            implies sharding.
 
     The header's ``__metadata__`` holds the versioned JSON document under ``"elsa"`` and CRC-32s of
     every tensor under ``"elsa_checksums"``; per-level batch-norm statistics are stored as extra
     tensors ``__elsa_bn__.{level}.{module}.{stat}`` (docs/FORMAT.md).
 
+    The bytes depend only on the content: the same state dict gives the same file in every
+    process and on every machine (sorted header, fixed JSON formatting; :func:`header_bytes`).
+
     Raises:
-        ELSAError: not an ELSAStateDict, or a tensor name using the reserved prefix.
+        ELSAError: not an ELSAStateDict (``ELSATypeError``), a path that is not a path, a bad
+            ``max_shard_size``, or a tensor name using the reserved prefix.
     """
+    check_encoded(encoded, "encoded", "save_file")
+    path = check_path(path, "path", "save_file", order="save_file(encoded, path)")
+    limit = check_shard_size(max_shard_size)
     tensors, tied = _flat_tensors(encoded)
     doc = dataclasses.replace(encoded.meta, tied=tied).to_json()  # what the file stores once
     crcs = {n: _crc(t) for n, t in tensors.items()}
@@ -292,7 +292,7 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
         with _atomic(path) as tmp:
             write_tensors(tmp, tensors, file_metadata(doc, crcs))
         return
-    limit = _parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
+    limit = limit if limit is not None else 5 * 10**9
     groups, cur, size = [], [], 0
     for n, t in tensors.items():
         nb = t.numel() * t.element_size()
@@ -392,52 +392,64 @@ def _check_header(f, path: str) -> None:
 
 def _no_duplicates(pairs):
     """``object_pairs_hook`` for ``json.load``: a repeated key is an error, not "the last wins"."""
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicated key {k!r}")
-        d[k] = v
-    return d
+    return _unique_keys(pairs)
 
 
 def _shards(path: str):
-    """[(shard_path, [names] or None)] and the index metadata (or None) for a file or an index."""
-    if str(path).endswith(".index.json"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                index = json.load(f, object_pairs_hook=_no_duplicates)
-            wm = index["weight_map"]
-            if not isinstance(wm, dict) or not all(isinstance(s, str) for s in wm.values()):
-                raise TypeError("weight_map is not an object of file names")
-        except FileNotFoundError:
-            raise ELSAFormatError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ELSAFormatError(f"{path}: is a directory, not an index file") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ELSAFormatError(f"{path}: malformed index file ({e})") from None
-        md = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-        want = md.get(_HEADER_KEY)
-        if want is None and _META_KEY in md and set(md) - {"total_size", _META_KEY, _CRC_KEY}:
-            raise ELSAFormatError(f"{path}: index has no checksum and unknown metadata keys (corrupted)")
-        if want is not None and index_checksum(index) != want:
-            raise ELSAFormatError(f"{path}: the index (metadata, checksums or weight map) fails its SHA-256 check (file corrupted)")
-        for s in wm.values():
-            if os.path.basename(s) != s or s in ("", ".", ".."):
-                raise ELSAFormatError(f"{path}: weight_map names a shard {s!r} outside the index's folder")
-        folder = os.path.dirname(os.path.abspath(path))
-        by_shard = {}
-        for n, s in wm.items():
-            by_shard.setdefault(s, []).append(n)
-        return [(os.path.join(folder, s), ns) for s, ns in by_shard.items()], index.get("metadata", {})
-    return [(path, None)], None
+    """[(shard_path, [names] or None)] and the index metadata (or None) for a file or an index.
+
+    An index must be a JSON object without duplicated keys, its ``weight_map`` an object of file
+    names in the index's folder, its ``metadata`` (if any) an object passing its checksum
+    (:func:`index_checksum`)."""
+    if not str(path).endswith(".index.json"):
+        return [(path, None)], None
+    index = _read_index(path)
+    wm, md = index["weight_map"], index.get("metadata", {})
+    want = md.get(_HEADER_KEY)
+    if want is None and _META_KEY in md and set(md) - {"total_size", _META_KEY, _CRC_KEY}:
+        raise ELSAFormatError(f"{path}: index has no checksum and unknown metadata keys (corrupted)")
+    if want is not None and index_checksum(index) != want:
+        raise ELSAFormatError(f"{path}: the index (metadata, checksums or weight map) fails its SHA-256 check (file corrupted)")
+    for s in wm.values():
+        if os.path.basename(s) != s or s in ("", ".", ".."):
+            raise ELSAFormatError(f"{path}: weight_map names a shard {s!r} outside the index's folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    by_shard = {}
+    for n, s in wm.items():
+        by_shard.setdefault(s, []).append(n)
+    return [(os.path.join(folder, s), ns) for s, ns in by_shard.items()], md
+
+
+def _read_index(path: str) -> dict:
+    """The JSON object of an index file with an object ``weight_map`` of file names and an object
+    ``metadata`` (if any); ELSAFormatError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f, object_pairs_hook=_no_duplicates)
+        if not isinstance(index, dict):
+            raise TypeError("not a JSON object")
+        wm = index["weight_map"]
+        if not isinstance(wm, dict) or not all(isinstance(s, str) for s in wm.values()):
+            raise TypeError("weight_map is not an object of file names")
+        if not isinstance(index.get("metadata", {}), dict):
+            raise TypeError("metadata is not an object")
+    except FileNotFoundError:
+        raise ELSAFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ELSAFormatError(f"{path}: is a directory, not an index file") from None
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise ELSAFormatError(f"{path}: malformed index file ({e})") from None
+    return index
 
 
 def read_meta(path: str) -> ELSAMeta:
-    """Read and validate only the metadata document of a file or index (no tensor data).
+    """Read and validate only the metadata document of a file or index (no tensor data): the
+    header or index checksum, then :meth:`ELSAMeta.from_json`'s checks of the document.
 
     Raises:
         ELSAFormatError: missing or malformed document, unknown version, unreadable file.
     """
+    path = check_path(path, "path", "read_meta")
     shards, imeta = _shards(path)
     md = imeta if imeta is not None else (_open_safetensors(shards[0][0]).metadata() or {})
     if _META_KEY not in md:
@@ -448,53 +460,148 @@ def read_meta(path: str) -> ELSAMeta:
 def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSAStateDict:
     """Read an ELSA checkpoint (a ``.safetensors`` file or a ``.safetensors.index.json``).
 
+    Every meaningful byte is checked (docs/FORMAT.md, "Readers must refuse"): the header (or
+    index) checksum, the document (:meth:`ELSAMeta.from_json`), the shards against their index,
+    the tensors against their records, the tied aliases and the batch-norm statistics; with
+    ``verify_checksums`` (the default) also each tensor's CRC-32 and, per encoded tensor, one
+    count of its codes: every code ``<= T``, each level's measured sparsity equal to its record,
+    each structured level's mask holding its structure (:func:`_check_codes`).
+
     Returns:
         :class:`ELSAStateDict`: the tensors under their names (batch-norm statistics stripped into
         ``.bn_stats``), ``.meta`` the parsed document.
 
     Raises:
-        ELSAFormatError: missing file, truncated or corrupted file (CRC mismatch names the
-            tensor), missing or malformed metadata, a format version from the future, tensors
-            listed in the document but absent or of another shape/dtype.
+        ELSAFormatError: missing, truncated or corrupted file (names the file and what is
+            corrupt: the tensor, the field, the level), a format version from the future.
     """
+    path = check_path(path, "path", "load_file", order="load_file(path)")
     meta = read_meta(path)
     shards, imeta = _shards(path)
+    tensors, crcs = _read_shards(path, shards, imeta)
+    if verify_checksums:
+        _check_crcs(path, tensors, crcs)
+    _restore_tied(path, tensors, meta)
+    plain, bn = _split_bn(path, tensors, meta)
+    _check_shapes(path, plain, meta)
+    if verify_checksums:
+        _check_codes(path, plain, meta)
+    if device != "cpu":
+        plain = {n: t.to(device) for n, t in plain.items()}
+    return ELSAStateDict(plain, meta, bn)
+
+
+def _read_shards(path: str, shards: list, imeta) -> tuple:
+    """``(tensors, crcs)`` of every shard; with an index (``imeta``), each shard must hold exactly
+    the tensors the index maps to it and the index's document, and the index's total size and
+    checksum table must match the shards."""
     tensors, crcs = {}, {}
     for shard, names in shards:
         f = _open_safetensors(shard)
         md = f.metadata() or {}
-        try:
-            crcs.update(json.loads(md.get(_CRC_KEY, "{}")))
-        except ValueError:
-            raise ELSAFormatError(f"{shard}: malformed checksum table") from None
-        for n in names if names is not None else f.keys():
+        held = list(f.keys())
+        if imeta is not None:
+            if md.get(_META_KEY) != imeta.get(_META_KEY):
+                raise ELSAFormatError(f"{shard}: its metadata document differs from the one of its index {path}")
+            if sorted(held) != sorted(names):
+                odd = sorted(set(held) ^ set(names))[0]
+                raise ELSAFormatError(f"{shard}: tensor {odd!r} is in the shard or in the index {path} but not in both")
+        table = _crc_table(shard, md)
+        if table is not None and sorted(table) != sorted(held):
+            raise ELSAFormatError(f"{shard}: the checksum table lists other tensors than the file holds")
+        crcs.update(table or {})
+        for n in held:
             try:
                 tensors[n] = f.get_tensor(n)
             except Exception as e:
                 raise ELSAFormatError(f"{shard}: cannot read tensor {n!r} (truncated or corrupted?): {e}") from None
-    if verify_checksums:
-        for n, t in tensors.items():
-            want = crcs.get(n)
-            if want is None:
-                raise ELSAFormatError(f"{path}: tensor {n!r} has no checksum in the metadata")
-            if _crc(t) != want:
-                raise ELSAFormatError(f"{path}: tensor {n!r} fails its CRC-32 check (file corrupted)")
-    plain, bn = {}, {}
+    if imeta is not None:
+        _check_index(path, imeta, tensors, crcs)
+    return tensors, crcs
+
+
+def _crc_table(path: str, md: Mapping) -> dict | None:
+    """The ``elsa_checksums`` table of a file's metadata (None if absent): an object of tensor
+    names to 8 lowercase hex digits."""
+    if _CRC_KEY not in md:
+        return None
+    try:
+        table = json.loads(md[_CRC_KEY], object_pairs_hook=_no_duplicates)
+    except (TypeError, ValueError) as e:
+        raise ELSAFormatError(f"{path}: malformed checksum table ({e})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for v in table.values()):
+        raise ELSAFormatError(f"{path}: malformed checksum table (not an object of 8-hex-digit CRC-32s)")
+    return table
+
+
+def _check_index(path: str, imeta: Mapping, tensors: Mapping, crcs: Mapping) -> None:
+    """An index's ``total_size`` is the bytes of its tensors and its checksum table the shards'."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if imeta.get("total_size", total) != total or isinstance(imeta.get("total_size"), bool):
+        raise ELSAFormatError(f"{path}: total_size is {imeta.get('total_size')!r}, the shards hold {total} bytes")
+    if _CRC_KEY in imeta and _crc_table(path, imeta) != dict(crcs):
+        raise ELSAFormatError(f"{path}: the index's checksum table differs from its shards' tables")
+
+
+def _check_crcs(path: str, tensors: Mapping, crcs: Mapping) -> None:
+    """Each tensor's CRC-32 equals its checksum table entry."""
+    for n, t in tensors.items():
+        want = crcs.get(n)
+        if want is None:
+            raise ELSAFormatError(f"{path}: tensor {n!r} has no checksum in the metadata")
+        if _crc(t) != want:
+            raise ELSAFormatError(f"{path}: tensor {n!r} fails its CRC-32 check (file corrupted)")
+
+
+def _restore_tied(path: str, tensors: dict, meta: ELSAMeta) -> None:
+    """Put each tied alias back as its stored target (one tensor under both names); an encoded
+    alias must have its target's record."""
     for alias, target in meta.tied.items():
         if alias in tensors or target not in tensors:
             why = "is also stored" if alias in tensors else f"points to {target!r}, which the file does not hold"
             raise ELSAFormatError(f"{path}: tied tensor {alias!r} {why}")
+        if meta.tensors.get(alias) != meta.tensors.get(target):
+            raise ELSAFormatError(f"{path}: tied tensor {alias!r} and its target {target!r} have different records in the metadata")
         tensors[alias] = tensors[target]  # one tensor under both names, as in the model
+
+
+_BN_NAME = re.compile(r"([1-9][0-9]*)\.(.+)\.([a-z_]+)")
+
+
+def _split_bn(path: str, tensors: Mapping, meta: ELSAMeta) -> tuple:
+    """``(plain, bn_stats)``: the ``__elsa_bn__.{level}.{module}.{stat}`` tensors parsed into
+    ``{level: {module: {stat: tensor}}}``, checked by :func:`_check_bn`."""
+    plain, bn = {}, {}
     for n, t in tensors.items():
-        if n.startswith(BN_PREFIX):
-            rest = n[len(BN_PREFIX) :]
-            lvl, _, modstat = rest.partition(".")
-            mod, _, stat = modstat.rpartition(".")
-            if not lvl.isdigit() or not mod:
-                raise ELSAFormatError(f"{path}: malformed batch-norm statistics name {n!r}")
-            bn.setdefault(int(lvl), {}).setdefault(mod, {})[stat] = t
-        else:
+        if not n.startswith(BN_PREFIX):
             plain[n] = t
+            continue
+        m = _BN_NAME.fullmatch(n[len(BN_PREFIX) :])
+        if m is None or m.group(3) not in BN_STATS:
+            raise ELSAFormatError(f"{path}: malformed batch-norm statistics name {n!r}")
+        bn.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = t
+    _check_bn(path, bn, meta)
+    return plain, bn
+
+
+def _check_bn(path: str, bn: Mapping, meta: ELSAMeta) -> None:
+    """Batch-norm statistics cover levels ``1..T+1``, each level the same modules, statistics,
+    dtypes and shapes, the modules those the document's ``bn_modules`` lists."""
+    T = meta.num_levels
+    if not bn and not meta.bn_modules:
+        return
+    if sorted(bn) != list(range(1, T + 2)):
+        raise ELSAFormatError(f"{path}: batch-norm statistics for levels {sorted(bn)}, expected 1..{T + 1}")
+    layout = {t: {m: {s: (v.dtype, tuple(v.shape)) for s, v in st.items()} for m, st in per.items()} for t, per in bn.items()}
+    for t, lay in layout.items():
+        if lay != layout[1]:
+            raise ELSAFormatError(f"{path}: batch-norm statistics of level {t} differ in modules, statistics or shapes from level 1's")
+    if sorted(layout[1]) != sorted(meta.bn_modules):
+        raise ELSAFormatError(f"{path}: batch-norm statistics are for modules {sorted(layout[1])}, the metadata lists {sorted(meta.bn_modules)}")
+
+
+def _check_shapes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
+    """Each encoded tensor is in the file with its record's shape and dtype."""
     for n, info in meta.tensors.items():
         if n not in plain:
             raise ELSAFormatError(f"{path}: encoded tensor {n!r} is listed in the metadata but missing from the file")
@@ -503,17 +610,48 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
             raise ELSAFormatError(
                 f"{path}: tensor {n!r} is {tuple(t.shape)} {t.dtype} but the metadata says {tuple(info.shape)} {info.dtype}"
             )
-    if bn and sorted(bn) != list(range(1, meta.num_levels + 2)):
-        raise ELSAFormatError(f"{path}: batch-norm statistics for levels {sorted(bn)}, expected 1..{meta.num_levels + 1}")
-    if device != "cpu":
-        plain = {n: t.to(device) for n, t in plain.items()}
-    return ELSAStateDict(plain, meta, bn)
+
+
+def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
+    """Per encoded tensor, one count of its codes (:func:`elsa_codec.bits.decode_codes`): every
+    code is ``<= T``, each level's measured sparsity equals the record, and each structured
+    level's mask (``code < t``; its transpose for a ``transposed`` weight) holds the structure
+    (:func:`elsa_codec.masks.mask_structure_ok`). A lie about ``k``, a sparsity or a structure
+    changes what the file serves, so it is refused here."""
+    from .bits import decode_codes
+    from .masks import mask_structure_ok
+
+    T, k = meta.num_levels, meta.code_bits
+    for n, ti in meta.tensors.items():
+        if n in meta.tied:
+            continue  # its target's tensor and record, checked under the target's name
+        codes = decode_codes(plain[n], k)
+        counts = torch.bincount(codes.reshape(-1), minlength=1 << k)
+        if int(counts[T + 1 :].sum()):
+            top = int(counts.nonzero().max())
+            raise ELSAFormatError(f"{path}: {n}: code {top} is out of range 0..{T} (T={T}): corrupted tensor or wrong code_bits")
+        kept = torch.cumsum(counts, 0)[:T].tolist()
+        size = max(codes.numel(), 1)
+        for t, (rec, kv) in enumerate(zip(ti.sparsity, kept), start=1):
+            got = 1.0 - float(kv) / size
+            if abs(rec - got) > _SPARSITY_TOL:
+                raise ELSAFormatError(f"{path}: {n}: level {t} sparsity recorded {rec:.6f}, measured {got:.6f}")
+        for t, lv in enumerate(meta.levels, start=1):
+            if lv.structure != "unstructured":
+                mask = codes < t
+                if not mask_structure_ok(mask.t() if ti.transposed else mask, lv.structure):  # Conv1D: [in, out]
+                    raise ELSAFormatError(f"{path}: {n}: level {t}'s mask breaks its structure {lv.structure}")
 
 
 def save_counters(counters: Counters, path: str) -> None:
     """Write :class:`Counters` (uint8 tensors) to a safetensors file, atomically, with T and the
     level structures in the metadata. Read back with :func:`load_counters` or ``elsa encode --counters``."""
-    t = {n: c.to(torch.uint8).contiguous() for n, c in counters.items()}
+    from .codec import counter_dtype
+
+    if not isinstance(counters, Counters):
+        raise ELSATypeError(f"save_counters: counters must be a Counters (from magnitude_counters, counters_from_masks or training), got {type(counters).__name__}")
+    path = check_path(path, "path", "save_counters", order="save_counters(counters, path)")
+    t = {n: c.to(counter_dtype(counters.num_levels)).contiguous() for n, c in counters.items()}
     head = {"num_levels": counters.num_levels, "structures": counters.structures}
     if getattr(counters, "transposed", None):
         head["transposed"] = sorted(counters.transposed)
@@ -528,6 +666,7 @@ def load_counters(path: str) -> Counters:
     Raises:
         ELSAFormatError: unreadable file or no counters metadata.
     """
+    path = check_path(path, "path", "load_counters")
     f = _open_safetensors(path)
     T, structs, transposed = _counters_header(f, path)
     return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs, transposed)
@@ -554,3 +693,8 @@ def __getattr__(name):
 
         return encode_file
     raise AttributeError(f"module 'elsa_codec.io' has no attribute {name!r}")
+
+
+def _parse_size(s) -> int:
+    """A shard size in bytes (``max_shard_size`` rules: :func:`elsa_codec.checks.check_shard_size`)."""
+    return check_shard_size(s)

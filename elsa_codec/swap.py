@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import types
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -31,7 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .bits import bits_view, check_code_bits, decode_counters
 from .codec import ELSAStateDict, LevelInfo, TensorInfo, _make_meta, _tensor_info, resolve_level
 from .embedding import ELSAEmbedding
-from .errors import ELSAError
+from .checks import check_module, check_path
+from .errors import ELSAError, ELSATypeError
 from .nn import ELSAConv1d, ELSAConv2d, ELSALinear, ELSAModule, LevelBatchNormMixin, _dtype_name, level_batch_norm
 from .select import group_of, model_tie_groups, module_kind
 from .wrappers import unwrap_model
@@ -55,17 +57,44 @@ def _as_encoded(encoded) -> ELSAStateDict:
         from .io import load_file
 
         return load_file(os.fspath(encoded))
+    if isinstance(encoded, nn.Module):
+        raise ELSATypeError(f"swap_: encoded is a model ({type(encoded).__name__}); the arguments look swapped: the order is swap_(model, encoded)")
     if not isinstance(encoded, Mapping) or getattr(encoded, "meta", None) is None:
-        raise ELSAError(
+        raise ELSATypeError(
             f"swap_ needs an ELSAStateDict (from encode or load_file) or a path to an ELSA file, got {type(encoded).__name__}"
         )
     return encoded
 
 
+def _check_owner(enc, model: nn.Module) -> None:
+    """One :class:`ELSAStateDict` serves one model: :func:`swap_` shares its tensors (no copy), so
+    a second model would serve from the same storage and see every change made through the
+    first. A second model is refused (nothing changed); the first may be swapped again."""
+    ref = getattr(enc, "_served_by", None)
+    owner = ref() if ref is not None else None
+    if owner is not None and owner is not model:
+        raise ELSAError(
+            f"this ELSAStateDict already serves a {type(owner).__name__} (swap_ shares its tensors, it does not copy them): "
+            "to serve a second model, give it its own copy: swap_(model2, copy.deepcopy(encoded)), or load the file "
+            "again (elsa_codec.load / load_file)"
+        )
+
+
+def _check_meta_left(model: nn.Module, enc, new_modules: dict) -> None:
+    """A model built on the ``meta`` device gets every tensor from the file; a tensor the file
+    does not hold would stay without data: refused before anything changes."""
+    swapped = {f"{fqn}.weight" for fqn in new_modules}
+    for kind, items in (("parameter", model.named_parameters(remove_duplicate=False)), ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            if t.is_meta and name not in enc and name not in swapped:
+                raise ELSAError(
+                    f"{kind} {name!r} of the model is on the meta device and the file holds no value for it: "
+                    "materialise it first (model.to_empty(device=...) and initialise it), or build the model on a real device"
+                )
+
+
 def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
     """Validate everything and build the new modules; modify nothing. Returns the plan."""
-    if not isinstance(model, nn.Module):
-        raise ELSAError(f"swap_ needs a torch.nn.Module, got {type(model).__name__}")
     meta = enc.meta
     T, k = meta.num_levels, meta.code_bits
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -132,7 +161,8 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
         w = enc[name]
         check_code_bits(w.dtype, k, T, name=name)
         group = ties.get(name)
-        weight = w.detach().to(device=mod.weight.device)
+        dev = w.device if mod.weight.is_meta else mod.weight.device  # a meta model: the file's tensor
+        weight = w.detach().to(device=dev)
         if group is not None:
             weight = params.setdefault(group[0], nn.Parameter(weight, requires_grad=False))
         new_modules[fqn] = _build(mod, kind, weight, meta, name)
@@ -266,12 +296,35 @@ def _load_plain(model: nn.Module, enc, encoded_names: set, *, assign: bool) -> N
             dst = sd[name]
             if dst is t:
                 continue
-            if assign and dst.device.type == "cpu" and t.device.type == "cpu" and counts[id(dst)] == 1:
+            if dst.is_meta or (assign and dst.device.type == "cpu" and t.device.type == "cpu" and counts[id(dst)] == 1):
                 assigned[name] = t
             else:
                 dst.copy_(t)
     if assigned:
         model.load_state_dict(assigned, strict=False, assign=True)
+        _retie(model, sd, assigned)
+
+
+def _retie(model: nn.Module, before: dict, assigned: dict) -> None:
+    """After an assign, names that were one tensor in the model (tied, e.g. a meta model's
+    ``lm_head`` and token embedding) are one tensor again: the first name's new tensor."""
+    first: dict[int, str] = {}
+    for name, t in before.items():
+        key = id(t)
+        if key not in first:
+            first[key] = name
+            continue
+        src = first[key]
+        if name in assigned or src in assigned:
+            fqn, attr = _module_of(name)
+            sfqn, sattr = _module_of(src)
+            mod = model.get_submodule(fqn) if fqn else model
+            smod = model.get_submodule(sfqn) if sfqn else model
+            val = getattr(smod, sattr)
+            if attr in mod._parameters:
+                mod._parameters[attr] = val
+            else:
+                mod._buffers[attr] = val
 
 
 def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -313,11 +366,13 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
             shape or dtype. Each names the module and the problem.
         ELSAFormatError: ``encoded`` is a path to an invalid file.
     """
+    check_module(model, "model", "swap_", order="swap_(model, encoded)")
     enc = _as_encoded(encoded)
     outer = model
-    if isinstance(model, nn.Module):
-        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the file holds the bare names
+    model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the file holds the bare names
+    _check_owner(enc, model)
     new_modules, new_bn, T = _plan(model, enc, filter_fn, strict)
+    _check_meta_left(model, enc, new_modules)
     # Commit: nothing below can fail on validated input.
     for fqn, new in {**new_modules, **new_bn}.items():
         _replace(model, fqn, new)
@@ -327,6 +382,10 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
             mod.set_level(T + 1)
     if "_apply" not in model.__dict__:
         object.__setattr__(model, "_apply", types.MethodType(_apply, model))
+    try:
+        enc._served_by = weakref.ref(model)
+    except AttributeError:  # a mapping type that takes no attributes: nothing to remember
+        pass
     logger.info("swap_: %d encoded modules, %d per-level batch-norm layers, T=%d", len(new_modules), len(new_bn), T)
     return outer
 
@@ -362,7 +421,9 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
     from .pages import release_pages
     from .io import load_file
 
-    enc = load_file(os.fspath(path))
+    path = check_path(path, "path", "load", order="load(path, model)")
+    check_module(model, "model", "load", order="load(path, model)")
+    enc = load_file(path)
     if level is not None:
         resolve_level(level, enc.meta.num_levels)  # before anything changes
     swap_(model, enc, filter_fn=filter_fn, strict=strict, _assign=level is not None)
@@ -408,6 +469,7 @@ def set_level(model: nn.Module, level, *, semi_structured: bool = False) -> int:
             ``semi_structured`` for a level that is not N:4 with N <= 2, or on a device without
             semi-structured sparsity (nothing changed in every case).
     """
+    check_module(model, "model", "set_level", order="set_level(model, level)")
     mods, T, _ = _levelled(model)
     t = resolve_level(level, T)
     linears = [(n, m) for n, m in mods if isinstance(m, ELSALinear)]

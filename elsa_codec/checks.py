@@ -1,0 +1,145 @@
+"""Argument checks at the public boundary: a clear error before any work.
+
+Every public function calls these first. A check names the argument, says what was given and
+what is expected, and for a likely mistake (arguments swapped, a model where a state dict is
+expected, one string where a list is expected) says so. Type errors raise
+:class:`~elsa_codec.errors.ELSATypeError` (both an ``ELSAError`` and a ``TypeError``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .errors import ELSAError, ELSATypeError
+
+__all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path"]
+
+
+def _kind(x) -> str:
+    if isinstance(x, torch.nn.Module):
+        return f"a model ({type(x).__name__})"
+    if isinstance(x, torch.Tensor):
+        return f"a tensor {tuple(x.shape)}"
+    if isinstance(x, str):
+        return f"the string {x!r}" if len(x) < 80 else f"a string of {len(x)} characters"
+    return f"a {type(x).__name__}"
+
+
+def check_path(arg, name: str, fn: str, *, order: str = "") -> str:
+    """``arg`` as a ``str`` path; ELSATypeError if it is not a path (``order``: the call's
+    documented argument order, quoted when a model or a state dict sits where the path goes)."""
+    if isinstance(arg, (str, os.PathLike)):
+        p = os.fspath(arg)
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if not p:
+            raise ELSAError(f"{fn}: {name} is an empty path")
+        return p
+    hint = ""
+    if order and isinstance(arg, (torch.nn.Module, Mapping)):
+        hint = f"; the arguments look swapped: the order is {order}"
+    raise ELSATypeError(f"{fn}: {name} must be a path (str or os.PathLike), got {_kind(arg)}{hint}")
+
+
+def check_module(arg, name: str, fn: str, *, order: str = "") -> torch.nn.Module:
+    """``arg`` must be an ``nn.Module``; a path there means swapped arguments."""
+    if isinstance(arg, torch.nn.Module):
+        return arg
+    hint = ""
+    if order and isinstance(arg, (str, os.PathLike, Mapping)):
+        hint = f"; the arguments look swapped: the order is {order}"
+    raise ELSATypeError(f"{fn}: {name} must be a torch.nn.Module, got {_kind(arg)}{hint}")
+
+
+def check_state_dict(arg, name: str, fn: str) -> Mapping:
+    """``arg`` must be a mapping of names to tensors (a model is refused with the fix)."""
+    if isinstance(arg, torch.nn.Module):
+        raise ELSATypeError(f"{fn}: {name} must be a state dict (name -> tensor), got {_kind(arg)}; pass {name}=model.state_dict()")
+    if not isinstance(arg, Mapping):
+        raise ELSATypeError(f"{fn}: {name} must be a mapping of tensor names to tensors, got {_kind(arg)}")
+    for k, v in arg.items():
+        if not isinstance(k, str):
+            raise ELSATypeError(f"{fn}: {name} has a key {k!r} of type {type(k).__name__}; tensor names are strings")
+        if not isinstance(v, torch.Tensor):
+            raise ELSATypeError(f"{fn}: {name}[{k!r}] is {_kind(v)}, expected a torch.Tensor")
+    return arg
+
+
+def check_encoded(arg, name: str, fn: str):
+    """``arg`` must be an :class:`~elsa_codec.codec.ELSAStateDict` (a mapping with ``.meta``)."""
+    if isinstance(arg, Mapping) and getattr(arg, "meta", None) is not None:
+        return arg
+    what = "a plain mapping (no ELSA metadata)" if isinstance(arg, Mapping) else _kind(arg)
+    raise ELSATypeError(f"{fn}: {name} must be an ELSAStateDict (from encode or load_file), got {what}")
+
+
+def check_list(arg, name: str, fn: str, example: str, *, allow_callable: bool = False) -> list:
+    """``arg`` as a list; a single string is refused (it would be read character by character)."""
+    if isinstance(arg, (str, bytes)):
+        raise ELSATypeError(f"{fn}: {name} must be a list, got {_kind(arg)}; pass a list, e.g. {name}={example}")
+    if allow_callable and callable(arg):
+        return arg
+    if isinstance(arg, (Mapping, torch.Tensor)) or not hasattr(arg, "__iter__"):
+        raise ELSATypeError(f"{fn}: {name} must be a list, got {_kind(arg)}; e.g. {name}={example}")
+    return list(arg)
+
+
+def check_shard_size(arg) -> int | None:
+    """``max_shard_size``: None, a positive int of bytes, or a string such as ``"2GB"``."""
+    import re
+
+    if arg is None:
+        return None
+    if isinstance(arg, bool) or not isinstance(arg, (int, str)):
+        raise ELSATypeError(f"save_file: max_shard_size must be a number of bytes or a string such as '2GB', got {_kind(arg)}")
+    if isinstance(arg, int):
+        n = arg
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(i?)B?\s*", arg, re.I)
+        if not m:
+            raise ELSAError(f"save_file: max_shard_size={arg!r} is not a size: expected bytes or e.g. '2GB', '500MB', '1GiB'")
+        base = 1024 if m.group(3) else 1000
+        n = int(float(m.group(1)) * base ** " KMG".index(m.group(2).upper() or " "))
+    if n < 1:
+        raise ELSAError(f"save_file: max_shard_size must be at least 1 byte, got {arg!r}")
+    return n
+
+
+
+
+def check_out_path(path: str, *, what: str = "output", inputs=()) -> str:
+    """Check an output path before any work: not a directory, its folder exists and is writable,
+    its name fits the file system (and the temporary name beside it), not one of ``inputs``.
+
+    Raises:
+        ELSAError: naming the path and the problem.
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ELSAError(f"{what}: empty path")
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise ELSAError(f"{what} {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'model.safetensors')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what_is = "is not a directory" if os.path.exists(folder) else "does not exist"
+        raise ELSAError(f"{what} {path!r}: the folder {folder!r} {what_is} (create it first)")
+    try:  # the real test (also for root, read-only mounts, /proc): make and remove a file there
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ELSAError(f"{what} {path!r}: cannot write in the folder {folder!r} ({e.strerror or e})") from None
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    name = os.path.basename(path)
+    if len(name.encode("utf-8", "surrogateescape")) > limit:
+        raise ELSAError(f"{what} {path!r}: the file name is {len(name.encode())} bytes long, the file system allows {limit}")
+    for p in inputs:
+        if p and os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
+            raise ELSAError(f"{what} {path!r} is the input file: refusing to overwrite it")
+    return path
