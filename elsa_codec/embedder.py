@@ -29,6 +29,7 @@ from .errors import ELSAError
 from .sparsify import GMPSchedule, as_sparsifier
 from .training.binding import OptimizerBinding
 from .training.bn import bn_modules, calibration_batches, level_bn_stats
+from .training.distributed import ShardedMagnitude, check_sharded_supported, dist_context
 from .training.freeze import check_encode_dtype, check_prunable, encode_dense_rest, freeze_level, round_shared
 from .training.gmp import GMPControl
 from .training.phases import Phase, build_plan, parse_levels
@@ -78,19 +79,20 @@ class LevelEmbedder:
         self.specs = parse_levels(config.levels, config.structure)
         self.num_levels = T = len(self.specs)
         params = prunable_weights(model, config.select, filter_fn=config.filter_fn)
+        self.dist = dist_context(model, params, shared_parameters(model, params))  # None: one process
         self.code_bits = default_code_bits(T) if config.code_bits is None else config.code_bits
         self.transposed = model_transposed(model, params)
-        check_prunable(params, self.specs, self.code_bits, T, self.transposed)
-        self.encode_dtype = check_encode_dtype(config.encode_dtype, params, self.code_bits, T)
-        self.sparsifier = as_sparsifier(config.sparsifier)
+        self.sparsifier = self._checks(params)
         self.schedule = config.schedule or GMPSchedule()
         self.state = MaskState(params)
         self.plan = build_plan(self.specs, steps=config.steps, densify_steps=config.densify,
                                final_steps=config.final, seed=config.seed)
         self.total_steps = config.total_steps
-        self.counters = {n: torch.full(p.shape, T + 1, dtype=torch.uint8, device=p.device) for n, p in params.items()}
+        self.counters = {n: torch.full(self.state.local(n).shape, T + 1, dtype=torch.uint8, device=p.device)
+                         for n, p in params.items()}  # local shards when sharded (FSDP2)
         self.generator = torch.Generator()
-        self.generator.manual_seed(config.seed if config.seed is not None else int(torch.seed()))
+        seed = config.seed if config.seed is not None else int(torch.seed()) % 2**62
+        self.generator.manual_seed(seed if self.dist is None else self.dist.broadcast_int(seed))
         self.on_phase_end, self.on_freeze = on_phase_end, on_freeze
         self.step, self.history, self.hook_seconds = 0, [], 0.0
         self._index, self._local, self._started, self._finalized = 0, 0, False, False
@@ -101,6 +103,24 @@ class LevelEmbedder:
         self._binding = OptimizerBinding(self._pre_step, self._post_step)
         self._opt_steps: dict[int, int] = {}
         self._model_ids = {id(p) for p in model.parameters()}
+
+    def _checks(self, params):
+        """The checks before any change (agreed across ranks in a multi-process run); the sparsifier."""
+        err, sp = None, None
+        try:
+            check_prunable(params, self.specs, self.code_bits, self.num_levels, self.transposed)
+            self.encode_dtype = check_encode_dtype(self.config.encode_dtype, params, self.code_bits, self.num_levels)
+            sp = as_sparsifier(self.config.sparsifier)
+            if self.dist is not None and self.dist.sharded:
+                check_sharded_supported(sp, self.specs, self.transposed, list(params))
+                sp = ShardedMagnitude(sp.distribution, {n: tuple(p.shape) for n, p in params.items()}, self.dist.comm)
+        except ELSAError as e:
+            err = e
+        if self.dist is not None:
+            self.dist.agree(err)
+        if err is not None:
+            raise err
+        return sp
 
     # ------------------------------------------------------------------ plan
     @property
@@ -119,8 +139,12 @@ class LevelEmbedder:
         return self._index >= len(self.plan)
 
     def sparsity(self) -> float:
-        """Measured fraction of exact zeros over the prunable weights (a full pass: log, don't loop)."""
-        return self.state.sparsity()
+        """Measured fraction of exact zeros over the prunable weights (a full pass: log, don't loop;
+        with sharded weights a collective: call it on every rank)."""
+        if self.dist is None or not self.dist.sharded:
+            return self.state.sparsity()
+        zeros, total = self.dist.sum(self.state.zeros())
+        return zeros / max(total, 1)
 
     # ------------------------------------------------------------------ optimizers
     def attach(self, optimizer) -> "LevelEmbedder":
@@ -173,7 +197,7 @@ class LevelEmbedder:
         self._local, self._t0 = 0, time.perf_counter()
         if ph.kind == "sparsify":
             if self.config.densify_init == "restore":
-                self._before = {n: p.detach().clone() for n, p in self.params.items()}
+                self._before = {n: w.clone() for n, w in self.state.local_weights().items()}
             self._gmp = GMPControl(self.sparsifier, self.schedule, ph.sparsity, self.specs[ph.level - 1][1],
                                    ph.steps, self.transposed)
             self.state.set_mask(None)
@@ -189,7 +213,7 @@ class LevelEmbedder:
     @torch.no_grad()
     def _densify_init(self) -> None:
         if self._before is not None:
-            for n, p in self.params.items():
+            for n, p in self.state.local_weights().items():
                 p.copy_(torch.where(self.state.frozen[n], p, self._before[n]))
             self._before = None
 
@@ -251,6 +275,8 @@ class LevelEmbedder:
             shared = shared_parameters(self.model, self.params)
             round_shared(shared, self.encode_dtype)
             self.state.freeze_shared(shared)
+        if self.dist is not None and not self.dist.sharded:  # DDP: replicated, so equal on every rank
+            self.dist.fingerprint({**{f"counters of {n}": c for n, c in self.counters.items()}, **self.params})
 
     # ------------------------------------------------------------------ the end
     def finalize(self, bn_calibration=None, *, bn_forward: Callable | None = None,
@@ -281,8 +307,12 @@ class LevelEmbedder:
         encode_dense_rest(self.state, self.num_levels, self.code_bits, self.encode_dtype)
         self._finalized = True
         self.detach()
-        cnt = Counters(dict(self.counters), self.num_levels, [str(st) for _, st in self.specs],
-                       transposed=self.transposed)
+        full = dict(self.counters) if self.dist is None else self.dist.full_counters(self.counters, self.params)
+        cnt = Counters(full, self.num_levels, [str(st) for _, st in self.specs], transposed=self.transposed)
+        if self.dist is not None:
+            self.dist.sync_buffers(self.model)
+            self.dist.fingerprint({**{f"counters of {n}": c for n, c in full.items()},
+                                   **({} if self.dist.sharded else self.params)})
         bn_stats = self._bn_stats(cnt, bn_calibration, bn_forward, progress)
         if self.config.verify != "off":
             self.state.check("during batch-norm recalibration")
@@ -309,17 +339,20 @@ class LevelEmbedder:
                               "given; every level will use the dense network's statistics", stacklevel=3)
             return None
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        sharded = self.dist is not None and self.dist.sharded  # calibrate on the local shards (forward gathers)
         with torch.random.fork_rng(devices=[]):  # dropout in train mode: reproducible, global RNG untouched
             torch.manual_seed(seed)
-            stats = level_bn_stats(self.model, cnt, calib, num_levels=self.num_levels,
+            stats = level_bn_stats(self.model, self.counters if sharded else cnt, calib, num_levels=self.num_levels,
                                    num_batches=self.config.bn_batches, bn_forward=bn_forward, progress=progress,
-                                   params=self.params)
+                                   params=self.state.local_weights() if sharded else self.params)
+        if self.dist is not None:
+            stats = self.dist.sync_bn_stats(stats, self.model, self.num_levels)
         return stats or None
 
     def _result(self, cnt, bn_stats) -> ELSAResult:
         T = self.num_levels
         total = sum(p.numel() for p in self.params.values())
-        sparsities = [1.0 - sum(int((c <= t).sum()) for c in self.counters.values()) / total for t in range(1, T + 1)]
+        sparsities = [1.0 - sum(int((c <= t).sum()) for c in cnt.values()) / total for t in range(1, T + 1)]
         edt = self.encode_dtype
         return ELSAResult(
             counters=cnt, bn_stats=bn_stats, code_bits=self.code_bits, targets=[sp for sp, _ in self.specs],

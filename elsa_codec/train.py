@@ -84,8 +84,25 @@ def _run_phases(emb: LevelEmbedder, train_fn, progress: bool) -> None:
             emb.detach()
             bar.update(emb._local)
             bar.close()
+        _check_same_parameters(emb)
         emb.end_phase()
     emb._hold = False
+
+
+def _check_same_parameters(emb: LevelEmbedder) -> None:
+    """After ``train_fn``: the prunable Parameters are still the model's (FSDP2's ``fully_shard``
+    inside ``train_fn`` replaces them by DTensor Parameters the hooks never saw).
+
+    Raises:
+        ELSAError: naming the first replaced weight.
+    """
+    ids = {id(p) for p in emb.model.parameters()}
+    for n, p in emb.params.items():
+        if id(p) not in ids:
+            raise ELSAError(
+                f"{n}: train_fn replaced the model's parameters (fully_shard / FSDP applied inside train_fn?), so "
+                "ELSA's hooks never saw its optimizer steps; apply fully_shard to the model before embed_levels "
+                "(wrapping in DistributedDataParallel inside train_fn is fine)")
 
 
 def embed_levels(
@@ -128,7 +145,12 @@ def embed_levels(
     whose dense-only weights get code ``T``; then the per-level batch-norm statistics.
 
     The model is changed in place: it ends as the dense network with every prunable weight
-    encoded; ``result.encode()`` builds the checkpoint.
+    encoded; ``result.encode()`` builds the checkpoint (``result.save(path)`` writes it, once).
+
+    Several processes (``torch.distributed``, docs/SCALE.md): call it on every rank. DDP:
+    pass the bare model and wrap it in ``DistributedDataParallel`` inside ``train_fn`` (or pass the
+    DDP model). FSDP2: pass the model after ``fully_shard`` (never shard inside ``train_fn``).
+    Masks, counters and frozen values are the same on every rank; ``result.save`` writes on rank 0.
 
     Args:
         model: ``nn.Module``; prunable weights float32/float16/bfloat16.
@@ -241,6 +263,7 @@ def prune_gmp(
     """
     _check_train_fn(train_fn)
     select, filter_fn = _selection(prunable, select, filter_fn)
+    _check_not_sharded(model, select, filter_fn)
     state, ctl, phase = _gmp_setup(model, sparsity, structure, sparsifier, schedule, frozen, select, filter_fn, steps)
     phase = Phase("gmp", 0, phase.steps, None, phase.sparsity, phase.structure, phase_seed(seed, 0))
     done = _train_gmp(model, state, ctl, train_fn, phase, progress)
@@ -249,6 +272,17 @@ def prune_gmp(
                       + ("; no torch.optim optimizer step" if done == 0 else "") + ")", stacklevel=2)
     ctl.finish(state)
     return {n: m.clone() for n, m in state.mask.items()}
+
+
+def _check_not_sharded(model, select, filter_fn) -> None:
+    """prune_gmp runs on replicated weights (one process or DDP), not on FSDP2 shards."""
+    from .training.distributed import dist_context
+
+    params = prunable_weights(model, select, filter_fn=filter_fn)
+    ctx = dist_context(model, params)
+    if ctx is not None and ctx.sharded:
+        raise ELSAError("prune_gmp does not support sharded (FSDP2 / DTensor) weights; use embed_levels with one "
+                        "level, or DDP")
 
 
 def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase, progress: bool) -> int:

@@ -60,7 +60,8 @@ class OptimizerBinding:
             return key
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         if not held & model_ids:
-            raise ELSAError(f"attach: the {type(opt).__name__} holds no parameter of the model")
+            raise ELSAError(f"attach: the {type(opt).__name__} holds no parameter of the model (were they replaced "
+                            "after the LevelEmbedder was built, e.g. by fully_shard? shard the model first)")
         mine = held & model_ids
         self.ids[key] = None if mine == model_ids else mine
         pre = opt.register_step_pre_hook(lambda o, a, k: self.pre(key, self.ids[key]))

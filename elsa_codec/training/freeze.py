@@ -6,10 +6,13 @@ with code ``T`` last.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bits import check_code_bits, encode_tensor
 from ..errors import ELSAError
+from .distributed import local_tensor
 from .state import MaskState
 
 __all__ = ["encode_as", "freeze_level", "encode_dense_rest", "check_prunable", "check_encode_dtype", "input_dim"]
@@ -20,7 +23,7 @@ def input_dim(w: torch.Tensor, transposed: bool = False) -> int:
     `[in, out]`) weight, else the flattened `[in/groups * kh * kw]` of `[out, ...]`."""
     if transposed:
         return w.shape[0]
-    return w[0].numel() if w.dim() >= 2 else w.numel()
+    return math.prod(w.shape[1:]) if w.dim() >= 2 else w.numel()
 
 
 def encode_as(p: torch.Tensor, code: int, k: int, name: str, dt) -> torch.Tensor:
@@ -34,8 +37,9 @@ def encode_as(p: torch.Tensor, code: int, k: int, name: str, dt) -> torch.Tensor
 @torch.no_grad()
 def freeze_level(state: MaskState, counters: dict, t: int, k: int, dt) -> None:
     """Freeze the weights of the current mask that are not frozen yet as level ``t``: encode
-    them with code ``t - 1``, set their counters to ``t``, zero the pruned weights."""
-    for n, p in state.params.items():
+    them with code ``t - 1``, set their counters to ``t``, zero the pruned weights (element-wise:
+    on the local shards when sharded, no communication)."""
+    for n, p in state.local_weights().items():
         mask = state.mask[n] if state.mask is not None else torch.ones_like(state.frozen[n])
         new = mask & ~state.frozen[n]
         p.copy_(torch.where(new, encode_as(p, t - 1, k, n, dt), p))
@@ -48,7 +52,7 @@ def freeze_level(state: MaskState, counters: dict, t: int, k: int, dt) -> None:
 def encode_dense_rest(state: MaskState, T: int, k: int, dt) -> None:
     """Encode the dense-only weights (not frozen yet) with code ``T`` and freeze everything."""
     state.set_mask(None)
-    for n, p in state.params.items():
+    for n, p in state.local_weights().items():
         new = ~state.frozen[n]
         p.copy_(torch.where(new, encode_as(p, T, k, n, dt), p))
     state.freeze({n: torch.ones_like(f) for n, f in state.frozen.items()})
@@ -60,6 +64,7 @@ def round_shared(named: dict, dt) -> None:
     if dt is None:
         return
     for p in named.values():
+        p = local_tensor(p)
         if p.is_floating_point() and p.dtype != dt:
             p.copy_(p.to(dt).to(p.dtype))
 
@@ -73,7 +78,7 @@ def check_prunable(params: dict, specs, k: int, T: int, transposed=frozenset()) 
     st = specs[-1][1]
     for n, p in params.items():
         check_code_bits(p.dtype, k, T, name=n)
-        if not torch.isfinite(p.detach()).all():
+        if not torch.isfinite(local_tensor(p)).all():
             raise ELSAError(f"{n}: weights must be finite before ELSA training")
         cols = input_dim(p, n in transposed)
         if st.kind == "nm" and cols % st.m:

@@ -57,7 +57,7 @@ class GMPControl:
         def view(d):
             return {n: (v.t() if n in tr else v) for n, v in d.items()}
 
-        weights = view({n: p.detach() for n, p in state.params.items()})
+        weights = view(state.local_weights())  # the local shards when sharded
         frozen = view(state.frozen)
         masks = self.sparsifier.masks(weights, frozen, float(sparsity), self.structure)
         masks = check_masks(masks, weights, frozen, self.structure if final else None)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..codec import Counters, ELSAStateDict, encode
 from ..errors import ELSAError
-from ..wrappers import strip_wrapper_prefix, unwrap_model
+from .distributed import full_state_dict, save_once
 
 __all__ = ["ELSAResult"]
 
@@ -64,7 +64,9 @@ class ELSAResult:
         ``encode_dtype`` the floating-point tensors (and batch-norm statistics) are cast to it
         first; the encoded weights are exactly representable in it. The run's config goes into
         the metadata (``meta.training``). A wrapped model (DDP, ``torch.compile``) is written
-        under the bare model's names. Extra keyword arguments go to :func:`elsa_codec.encode`.
+        under the bare model's names; sharded (FSDP2 DTensor) tensors are gathered to full tensors
+        first, a collective: call it on every rank. Extra keyword arguments go to
+        :func:`elsa_codec.encode`.
 
         Raises:
             ELSAError: no state dict and no model; anything :func:`elsa_codec.encode` raises.
@@ -72,8 +74,7 @@ class ELSAResult:
         if state_dict is None:
             if self.model is None:
                 raise ELSAError("ELSAResult.encode needs a state dict (the result holds no model)")
-            sd = unwrap_model(self.model).state_dict()
-            state_dict = {strip_wrapper_prefix(k): v for k, v in sd.items()}
+            state_dict = full_state_dict(self.model)
         bn = self.bn_stats
         if self.encode_dtype is not None:
             dt = self.encode_dtype
@@ -86,4 +87,18 @@ class ELSAResult:
         out = encode(state_dict, self.counters, **kwargs)
         if self.config is not None:
             out.meta.training = dict(self.config)
+        return out
+
+    def save(self, path: str, state_dict: Mapping[str, torch.Tensor] | None = None, *, max_shard_size=None,
+             **kwargs) -> ELSAStateDict:
+        """:meth:`encode`, then :func:`elsa_codec.save_file` on rank 0 only (the other ranks of a
+        ``torch.distributed`` run wait at a barrier, so the file exists on every rank on return).
+        Call it on every rank (gathering sharded tensors is a collective). Returns the encoded
+        state dict (the same on every rank).
+
+        Raises:
+            ELSAError: as :meth:`encode` and :func:`elsa_codec.save_file`.
+        """
+        out = self.encode(state_dict, **kwargs)
+        save_once(out, path, max_shard_size=max_shard_size)
         return out

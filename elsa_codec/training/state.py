@@ -22,19 +22,28 @@ import torch
 
 from ..bits import bits_view
 from ..errors import ELSAError
+from .distributed import is_dtensor, local_tensor
 
 __all__ = ["MaskState"]
 
 
-def _ones_bits(p: torch.Tensor) -> torch.Tensor:
-    return torch.full(p.shape, -1, dtype=bits_view(p.detach()).dtype, device=p.device)
+def _ones_bits(bits: torch.Tensor) -> torch.Tensor:
+    return torch.full(bits.shape, -1, dtype=bits.dtype, device=bits.device)
+
+
+def _detach(p: torch.Tensor) -> torch.Tensor:
+    return p.detach()
 
 
 class MaskState:
     """Masks and frozen values of the prunable weights ``params`` (``name -> Parameter``).
 
+    With sharded (FSDP2, DTensor) parameters every tensor of the state is of the LOCAL shard's
+    shape and the hooks touch only the local shard (:func:`.distributed.local_tensor`).
+
     Attributes:
         params: ``name -> Parameter`` (one per Parameter identity).
+        sharded: True when a parameter is a DTensor (FSDP2).
         frozen: ``name -> bool Tensor`` (weight shape): weights of the levels already embedded.
         mask: ``name -> bool Tensor`` (pruning mask, ``True`` = kept) or None (no pruning).
         shared: ``name -> Parameter`` frozen whole (``freeze_shared``), with ``shared_ref``.
@@ -42,17 +51,27 @@ class MaskState:
 
     def __init__(self, params: dict[str, torch.nn.Parameter], frozen=None):
         self.params = params
+        self.sharded = any(is_dtensor(p) for p in params.values())
+        self._t = local_tensor if self.sharded else _detach  # the tensor this rank stores
         self.name_of = {id(p): n for n, p in params.items()}
         self.frozen = {
             n: (frozen[n].to(device=p.device, dtype=torch.bool).clone() if frozen is not None and n in frozen
-                else torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+                else torch.zeros(self.local(n).shape, dtype=torch.bool, device=p.device))
             for n, p in params.items()
         }
         self.mask = None
         self.shared: dict[str, torch.nn.Parameter] = {}
         self.shared_ref: dict[str, torch.Tensor] = {}
-        self.values = {n: p.detach().clone() for n, p in params.items()}  # frozen values (where frozen)
+        self.values = {n: self.local(n).clone() for n in params}  # frozen values (where frozen)
         self._derive()
+
+    def local(self, name: str) -> torch.Tensor:
+        """The weight ``name`` as this rank stores it (detached; the local shard of a DTensor)."""
+        return self._t(self.params[name])
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """``name -> local tensor`` of every prunable weight (writes go to the weights)."""
+        return {n: self._t(p) for n, p in self.params.items()}
 
     # ---- derived per-step tensors ----
     def _derive(self) -> None:
@@ -63,8 +82,8 @@ class MaskState:
             trainable = ~f if self.mask is None else self.mask[n] & ~f
             if bool(trainable.all()):
                 continue
-            bits = bits_view(p.detach())
-            self.keep[n] = torch.where(trainable, _ones_bits(p), torch.zeros((), dtype=bits.dtype, device=p.device))
+            bits = bits_view(self._t(p))
+            self.keep[n] = torch.where(trainable, _ones_bits(bits), torch.zeros((), dtype=bits.dtype, device=p.device))
             self.base[n] = torch.where(f, bits_view(self.values[n]), torch.zeros((), dtype=bits.dtype, device=p.device))
             self.restore_names.append(n)
             if bool(f.any()):
@@ -83,7 +102,7 @@ class MaskState:
         """Freeze the weights of ``frozen`` (``name -> bool``) at their current values."""
         for n, p in self.params.items():
             self.frozen[n] = frozen[n].clone()
-            self.values[n] = p.detach().clone()
+            self.values[n] = self._t(p).clone()
         self._derive()
 
     def freeze_shared(self, named: dict[str, torch.nn.Parameter]) -> None:
@@ -92,7 +111,7 @@ class MaskState:
             if id(p) in self.name_of or n in self.shared:
                 continue
             self.shared[n] = p
-            self.shared_ref[n] = p.detach().clone()
+            self.shared_ref[n] = local_tensor(p).clone()
 
     # ---- per step ----
     @torch.no_grad()
@@ -101,7 +120,7 @@ class MaskState:
         for n in self.grad_names:
             p = self.params[n]
             if p.grad is not None and (ids is None or id(p) in ids):
-                bits_view(p.grad).bitwise_and_(self.keep[n])
+                bits_view(self._t(p.grad)).bitwise_and_(self.keep[n])
         for p in self.shared.values():
             if ids is None or id(p) in ids:
                 p.grad = None
@@ -112,17 +131,17 @@ class MaskState:
         for n in self.restore_names:
             p = self.params[n]
             if ids is None or id(p) in ids:
-                bits = bits_view(p.detach()).bitwise_and_(self.keep[n])
+                bits = bits_view(self._t(p)).bitwise_and_(self.keep[n])
                 if n in self.frozen_names:
                     bits.bitwise_or_(self.base[n])
         for n, p in self.shared.items():
             if ids is None or id(p) in ids:
-                p.copy_(self.shared_ref[n])
+                local_tensor(p).copy_(self.shared_ref[n])
 
     def changed(self) -> tuple[str, int, bool] | None:
         """``(name, count, shared)`` of the first tensor whose frozen values differ, or None."""
         for n, p in self.shared.items():
-            a, b = p.detach(), self.shared_ref[n]
+            a, b = local_tensor(p), self.shared_ref[n]
             k = int((bits_view(a) != bits_view(b)).sum()) if a.dtype in (torch.float32, torch.float16, torch.bfloat16) \
                 else int((a != b).sum())
             if k:
@@ -130,7 +149,7 @@ class MaskState:
         for n, p in self.params.items():
             f = self.frozen[n]
             if f.any():
-                k = int(((bits_view(p.detach()) != bits_view(self.values[n])) & f).sum())
+                k = int(((bits_view(self._t(p)) != bits_view(self.values[n])) & f).sum())
                 if k:
                     return n, k, False
         return None
@@ -153,10 +172,14 @@ class MaskState:
             "the frozen values have been restored"
         )
 
+    def zeros(self) -> tuple[int, int]:
+        """``(exact zeros, weights)`` over this rank's prunable weights (its shards when sharded)."""
+        ws = self.local_weights().values()
+        return sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws)
+
     def sparsity(self) -> float:
-        """Fraction of exact zeros over the prunable weights."""
-        total = sum(p.numel() for p in self.params.values())
-        zeros = sum(int((p.detach() == 0).sum()) for p in self.params.values())
+        """Fraction of exact zeros over the prunable weights (this rank's shards when sharded)."""
+        zeros, total = self.zeros()
         return zeros / max(total, 1)
 
     # ---- checkpoint ----
@@ -176,11 +199,11 @@ class MaskState:
             ELSAError: a tensor missing, unknown or of another shape (names it).
         """
         for n, p in self.params.items():
-            f = sd["frozen"].get(n)
-            if f is None or tuple(f.shape) != tuple(p.shape):
-                raise ELSAError(f"{n}: the ELSA state has no frozen mask of shape {tuple(p.shape)} for this weight")
+            f, shape = sd["frozen"].get(n), tuple(self.local(n).shape)
+            if f is None or tuple(f.shape) != shape:
+                raise ELSAError(f"{n}: the ELSA state has no frozen mask of shape {shape} for this weight")
             self.frozen[n] = f.to(device=p.device, dtype=torch.bool)
-            self.values[n] = p.detach().clone()
+            self.values[n] = self.local(n).clone()
             self.values[n][self.frozen[n]] = sd["frozen_values"][n].to(device=p.device, dtype=p.dtype)
         m = sd["mask"]
         self.mask = None if m is None else {n: m[n].to(device=p.device) for n, p in self.params.items()}
