@@ -54,6 +54,8 @@ def cmd_encode(a) -> int:
         dtype=_DTYPES[a.dtype] if a.dtype else None,
         code_bits=a.code_bits,
         progress=not a.quiet,
+        jobs=a.jobs,
+        max_shard_size=a.max_shard_size,
     )
     dt = time.perf_counter() - t0
     worst = min((ti.sqnr_db for ti in meta.tensors.values() if ti.sqnr_db is not None), default=math.inf)
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    e = sub.add_parser("encode", help="encode a safetensors checkpoint into an ELSA file", description="Encode a safetensors checkpoint (or sharded index) into one ELSA file, streaming tensor by tensor.")
+    e = sub.add_parser("encode", help="encode a safetensors checkpoint into an ELSA file", description="Encode a safetensors checkpoint (or sharded index) into one ELSA file (or shards plus an index), streaming chunk by chunk.")
     e.add_argument("input", help="input .safetensors or .safetensors.index.json")
     e.add_argument("-o", "--output", required=True, help="output ELSA .safetensors (written atomically)")
     g = e.add_mutually_exclusive_group(required=True)
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--distribution", default="uniform", choices=["uniform", "global"], help="per-tensor sparsity: same everywhere, or one global threshold")
     e.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating tensors to this dtype first")
     e.add_argument("--code-bits", type=int, help="k, default max(1, ceil(log2(T+1)))")
+    e.add_argument("--jobs", type=int, default=1, help="worker processes, one input shard each (same output; default 1)")
+    e.add_argument("--max-shard-size", help="write shards of at most this size plus an index (e.g. '5GB'); "
+                   "implied (5GB) when -o ends with .safetensors.index.json")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_encode)
 

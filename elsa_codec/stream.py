@@ -1,24 +1,540 @@
-"""Streaming encode of a safetensors checkpoint into an ELSA file, tensor by tensor.
+"""Streaming encode of a safetensors checkpoint into an ELSA file, chunk by chunk.
 
-Peak memory stays near the largest tensor, not the checkpoint; the output is byte-identical to
-``save_file(encode(...))`` of the same input (the same header writer, :func:`elsa_codec.io.header_bytes`).
+Memory: the input is read from a memory map of the file (file-backed pages, not anonymous
+memory; each tensor's pages are dropped from the mapping once it is written), and every tensor is
+counted, encoded, checksummed and written in flat chunks of ``codec._STAT_CHUNK`` (4M) elements:
+unstructured magnitude levels come from histograms of ``|w|``'s bit patterns
+(:mod:`elsa_codec.magnitude_stream`), N:M levels per block of whole rows. The anonymous memory
+above the import floor is then a few chunks (tens of MB) whatever the tensor or checkpoint size
+(bench/results/stream-memory/). Block levels (``block:RxC``) rank tiles over the whole tensor:
+their counters are computed in memory as :func:`elsa_codec.magnitude_counters` does (about 3x
+the tensor while they are computed, then 1 byte per element).
+
+The output is byte-identical to ``save_file(encode(sd, magnitude_counters(sd, levels, ...)))``
+of the same state dict (tests/test_stream.py): the statistics accumulate over the same
+``_STAT_CHUNK`` chunks as :func:`elsa_codec.codec._tensor_info`, and the header comes from the
+same writer (:func:`elsa_codec.io.header_bytes`).
+
+Parallel shards (``jobs=N``): the shards of a sharded input are independent, so N worker processes
+(``spawn``) encode one shard each (global thresholds are computed first, in this process, and
+passed to them). Every shard's encoded tensors go to a temporary part file beside the output
+(named like :func:`elsa_codec.io._atomic`'s temporaries, so a killed run's parts are removed by the
+next write of the same output); this process then writes the header and copies the tensors from
+the parts in the file's data order (``os.copy_file_range``), and removes the parts, on success or
+error. The output does not depend on N.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import math
+import mmap
+import multiprocessing
 import os
 import tempfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Mapping
 
 import torch
 
-from .bits import check_code_bits, default_code_bits, encode_tensor
-from .codec import _make_meta, _tensor_info, global_thresholds, parse_levels, select_tensors, tensor_magnitude_counters
-from .errors import ELSAError
-from .codec import Counters
-from .io import _DTYPES, _atomic, _check_out_path, _counters_header, _open_safetensors, _shards, data_order, file_metadata, header_bytes, st_dtype
+from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
+from .codec import (
+    _STAT_CHUNK,
+    Counters,
+    ELSAMeta,
+    TensorInfo,
+    _make_meta,
+    parse_levels,
+    select_tensors,
+    tensor_magnitude_counters,
+)
+from .errors import ELSAError, ELSAFormatError
+from .io import (
+    _DTYPES,
+    _ITEM,
+    _OPEN_TMPS,
+    _TMP_SUFFIX,
+    _atomic,
+    _check_out_path,
+    _counters_header,
+    _open_safetensors,
+    _parse_size,
+    _shards,
+    _tmp_prefix,
+    data_order,
+    file_metadata,
+    header_bytes,
+    write_index,
+)
+from .magnitude_stream import RowBlockCounters, UnstructuredCounters, chunked, counter_dtype, global_thresholds_stream
 
 __all__ = ["encode_file"]
+
+_FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_INT_CODES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+#: Flat elements per chunk: the statistics' chunk of ``_tensor_info`` (so the floats agree).
+CHUNK = _STAT_CHUNK
+_COPY_BYTES = 1 << 24
+
+
+# ----------------------------------------------------------------------------- reading the input
+
+
+class _MappedFile:
+    """A safetensors file read through a private memory map (file-backed pages, no copies).
+
+    Args:
+        path: the file; its header is checked as :func:`elsa_codec.io._open_safetensors` does.
+
+    Raises:
+        ELSAFormatError: unreadable, truncated or corrupted file (names it).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._names = list(_open_safetensors(path).keys())
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError as e:
+                raise ELSAFormatError(f"{path}: malformed safetensors header ({e})") from None
+            size = os.fstat(fh.fileno()).st_size
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        header.pop("__metadata__", None)
+        self._header, self._base = header, 8 + n
+
+    def keys(self) -> list:
+        """Tensor names, in safetensors' order (sorted)."""
+        return list(self._names)
+
+    def _entry(self, name: str) -> dict:
+        try:
+            return self._header[name]
+        except KeyError:
+            raise ELSAFormatError(f"{self.path}: no tensor {name!r} (named in the index)") from None
+
+    def code(self, name: str) -> str:
+        """The safetensors dtype code (``"F32"``)."""
+        return self._entry(name)["dtype"]
+
+    def shape(self, name: str) -> list:
+        return list(self._entry(name)["shape"])
+
+    def _range(self, name: str) -> tuple:
+        a, b = self._entry(name)["data_offsets"]
+        return self._base + a, self._base + b
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes (a view of the map)."""
+        a, b = self._range(name)
+        return memoryview(self._mm)[a:b] if b > a else memoryview(b"")
+
+    def flat(self, name: str) -> torch.Tensor:
+        """The tensor as a flat tensor of its own dtype, a view of the map (a copy only if misaligned).
+
+        Raises:
+            ELSAError: the dtype is not a float or integer dtype torch reads (names the tensor).
+        """
+        code = self.code(name)
+        dt = _FLOAT_CODES.get(code) or _INT_CODES.get(code)
+        if dt is None:
+            raise ELSAError(f"{name}: dtype {code} cannot be read as a tensor here")
+        a, b = self._range(name)
+        if b <= a:
+            return torch.empty(0, dtype=dt)
+        t = torch.frombuffer(self._mm, dtype=torch.uint8, count=b - a, offset=a).view(dt)
+        return t if t.data_ptr() % t.element_size() == 0 else t.clone()
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this mapping (re-read from the page cache if used again)."""
+        a, b = self._range(name)
+        page = mmap.PAGESIZE
+        lo, hi = -(-a // page) * page, b // page * page
+        if self._mm is not None and hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def chunks(self, name: str, convert: torch.dtype | None = None):
+        """The tensor's flat chunks of :data:`CHUNK` elements, converted; pages released at the end."""
+        yield from chunked(self.flat(name), CHUNK, convert)
+        self.release(name)
+
+
+# ----------------------------------------------------------------------------- what to encode
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything a worker needs besides its shard (picklable)."""
+
+    T: int
+    k: int
+    structs: list  # the structure of each level 1..T
+    dtype: torch.dtype | None
+    selected: set
+    specs: list | None = None  # [(sparsity, Structure)] for magnitude levels
+    thresholds: list | None = None  # global magnitude thresholds
+    counters_path: str | None = None  # or
+    counters: Mapping | None = None  # in-memory counters of the selected tensors
+    transposed: set = dataclasses.field(default_factory=set)
+
+    def convert(self, code: str) -> torch.dtype | None:
+        """The dtype a tensor of safetensors ``code`` is converted to (None: kept)."""
+        return self.dtype if self.dtype is not None and code in _FLOAT_CODES else None
+
+
+def _out_entry(src: _MappedFile, name: str, dtype) -> tuple:
+    """``(output dtype code, shape)``; ELSAError for a dtype the writer does not know."""
+    code = src.code(name)
+    if dtype is not None and code in _FLOAT_CODES:
+        code = _DTYPES[dtype]
+    if code not in _ITEM:
+        raise ELSAError(f"{name}: dtype {code} cannot be written to an ELSA file")
+    return code, src.shape(name)
+
+
+def _magnitude_plan(files, where, names, levels, structure, distribution, dtype, in_path):
+    """``(specs, selected names, thresholds)`` of magnitude levels (global thresholds streamed)."""
+    specs = parse_levels(levels, structure, distribution)
+    stand_ins = {}  # shape-and-dtype stand-ins, so that selecting tensors reads no tensor data
+    for n, shard in where.items():
+        kind = torch.float32 if files[shard].code(n) in _FLOAT_CODES else torch.int8
+        stand_ins[n] = torch.empty([0] * len(files[shard].shape(n)), dtype=kind)
+
+    def get(n):
+        f = files[where[n]]
+        t = f.flat(n).reshape(f.shape(n))
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    sel = select_tensors(names, stand_ins, get, in_path)
+    thr = None
+    if distribution == "global" and specs[0][1].kind != "nm":
+        def conv(n):
+            return dtype if dtype is not None and files[where[n]].code(n) in _FLOAT_CODES else None
+
+        thr = global_thresholds_stream(lambda: (ch for n in sel for ch in files[where[n]].chunks(n, conv(n))), [s for s, _ in specs])
+    return specs, sel, thr
+
+
+def _counters_plan(counters, where, in_path):
+    """``(T, structures, selected names, transposed, counters path or mapping)``."""
+    if isinstance(counters, str):
+        cf = _MappedFile(counters)
+        T, structs, transposed = _counters_header(_open_safetensors(counters), counters)
+        sel, src = cf.keys(), counters
+    else:
+        T, structs, sel = counters.num_levels, list(counters.structures), list(counters)
+        transposed, src = set(getattr(counters, "transposed", ())), counters
+    for n in sel:
+        if n not in where:
+            raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
+    return T, structs, sel, transposed, src
+
+
+# ----------------------------------------------------------------------------- one tensor
+
+
+class _Stats:
+    """:func:`elsa_codec.codec._tensor_info` accumulated over its own ``_STAT_CHUNK`` chunks
+    (the same floats): level counts, largest ulp error, signal and noise energies."""
+
+    def __init__(self, T: int):
+        self.T = T
+        self.counts = torch.zeros(T + 2, dtype=torch.int64)
+        self.max_ulp, self.signal, self.noise = 0.0, 0.0, 0.0
+
+    def add(self, xs: torch.Tensor, ys: torch.Tensor, c: torch.Tensor) -> None:
+        """One chunk: original ``xs``, encoded ``ys``, counters ``c`` (flat, aligned to the chunks)."""
+        self.counts += torch.bincount(c if c.dtype == torch.uint8 else c.to(torch.int64), minlength=self.T + 2)[: self.T + 2]
+        self.max_ulp = max(self.max_ulp, float(ulp_error(xs, ys).max()))
+        self.signal += float(torch.linalg.vector_norm(xs, dtype=torch.float64)) ** 2
+        self.noise += float(torch.linalg.vector_norm(ys.to(torch.float32) - xs.to(torch.float32), dtype=torch.float64)) ** 2
+
+    def info(self, shape: list, dtype: torch.dtype, transposed: bool) -> TensorInfo:
+        n = 1
+        for s in shape:
+            n *= s
+        kept = torch.cumsum(self.counts[1 : self.T + 2], 0)[: self.T]
+        sp = [1.0 - float(kv) / max(n, 1) for kv in kept]
+        s, e = self.signal, self.noise
+        sq = float("inf") if e == 0.0 else (float("-inf") if s == 0.0 else 10.0 * math.log10(s / e))
+        return TensorInfo(shape=list(shape), dtype=str(dtype).replace("torch.", ""), sparsity=sp, max_ulp=self.max_ulp,
+                          sqnr_db=sq, transposed=transposed)
+
+
+def _counter_fn(plan: _Plan, src: _MappedFile, name: str, conv, cfile):
+    """``fn(start, stop, chunk) -> counters`` (flat, ``1..T+1``) of one selected tensor."""
+    shape = src.shape(name)
+    if plan.specs is None:
+        c = _given_counters(plan, cfile, name, shape)
+        return lambda s, e, ch: c[s:e]
+    kind = plan.specs[0][1].kind
+    if kind == "unstructured":
+        uc = UnstructuredCounters(lambda: src.chunks(name, conv), _numel(shape), [s for s, _ in plan.specs], plan.thresholds)
+        return lambda s, e, ch: uc(ch)
+
+    def rows(r0, r1):
+        x = src.flat(name).reshape(shape)
+        x = x[r0:r1] if x.dim() >= 2 else x
+        return x.to(conv) if conv is not None else x
+
+    if kind == "nm":
+        rb = RowBlockCounters(rows, shape, plan.specs, name, CHUNK)
+        return lambda s, e, ch: rb(s, e)
+    full = tensor_magnitude_counters(rows(0, shape[0] if shape else 1), plan.specs, plan.thresholds, name=name)
+    full = full.reshape(-1).to(counter_dtype(plan.T))
+    return lambda s, e, ch: full[s:e]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _given_counters(plan: _Plan, cfile, name: str, shape: list) -> torch.Tensor:
+    """The flat counters of ``name`` from the counters file (a map view) or mapping, checked.
+
+    Raises:
+        ELSAError: another shape, or values outside ``1..T+1`` (names the tensor).
+    """
+    if cfile is not None:
+        cshape, c = cfile.shape(name), cfile.flat(name)
+    else:
+        c = plan.counters[name]
+        cshape, c = list(c.shape), c.reshape(-1)
+    if list(cshape) != list(shape):
+        raise ELSAError(f"{name}: counters have shape {tuple(cshape)} but the tensor has shape {tuple(shape)}")
+    if c.is_floating_point():
+        raise ELSAError(f"{name}: counters must be an integer tensor, got dtype {c.dtype}")
+    if c.numel():
+        lo = min(int(ch.min()) for ch in chunked(c, CHUNK))
+        hi = max(int(ch.max()) for ch in chunked(c, CHUNK))
+        if lo < 1 or hi > plan.T + 1:
+            raise ELSAError(f"{name}: counters must lie in 1..{plan.T + 1}, got {lo}..{hi}")
+    return c
+
+
+def _encode_one(out, src: _MappedFile, name: str, plan: _Plan, cfile) -> tuple:
+    """Encode (or copy) one tensor into the open binary file ``out``, chunk by chunk.
+
+    Returns:
+        ``(bytes written, CRC-32 hex, TensorInfo or None)``.
+
+    Raises:
+        ELSAError: dtype without code bits for T, non-finite weights, bad counters (names the tensor).
+    """
+    code = src.code(name)
+    conv = plan.convert(code)
+    if name not in plan.selected:
+        return _copy_one(out, src, name, conv) + (None,)
+    dt = conv or _FLOAT_CODES.get(code) or _INT_CODES.get(code)
+    check_code_bits(dt, plan.k, plan.T, name=name)
+    counters = _counter_fn(plan, src, name, conv, cfile)
+    stats, crc, nbytes, s = _Stats(plan.T), 0, 0, 0
+    for xs in src.chunks(name, conv):
+        c = counters(s, s + xs.numel(), xs)
+        y = encode_tensor(xs, c - 1, plan.k, name=name)
+        stats.add(xs, y, c)
+        b = y.view(torch.uint8).numpy()
+        crc = zlib.crc32(b, crc)
+        out.write(b)
+        nbytes += b.nbytes
+        s += xs.numel()
+        del c, y, b, xs
+    return nbytes, f"{crc & 0xFFFFFFFF:08x}", stats.info(src.shape(name), dt, name in plan.transposed)
+
+
+def _copy_one(out, src: _MappedFile, name: str, conv) -> tuple:
+    """Copy (converting floats to ``conv``) a tensor that is not encoded: ``(bytes, CRC-32 hex)``."""
+    crc, nbytes = 0, 0
+    if conv is None:
+        raw = src.raw(name)
+        for a in range(0, len(raw), _COPY_BYTES):
+            piece = raw[a : a + _COPY_BYTES]
+            crc = zlib.crc32(piece, crc)
+            out.write(piece)
+        nbytes = len(raw)
+        del raw, piece
+        src.release(name)
+    else:
+        for xs in src.chunks(name, conv):
+            b = xs.contiguous().view(torch.uint8).numpy()
+            crc = zlib.crc32(b, crc)
+            out.write(b)
+            nbytes += b.nbytes
+    return nbytes, f"{crc & 0xFFFFFFFF:08x}"
+
+
+# ----------------------------------------------------------------------------- one shard (a worker)
+
+
+@dataclasses.dataclass
+class _ShardJob:
+    shard: str
+    names: list  # in the output's data order
+    part: str  # temporary file for the encoded bytes
+    plan: _Plan
+    threads: int | None = None
+
+
+def _encode_shard(job: _ShardJob, tick=None) -> dict:
+    """Encode one input shard's tensors into ``job.part`` (a worker's entry point).
+
+    Returns:
+        ``{name: (part path, offset, bytes, CRC-32 hex, TensorInfo or None)}``.
+    """
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    src = _MappedFile(job.shard)
+    cfile = _MappedFile(job.plan.counters_path) if job.plan.counters_path else None
+    res = {}
+    with open(job.part, "wb") as out:
+        for n in job.names:
+            off = out.tell()
+            nbytes, crc, info = _encode_one(out, src, n, job.plan, cfile)
+            res[n] = (job.part, off, nbytes, crc, info)
+            if tick is not None:
+                tick()
+    return res
+
+
+def _run_jobs(jobs: list, workers: int, progress: bool) -> dict:
+    """Run the shard jobs here (``workers <= 1``) or in ``workers`` spawned processes."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    if workers <= 1 or len(jobs) <= 1:
+        with tqdm(total=sum(len(j.names) for j in jobs), desc="encode", unit="tensor", disable=not progress) as bar:
+            for job in jobs:
+                out.update(_encode_shard(job, bar.update))
+        return out
+    threads = max(1, torch.get_num_threads() // workers)
+    ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futs = [ex.submit(_encode_shard, dataclasses.replace(j, threads=threads)) for j in jobs]
+        with tqdm(total=len(jobs), desc="encode", unit="shard", disable=not progress) as bar:
+            for fut in as_completed(futs):
+                out.update(fut.result())
+                bar.update()
+    except BaseException:
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing the output
+
+
+@contextlib.contextmanager
+def _part_files(out_path: str, count: int):
+    """``count`` temporary files beside ``out_path``, removed on exit (success or error).
+
+    Named like :func:`elsa_codec.io._atomic`'s temporaries of ``out_path`` (its stale-file cleanup
+    removes them if this process is killed) and registered as in use meanwhile.
+    """
+    folder = os.path.dirname(os.path.abspath(out_path)) or "."
+    paths = []
+    try:
+        for _ in range(count):
+            fd, p = tempfile.mkstemp(prefix=f"{_tmp_prefix(out_path)}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=folder)
+            os.close(fd)
+            _OPEN_TMPS.add(os.path.basename(p))
+            paths.append(p)
+        yield paths
+    finally:
+        for p in paths:
+            _OPEN_TMPS.discard(os.path.basename(p))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` (in the kernel if it can)."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, count, offset)
+        except (AttributeError, OSError):
+            done = os.write(dst_fd, os.pread(src_fd, min(count, _COPY_BYTES), offset))
+        if done <= 0:
+            raise ELSAError(f"short copy from a temporary part file ({count} bytes left)")
+        offset += done
+        count -= done
+
+
+def _write_file(path: str, entries: dict, doc: str, res: dict) -> None:
+    """Write one safetensors file of ``entries`` atomically: header, then the parts' tensors."""
+    crcs = {n: res[n][3] for n in entries}
+    fds = {}
+    try:
+        with _atomic(path) as tmp:
+            dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                head = header_bytes(entries, file_metadata(doc, crcs))
+                while head:
+                    head = head[os.write(dst, head):]
+                for n in data_order(entries):
+                    part, off, nbytes = res[n][:3]
+                    if part not in fds:
+                        fds[part] = os.open(part, os.O_RDONLY)
+                    _copy_range(fds[part], dst, off, nbytes)
+            finally:
+                os.close(dst)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _shard_groups(names: list, entries: dict, limit: int) -> list:
+    """``save_file``'s shard grouping: consecutive names while the bytes stay within ``limit``."""
+    groups, cur, size = [], [], 0
+    for n in names:
+        code, shape = entries[n]
+        nb = _ITEM[code] * _numel(shape)
+        if cur and size + nb > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nb
+    return groups + ([cur] if cur else [])
+
+
+def _sharded_paths(index_path: str, count: int) -> list:
+    base = os.path.basename(index_path)[: -len(".index.json")]
+    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+    folder = os.path.dirname(os.path.abspath(index_path))
+    return [os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+
+
+def _write_sharded(index_path: str, names: list, entries: dict, doc: str, res: dict, limit: int, inputs: list) -> None:
+    """Write shards and the index as ``save_file(..., index_path, max_shard_size=limit)`` does."""
+    groups = _shard_groups(names, entries, limit)
+    paths = _sharded_paths(index_path, len(groups))
+    for p in paths:
+        _check_out_path(p, inputs)
+    written = []
+    try:
+        weight_map = {}
+        for p, g in zip(paths, groups):
+            _write_file(p, {n: entries[n] for n in g}, doc, res)
+            written.append(p)
+            weight_map.update({n: os.path.basename(p) for n in g})
+        total = sum(_ITEM[entries[n][0]] * _numel(entries[n][1]) for n in names)
+        with _atomic(index_path) as tmp:
+            write_index(tmp, weight_map, total, doc, {n: res[n][3] for n in names})
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        raise
+
+
+# ----------------------------------------------------------------------------- the entry point
+
 
 def encode_file(
     in_path: str,
@@ -32,120 +548,92 @@ def encode_file(
     code_bits: int | None = None,
     names=None,
     progress: bool = True,
+    jobs: int = 1,
+    max_shard_size=None,
 ) -> ELSAMeta:
-    """Encode a safetensors checkpoint from disk, tensor by tensor, into an ELSA file.
+    """Encode a safetensors checkpoint from disk, chunk by chunk, into an ELSA file.
 
-    Peak memory stays near the largest tensor (plus one global-distribution pass over
-    magnitudes' histogram), not the checkpoint. The output is written atomically and never over
-    the input.
+    The output is byte-identical to ``save_file(encode(sd, counters), out_path)`` of the same
+    state dict (``sd`` in the input's order, floats converted to ``dtype``) with
+    ``counters = magnitude_counters(sd, levels, structure=..., distribution=..., names=...)`` or
+    the given counters. Anonymous memory stays at a few 4M-element chunks whatever the tensor and
+    checkpoint sizes (block levels: about 3x the largest selected tensor); the input is read from
+    a memory map. The output is written atomically and never over the input.
 
     Args:
         in_path: ``*.safetensors`` or ``*.safetensors.index.json``.
-        out_path: the ELSA file (``*.safetensors``).
+        out_path: the ELSA file ``*.safetensors``; or ``*.safetensors.index.json`` (or
+            ``max_shard_size`` given) for shards ``{stem}-00001-of-0000N.safetensors`` plus an
+            index, grouped as :func:`elsa_codec.save_file` groups them (default 5 GB a shard).
         levels: magnitude levels, sparsest first (``[0.9, 0.75, 0.5]`` or ``["1:4", "2:4"]``);
             exclusive with ``counters``.
         counters: a counters file (:func:`save_counters`) or :class:`Counters`, e.g. from training.
         structure, distribution, names: as :func:`elsa_codec.magnitude_counters`.
         dtype: convert floating tensors to this dtype first (e.g. ``torch.bfloat16``).
         code_bits: k (default from T).
+        progress: a tqdm bar (tensors; shards with ``jobs > 1``).
+        jobs: worker processes, one input shard each (a single-file input runs here); the
+            output does not depend on it. Each worker has ``torch.get_num_threads() // jobs``
+            threads.
+        max_shard_size: bytes per output shard (int or ``"2GB"``); implies a sharded output.
 
     Returns:
         The written :class:`ELSAMeta`.
 
     Raises:
-        ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`.
+        ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`; ``jobs``
+            not a positive int; the output is an input file.
     """
-    from tqdm.auto import tqdm
-
     if (levels is None) == (counters is None):
         raise ELSAError("give exactly one of levels= (magnitude levels) or counters= (a counters file)")
-    _check_out_path(out_path, [in_path])
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ELSAError(f"jobs must be a positive int, got {jobs!r}")
     shards, _ = _shards(in_path)
-    handles = {}
+    inputs = [in_path] + [s for s, _ in shards]
+    _check_out_path(out_path, inputs)
+    files = {s: _MappedFile(s) for s, _ in shards}
     where = {}
     for shard, ns in shards:
-        f = _open_safetensors(shard)
-        handles[shard] = f
-        for n in ns if ns is not None else f.keys():
+        for n in ns if ns is not None else files[shard].keys():
             where[n] = shard
-    all_names = list(where)
-
-    def get(n):
-        t = handles[where[n]].get_tensor(n)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t
-
-    if counters is not None:
-        if isinstance(counters, str):  # read the counters file tensor by tensor, too
-            cf = _open_safetensors(counters)
-            T, structs, transposed = _counters_header(cf, counters)
-            sel = list(cf.keys())
-            get_counters = cf.get_tensor
+    entries = {n: _out_entry(files[s], n, dtype) for n, s in where.items()}
+    plan = _make_plan(files, where, levels, counters, structure, distribution, dtype, code_bits, names, in_path)
+    order = data_order(entries)
+    with _part_files(out_path, len(files)) as parts:
+        jobs_list = [_shard_job(s, [n for n in order if where[n] == s], part, plan) for s, part in zip(files, parts)]
+        jobs_list.sort(key=lambda j: -os.path.getsize(j.shard))  # the largest shards first
+        res = _run_jobs(jobs_list, jobs, progress)
+        infos = {n: res[n][4] for n in where if res[n][4] is not None}  # in checkpoint order
+        meta = _make_meta(plan.T, plan.k, plan.structs, infos, {})
+        doc = meta.to_json()
+        if max_shard_size is not None or str(out_path).endswith(".index.json"):
+            index = out_path if str(out_path).endswith(".index.json") else str(out_path) + ".index.json"
+            limit = _parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
+            _write_sharded(index, list(where), entries, doc, res, limit, inputs)
         else:
-            T, structs, sel = counters.num_levels, list(counters.structures), list(counters)
-            transposed = set(getattr(counters, "transposed", ()))
-            get_counters = counters.__getitem__
-        for n in sel:
-            if n not in where:
-                raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
-        specs = None
-    else:
-        specs = parse_levels(levels, structure, distribution)
-        sps = [s for s, _ in specs]
-        T, structs, transposed = len(specs), [str(st) for _, st in specs], set()
-        # shape-and-dtype stand-ins, so that selecting tensors reads no tensor data
-        stand_ins = {}
-        for n in all_names:
-            sl = handles[where[n]].get_slice(n)
-            kind = torch.float32 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else torch.int8
-            stand_ins[n] = torch.empty([0] * len(sl.get_shape()), dtype=kind)
-        sel = select_tensors(names, stand_ins, get, in_path)
-        thr = global_thresholds(get, sel, sps) if distribution == "global" and specs[0][1].kind != "nm" else None
-    k = default_code_bits(T) if code_bits is None else code_bits
-
-    infos = {}
-    crcs = {}
-    entries = {}
-    for n in all_names:  # the output's dtype and shape of every tensor, before reading any data
-        sl = handles[where[n]].get_slice(n)
-        code = sl.get_dtype()
-        if dtype is not None and code in ("F32", "F16", "BF16", "F64"):
-            code = _DTYPES[dtype]
-        entries[n] = (code, list(sl.get_shape()))
-    with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out_path)) or ".") as data:
-        it = tqdm(data_order(entries), desc="encode", unit="tensor", disable=not progress)
-        for n in it:
-            x = get(n)
-            if n in sel:
-                check_code_bits(x.dtype, k, T, name=n)
-                if specs is None:
-                    c = get_counters(n)
-                    if c.shape != x.shape:
-                        raise ELSAError(f"{n}: counters have shape {tuple(c.shape)} but the tensor has shape {tuple(x.shape)}")
-                    if c.numel() and (int(c.min()) < 1 or int(c.max()) > T + 1):
-                        raise ELSAError(f"{n}: counters must lie in 1..{T + 1}, got {int(c.min())}..{int(c.max())}")
-                else:
-                    c = tensor_magnitude_counters(x, specs, thr, name=n)
-                y = encode_tensor(x, c - 1, k, name=n)
-                infos[n] = dataclasses.replace(_tensor_info(x, y, c, T), transposed=n in transposed)
-                x = y
-                del c, y
-            x = x.contiguous()
-            st_dtype(x, n)
-            buf = x.reshape(-1).view(torch.uint8).numpy() if x.numel() else b""  # a view: no copy
-            data.write(buf)
-            crcs[n] = f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"
-            del x, buf  # free this tensor before reading the next one
-        infos = {n: infos[n] for n in all_names if n in infos}  # the document lists them in checkpoint order
-        meta = _make_meta(T, k, structs, infos, {})
-        data.seek(0)
-        with _atomic(out_path) as tmp:
-            with open(tmp, "wb") as out:
-                out.write(header_bytes(entries, file_metadata(meta.to_json(), crcs)))
-                while True:
-                    chunk = data.read(1 << 24)
-                    if not chunk:
-                        break
-                    out.write(chunk)
+            _write_file(out_path, entries, doc, res)
     return meta
+
+
+def _shard_job(shard: str, names: list, part: str, plan: _Plan) -> _ShardJob:
+    """A shard's job; an in-memory counters mapping is cut to the shard's tensors (workers get a copy)."""
+    if plan.counters is not None:
+        plan = dataclasses.replace(plan, counters={n: plan.counters[n] for n in names if n in plan.counters})
+    return _ShardJob(shard, names, part, plan)
+
+
+def _make_plan(files, where, levels, counters, structure, distribution, dtype, code_bits, names, in_path) -> _Plan:
+    """The :class:`_Plan` of an encode (selection, T, k, thresholds or counters)."""
+    if counters is not None:
+        T, structs, sel, transposed, src = _counters_plan(counters, where, in_path)
+        is_path = isinstance(src, str)
+        plan = _Plan(T, 0, structs, dtype, set(sel), counters_path=src if is_path else None,
+                     counters=None if is_path else {n: src[n] for n in sel}, transposed=transposed)
+    else:
+        specs, sel, thr = _magnitude_plan(files, where, names, levels, structure, distribution, dtype, in_path)
+        plan = _Plan(len(specs), 0, [str(st) for _, st in specs], dtype, set(sel), specs=specs, thresholds=thr)
+    plan.k = default_code_bits(plan.T) if code_bits is None else code_bits
+    for n in sel:  # before any work: the output dtype of every encoded tensor holds k bits and T levels
+        code = files[where[n]].code(n)
+        check_code_bits(plan.convert(code) or _FLOAT_CODES.get(code) or _INT_CODES.get(code), plan.k, plan.T, name=n)
+    return plan
