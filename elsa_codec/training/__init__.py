@@ -9,6 +9,8 @@
 - :mod:`.binding`: optimizer binding: step pre/post hooks on the optimizers given to ``attach``;
 - :mod:`.bn`: per-level batch-norm statistics (section 2.2);
 - :mod:`.result`: :class:`ELSAResult`.
+- :mod:`.distributed`: several processes (DDP, FSDP2 ``fully_shard``): thresholds over shards,
+  agreement across ranks, the file written once (docs/SCALE.md).
 
 The public entry points are :class:`elsa_codec.LevelEmbedder` (step-driven) and
 :func:`elsa_codec.embed_levels` / :func:`elsa_codec.prune_gmp` (``train_fn`` driven).

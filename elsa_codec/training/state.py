@@ -31,10 +31,6 @@ def _ones_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.full(bits.shape, -1, dtype=bits.dtype, device=bits.device)
 
 
-def _detach(p: torch.Tensor) -> torch.Tensor:
-    return p.detach()
-
-
 class MaskState:
     """Masks and frozen values of the prunable weights ``params`` (``name -> Parameter``).
 
@@ -52,7 +48,8 @@ class MaskState:
     def __init__(self, params: dict[str, torch.nn.Parameter], frozen=None):
         self.params = params
         self.sharded = any(is_dtensor(p) for p in params.values())
-        self._t = local_tensor if self.sharded else _detach  # the tensor this rank stores
+        self._t = local_tensor if self.sharded else torch.Tensor.detach  # the tensor this rank stores (C call: no
+        # Python frame per tensor and step in one process)
         self.name_of = {id(p): n for n, p in params.items()}
         self.frozen = {
             n: (frozen[n].to(device=p.device, dtype=torch.bool).clone() if frozen is not None and n in frozen
@@ -120,7 +117,7 @@ class MaskState:
         for n in self.grad_names:
             p = self.params[n]
             if p.grad is not None and (ids is None or id(p) in ids):
-                bits_view(self._t(p.grad)).bitwise_and_(self.keep[n])
+                bits_view(local_tensor(p.grad) if self.sharded else p.grad).bitwise_and_(self.keep[n])
         for p in self.shared.values():
             if ids is None or id(p) in ids:
                 p.grad = None
@@ -136,7 +133,7 @@ class MaskState:
                     bits.bitwise_or_(self.base[n])
         for n, p in self.shared.items():
             if ids is None or id(p) in ids:
-                local_tensor(p).copy_(self.shared_ref[n])
+                (local_tensor(p) if self.sharded else p).copy_(self.shared_ref[n])
 
     def changed(self) -> tuple[str, int, bool] | None:
         """``(name, count, shared)`` of the first tensor whose frozen values differ, or None."""
