@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ELSAError
+from .errors import ELSAError, ELSATypeError
 from .select import SELECT_POLICIES
 from .sparsify import DISTRIBUTIONS, GMPSchedule, Sparsifier
 
@@ -104,6 +104,9 @@ class ELSAConfig:
     def __post_init__(self):
         from .training.phases import parse_levels
 
+        if isinstance(self.levels, str) and "," in self.levels:
+            raise ELSATypeError(f"ELSAConfig.levels must be a list, got the string {self.levels!r}; "
+                                f"pass a list, e.g. levels={[p.strip() for p in self.levels.split(',')]!r}")
         if isinstance(self.levels, (str, float, int)):
             self.levels = [self.levels]
         self.levels = list(self.levels)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .bits import default_code_bits
-from .codec import Counters
+from .codec import Counters, counter_dtype
 from .config import ELSAConfig
 from .errors import ELSAError
 from .sparsify import GMPSchedule, as_sparsifier
@@ -57,7 +57,7 @@ class LevelEmbedder:
         plan: the ``2T`` :class:`Phase` records with their step ranges (``start``, ``end``).
         total_steps: optimizer steps of the whole run (set ``max_steps`` to it).
         step: optimizer steps done.
-        counters: ``name -> uint8 Tensor`` (values ``1..T+1``), filled as levels freeze.
+        counters: ``name -> uint8 Tensor`` (values ``1..T+1``; int16 for T = 255), filled as levels freeze.
         generator: the embedder's own ``torch.Generator`` (the global RNG is never re-seeded).
         history: one dict per finished phase (``kind``, ``level``, ``steps``, ``steps_done``,
             ``sparsity``, ``seconds``).
@@ -88,7 +88,7 @@ class LevelEmbedder:
         self.plan = build_plan(self.specs, steps=config.steps, densify_steps=config.densify,
                                final_steps=config.final, seed=config.seed)
         self.total_steps = config.total_steps
-        self.counters = {n: torch.full(self.state.local(n).shape, T + 1, dtype=torch.uint8, device=p.device)
+        self.counters = {n: torch.full(self.state.local(n).shape, T + 1, dtype=counter_dtype(T), device=p.device)
                          for n, p in params.items()}  # local shards when sharded (FSDP2)
         self.generator = torch.Generator()
         seed = config.seed if config.seed is not None else int(torch.seed()) % 2**62

@@ -206,8 +206,9 @@ def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
         code_bits: ``k``, in ``1..MAX_CODE_BITS[encoded.dtype]``.
 
     Returns:
-        `[*]` uint8 tensor of the same shape (contiguous), values ``1..2**k``; with ``k = 8`` a
-        code of 255 (counter 256) wraps to 0, exactly as :func:`elsa_codec.bits.decode_counters`.
+        `[*]` uint8 tensor of the same shape (contiguous), values ``1..2**k``; int16 when
+        ``k = 8`` (float32 with up to 255 levels: the counter 256 does not fit a byte), exactly as
+        :func:`elsa_codec.bits.decode_counters`.
 
     Raises:
         ELSAError: not a tensor, unsupported dtype, ``code_bits`` out of range for the dtype.
@@ -215,10 +216,14 @@ def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     check_tensor(encoded, "encoded")
     check_code_bits(encoded.dtype, code_bits, name="encoded")
     if torch.compiler.is_compiling():
-        return _decode_counters_op(encoded, code_bits)
-    if kernels_available(encoded.device):
-        return _launch_decode_counters(encoded, code_bits)
-    return decode_counters_reference(encoded, code_bits)
+        out = _decode_counters_op(encoded, code_bits)
+    elif kernels_available(encoded.device):
+        out = _launch_decode_counters(encoded, code_bits)
+    else:
+        return decode_counters_reference(encoded, code_bits)
+    if code_bits == 8:  # the kernel's uint8 counter 256 wrapped to 0
+        out = out.to(torch.int16).masked_fill_(out == 0, 256)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +242,7 @@ def decode_level_reference(encoded: torch.Tensor, level, code_bits: int, num_lev
 
 
 def decode_counters_reference(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
-    """Pure-PyTorch :func:`decode_counters` (:func:`elsa_codec.bits.decode_counters`): `[*]` uint8."""
+    """Pure-PyTorch :func:`decode_counters` (:func:`elsa_codec.bits.decode_counters`): `[*]` uint8
+    (int16 for ``k = 8``)."""
     check_tensor(encoded, "encoded")
     return _bits_decode_counters(encoded, code_bits)

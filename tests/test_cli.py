@@ -81,7 +81,7 @@ def test_verify_detects_broken_invariants(tmp_path, capsys, ckpt):
     "argv, msg",
     [
         (["encode", "{src}", "-o", "{out}", "--levels", "0.5,0.9"], "sparsest first"),
-        (["encode", "{src}", "-o", "{out}", "--levels", "0.9,abc"], "could not convert"),
+        (["encode", "{src}", "-o", "{out}", "--levels", "0.9,abc"], "neither a sparsity"),
         (["encode", "{src}", "-o", "{src}", "--levels", "0.5"], "is the input file"),
         (["encode", "{out}", "-o", "{out2}", "--levels", "0.5"], "no such file"),
         (["extract", "{src}", "--level", "1", "-o", "{out}"], "not an ELSA checkpoint"),
