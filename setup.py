@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=["elsa_codec", "elsa_codec.training", "elsa_codec.integrations", "elsa_codec.kernels", "elsa_codec.bench"],
     package_dir={"elsa_codec": "elsa_codec", "elsa_codec.kernels": "kernels", "elsa_codec.bench": "bench"},
-    package_data={"elsa_codec": ["data/*.safetensors", "data/*.txt"], "elsa_codec.kernels": ["cpu/*.cpp"]},
+    package_data={"elsa_codec": ["data/*.safetensors", "data/*.txt"], "elsa_codec.kernels": ["cpu/*.cpp", "cpu/*.c"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

@@ -96,13 +96,6 @@ def bits_view(x: torch.Tensor) -> torch.Tensor:
     return x.view(_INT_VIEW[x.dtype])
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(x).all():
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ELSAError(f"{name}: weights must be finite, found {n_nan} NaN and {n_inf} Inf values")
-
-
 def encode_tensor(
     weight: torch.Tensor,
     codes: torch.Tensor,
@@ -120,9 +113,14 @@ def encode_tensor(
     as large). Within ``2**k`` representable values of zero or of the largest finite value only one
     candidate of the right sign and finiteness may exist; there the error is below ``2**k`` ulp.
 
+    CPU tensors run the C kernel of ``kernels/cpu/elsa_rule.c`` (one pass that also checks the
+    weights and the codes); other devices, or no C compiler, or ``ELSA_CPU_KERNELS=0``, run the
+    PyTorch reference (:func:`_encode_chunk`, same bits).
+
     Args:
         weight: float tensor of any shape, float32 / float16 / bfloat16. Not modified.
-        codes: integer tensor of the same shape with values in ``0..2**k - 1`` (code = counter - 1).
+        codes: integer tensor of the same shape with values in ``0..2**k - 1`` (code = counter - 1);
+            uint8, int32 and int64 are read as they are, other integer dtypes are widened first.
         code_bits: ``k``, in ``1..MAX_CODE_BITS[weight.dtype]`` (8 / 4 / 3).
         name: tensor name used in error messages.
 
@@ -140,23 +138,15 @@ def encode_tensor(
         raise ELSAError(f"{name}: codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.shape != weight.shape:
         raise ELSAError(f"{name}: codes have shape {tuple(codes.shape)} but the weight has shape {tuple(weight.shape)}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+    if codes.dtype not in _INTEGER_DTYPES:
         raise ELSAError(f"{name}: codes must be an integer tensor, got dtype {codes.dtype}")
+    rule = _rule_kernels() if weight.is_cpu else None
+    if rule is not None:
+        return _encode_kernel(rule, weight, codes, code_bits, name)
     _check_finite(weight, name)
-    if codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= (1 << code_bits):
-            raise ELSAError(f"{name}: codes must lie in 0..{(1 << code_bits) - 1} for code_bits={code_bits}, got {lo}..{hi}")
-
+    _check_codes(codes, code_bits, name)
     flat = weight.detach().contiguous().reshape(-1)
     cflat = codes.detach().to(device=weight.device).contiguous().reshape(-1)
-    if flat.numel() >= _COMPILE_MIN_NUMEL and flat.device.type == "cpu":
-        fused = _fused_encode_chunk()
-        if fused is not None:
-            try:
-                return fused(flat, cflat, code_bits).reshape(weight.shape)
-            except Exception:  # no C++ compiler, or inductor failed: the eager path is the same rule
-                _FUSED["fn"] = None
     out = torch.empty_like(flat)
     # Cache-sized chunks: the ~20 elementwise passes then stay in cache instead of streaming memory.
     for s in range(0, flat.numel(), _CHUNK):
@@ -165,24 +155,80 @@ def encode_tensor(
 
 
 _CHUNK = 1 << 15
+_INTEGER_DTYPES = frozenset(
+    getattr(torch, n) for n in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64") if hasattr(torch, n)
+)
 _DECODE_CHUNK = 1 << 18  # decode does 3 passes: larger chunks pay less per-op overhead
-#: Tensors of at least this many elements (4M, e.g. 2048x2048) are encoded by ``torch.compile``'s
-#: fused CPU loop (one vectorised pass instead of ~20: ~6x faster). It is compiled once per dtype
-#: and process (~5 s warm, ~10 s cold; inductor caches on disk), which pays off only for large
-#: tensors: a MiniLM-sized checkpoint encodes in ~1 s eagerly. ``ELSA_COMPILE=0`` turns it off.
-_COMPILE_MIN_NUMEL = 1 << 22
-_FUSED: dict = {}
 
 
-def _fused_encode_chunk():
-    if "fn" not in _FUSED:
-        import os
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ELSAError(f"{name}: weights must be finite, found {n_nan} NaN and {n_inf} Inf values")
 
-        if os.environ.get("ELSA_COMPILE", "1") == "0":
-            _FUSED["fn"] = None
-        else:
-            _FUSED["fn"] = torch.compile(_encode_chunk, dynamic=True, fullgraph=True)
-    return _FUSED["fn"]
+
+def _check_codes(codes: torch.Tensor, code_bits: int, name: str) -> None:
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << code_bits):
+            raise ELSAError(f"{name}: codes must lie in 0..{(1 << code_bits) - 1} for code_bits={code_bits}, got {lo}..{hi}")
+
+
+# -- the C kernels (kernels/cpu/elsa_rule.c, built by cpu_build) -----------------------------------
+class _Rule:
+    """The code-rule kernels of one loaded library, looked up by dtype: ``encode[(weight dtype,
+    codes dtype)]``, ``extract[element size]``, ``decode[element size]`` (ctypes functions)."""
+
+    _DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    _CT = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+
+    def __init__(self, lib):
+        self.encode = {(d, c): getattr(lib, f"elsa_encode_{ds}_{cs}") for d, ds in self._DT.items() for c, cs in self._CT.items()}
+        self.extract = {4: lib.elsa_extract_u32, 2: lib.elsa_extract_u16}
+        self.decode = {4: lib.elsa_decode_codes_u32, 2: lib.elsa_decode_codes_u16}
+
+
+_RULE: list = []  # [] before the first use, then [_Rule or None]
+
+
+def _rule_kernels() -> _Rule | None:
+    """The C code-rule kernels, built on first use (about 1 s, cached on disk); None when they are
+    unavailable (no C compiler, ``ELSA_CPU_KERNELS=0``): callers then run the PyTorch reference."""
+    if not _RULE:
+        from .cpu_build import rule_kernels
+
+        lib = rule_kernels()
+        _RULE.append(_Rule(lib) if lib is not None else None)
+    return _RULE[0]
+
+
+#: Elements from which the kernels run on all of PyTorch's threads (PAR_MIN in elsa_rule.c).
+_PAR_MIN = 1 << 17
+
+
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= _PAR_MIN else 1
+
+
+def _encode_kernel(rule: _Rule, weight: torch.Tensor, codes: torch.Tensor, code_bits: int, name: str) -> torch.Tensor:
+    """:func:`encode_tensor` on the CPU by the C kernel; the weight and code checks ride along in
+    the same pass (a status), the error messages are the reference's."""
+    x = weight.contiguous()
+    c = codes if codes.is_cpu else codes.cpu()
+    fn = rule.encode.get((x.dtype, c.dtype))
+    if fn is None:
+        c = c.to(torch.int64)
+        fn = rule.encode[(x.dtype, torch.int64)]
+    c = c.contiguous()
+    out = torch.empty_like(x)  # contiguous, like x (and faster than torch.empty)
+    n = x.numel()
+    status = fn(x.data_ptr(), c.data_ptr(), code_bits, out.data_ptr(), n, _threads(n))
+    if status:
+        _check_finite(weight.detach(), name)
+        _check_codes(c, code_bits, name)
+        raise ELSAError(f"{name}: the code-rule kernel reported status {status} for finite weights and valid codes")
+    return out
 
 
 def _encode_chunk(x: torch.Tensor, codes: torch.Tensor, code_bits: int) -> torch.Tensor:
@@ -232,14 +278,26 @@ def _float32_of(mag_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     """The codes (``counter - 1``) held in the low bits: ``bits & (2**k - 1)``.
 
+    CPU tensors run the C kernel (one pass), other devices the PyTorch reference; same values.
+
     Args:
         encoded: float32 / float16 / bfloat16 tensor of any shape.
         code_bits: ``k``.
 
     Returns:
         uint8 tensor of the same shape, values in ``0..2**k - 1``.
+
+    Raises:
+        ELSAError: unsupported dtype or bad ``code_bits``.
     """
     check_code_bits(encoded.dtype, code_bits)
+    rule = _rule_kernels() if encoded.is_cpu else None
+    if rule is not None:
+        src = encoded.contiguous()
+        out = torch.empty_like(src, dtype=torch.uint8)
+        n = src.numel()
+        rule.decode[src.element_size()](src.data_ptr(), code_bits, out.data_ptr(), n, _threads(n))
+        return out
     return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
 
 
@@ -289,13 +347,37 @@ def level_mask(encoded: torch.Tensor, level, code_bits: int, num_levels: int | N
 def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int | None = None) -> torch.Tensor:
     """The weight of level ``t``: ``where(code < t, W, 0)`` (DESIGN.md, "The code rule").
 
-    The dense level (``T+1``) returns ``encoded`` itself (no decoding, no copy). Sparse levels
-    return a new tensor of the same shape and dtype. Reference implementation for the kernels.
+    Args:
+        encoded: encoded float32 / float16 / bfloat16 tensor, any shape.
+        level: ``t`` in ``1..T+1`` or ``"dense"`` (needs ``num_levels``).
+        code_bits: ``k``.
+        num_levels: ``T``, used to check ``level``; optional.
+
+    Returns:
+        The dense level (``T+1``, when ``num_levels`` is given): ``encoded`` itself (no decoding, no
+        copy). Sparse levels: a new contiguous tensor of the same shape and dtype, a kept weight
+        with its exact bits, a dropped one ``+0.0``. CPU tensors run the C kernel (one pass), other
+        devices the PyTorch reference below (the reference for the GPU kernels too).
+
+    Raises:
+        ELSAError: level out of range, unsupported dtype or bad ``code_bits``.
     """
     t = _check_level(level, num_levels)
     if num_levels is not None and t == num_levels + 1:
         return encoded
     check_code_bits(encoded.dtype, code_bits)
+    rule = _rule_kernels() if encoded.is_cpu else None
+    if rule is not None:
+        src = encoded.contiguous()
+        out = torch.empty_like(src)
+        n = src.numel()
+        rule.extract[src.element_size()](src.data_ptr(), code_bits, t, out.data_ptr(), n, _threads(n))
+        return out
+    return _extract_reference(encoded, t, code_bits)
+
+
+def _extract_reference(encoded: torch.Tensor, t: int, code_bits: int) -> torch.Tensor:
+    """:func:`extract_level` of a sparse level ``t`` in PyTorch: ``bits * (code < t)``."""
     src = bits_view(encoded.contiguous()).reshape(-1)
     out = torch.empty_like(src)
     low = (1 << code_bits) - 1
