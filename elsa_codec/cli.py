@@ -148,16 +148,21 @@ def verify_file(path: str) -> list:
     document, the CRC-32 of every tensor, every code in ``0..T``, recorded sparsities per tensor
     and per level equal to the measured ones, level structures (N:M, block), batch-norm
     statistics covering levels ``1..T+1``): a file it refuses is one problem, its message. A file
-    it reads must also hold finite encoded tensors.
+    it reads must also hold finite encoded tensors. A temporary file of an interrupted write of
+    ``path`` (a killed process) is one more problem each.
     """
     from .errors import ELSAFormatError
     from .io import load_file
 
+    from .io import stale_temporaries
+
+    stale = [f"{p}: a temporary file left by a killed write of this file (remove it; the next write does)"
+             for p in stale_temporaries(path)]
     try:
         enc = load_file(path)
     except ELSAFormatError as e:
-        return [str(e)]
-    return [f"{n}: holds NaN or Inf" for n in enc.meta.tensors if not torch.isfinite(enc[n]).all()]
+        return [str(e)] + stale
+    return [f"{n}: holds NaN or Inf" for n in enc.meta.tensors if not torch.isfinite(enc[n]).all()] + stale
 
 
 def cmd_verify(a) -> int:

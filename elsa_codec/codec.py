@@ -181,8 +181,8 @@ def _tensor_json(info: TensorInfo) -> dict:
 
 
 def _finite_json(d: dict) -> dict:
-    # JSON has no Infinity: write "inf" as a string.
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+    # JSON has no Infinity: write "inf" / "-inf" as strings (-inf: an all-zero original tensor).
+    return {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
 
 #: The keys of the ``elsa`` document; a new key needs a new format version (a reader must not
@@ -334,7 +334,7 @@ def _json_record(v, name: str) -> TensorInfo:
         dtype=dtype,
         sparsity=[_json_sparsity(s, f"{name}'s sparsity") for s in _json_list(v["sparsity"], f"{name}'s sparsity")],
         max_ulp=None if max_ulp is None else float(max_ulp),
-        sqnr_db=None if sqnr is None else (math.inf if sqnr == "inf" else _json_number(sqnr, f"{name}'s sqnr_db")),
+        sqnr_db=None if sqnr is None else (math.inf if sqnr == "inf" else -math.inf if sqnr == "-inf" else _json_number(sqnr, f"{name}'s sqnr_db")),
         transposed=transposed,
     )
 

@@ -290,3 +290,29 @@ def test_temporary_removed_on_error(env, monkeypatch):
     with pytest.raises(RuntimeError):
         ec.save_file(env["enc"], str(env["tmp"] / "o.safetensors"))
     assert not [n for n in os.listdir(env["tmp"]) if n.endswith(".elsa-tmp")]
+
+
+def test_verify_reports_a_stale_temporary(env, capsys):
+    from elsa_codec.io import _tmp_prefix
+
+    stale = os.path.join(env["tmp"], f"{_tmp_prefix(env['path'])}999999999-abcdefgh.elsa-tmp")
+    with open(stale, "wb") as f:
+        f.write(b"half")
+    assert cli_main(["verify", env["path"]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "temporary file left by a killed write" in err[0]
+    os.unlink(stale)
+    assert cli_main(["verify", env["path"]]) == 0
+
+
+def test_all_zero_tensor_records_minus_inf_sqnr(tmp_path):
+    """An all-zero weight whose codes move it off zero has SQNR -inf; the file must say -inf."""
+    import math
+
+    sd = {"w": torch.zeros(8, 8)}
+    c = ec.Counters({"w": torch.randint(1, 4, (8, 8), dtype=torch.uint8)}, 2)
+    enc = ec.encode(sd, c)
+    assert enc.meta.tensors["w"].sqnr_db == -math.inf
+    p = str(tmp_path / "z.safetensors")
+    ec.save_file(enc, p)
+    assert ec.load_file(p).meta.tensors["w"].sqnr_db == -math.inf

@@ -232,7 +232,7 @@ DOC_LIES = [
     ("record-shape", lambda d, r: record(d, r, shape=r.choice([[16, 16], [4], [], [-1, 8], "16x32"]))),
     ("record-dtype", record_dtype),
     ("record-max-ulp", lambda d, r: record(d, r, max_ulp=r.choice([-1.0, "2", float("nan"), True]))),
-    ("record-sqnr", lambda d, r: record(d, r, sqnr_db=r.choice(["-inf", "nan", "x", float("nan")]))),
+    ("record-sqnr", lambda d, r: record(d, r, sqnr_db=r.choice(["Infinity", "nan", "x", float("nan")]))),
     ("record-unknown-key", lambda d, r: record(d, r, sparsities=[0.5])),
     ("tied-nowhere", lambda d, r: d["tied"].update({"head.weight": "nope.weight"})),
     ("tied-self-or-chain", lambda d, r: d["tied"].update(r.choice([{"head.weight": "head.weight"}, {"emb.weight": "head.weight"}]))),
