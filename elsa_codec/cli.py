@@ -41,8 +41,9 @@ def _fmt_db(x) -> str:
 
 
 def cmd_encode(a) -> int:
-    from .stream import encode_file
+    from .stream import encode_file, limit_heap_retention
 
+    limit_heap_retention()  # freed chunk temporaries leave the process (see its docstring)
     t0 = time.perf_counter()
     meta = encode_file(
         a.input,

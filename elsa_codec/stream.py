@@ -26,6 +26,7 @@ error. The output does not depend on N.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -51,6 +52,7 @@ from .codec import (
     tensor_magnitude_counters,
 )
 from .errors import ELSAError, ELSAFormatError
+from .masks import mask_structure_ok, parse_structure
 from .io import (
     _DTYPES,
     _ITEM,
@@ -70,13 +72,14 @@ from .io import (
 )
 from .magnitude_stream import RowBlockCounters, UnstructuredCounters, chunked, counter_dtype, global_thresholds_stream
 
-__all__ = ["encode_file"]
+__all__ = ["encode_file", "limit_heap_retention"]
 
 _FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _INT_CODES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 #: Flat elements per chunk: the statistics' chunk of ``_tensor_info`` (so the floats agree).
 CHUNK = _STAT_CHUNK
 _COPY_BYTES = 1 << 24
+_SUB = 1 << 18  # elements per slice of the elementwise temporaries
 
 
 # ----------------------------------------------------------------------------- reading the input
@@ -162,6 +165,22 @@ class _MappedFile:
         self.release(name)
 
 
+def limit_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``threshold`` bytes or more by its own ``mmap``.
+
+    Freed chunk temporaries then go back to the system at once. By default glibc raises its mmap
+    threshold (up to 32 MB) each time a large block is freed, after which the 4M-element chunks'
+    temporaries come from the heap and stay resident when freed: 2x the live chunks on a
+    bfloat16 checkpoint (bench/results/stream-memory/). Process-wide (``mallopt(M_MMAP_THRESHOLD)``,
+    which also stops the raising): ``elsa encode`` and the ``jobs`` workers call it; a program
+    calling :func:`encode_file` may. Returns whether it applied (False off glibc).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 # ----------------------------------------------------------------------------- what to encode
 
 
@@ -182,7 +201,12 @@ class _Plan:
 
     def convert(self, code: str) -> torch.dtype | None:
         """The dtype a tensor of safetensors ``code`` is converted to (None: kept)."""
-        return self.dtype if self.dtype is not None and code in _FLOAT_CODES else None
+        return _convert(self.dtype, code)
+
+
+def _convert(dtype: torch.dtype | None, code: str) -> torch.dtype | None:
+    """``dtype`` for a floating safetensors ``code`` when a conversion is asked, else None."""
+    return dtype if dtype is not None and code in _FLOAT_CODES else None
 
 
 def _out_entry(src: _MappedFile, name: str, dtype) -> tuple:
@@ -211,10 +235,12 @@ def _magnitude_plan(files, where, names, levels, structure, distribution, dtype,
     sel = select_tensors(names, stand_ins, get, in_path)
     thr = None
     if distribution == "global" and specs[0][1].kind != "nm":
-        def conv(n):
-            return dtype if dtype is not None and files[where[n]].code(n) in _FLOAT_CODES else None
+        def chunks():
+            for n in sel:
+                f = files[where[n]]
+                yield from f.chunks(n, _convert(dtype, f.code(n)))
 
-        thr = global_thresholds_stream(lambda: (ch for n in sel for ch in files[where[n]].chunks(n, conv(n))), [s for s, _ in specs])
+        thr = global_thresholds_stream(chunks, [s for s, _ in specs])
     return specs, sel, thr
 
 
@@ -230,7 +256,9 @@ def _counters_plan(counters, where, in_path):
     for n in sel:
         if n not in where:
             raise ELSAError(f"{n}: counters given for a tensor that is not in {in_path}")
-    return T, structs, sel, transposed, src
+    if len(structs) != T:
+        raise ELSAError(f"{in_path}: the counters list {len(structs)} structures for {T} levels")
+    return T, [str(parse_structure(s)) for s in structs], sel, transposed, src
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -238,24 +266,35 @@ def _counters_plan(counters, where, in_path):
 
 class _Stats:
     """:func:`elsa_codec.codec._tensor_info` accumulated over its own ``_STAT_CHUNK`` chunks
-    (the same floats): level counts, largest ulp error, signal and noise energies."""
+    (the same floats): level counts, largest ulp error, signal and noise energies.
+
+    The norms are taken over whole chunks, as there (a float64 sum depends on how it is cut);
+    the elementwise temporaries are made in slices of :data:`_SUB` elements into one float32
+    buffer, which keeps the statistics at one chunk of float32 (16 MB) instead of four."""
 
     def __init__(self, T: int):
         self.T = T
         self.counts = torch.zeros(T + 2, dtype=torch.int64)
         self.max_ulp, self.signal, self.noise = 0.0, 0.0, 0.0
+        self._diff = None
 
     def add(self, xs: torch.Tensor, ys: torch.Tensor, c: torch.Tensor) -> None:
         """One chunk: original ``xs``, encoded ``ys``, counters ``c`` (flat, aligned to the chunks)."""
         self.counts += torch.bincount(c if c.dtype == torch.uint8 else c.to(torch.int64), minlength=self.T + 2)[: self.T + 2]
-        self.max_ulp = max(self.max_ulp, float(ulp_error(xs, ys).max()))
+        n = xs.numel()
+        if self._diff is None or self._diff.numel() < n:
+            self._diff = torch.empty(n, dtype=torch.float32)
+        diff = self._diff[:n]
+        for a in range(0, n, _SUB):  # elementwise: the same values as on the whole chunk
+            x, y = xs[a : a + _SUB], ys[a : a + _SUB]
+            self.max_ulp = max(self.max_ulp, float(ulp_error(x, y).max()))
+            torch.sub(y.to(torch.float32), x.to(torch.float32), out=diff[a : a + _SUB])
         self.signal += float(torch.linalg.vector_norm(xs, dtype=torch.float64)) ** 2
-        self.noise += float(torch.linalg.vector_norm(ys.to(torch.float32) - xs.to(torch.float32), dtype=torch.float64)) ** 2
+        self.noise += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
 
     def info(self, shape: list, dtype: torch.dtype, transposed: bool) -> TensorInfo:
-        n = 1
-        for s in shape:
-            n *= s
+        """The tensor's record, as ``_tensor_info`` computes it."""
+        n = _numel(shape)
         kept = torch.cumsum(self.counts[1 : self.T + 2], 0)[: self.T]
         sp = [1.0 - float(kv) / max(n, 1) for kv in kept]
         s, e = self.signal, self.noise
@@ -315,7 +354,33 @@ def _given_counters(plan: _Plan, cfile, name: str, shape: list) -> torch.Tensor:
         hi = max(int(ch.max()) for ch in chunked(c, CHUNK))
         if lo < 1 or hi > plan.T + 1:
             raise ELSAError(f"{name}: counters must lie in 1..{plan.T + 1}, got {lo}..{hi}")
+        _check_given_structures(name, c.reshape(shape), plan.structs, name in plan.transposed)
     return c
+
+
+def _check_given_structures(name: str, c: torch.Tensor, structs: list, transposed: bool) -> None:
+    """As :func:`elsa_codec.codec.encode`: each structured level's mask (``c <= t``) must hold its
+    structure. N:M masks are checked per block of rows (a few chunks of memory); block masks and
+    transposed ``[in, out]`` weights as a whole (1 byte per element plus the tile sums).
+
+    Raises:
+        ELSAError: names the tensor, the level and its structure.
+    """
+    for t, st in enumerate(structs, start=1):
+        if st == "unstructured":
+            continue
+        full = c.t() if transposed else c
+        if parse_structure(st).kind == "nm" and not transposed and full.dim() >= 2 and full.shape[0]:
+            step = max(1, CHUNK // max(full[0].numel(), 1))
+            blocks = (full[r : r + step] for r in range(0, full.shape[0], step))
+        else:
+            blocks = [full]
+        for b in blocks:
+            if not mask_structure_ok(b <= t, st):
+                raise ELSAError(
+                    f"{name}: structures say level {t} is {st}, but its mask (counters <= {t}) is not {st}; "
+                    "give the structures the counters were made with"
+                )
 
 
 def _encode_one(out, src: _MappedFile, name: str, plan: _Plan, cfile) -> tuple:
@@ -387,8 +452,9 @@ def _encode_shard(job: _ShardJob, tick=None) -> dict:
     Returns:
         ``{name: (part path, offset, bytes, CRC-32 hex, TensorInfo or None)}``.
     """
-    if job.threads:
+    if job.threads:  # a worker process
         torch.set_num_threads(job.threads)
+        limit_heap_retention()
     src = _MappedFile(job.shard)
     cfile = _MappedFile(job.plan.counters_path) if job.plan.counters_path else None
     res = {}

@@ -247,3 +247,21 @@ def test_cli_jobs(tmp_path, capsys):
     assert main(["encode", idx, "-o", out, "--levels", "0.9,0.5", "--jobs", "2", "-q"]) == 0
     same_bytes(out, reference(tmp_path, read_sd(shards), levels=[0.9, 0.5]))
     assert "encoded tensors" in capsys.readouterr().out
+
+
+def test_counters_must_hold_their_structures(tmp_path):
+    src = str(tmp_path / "in.safetensors")
+    sd = model_sd()
+    st_save(sd, src)
+    c = ec.magnitude_counters(sd, [0.75, 0.5])  # unstructured masks
+    bad = ec.Counters(dict(c), 2, ["1:4", "2:4"])
+    with pytest.raises(ELSAError, match=r"a.weight: structures say level 1 is 1:4"):
+        ec.encode_file(src, str(tmp_path / "o.safetensors"), counters=bad, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    # transposed ([in, out]) weights: groups along dim 0; the record says so, as in memory
+    t = ec.magnitude_counters({"a.weight": sd["a.weight"].t().contiguous()}, ["2:4"])
+    good = ec.Counters({"a.weight": t["a.weight"].t().contiguous()}, 1, ["2:4"], transposed={"a.weight"})
+    out = str(tmp_path / "o.safetensors")
+    ec.encode_file(src, out, counters=good, progress=False)
+    same_bytes(out, reference(tmp_path, read_sd([src]), counters=good))
+    assert ec.read_meta(out).tensors["a.weight"].transposed
