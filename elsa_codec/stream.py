@@ -5,8 +5,9 @@ memory; each tensor's pages are dropped from the mapping once it is written), an
 counted, encoded, checksummed and written in flat chunks of ``codec._STAT_CHUNK`` (4M) elements:
 unstructured magnitude levels come from histograms of ``|w|``'s bit patterns
 (:mod:`elsa_codec.magnitude_stream`), N:M levels per block of whole rows. The anonymous memory
-above the import floor is then a few chunks (tens of MB) whatever the tensor or checkpoint size
-(bench/results/stream-memory/). Block levels (``block:RxC``) rank tiles over the whole tensor:
+above the import floor is then a few chunks (tens of MB) whatever the tensor or checkpoint size,
+once glibc returns freed chunks at once (:func:`limit_heap_retention`, which ``elsa encode``
+calls; bench/results/stream-memory/). Block levels (``block:RxC``) rank tiles over the whole tensor:
 their counters are computed in memory as :func:`elsa_codec.magnitude_counters` does (about 3x
 the tensor while they are computed, then 1 byte per element).
 
@@ -419,11 +420,10 @@ def _copy_one(out, src: _MappedFile, name: str, conv) -> tuple:
     if conv is None:
         raw = src.raw(name)
         for a in range(0, len(raw), _COPY_BYTES):
-            piece = raw[a : a + _COPY_BYTES]
-            crc = zlib.crc32(piece, crc)
-            out.write(piece)
+            crc = zlib.crc32(raw[a : a + _COPY_BYTES], crc)
+            out.write(raw[a : a + _COPY_BYTES])
         nbytes = len(raw)
-        del raw, piece
+        raw.release()
         src.release(name)
     else:
         for xs in src.chunks(name, conv):
@@ -623,8 +623,12 @@ def encode_file(
     state dict (``sd`` in the input's order, floats converted to ``dtype``) with
     ``counters = magnitude_counters(sd, levels, structure=..., distribution=..., names=...)`` or
     the given counters. Anonymous memory stays at a few 4M-element chunks whatever the tensor and
-    checkpoint sizes (block levels: about 3x the largest selected tensor); the input is read from
-    a memory map. The output is written atomically and never over the input.
+    checkpoint sizes (block levels: about 3x the largest selected tensor while its counters are
+    made), given :func:`limit_heap_retention` (``elsa encode`` calls it); the input is read from a
+    memory map. Global thresholds take two passes over the selected tensors here, before the
+    shards are encoded. The output is written atomically and never over the input; the encoded
+    tensors go through temporary part files beside it (removed on success and on error), so the
+    output's folder needs room for twice the output.
 
     Args:
         in_path: ``*.safetensors`` or ``*.safetensors.index.json``.
