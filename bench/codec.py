@@ -8,10 +8,16 @@ in interleaved rounds:
   ``copy`` / ``copy_``: ``dst.copy_(w)`` into a preallocated tensor (no allocation), for reference.
 - ``encode`` / ``encode_tensor``: :func:`elsa_codec.encode_tensor` (the code rule) of a weight with
   given codes (T = 3, k = 2).
-- ``extract`` / ``extract_level``: :func:`elsa_codec.extract_level` at level 2 (the PyTorch path
-  the CPU serving layer runs at a level switch).
+- ``extract`` / ``extract_level``: :func:`elsa_codec.extract_level` at level 2 (what the CPU
+  serving layer runs at a level switch; on the CPU the C kernel of ``kernels/cpu/elsa_rule.c``).
+- CPU only: ``decode`` / ``decode_codes``: :func:`elsa_codec.decode_codes` (run on load to check
+  the codes).
 - GPU only: ``decode`` / ``triton``: :func:`elsa_codec.kernels.decode_level` (the Triton decode
   kernel) at level 2, against ``copy`` / ``clone`` (device-to-device copy).
+
+CPU shapes run from 64x64 to 8192x8192; ``python -m elsa_codec.bench.codec_copy`` times the same
+operations against ``copy_`` in its own interleaved rounds and writes the ratio table
+(``bench/results/codec-copy/``).
 """
 from __future__ import annotations
 
@@ -21,10 +27,10 @@ import torch
 
 import elsa_codec as ec
 
+from .codec_copy import SHAPES as CPU_SHAPES
 from .weights import nested_counters, random_weight
 
-CPU_SHAPES = [(1536, 384), (4096, 4096)]
-QUICK_SHAPES = [(1536, 384)]
+QUICK_SHAPES = [(64, 64), (1536, 384)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
 LEVELS = [0.9, 0.75, 0.5]
 LEVEL = 2  # the level extracted / decoded
@@ -63,6 +69,8 @@ def _run_one(ctx, n, k, dtype, g) -> None:
         ("encode", "encode_tensor", "-", "unstructured", 1.0, lambda: ec.encode_tensor(w, codes, kb)),
         ("extract", "extract_level", LEVEL, "unstructured", dens, lambda: ec.extract_level(enc, LEVEL, kb, T)),
     ]
+    if not ctx.gpu:
+        rows.append(("decode", "decode_codes", "-", "unstructured", 1.0, lambda: ec.decode_codes(enc, kb)))
     if ctx.kernels is not None:
         kern = ctx.kernels
         rows.append(("decode", "triton", LEVEL, "unstructured", dens, lambda: kern.decode_level(enc, LEVEL, kb)))

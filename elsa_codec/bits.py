@@ -40,6 +40,7 @@ SUPPORTED_DTYPES = tuple(MAX_CODE_BITS)
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _MAG_MASK = {torch.float32: 0x7FFFFFFF, torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
 _MAX_FINITE = {torch.float32: 0x7F7FFFFF, torch.float16: 0x7BFF, torch.bfloat16: 0x7F7F}
+_VALID_CODE_BITS = frozenset((d, k) for d, kmax in MAX_CODE_BITS.items() for k in range(1, kmax + 1))
 
 
 def default_code_bits(num_levels: int) -> int:
@@ -62,6 +63,8 @@ def check_code_bits(dtype: torch.dtype, code_bits: int, num_levels: int | None =
         ELSAError: unsupported dtype, ``code_bits`` outside ``1..MAX_CODE_BITS[dtype]``, or too
             few code bits for ``num_levels`` levels. The message names ``name``.
     """
+    if num_levels is None and type(code_bits) is int and (dtype, code_bits) in _VALID_CODE_BITS:
+        return code_bits  # the common case, on every encode / extract / decode: one set lookup
     if dtype not in MAX_CODE_BITS:
         raise ELSAError(
             f"{name}: unsupported dtype {dtype}; ELSA codes live in float32, float16 or bfloat16 weights"
@@ -178,15 +181,15 @@ def _check_codes(codes: torch.Tensor, code_bits: int, name: str) -> None:
 # -- the C kernels (kernels/cpu/elsa_rule.c, built by cpu_build) -----------------------------------
 class _Rule:
     """The code-rule kernels of one loaded library, looked up by dtype: ``encode[(weight dtype,
-    codes dtype)]``, ``extract[element size]``, ``decode[element size]`` (ctypes functions)."""
+    codes dtype)]``, ``extract[weight dtype]``, ``decode[weight dtype]`` (ctypes functions)."""
 
     _DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     _CT = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 
     def __init__(self, lib):
         self.encode = {(d, c): getattr(lib, f"elsa_encode_{ds}_{cs}") for d, ds in self._DT.items() for c, cs in self._CT.items()}
-        self.extract = {4: lib.elsa_extract_u32, 2: lib.elsa_extract_u16}
-        self.decode = {4: lib.elsa_decode_codes_u32, 2: lib.elsa_decode_codes_u16}
+        self.extract = {d: lib.elsa_extract_u32 if d == torch.float32 else lib.elsa_extract_u16 for d in self._DT}
+        self.decode = {d: lib.elsa_decode_codes_u32 if d == torch.float32 else lib.elsa_decode_codes_u16 for d in self._DT}
 
 
 _RULE: list = []  # [] before the first use, then [_Rule or None]
@@ -194,21 +197,14 @@ _RULE: list = []  # [] before the first use, then [_Rule or None]
 
 def _rule_kernels() -> _Rule | None:
     """The C code-rule kernels, built on first use (about 1 s, cached on disk); None when they are
-    unavailable (no C compiler, ``ELSA_CPU_KERNELS=0``): callers then run the PyTorch reference."""
+    unavailable (no C compiler, ``ELSA_CPU_KERNELS=0``): callers then run the PyTorch reference.
+    The kernels run on PyTorch's threads from 128K elements on (PAR_MIN in elsa_rule.c)."""
     if not _RULE:
         from .cpu_build import rule_kernels
 
         lib = rule_kernels()
         _RULE.append(_Rule(lib) if lib is not None else None)
     return _RULE[0]
-
-
-#: Elements from which the kernels run on all of PyTorch's threads (PAR_MIN in elsa_rule.c).
-_PAR_MIN = 1 << 17
-
-
-def _threads(n: int) -> int:
-    return torch.get_num_threads() if n >= _PAR_MIN else 1
 
 
 def _encode_kernel(rule: _Rule, weight: torch.Tensor, codes: torch.Tensor, code_bits: int, name: str) -> torch.Tensor:
@@ -222,8 +218,7 @@ def _encode_kernel(rule: _Rule, weight: torch.Tensor, codes: torch.Tensor, code_
         fn = rule.encode[(x.dtype, torch.int64)]
     c = c.contiguous()
     out = torch.empty_like(x)  # contiguous, like x (and faster than torch.empty)
-    n = x.numel()
-    status = fn(x.data_ptr(), c.data_ptr(), code_bits, out.data_ptr(), n, _threads(n))
+    status = fn(x.data_ptr(), c.data_ptr(), code_bits, out.data_ptr(), x.numel())
     if status:
         _check_finite(weight.detach(), name)
         _check_codes(c, code_bits, name)
@@ -295,8 +290,7 @@ def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     if rule is not None:
         src = encoded.contiguous()
         out = torch.empty_like(src, dtype=torch.uint8)
-        n = src.numel()
-        rule.decode[src.element_size()](src.data_ptr(), code_bits, out.data_ptr(), n, _threads(n))
+        rule.decode[src.dtype](src.data_ptr(), code_bits, out.data_ptr(), src.numel())
         return out
     return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
 
@@ -311,6 +305,8 @@ def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
 
 
 def _check_level(level, num_levels: int | None) -> int:
+    if type(level) is int and level >= 1 and (num_levels is None or level <= num_levels + 1):
+        return level
     if level == "dense":
         if num_levels is None:
             raise ELSAError("level 'dense' needs the number of levels T")
@@ -370,8 +366,7 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
     if rule is not None:
         src = encoded.contiguous()
         out = torch.empty_like(src)
-        n = src.numel()
-        rule.extract[src.element_size()](src.data_ptr(), code_bits, t, out.data_ptr(), n, _threads(n))
+        rule.extract[src.dtype](src.data_ptr(), code_bits, t, out.data_ptr(), src.numel())
         return out
     return _extract_reference(encoded, t, code_bits)
 

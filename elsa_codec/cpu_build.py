@@ -24,7 +24,8 @@ Why ctypes and not ``torch.utils.cpp_extension``: the kernels take raw pointers 
 from ATen, so a plain shared object builds in about 9 s on the project's 2-core machine, against
 39 s for an empty ``torch.utils.cpp_extension.load_inline`` module (``#include
 <torch/extension.h>``, measured on the same machine); the threads are OpenMP's
-(the same ``libgomp`` the PyTorch wheel loads), sized by ``torch.get_num_threads()`` per call.
+(the same ``libgomp`` the PyTorch wheel loads), sized by ``torch.get_num_threads()`` per call
+(``elsa_rule.c`` reads that count itself: ``omp_get_max_threads()`` of the shared ``libgomp``).
 
 If a build fails (no compiler, a read-only cache), :func:`cpu_kernels` (:func:`rule_kernels`)
 returns None: the ``sparse-cpu`` backend is unavailable and sparse levels run the reference PyTorch
@@ -97,18 +98,18 @@ _CPU_SIGNATURES = {
 _CPU_SIGNATURES = {n: (a, ctypes.c_int if n.startswith("elsa_cpu_") else None) for n, a in _CPU_SIGNATURES.items()}
 
 #: ctypes signatures of the code rule (see the comments in elsa_rule.c): encoders
-#: ``(x, codes, k, out, n, nthreads) -> status``, extract ``(x, k, t, out, n, nthreads)``, decode
-#: ``(x, k, out, n, nthreads)``.
+#: ``(x, codes, k, out, n) -> status``, extract ``(x, k, t, out, n)``, decode ``(x, k, out, n)``;
+#: their threads are PyTorch's (the shared libgomp's ``omp_get_max_threads()``).
 _RULE_SIGNATURES = {
     "elsa_rule_abi": ([], ctypes.c_int),
-    **{f"elsa_encode_{d}_{c}": ([_P, _P, _I, _P, _I64, _I], ctypes.c_int)
+    **{f"elsa_encode_{d}_{c}": ([_P, _P, _I, _P, _I64], ctypes.c_int)
        for d in ("f32", "bf16", "f16") for c in ("u8", "i32", "i64")},
-    **{f"elsa_extract_u{w}": ([_P, _I, _I64, _P, _I64, _I], None) for w in (32, 16)},
-    **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64, _I], None) for w in (32, 16)},
+    **{f"elsa_extract_u{w}": ([_P, _I, _I64, _P, _I64], None) for w in (32, 16)},
+    **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
 _CPU = _Library("elsa_cpu", "cpp", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=2)
-_RULE = _Library("elsa_rule", "c", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=1)
+_RULE = _Library("elsa_rule", "c", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 
 
 def _source(lib: _Library) -> str:

@@ -48,12 +48,20 @@ def reference_encode(x: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tens
     return out.reshape(x.shape)
 
 
+PAR_MIN = 1 << 17  # elsa_rule.c: from this many elements the kernels run on PyTorch's threads
+
+
 def kernel_encode(x: torch.Tensor, codes: torch.Tensor, k: int, threads: int = 1) -> torch.Tensor:
-    """The kernel called directly (``threads`` > 1 takes the OpenMP path from PAR_MIN elements)."""
+    """The kernel called directly on ``threads`` PyTorch (OpenMP) threads."""
     rule = b._rule_kernels()
     x, codes = x.contiguous(), codes.contiguous()
     out = torch.empty_like(x)
-    status = rule.encode[(x.dtype, codes.dtype)](x.data_ptr(), codes.data_ptr(), k, out.data_ptr(), x.numel(), threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        status = rule.encode[(x.dtype, codes.dtype)](x.data_ptr(), codes.data_ptr(), k, out.data_ptr(), x.numel())
+    finally:
+        torch.set_num_threads(before)
     assert status == 0
     return out
 
@@ -130,7 +138,7 @@ def test_parallel_path_equals_serial(dname):
     dtype = DTYPES[dname]
     g = torch.Generator().manual_seed(4)
     k = MAX_CODE_BITS[dtype]
-    x = random_finite((b._PAR_MIN * 2 + 77,), dtype, g)
+    x = random_finite((PAR_MIN * 2 + 77,), dtype, g)
     for cdtype in (torch.uint8, torch.int64):
         codes = torch.randint(0, 1 << k, x.shape, generator=g).to(cdtype)
         two = kernel_encode(x, codes, k, threads=2)
