@@ -4,7 +4,7 @@ level) and ``decode_codes`` timed side by side with ``dst.copy_(src)`` of the sa
 Usage::
 
     python -m elsa_codec.bench.codec_copy [--out DIR] [--shapes 64x64,1536x384] [--dtypes float32,bfloat16]
-                                          [--rounds 15] [--block-ms 20]
+                                          [--rounds 15] [--block-ms 20] [--threads N] [--name NAME]
 
 Each (shape, dtype) is measured in ``rounds`` interleaved rounds: in every round each of the four
 operations runs one block of calls (``block-ms`` long, calibrated per operation) and its per-call
@@ -12,11 +12,13 @@ time is recorded, so that a change of the machine's load hits all four alike. Th
 operation is taken per round against that round's ``copy_`` and reported as the median over the
 rounds (with p20 / p80). Weights are ``randn / sqrt(K)``, codes ``counter - 1`` (uint8, what
 :func:`elsa_codec.encode_tensor` receives from the codec) of T = 3 nested random levels (k = 2),
-extracted at level 2. Default threads (``torch.get_num_threads()``).
+extracted at level 2. Threads: PyTorch's default unless ``--threads`` (``copy_`` and the kernels
+both run on them).
 
 Writes to ``DIR`` (default ``bench/results/codec-copy/``): ``results.csv`` (appended, one row per
-shape, dtype and operation), ``table.md`` (the ratio table of this run, the command, the
-machine), ``lscpu.txt``. Targets (the issue): encode <= 10x, extract <= 3x ``copy_``.
+shape, dtype and operation), ``NAME.md`` (default ``table``: the ratio table of this run, the
+command, the machine, the load average), ``lscpu.txt``. Targets (the issue): encode <= 10x,
+extract <= 3x ``copy_``.
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ def _lscpu() -> str:
         return ""
 
 
-def table(results: list, command: str, machine: str, path: str, threads: int, stamp: str) -> str:
+def table(results: list, command: str, machine: str, path: str, threads: int, stamp: str, load: str) -> str:
     """The markdown report of one run: ratio per shape and dtype (median of per-round ratios)."""
     lines = [
         "# Code rule vs copy (CPU)",
@@ -125,7 +127,8 @@ def table(results: list, command: str, machine: str, path: str, threads: int, st
         "(p20-p80 in brackets). Targets: encode <= 10x, extract <= 3x.",
         "",
         f"- command: `{command}`",
-        f"- machine: {machine}; {threads} threads; torch {torch.__version__}; {stamp}",
+        f"- machine: {machine}; {threads} threads; torch {torch.__version__}; {stamp}; "
+        f"load average before / after: {load}",
         f"- path: {path}",
         "",
         "| shape | dtype | copy_ (us) | encode_tensor | extract_level | decode_codes |",
@@ -154,17 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_parse_dtypes, default=DTYPES, help="default float32,bfloat16,float16")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per shape and dtype (default 15)")
     p.add_argument("--block-ms", type=float, default=20.0, help="length of one block of calls, ms (default 20)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's default)")
+    p.add_argument("--name", default="table", help="name of the markdown report, NAME.md (default table)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     command = "python -m elsa_codec.bench.codec_copy " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     os.makedirs(a.out, exist_ok=True)
     lscpu = _lscpu()
     model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "unknown CPU")
     machine = f"{model}, {os.cpu_count()} CPUs"
     stamp = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     threads, path, sha = torch.get_num_threads(), kernel_path(), _git_sha()
     print(f"codec vs copy_: {machine}, {threads} threads, {path}", flush=True)
     g = torch.Generator().manual_seed(1)
@@ -183,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                              "ratio": f"{r[op][1]:.4f}", "ratio_p20": f"{r[op][0]:.4f}", "ratio_p80": f"{r[op][2]:.4f}",
                              "rounds": a.rounds, "path": path, "git_sha": sha})
     append_csv(os.path.join(a.out, "results.csv"), rows, COLUMNS)
-    text = table(results, command, machine, path, threads, stamp)
-    with open(os.path.join(a.out, "table.md"), "w", encoding="utf-8") as f:
+    load = f"{load0} / " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    text = table(results, command, machine, path, threads, stamp, load)
+    with open(os.path.join(a.out, f"{a.name}.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(a.out, "lscpu.txt"), "w", encoding="utf-8") as f:
         f.write(lscpu)

@@ -123,7 +123,8 @@ def encode_tensor(
     Args:
         weight: float tensor of any shape, float32 / float16 / bfloat16. Not modified.
         codes: integer tensor of the same shape with values in ``0..2**k - 1`` (code = counter - 1);
-            uint8, int32 and int64 are read as they are, other integer dtypes are widened first.
+            uint8, int16, int32 and int64 are read as they are, other integer dtypes are widened
+            first.
         code_bits: ``k``, in ``1..MAX_CODE_BITS[weight.dtype]`` (8 / 4 / 3).
         name: tensor name used in error messages.
 
@@ -184,7 +185,7 @@ class _Rule:
     codes dtype)]``, ``extract[weight dtype]``, ``decode[weight dtype]`` (ctypes functions)."""
 
     _DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-    _CT = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+    _CT = {torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
     def __init__(self, lib):
         self.encode = {(d, c): getattr(lib, f"elsa_encode_{ds}_{cs}") for d, ds in self._DT.items() for c, cs in self._CT.items()}

@@ -103,7 +103,7 @@ _CPU_SIGNATURES = {n: (a, ctypes.c_int if n.startswith("elsa_cpu_") else None) f
 _RULE_SIGNATURES = {
     "elsa_rule_abi": ([], ctypes.c_int),
     **{f"elsa_encode_{d}_{c}": ([_P, _P, _I, _P, _I64], ctypes.c_int)
-       for d in ("f32", "bf16", "f16") for c in ("u8", "i32", "i64")},
+       for d in ("f32", "bf16", "f16") for c in ("u8", "i16", "i32", "i64")},
     **{f"elsa_extract_u{w}": ([_P, _I, _I64, _P, _I64], None) for w in (32, 16)},
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }

@@ -128,7 +128,7 @@ def test_code_dtypes(dname, cdtype):
     g = torch.Generator().manual_seed(3)
     k = MAX_CODE_BITS[dtype]
     x = random_finite((300, 7), dtype, g)
-    codes = torch.randint(0, min(1 << k, 128), x.shape, generator=g).to(cdtype)
+    codes = torch.randint(0, min(1 << k, 128) if cdtype == torch.int8 else 1 << k, x.shape, generator=g).to(cdtype)
     assert same_bits(encode_tensor(x, codes, k), reference_encode(x, codes.to(torch.int64), k))
 
 
@@ -217,8 +217,10 @@ def test_extract_and_decode_equal_reference(dname, size):
         (torch.tensor([0, 1 << 40, 1], dtype=torch.int64), f"got 0..{1 << 40}"),  # low 32 bits are 0
         (torch.tensor([0, -1, 3], dtype=torch.int64), "got -1..3"),
         (torch.tensor([0, 4, 3], dtype=torch.int8), "got 0..4"),
+        (torch.tensor([0, 256, 3], dtype=torch.int16), "got 0..256"),
+        (torch.tensor([0, -2, 3], dtype=torch.int16), "got -2..3"),
     ],
-    ids=["u8", "i32-negative", "i64-high-bits", "i64-negative", "i8"],
+    ids=["u8", "i32-negative", "i64-high-bits", "i64-negative", "i8", "i16-high", "i16-negative"],
 )
 def test_code_range_errors_from_the_kernel(codes, msg):
     with pytest.raises(ELSAError, match=f"layer.w: codes must lie in 0..3 for code_bits=2, {msg}"):

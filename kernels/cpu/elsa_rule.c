@@ -13,7 +13,8 @@
  * equal bit for bit.
  *
  * Arrays are contiguous, n elements; 16-bit dtypes are passed as uint16_t patterns. Codes come as
- * uint8, int32 or int64 (what encode_tensor receives); the encoders return a status: bit 0 = some
+ * uint8, int16, int32 or int64 (what encode_tensor receives: counters - 1 are uint8, or int16 for
+ * 255 levels); the encoders return a status: bit 0 = some
  * weight is NaN or Inf, bit 1 = some code lies outside 0..2^k - 1 (the output is then unspecified).
  * Below PAR_MIN elements the calling thread runs alone; above, omp_get_max_threads() threads run:
  * PyTorch's threads, as the kernels share PyTorch's libgomp (torch.get_num_threads() returns it, and
@@ -149,10 +150,11 @@ static void advise_huge_pages(void* out, int64_t bytes) {
 
 #define DEFINE_ENCODE_DTYPE(NAME, XT, WT, ST, M, SIGN, MAXF)                          \
     DEFINE_ENCODE(NAME##_u8, XT, WT, ST, M, SIGN, MAXF, uint8_t, uint8_t)              \
+    DEFINE_ENCODE(NAME##_i16, XT, WT, ST, M, SIGN, MAXF, int16_t, uint16_t)            \
     DEFINE_ENCODE(NAME##_i32, XT, WT, ST, M, SIGN, MAXF, int32_t, uint32_t)            \
     DEFINE_ENCODE(NAME##_i64, XT, WT, ST, M, SIGN, MAXF, int64_t, uint64_t)
 
-/* elsa_encode_{f32,bf16,f16}_{u8,i32,i64}(x, codes, k, out, n) -> status */
+/* elsa_encode_{f32,bf16,f16}_{u8,i16,i32,i64}(x, codes, k, out, n) -> status */
 DEFINE_ENCODE_DTYPE(elsa_encode_f32, uint32_t, uint32_t, int32_t, 23, 0x80000000u, 0x7F7FFFFFu)
 DEFINE_ENCODE_DTYPE(elsa_encode_bf16, uint16_t, uint16_t, int16_t, 7, 0x8000u, 0x7F7Fu)
 DEFINE_ENCODE_DTYPE(elsa_encode_f16, uint16_t, uint16_t, int16_t, 10, 0x8000u, 0x7BFFu)
