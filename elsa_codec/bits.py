@@ -144,7 +144,8 @@ def encode_tensor(
         raise ELSAError(f"{name}: codes have shape {tuple(codes.shape)} but the weight has shape {tuple(weight.shape)}")
     if codes.dtype not in _INTEGER_DTYPES:
         raise ELSAError(f"{name}: codes must be an integer tensor, got dtype {codes.dtype}")
-    rule = _rule_kernels() if weight.is_cpu else None
+    plain = weight.is_cpu and type(weight) in _PLAIN and type(codes) in _PLAIN
+    rule = (_RULE[0] if _RULE else _rule_kernels()) if plain else None
     if rule is not None:
         return _encode_kernel(rule, weight, codes, code_bits, name)
     _check_finite(weight, name)
@@ -182,23 +183,35 @@ def _check_codes(codes: torch.Tensor, code_bits: int, name: str) -> None:
 # -- the C kernels (kernels/cpu/elsa_rule.c, built by cpu_build) -----------------------------------
 class _Rule:
     """The code-rule kernels of one loaded library, looked up by dtype: ``encode[(weight dtype,
-    codes dtype)]``, ``extract[weight dtype]``, ``decode[weight dtype]`` (ctypes functions)."""
+    codes dtype)]``, ``extract[weight dtype]``, ``decode[weight dtype]``: the CPython module's
+    functions where it was built (``via == "python"``), else the ctypes functions (``"ctypes"``);
+    both take the same arguments (``data_ptr()`` ints, ``k``, ``t``, ``n``)."""
 
     _DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
     _CT = {torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
-    def __init__(self, lib):
-        self.encode = {(d, c): getattr(lib, f"elsa_encode_{ds}_{cs}") for d, ds in self._DT.items() for c, cs in self._CT.items()}
-        self.extract = {d: lib.elsa_extract_u32 if d == torch.float32 else lib.elsa_extract_u16 for d in self._DT}
-        self.decode = {d: lib.elsa_decode_codes_u32 if d == torch.float32 else lib.elsa_decode_codes_u16 for d in self._DT}
+    def __init__(self, lib, use_python: bool = True):
+        mod = getattr(lib, "python_module", None) if use_python else None
+        self.via = "python" if mod is not None else "ctypes"
+
+        def fn(name):
+            return getattr(mod, name) if mod is not None else getattr(lib, f"elsa_{name}")
+
+        self.encode = {(d, c): fn(f"encode_{ds}_{cs}") for d, ds in self._DT.items() for c, cs in self._CT.items()}
+        self.extract = {d: fn("extract_u32" if d == torch.float32 else "extract_u16") for d in self._DT}
+        self.decode = {d: fn("decode_codes_u32" if d == torch.float32 else "decode_codes_u16") for d in self._DT}
 
 
-_RULE: list = []  # [] before the first use, then [_Rule or None]
+_RULE: list = []  # [] before the first use, then [_Rule or None] (tests set [None]: the reference)
+#: Tensor types the kernels take (raw memory): subclasses (DTensor, FakeTensor under tracing...) run
+#: the PyTorch reference, which dispatches through them.
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def _rule_kernels() -> _Rule | None:
-    """The C code-rule kernels, built on first use (about 1 s, cached on disk); None when they are
-    unavailable (no C compiler, ``ELSA_CPU_KERNELS=0``): callers then run the PyTorch reference.
+    """The C code-rule kernels, built on first use (about 1 s, cached on disk; see
+    :func:`elsa_codec.cpu_build.rule_kernels`); None when they are unavailable (no C compiler,
+    ``ELSA_CPU_KERNELS=0``): callers then run the PyTorch reference.
     The kernels run on PyTorch's threads from 128K elements on (PAR_MIN in elsa_rule.c)."""
     if not _RULE:
         from .cpu_build import rule_kernels
@@ -286,14 +299,16 @@ def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     Raises:
         ELSAError: unsupported dtype or bad ``code_bits``.
     """
-    check_code_bits(encoded.dtype, code_bits)
-    rule = _rule_kernels() if encoded.is_cpu else None
-    if rule is not None:
-        src = encoded.contiguous()
-        out = torch.empty_like(src, dtype=torch.uint8)
-        rule.decode[src.dtype](src.data_ptr(), code_bits, out.data_ptr(), src.numel())
-        return out
-    return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
+    dtype = encoded.dtype
+    if type(code_bits) is not int or (dtype, code_bits) not in _VALID_CODE_BITS:
+        check_code_bits(dtype, code_bits)  # raises
+    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN else None
+    if rule is None:
+        return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
+    src = encoded.contiguous()
+    out = torch.empty_like(src, dtype=torch.uint8)
+    rule.decode[dtype](src.data_ptr(), code_bits, out.data_ptr(), src.numel())
+    return out
 
 
 def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
@@ -362,14 +377,17 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
     t = _check_level(level, num_levels)
     if num_levels is not None and t == num_levels + 1:
         return encoded
-    check_code_bits(encoded.dtype, code_bits)
-    rule = _rule_kernels() if encoded.is_cpu else None
-    if rule is not None:
-        src = encoded.contiguous()
-        out = torch.empty_like(src)
-        rule.extract[src.dtype](src.data_ptr(), code_bits, t, out.data_ptr(), src.numel())
-        return out
-    return _extract_reference(encoded, t, code_bits)
+    dtype = encoded.dtype
+    if type(code_bits) is not int or (dtype, code_bits) not in _VALID_CODE_BITS:
+        check_code_bits(dtype, code_bits)  # raises
+    # (the hot path of a level switch: each Python call here is ~5% of a 64x64 copy)
+    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN else None
+    if rule is None:
+        return _extract_reference(encoded, t, code_bits)
+    src = encoded.contiguous()
+    out = torch.empty_like(src)
+    rule.extract[dtype](src.data_ptr(), code_bits, t, out.data_ptr(), src.numel())
+    return out
 
 
 def _extract_reference(encoded: torch.Tensor, t: int, code_bits: int) -> torch.Tensor:

@@ -246,9 +246,56 @@ def test_kernel_disabled_path_gives_the_same_bits(monkeypatch):
         codes = torch.randint(0, 1 << k, x.shape, generator=g, dtype=torch.uint8)
         kern = (encode_tensor(x, codes, k), extract_level(x, 2, k), decode_codes(x, k))
         with monkeypatch.context() as m:
-            m.setattr(b, "_rule_kernels", lambda: None)
+            m.setattr(b, "_RULE", [None])
             ref = (encode_tensor(x, codes, k), extract_level(x, 2, k), decode_codes(x, k))
         assert same_bits(kern[0], ref[0]) and same_bits(kern[1], ref[1]) and torch.equal(kern[2], ref[2])
+
+
+def test_python_module_and_ctypes_entry_points_agree():
+    """The CPython module _elsa_rule (where Python's headers were there) and the ctypes functions
+    of the same shared object: same bits for every dtype and operation, one and two threads."""
+    from elsa_codec.cpu_build import rule_kernels
+
+    lib = rule_kernels()
+    if lib.python_module is None:
+        pytest.skip("built without Python's headers: ctypes only")
+    via_py, via_ct = b._Rule(lib), b._Rule(lib, use_python=False)
+    assert (via_py.via, via_ct.via) == ("python", "ctypes")
+    g = torch.Generator().manual_seed(11)
+    for dtype in DTYPES.values():
+        k = MAX_CODE_BITS[dtype]
+        for n in (4099, PAR_MIN + 5):
+            x = random_finite((n,), dtype, g)
+            x[7] = float("nan")  # status bit 0 from both
+            codes = torch.randint(0, 1 << k, (n,), generator=g, dtype=torch.int16)
+            codes[9] = 1 << k  # status bit 1 from both
+            outs = []
+            for rule in (via_py, via_ct):
+                e, x_, d = torch.empty_like(x), torch.empty_like(x), torch.empty(n, dtype=torch.uint8)
+                st = rule.encode[(dtype, torch.int16)](x.data_ptr(), codes.data_ptr(), k, e.data_ptr(), n)
+                rule.extract[dtype](x.data_ptr(), k, 2, x_.data_ptr(), n)
+                rule.decode[dtype](x.data_ptr(), k, d.data_ptr(), n)
+                outs.append((st, bits_view(e), bits_view(x_), d))
+            assert outs[0][0] == outs[1][0] == 3
+            assert all(torch.equal(a, c) for a, c in zip(outs[0][1:], outs[1][1:]))
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        via_py.extract[torch.float32](0, 1, 2)
+
+
+def test_tensor_subclasses_run_the_reference():
+    """A tensor subclass (here a trivial one; DTensor, FakeTensor) takes the PyTorch path."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(40, 3, generator=g)
+    codes = torch.randint(0, 4, x.shape, generator=g)
+    want = encode_tensor(x, codes, 2)
+    assert same_bits(encode_tensor(torch.nn.Parameter(x), codes, 2), want)
+    got = encode_tensor(x.as_subclass(Sub), codes, 2)
+    assert torch.equal(bits_view(got.as_subclass(torch.Tensor)), bits_view(want))
+    assert torch.equal(bits_view(extract_level(want.as_subclass(Sub), 2, 2).as_subclass(torch.Tensor)), bits_view(extract_level(want, 2, 2)))
 
 
 def _run(code: str, **env) -> str:
@@ -271,6 +318,13 @@ def test_env_turns_the_kernels_off_silently_with_the_same_bits():
     on = _run(ENCODE_ONE).split()
     off = _run(ENCODE_ONE, ELSA_CPU_KERNELS="0").split()
     assert on[0] == "True" and off[0] == "False" and on[1] == off[1]
+
+
+def test_without_python_headers_ctypes_gives_the_same_bits(tmp_path):
+    """No Python.h: the shared object is plain C, called through ctypes; same bits."""
+    no_headers = "import elsa_codec.cpu_build as cb\ncb._python_include = lambda: None\n"
+    plain = _run(no_headers + ENCODE_ONE + "print(b._rule_kernels().via)\n", ELSA_CPU_CACHE=str(tmp_path)).split()
+    assert plain[0] == "True" and plain[2] == "ctypes" and plain[1] == _run(ENCODE_ONE).split()[1]
 
 
 def test_cold_build_builds_only_the_rule(tmp_path):
