@@ -72,6 +72,8 @@ def check_encoded(arg, name: str, fn: str):
     if isinstance(arg, Mapping) and getattr(arg, "meta", None) is not None:
         return arg
     what = "a plain mapping (no ELSA metadata)" if isinstance(arg, Mapping) else _kind(arg)
+    if type(arg).__name__ == "Counters":
+        what = "Counters: encode them first, encoded = elsa_codec.encode(state_dict, counters)"
     raise ELSATypeError(f"{fn}: {name} must be an ELSAStateDict (from encode or load_file), got {what}")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from .bits import default_code_bits
 from .codec import Counters, counter_dtype
 from .config import ELSAConfig
-from .errors import ELSAError
+from .errors import ELSAError, ELSATypeError
 from .sparsify import GMPSchedule, as_sparsifier
 from .training.binding import OptimizerBinding
 from .training.bn import bn_modules, calibration_batches, level_bn_stats
@@ -71,10 +71,13 @@ class LevelEmbedder:
 
     def __init__(self, model: nn.Module, config: ELSAConfig, *, on_phase_end: Callable | None = None,
                  on_freeze: Callable | None = None):
+        if isinstance(model, ELSAConfig) and isinstance(config, nn.Module):
+            raise ELSATypeError("LevelEmbedder: the arguments look swapped: the order is LevelEmbedder(model, config)")
         if not isinstance(config, ELSAConfig):
-            raise ELSAError(f"LevelEmbedder needs an ELSAConfig, got {type(config).__name__}")
+            hint = "; build one: ELSAConfig(**config)" if isinstance(config, dict) else ""
+            raise ELSATypeError(f"LevelEmbedder: config must be an ELSAConfig, got {type(config).__name__}{hint}")
         if not isinstance(model, nn.Module):
-            raise ELSAError(f"LevelEmbedder needs an nn.Module, got {type(model).__name__}")
+            raise ELSATypeError(f"LevelEmbedder: model must be an nn.Module, got {type(model).__name__}")
         self.model, self.config = model, config
         self.specs = parse_levels(config.levels, config.structure)
         self.num_levels = T = len(self.specs)

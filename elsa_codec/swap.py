@@ -367,6 +367,8 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
         ELSAFormatError: ``encoded`` is a path to an invalid file.
     """
     check_module(model, "model", "swap_", order="swap_(model, encoded)")
+    if filter_fn is not None and not callable(filter_fn):
+        raise ELSATypeError(f"swap_: filter_fn must be a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
     enc = _as_encoded(encoded)
     outer = model
     model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the file holds the bare names
@@ -442,6 +444,7 @@ def elsa_modules(model: nn.Module) -> list:
 
 
 def _levelled(model: nn.Module) -> tuple[list, int, int]:
+    check_module(model, "model", "levels / set_level / elsa_state_dict")
     mods = elsa_modules(model)
     if not mods:
         raise ELSAError(f"the model ({type(model).__name__}) has no ELSA module: call elsa_codec.swap_ first")
@@ -524,6 +527,7 @@ def set_sparsity(model: nn.Module, sparsity: float) -> int:
     Raises:
         ELSAError: ``sparsity`` outside ``[0, 1]``; no ELSA module.
     """
+    check_module(model, "model", "set_sparsity", order="set_sparsity(model, sparsity)")
     try:
         s = float(sparsity)
     except (TypeError, ValueError):

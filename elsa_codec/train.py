@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import ELSAConfig
 from .embedder import LevelEmbedder
+from .checks import check_module
 from .errors import ELSAError
 from .sparsify import GMPSchedule, as_sparsifier, check_masks
 from .training.binding import OptimizerBinding, auto_attach
@@ -180,6 +181,7 @@ def embed_levels(
             tensor; the frozen values are restored first). All checks on arguments run before
             any weight changes.
     """
+    check_module(model, "model", "embed_levels", order="embed_levels(model, levels, train_fn)")
     _check_train_fn(train_fn)
     select, filter_fn = _selection(prunable, select, filter_fn)
     config = ELSAConfig(
@@ -261,6 +263,7 @@ def prune_gmp(
         ELSAError: a target outside (0, 1); no prunable layer; frozen weights that already exceed
             the target (names the tensor); a ``train_fn`` that changes frozen weights.
     """
+    check_module(model, "model", "prune_gmp", order="prune_gmp(model, sparsity, train_fn)")
     _check_train_fn(train_fn)
     select, filter_fn = _selection(prunable, select, filter_fn)
     _check_not_sharded(model, select, filter_fn)

@@ -90,8 +90,11 @@ def recalibrate_bn(
         ``{bn_module_fqn: {"running_mean", "running_var", "num_batches_tracked": Tensor}}`` (clones).
 
     Raises:
-        ELSAError: no batch seen, or a batch the model cannot take.
+        ELSAError: no batch seen, or a batch the model cannot take; ``model`` not a module.
     """
+    from ..checks import check_module
+
+    check_module(model, "model", "recalibrate_bn")
     bns = bn_modules(model)
     if not bns:
         return {}
