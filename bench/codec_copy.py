@@ -98,9 +98,11 @@ def kernel_path() -> str:
     from elsa_codec.bits import _rule_kernels
     from elsa_codec.cpu_build import rule_flags, rule_kernels_error
 
-    if _rule_kernels() is None:
+    rule = _rule_kernels()
+    if rule is None:
         return f"PyTorch reference ({rule_kernels_error()})"
-    return "C kernel elsa_rule.c (" + " ".join(f for f in rule_flags() if f.startswith("-m")) + ")"
+    isa = " ".join(f for f in rule_flags() if f.startswith("-m"))
+    return f"C kernel elsa_rule.c, called via {'its CPython module' if rule.via == 'python' else 'ctypes'} ({isa})"
 
 
 def _git_sha() -> str:
