@@ -315,9 +315,11 @@ def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     """The counters ``N = code + 1`` (first level containing each weight; ELSA section 2.2's N(T)).
 
     Returns:
-        uint8 tensor of the same shape as ``encoded``, values in ``1..2**k``.
+        tensor of the same shape as ``encoded``, values in ``1..2**k``: uint8, or int16 when
+        ``code_bits == 8`` (float32 with up to 255 levels: the counter 256 does not fit a byte).
     """
-    return decode_codes(encoded, code_bits) + 1
+    codes = decode_codes(encoded, code_bits)
+    return (codes.to(torch.int16) if code_bits == 8 else codes) + 1
 
 
 def _check_level(level, num_levels: int | None) -> int:
