@@ -144,7 +144,7 @@ def encode_tensor(
         raise ELSAError(f"{name}: codes have shape {tuple(codes.shape)} but the weight has shape {tuple(weight.shape)}")
     if codes.dtype not in _INTEGER_DTYPES:
         raise ELSAError(f"{name}: codes must be an integer tensor, got dtype {codes.dtype}")
-    plain = weight.is_cpu and type(weight) in _PLAIN and type(codes) in _PLAIN
+    plain = weight.is_cpu and type(weight) in _PLAIN and type(codes) in _PLAIN and not _compiling()
     rule = (_RULE[0] if _RULE else _rule_kernels()) if plain else None
     if rule is not None:
         return _encode_kernel(rule, weight, codes, code_bits, name)
@@ -206,6 +206,8 @@ _RULE: list = []  # [] before the first use, then [_Rule or None] (tests set [No
 #: Tensor types the kernels take (raw memory): subclasses (DTensor, FakeTensor under tracing...) run
 #: the PyTorch reference, which dispatches through them.
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+#: True while torch.compile traces: a ctypes / C call cannot be traced, the PyTorch reference can.
+_compiling = torch.compiler.is_compiling
 
 
 def _rule_kernels() -> _Rule | None:
@@ -302,7 +304,7 @@ def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     dtype = encoded.dtype
     if type(code_bits) is not int or (dtype, code_bits) not in _VALID_CODE_BITS:
         check_code_bits(dtype, code_bits)  # raises
-    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN else None
+    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN and not _compiling() else None
     if rule is None:
         return (bits_view(encoded) & ((1 << code_bits) - 1)).to(torch.uint8)
     src = encoded.contiguous()
@@ -383,7 +385,7 @@ def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int 
     if type(code_bits) is not int or (dtype, code_bits) not in _VALID_CODE_BITS:
         check_code_bits(dtype, code_bits)  # raises
     # (the hot path of a level switch: each Python call here is ~5% of a 64x64 copy)
-    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN else None
+    rule = (_RULE[0] if _RULE else _rule_kernels()) if encoded.is_cpu and type(encoded) in _PLAIN and not _compiling() else None
     if rule is None:
         return _extract_reference(encoded, t, code_bits)
     src = encoded.contiguous()
