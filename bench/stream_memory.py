@@ -198,18 +198,27 @@ def run_one(size_gb: float, dtype: str, shards: int, jobs: int, a, floor: dict) 
         r = _measure(cmd)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    procs = max(r["procs"], 1)
-    above = r["anon"] - floor["anon"] * procs
+    above = r["anon"] - floor["anon"]  # one process; with --jobs workers the tree also holds helpers
+    solo = jobs == 1 or shards == 1
     return {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "git": common.git_sha(), "checkpoint_gb": f"{size / 1e9:.2f}", "dtype": dtype, "shards": shards,
         "jobs": jobs, "tensors": count, "largest_tensor_mb": f"{largest / 1e6:.0f}",
-        "anon_peak_mb": f"{r['anon'] / 1e6:.0f}", "import_floor_mb": f"{floor['anon'] * procs / 1e6:.0f}",
-        "anon_above_floor_mb": f"{above / 1e6:.0f}", "ratio_to_largest": f"{above / largest:.2f}",
+        "anon_peak_mb": f"{r['anon'] / 1e6:.0f}", "import_floor_mb": f"{floor['anon'] / 1e6:.0f}" if solo else "n/a",
+        "anon_above_floor_mb": f"{above / 1e6:.0f}" if solo else "n/a",
+        "ratio_to_largest": f"{above / largest:.2f}" if solo else "n/a",
         "max_rss_mb": f"{r['peak'] / 1e6:.0f}", "file_backed_peak_mb": f"{r['file'] / 1e6:.0f}",
         "wall_s": f"{r['wall']:.1f}", "levels": a.levels, "structure": a.structure,
         "command": "elsa encode <synthetic> -o <out> " + " ".join(cmd[cmd.index("--levels"):]),
     }
+
+
+def _mb(v: str) -> str:
+    return v if v == "n/a" else f"{v} MB"
+
+
+def _x(v: str) -> str:
+    return v if v == "n/a" else f"{v}x"
 
 
 def _markdown(rows: list, head: str) -> str:
@@ -218,8 +227,8 @@ def _markdown(rows: list, head: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['checkpoint_gb']} GB ({r['tensors']} tensors) | {r['dtype']} | {r['shards']} | {r['jobs']} | "
-                     f"{r['largest_tensor_mb']} MB | {r['anon_peak_mb']} MB | {r['import_floor_mb']} MB | "
-                     f"{r['anon_above_floor_mb']} MB | {r['ratio_to_largest']}x | {r['max_rss_mb']} MB | "
+                     f"{r['largest_tensor_mb']} MB | {r['anon_peak_mb']} MB | {_mb(r['import_floor_mb'])} | "
+                     f"{_mb(r['anon_above_floor_mb'])} | {_x(r['ratio_to_largest'])} | {r['max_rss_mb']} MB | "
                      f"{r['file_backed_peak_mb']} MB | {r['wall_s']} s |")
     return "\n".join(lines) + "\n"
 
@@ -258,7 +267,8 @@ def main(argv=None) -> int:
     head = (f"## streaming encode memory and time - {rows[0]['timestamp']}\n\n"
             f"machine: {lscpu_model()}; torch {torch.__version__}; git {rows[0]['git']}"
             f"{f'; OMP_NUM_THREADS={a.threads}' if a.threads else ''}\n\ncommand: `{command}`\n\n"
-            f"anonymous memory: RssAnon summed over the encode's processes, polled every 5 ms; import floor: "
+            f"anonymous memory: RssAnon summed over the encode's processes, polled every 5 ms (with --jobs N on a "
+            f"sharded input: the parent, N workers and multiprocessing's helpers, so no single floor applies: n/a); import floor: "
             f"`python -c 'import torch, elsa_codec, safetensors'` = {floor['anon'] / 1e6:.0f} MB a process; "
             f"max RSS by {floor['how']} (it counts the memory-mapped input's pages, which the kernel may drop)")
     text = _markdown(rows, head)

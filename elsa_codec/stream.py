@@ -439,6 +439,8 @@ def _copy_one(out, src: _MappedFile, name: str, conv) -> tuple:
 
 @dataclasses.dataclass
 class _ShardJob:
+    """One input shard's work: its tensors (in the output's data order) into one part file."""
+
     shard: str
     names: list  # in the output's data order
     part: str  # temporary file for the encoded bytes
