@@ -12,6 +12,7 @@ section 2.1).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ def parse_level(level, structure="unstructured") -> tuple[float, Structure]:
 def _as_2d(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() < 2:
         return weight.reshape(1, -1)
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # not -1: [0, K] stays [0, K]
 
 
 def _topk_mask(score: torch.Tensor, frozen: torch.Tensor, keep: int, name: str) -> torch.Tensor:

@@ -52,6 +52,7 @@ from .codec import (
     select_tensors,
     tensor_magnitude_counters,
 )
+from .checks import check_path
 from .errors import ELSAError, ELSAFormatError
 from .masks import mask_structure_ok, parse_structure
 from .io import (
@@ -656,6 +657,8 @@ def encode_file(
         ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`; ``jobs``
             not a positive int; the output is an input file.
     """
+    in_path = check_path(in_path, "in_path", "encode_file", order="encode_file(in_path, out_path, levels=...)")
+    out_path = check_path(out_path, "out_path", "encode_file", order="encode_file(in_path, out_path, levels=...)")
     if (levels is None) == (counters is None):
         raise ELSAError("give exactly one of levels= (magnitude levels) or counters= (a counters file)")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:

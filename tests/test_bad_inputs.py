@@ -117,6 +117,8 @@ API_CASES = [
     ("set-sparsity-swapped", lambda e: ec.set_sparsity(0.5, e["served"]), ELSATypeError, r"set_sparsity: model must be"),
     ("swap-filter-fn-not-callable", lambda e: ec.swap_(make_model(), ec.load_file(e["path"]), filter_fn="0"), ELSATypeError, r"filter_fn must be a callable"),
     ("save-counters-not-encoded", lambda e: ec.save_file(e["counters"], str(e["tmp"] / "o.safetensors")), ELSATypeError, r"got Counters: encode them first"),
+    ("encode-file-a-state-dict", lambda e: ec.encode_file(e["sd"], str(e["tmp"] / "o.safetensors"), levels=[0.5]), ELSATypeError, r"in_path must be a path.*swapped"),
+    ("encode-file-levels-string", lambda e: ec.encode_file(e["plain"], str(e["tmp"] / "o.safetensors"), levels="0.9,0.5"), ELSATypeError, r"levels must be a list"),
     ("too-many-levels-float32", _too_many(torch.float32, 256), ELSAError, r"at most 255 levels"),
     ("too-many-levels-float16", _too_many(torch.float16, 16), ELSAError, r"at most 15 levels"),
     ("too-many-levels-bfloat16", _too_many(torch.bfloat16, 8), ELSAError, r"at most 7 levels"),
@@ -325,3 +327,11 @@ def test_all_zero_tensor_records_minus_inf_sqnr(tmp_path):
     p = str(tmp_path / "z.safetensors")
     ec.save_file(enc, p)
     assert ec.load_file(p).meta.tensors["w"].sqnr_db == -math.inf
+
+
+def test_empty_weight_with_nm_levels():
+    """A [0, K] weight (an empty layer) is a valid N:M tensor: nothing to keep, nothing to refuse."""
+    sd = {"w": torch.zeros(0, 16), "v": torch.randn(8, 16)}
+    enc = ec.encode(sd, ec.magnitude_counters(sd, ["1:4", "2:4"], names=["w", "v"]))
+    assert enc["w"].shape == (0, 16)
+    assert [round(s, 6) for s in enc.meta.sparsities()] == [0.75, 0.5]  # the empty tensor weighs nothing
