@@ -726,8 +726,3 @@ def __getattr__(name):
 
         return encode_file
     raise AttributeError(f"module 'elsa_codec.io' has no attribute {name!r}")
-
-
-def _parse_size(s) -> int:
-    """A shard size in bytes (``max_shard_size`` rules: :func:`elsa_codec.checks.check_shard_size`)."""
-    return check_shard_size(s)

@@ -52,7 +52,7 @@ from .codec import (
     select_tensors,
     tensor_magnitude_counters,
 )
-from .checks import check_path
+from .checks import check_path, check_shard_size
 from .errors import ELSAError, ELSAFormatError
 from .masks import mask_structure_ok, parse_structure
 from .io import (
@@ -64,7 +64,6 @@ from .io import (
     _check_out_path,
     _counters_header,
     _open_safetensors,
-    _parse_size,
     _shards,
     _tmp_prefix,
     data_order,
@@ -683,7 +682,7 @@ def encode_file(
         doc = meta.to_json()
         if max_shard_size is not None or str(out_path).endswith(".index.json"):
             index = out_path if str(out_path).endswith(".index.json") else str(out_path) + ".index.json"
-            limit = _parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
+            limit = check_shard_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
             _write_sharded(index, list(where), entries, doc, res, limit, inputs)
         else:
             _write_file(out_path, entries, doc, res)
