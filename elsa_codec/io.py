@@ -266,7 +266,8 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
     Args:
         encoded: from :func:`elsa_codec.encode`, :func:`load_file` or ``elsa_state_dict(model)``.
         path: ``*.safetensors``; or ``*.safetensors.index.json`` (or ``max_shard_size`` given) for
-            the usual shards ``{stem}-00001-of-0000N.safetensors`` beside an index file.
+            the usual shards ``{stem}-00001-of-0000N.safetensors`` beside an index file. Missing
+            folders are created (the ``elsa`` CLI refuses them instead: a typo).
         max_shard_size: bytes per shard (a positive int, or ``"2GB"``, ``"500MB"``, ``"1GiB"``);
             implies sharding.
 
