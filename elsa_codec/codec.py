@@ -585,10 +585,18 @@ def encode(
 
 
 def _check_structures(per_name: Mapping, structs: list, transposed, canon: Mapping) -> None:
-    """Each structured level's mask (``counters <= t``) must hold its structure (N:M groups along
-    the input dimension, block tiles; dim 0 for a ``transposed`` ``[in, out]`` weight): a file
-    must never claim a 2:4 level whose mask is not 2:4 (the 2:4 kernels would compute a wrong
-    product).
+    """:func:`check_counter_structures` of every tensor (a tied name counts as its group's
+    first name for ``transposed``)."""
+    for name, c in per_name.items():
+        check_counter_structures(name, c, structs, name in transposed or canon.get(name) in transposed)
+
+
+def check_counter_structures(name: str, c: torch.Tensor, structs: list, transposed: bool) -> None:
+    """Each structured level's mask (``c <= t``) must hold its structure (N:M groups along the
+    input dimension, block tiles; dim 0 for a ``transposed`` ``[in, out]`` weight): a file must
+    never claim a 2:4 level whose mask is not 2:4 (the 2:4 kernels would compute a wrong
+    product). N:M masks are checked per block of rows (a few 4M-element chunks of memory, as the
+    streaming encode needs); block masks and transposed weights as a whole.
 
     Raises:
         ELSAError: names the tensor, the level and its structure.
@@ -598,11 +606,14 @@ def _check_structures(per_name: Mapping, structs: list, transposed, canon: Mappi
     for t, st in enumerate(structs, start=1):
         if st == "unstructured":
             continue
-        for name, c in per_name.items():
-            mask = c <= t
-            if name in transposed or canon.get(name) in transposed:
-                mask = mask.t()
-            if not mask_structure_ok(mask, st):
+        full = c.t() if transposed else c
+        if parse_structure(st).kind == "nm" and not transposed and full.dim() >= 2 and full.shape[0]:
+            step = max(1, _STAT_CHUNK // max(full[0].numel(), 1))
+            blocks = (full[r : r + step] for r in range(0, full.shape[0], step))
+        else:
+            blocks = [full]
+        for b in blocks:
+            if not mask_structure_ok(b <= t, st):
                 raise ELSAError(
                     f"{name}: structures say level {t} is {st}, but its mask (counters <= {t}) is not {st}; "
                     "give the structures the counters were made with"

@@ -19,22 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .bits import check_code_bits, default_code_bits, encode_tensor
-from .codec import (
-    BN_PREFIX,
-    Counters,
-    ELSAMeta,
-    ELSAStateDict,
-    BN_STATS,
-    _SPARSITY_TOL,
-    _make_meta,
-    _unique_keys,
-    _tensor_info,
-    global_thresholds,
-    parse_levels,
-    select_tensors,
-    tensor_magnitude_counters,
-)
+from .codec import BN_PREFIX, BN_STATS, Counters, ELSAMeta, ELSAStateDict, _SPARSITY_TOL, _unique_keys
 from .checks import check_encoded, check_path, check_shard_size
 from .errors import ELSAError, ELSAFormatError, ELSATypeError
 from .select import tie_groups
@@ -391,11 +376,6 @@ def _check_header(f, path: str) -> None:
         )
 
 
-def _no_duplicates(pairs):
-    """``object_pairs_hook`` for ``json.load``: a repeated key is an error, not "the last wins"."""
-    return _unique_keys(pairs)
-
-
 def _shards(path: str):
     """[(shard_path, [names] or None)] and the index metadata (or None) for a file or an index.
 
@@ -426,7 +406,7 @@ def _read_index(path: str) -> dict:
     ``metadata`` (if any); ELSAFormatError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
-            index = json.load(f, object_pairs_hook=_no_duplicates)
+            index = json.load(f, object_pairs_hook=_unique_keys)
         if not isinstance(index, dict):
             raise TypeError("not a JSON object")
         wm = index["weight_map"]
@@ -527,7 +507,7 @@ def _crc_table(path: str, md: Mapping) -> dict | None:
     if _CRC_KEY not in md:
         return None
     try:
-        table = json.loads(md[_CRC_KEY], object_pairs_hook=_no_duplicates)
+        table = json.loads(md[_CRC_KEY], object_pairs_hook=_unique_keys)
     except (TypeError, ValueError) as e:
         raise ELSAFormatError(f"{path}: malformed checksum table ({e})") from None
     if not isinstance(table, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for v in table.values()):
@@ -617,9 +597,10 @@ def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
     """Per encoded tensor, its codes (:func:`elsa_codec.bits.decode_codes`) counted once per
     level: every code is ``<= T``, each level's measured sparsity equals the record, and each
     structured level's mask (``code < t``; its transpose for a ``transposed`` weight) holds the
-    structure (:func:`_structure_ok`). A lie about ``k``, a sparsity or a structure changes what
-    the file serves, so it is refused here."""
+    structure (:func:`elsa_codec.masks.mask_structure_ok`). A lie about ``k``, a sparsity or a
+    structure changes what the file serves, so it is refused here."""
     from .bits import decode_codes
+    from .masks import mask_structure_ok
 
     T, k = meta.num_levels, meta.code_bits
     for n, ti in meta.tensors.items():
@@ -638,7 +619,8 @@ def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
         for t, lv in enumerate(meta.levels, start=1):
             if lv.structure != "unstructured":
                 mask = torch.from_numpy(flat < t).reshape(codes.shape)
-                if not _structure_ok(mask.t() if ti.transposed else mask, lv.structure):  # Conv1D: [in, out]
+                # an empty weight has no group to break; Conv1D is stored [in, out]
+                if mask.numel() and not mask_structure_ok(mask.t() if ti.transposed else mask, lv.structure):
                     raise ELSAFormatError(f"{path}: {n}: level {t}'s mask breaks its structure {lv.structure}")
 
 
@@ -653,28 +635,6 @@ def _kept_counts(codes, T: int, above: bool) -> list:
         return torch.cumsum(torch.bincount(torch.from_numpy(codes), minlength=T + 2), 0)[: T + 1].tolist()
     kept = [int(np.count_nonzero(codes < t)) for t in range(1, T + 1)]
     return kept + [int(np.count_nonzero(codes <= T)) if above else codes.size]
-
-
-#: N:M with M = 2, 4, 8: the M mask bytes of a group read as one integer; times 0x01..01 puts
-#: their sum in the top byte (the partial sums never carry).
-_NM_WORDS = {2: (torch.int16, 0x0101, 8), 4: (torch.int32, 0x01010101, 24), 8: (torch.int64, 0x0101010101010101, 56)}
-
-
-def _structure_ok(mask: torch.Tensor, structure: str) -> bool:
-    """:func:`elsa_codec.masks.mask_structure_ok`, with N:M for M in 2, 4, 8 counted one group
-    per integer multiply instead of a reduction over groups of M (several times faster on a
-    large weight)."""
-    from .masks import mask_structure_ok, parse_structure
-
-    st = parse_structure(structure)
-    if not mask.numel():
-        return True  # no weight, no group to break the structure (mask_structure_ok cannot view it 2-D)
-    cols = mask.numel() // mask.shape[0] if mask.dim() >= 2 else mask.numel()
-    if st.kind != "nm" or st.m not in _NM_WORDS or cols % st.m:
-        return mask_structure_ok(mask, st)
-    word, ones, shift = _NM_WORDS[st.m]
-    x = mask.contiguous().view(torch.uint8).reshape(-1).view(word).numpy()  # numpy: fewer passes here
-    return bool((((x * x.dtype.type(ones)) >> shift) <= st.n).all())
 
 
 def save_counters(counters: Counters, path: str) -> None:

@@ -44,6 +44,7 @@ import torch
 from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
 from .codec import (
     _STAT_CHUNK,
+    check_counter_structures,
     Counters,
     ELSAMeta,
     TensorInfo,
@@ -54,7 +55,7 @@ from .codec import (
 )
 from .checks import check_path, check_shard_size
 from .errors import ELSAError, ELSAFormatError
-from .masks import mask_structure_ok, parse_structure
+from .masks import parse_structure
 from .io import (
     _DTYPES,
     _ITEM,
@@ -355,33 +356,8 @@ def _given_counters(plan: _Plan, cfile, name: str, shape: list) -> torch.Tensor:
         hi = max(int(ch.max()) for ch in chunked(c, CHUNK))
         if lo < 1 or hi > plan.T + 1:
             raise ELSAError(f"{name}: counters must lie in 1..{plan.T + 1}, got {lo}..{hi}")
-        _check_given_structures(name, c.reshape(shape), plan.structs, name in plan.transposed)
+        check_counter_structures(name, c.reshape(shape), plan.structs, name in plan.transposed)
     return c
-
-
-def _check_given_structures(name: str, c: torch.Tensor, structs: list, transposed: bool) -> None:
-    """As :func:`elsa_codec.codec.encode`: each structured level's mask (``c <= t``) must hold its
-    structure. N:M masks are checked per block of rows (a few chunks of memory); block masks and
-    transposed ``[in, out]`` weights as a whole (1 byte per element plus the tile sums).
-
-    Raises:
-        ELSAError: names the tensor, the level and its structure.
-    """
-    for t, st in enumerate(structs, start=1):
-        if st == "unstructured":
-            continue
-        full = c.t() if transposed else c
-        if parse_structure(st).kind == "nm" and not transposed and full.dim() >= 2 and full.shape[0]:
-            step = max(1, CHUNK // max(full[0].numel(), 1))
-            blocks = (full[r : r + step] for r in range(0, full.shape[0], step))
-        else:
-            blocks = [full]
-        for b in blocks:
-            if not mask_structure_ok(b <= t, st):
-                raise ELSAError(
-                    f"{name}: structures say level {t} is {st}, but its mask (counters <= {t}) is not {st}; "
-                    "give the structures the counters were made with"
-                )
 
 
 def _encode_one(out, src: _MappedFile, name: str, plan: _Plan, cfile) -> tuple:

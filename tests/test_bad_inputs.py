@@ -329,9 +329,13 @@ def test_all_zero_tensor_records_minus_inf_sqnr(tmp_path):
     assert ec.load_file(p).meta.tensors["w"].sqnr_db == -math.inf
 
 
-def test_empty_weight_with_nm_levels():
-    """A [0, K] weight (an empty layer) is a valid N:M tensor: nothing to keep, nothing to refuse."""
+def test_empty_weight_with_nm_levels(tmp_path):
+    """A [0, K] weight (an empty layer) is a valid N:M tensor: nothing to keep, nothing to refuse,
+    on encode and on load (the loader's structure check skips it)."""
     sd = {"w": torch.zeros(0, 16), "v": torch.randn(8, 16)}
     enc = ec.encode(sd, ec.magnitude_counters(sd, ["1:4", "2:4"], names=["w", "v"]))
     assert enc["w"].shape == (0, 16)
     assert [round(s, 6) for s in enc.meta.sparsities()] == [0.75, 0.5]  # the empty tensor weighs nothing
+    p = str(tmp_path / "e.safetensors")
+    ec.save_file(enc, p)
+    assert ec.load_file(p)["w"].shape == (0, 16)

@@ -600,14 +600,21 @@ def test_corruption_fuzz(tmp_path, pristine):
 
 @pytest.mark.parametrize("structure", ["1:2", "1:4", "2:4", "3:4", "2:8", "7:8", "1:3", "block:2x2"])
 def test_fast_structure_check_agrees(structure):
-    """The loader's N:M check (M mask bytes read as one integer) agrees with mask_structure_ok."""
-    from elsa_codec.io import _structure_ok
-    from elsa_codec.masks import mask_structure_ok
+    """The N:M check the loader runs (M mask bytes read as one integer) agrees with the sum over
+    each group of M (the reference, and the path of other devices)."""
+    from elsa_codec.masks import _as_2d, _nm_ok_by_groups, mask_structure_ok, parse_structure
+
+    def _reference(mm, structure):
+        st, m2 = parse_structure(structure), _as_2d(mm)
+        if st.kind != "nm" or m2.shape[1] % st.m:
+            return mask_structure_ok(mm, structure)
+        return _nm_ok_by_groups(m2, st)
 
     g = torch.Generator().manual_seed(0)
     for i in range(200):
         shape = [[8, 16], [4, 4, 2, 2], [16], [3, 8], [8, 6], [1, 8], [2, 3, 4]][i % 7]
         m = torch.rand(shape, generator=g) < [0.1, 0.3, 0.5, 0.7][i % 4]
         for mm in (m, m.t()) if m.dim() == 2 else (m,):
-            assert _structure_ok(mm, structure) == mask_structure_ok(mm, structure), (shape, structure)
-    assert _structure_ok(torch.zeros(0, 8, dtype=torch.bool), structure)
+            assert mask_structure_ok(mm, structure) == _reference(mm, structure), (shape, structure)
+    empty = torch.zeros(0, 8, dtype=torch.bool)
+    assert mask_structure_ok(empty, structure) == _reference(empty, structure)
