@@ -293,7 +293,6 @@ def _level_providers(ctx, enc, meta, t, wd, m_values) -> list:
     """Providers of level ``t`` (all M; which run at which M is decided by the caller)."""
     import scipy.sparse as sp
 
-    import elsa_codec as ec
     from elsa_codec.masks import parse_structure
 
     structure = meta.levels[t - 1].structure

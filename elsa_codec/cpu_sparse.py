@@ -26,7 +26,7 @@ import torch
 from .bits import bits_view, check_code_bits
 from .errors import ELSAError
 from .masks import parse_structure
-from .pages import release_pages  # noqa: F401  (re-exported: packing and page release go together)
+from .pages import release_pages  # also re-exported: packing and page release go together
 
 __all__ = [
     "FORMATS",
@@ -378,8 +378,6 @@ def pack_for_module(module, level: int) -> PackedLevel:
         packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk,
                             name=f"{type(module).__name__}.weight")
     if not module.keep_weight_resident:
-        from .pages import release_pages
-
         release_pages(module.weight)
     return packed
 
