@@ -14,7 +14,7 @@ import torch
 
 from .errors import ELSAError, ELSATypeError
 
-__all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path"]
+__all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path", "check_not_input"]
 
 
 def _kind(x) -> str:
@@ -141,7 +141,16 @@ def check_out_path(path: str, *, what: str = "output", inputs=()) -> str:
     name = os.path.basename(path)
     if len(name.encode("utf-8", "surrogateescape")) > limit:
         raise ELSAError(f"{what} {path!r}: the file name is {len(name.encode())} bytes long, the file system allows {limit}")
+    check_not_input(path, inputs, what=what)
+    return path
+
+
+def check_not_input(path: str, inputs=(), *, what: str = "output") -> None:
+    """``path`` must not be (a link to) one of ``inputs``: a write never replaces its own input.
+
+    Raises:
+        ELSAError: naming the path.
+    """
     for p in inputs:
         if p and os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
             raise ELSAError(f"{what} {path!r} is the input file: refusing to overwrite it")
-    return path

@@ -15,7 +15,7 @@ import re
 import tempfile
 import zlib
 from contextlib import contextmanager
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -205,12 +205,6 @@ def file_metadata(doc: str, crcs: Mapping[str, str]) -> dict:
     """The ``__metadata__`` of an ELSA file (before its header checksum): the document and the
     per-tensor CRC-32 table (sorted, compact)."""
     return {"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps(dict(crcs), sort_keys=True, separators=(",", ":"))}
-
-
-def _check_out_path(path: str, inputs: Iterable[str] = ()) -> None:
-    for p in inputs:
-        if p and os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
-            raise ELSAError(f"output {path!r} is the input file: refusing to overwrite it")
 
 
 def _flat_tensors(encoded: ELSAStateDict) -> dict:

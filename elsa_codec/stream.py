@@ -53,7 +53,7 @@ from .codec import (
     select_tensors,
     tensor_magnitude_counters,
 )
-from .checks import check_path, check_shard_size
+from .checks import check_not_input, check_path, check_shard_size
 from .errors import ELSAError, ELSAFormatError
 from .masks import parse_structure
 from .io import (
@@ -62,7 +62,6 @@ from .io import (
     _OPEN_TMPS,
     _TMP_SUFFIX,
     _atomic,
-    _check_out_path,
     _counters_header,
     _open_safetensors,
     _shards,
@@ -559,7 +558,7 @@ def _write_sharded(index_path: str, names: list, entries: dict, doc: str, res: d
     groups = _shard_groups(names, entries, limit)
     paths = _sharded_paths(index_path, len(groups))
     for p in paths:
-        _check_out_path(p, inputs)
+        check_not_input(p, inputs)
     written = []
     try:
         weight_map = {}
@@ -640,7 +639,7 @@ def encode_file(
         raise ELSAError(f"jobs must be a positive int, got {jobs!r}")
     shards, _ = _shards(in_path)
     inputs = [in_path] + [s for s, _ in shards]
-    _check_out_path(out_path, inputs)
+    check_not_input(out_path, inputs)
     files = {s: _MappedFile(s) for s, _ in shards}
     where = {}
     for shard, ns in shards:
