@@ -101,8 +101,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def new_temporary(path: str) -> str:
+    """A new empty file beside ``path`` named ``.{hash of path's name}-{pid}-{random}.elsa-tmp``,
+    registered as in use by this process (:func:`stale_temporaries` skips it) until
+    ``_OPEN_TMPS.discard(basename)``."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=d)
+    os.close(fd)
+    _OPEN_TMPS.add(os.path.basename(tmp))
+    return tmp
+
+
 @contextmanager
-def _atomic(path: str, suffix: str = _TMP_SUFFIX):
+def _atomic(path: str):
     """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on failure.
 
     The temporary name is ``.{hash of the target name}-{pid}-{random}.elsa-tmp`` (under 50
@@ -115,9 +126,7 @@ def _atomic(path: str, suffix: str = _TMP_SUFFIX):
             os.unlink(stale)
         except OSError:
             pass
-    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=suffix, dir=d)
-    os.close(fd)
-    _OPEN_TMPS.add(os.path.basename(tmp))
+    tmp = new_temporary(path)
     try:
         yield tmp
         umask = os.umask(0)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .codec import tensor_magnitude_counters
+from .codec import counter_dtype, tensor_magnitude_counters
 from .errors import ELSAError
 
 __all__ = ["magnitude_key", "kth_smallest", "global_thresholds_stream", "UnstructuredCounters", "RowBlockCounters"]
@@ -243,11 +243,6 @@ class RowBlockCounters:
             parts.append(self.cache[start - self.lo : end - self.lo])
             start = end
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def counter_dtype(num_levels: int) -> torch.dtype:
-    """Counters' dtype for T levels: uint8, or int16 when the dense counter T+1 = 256 does not fit."""
-    return torch.uint8 if num_levels + 1 <= 255 else torch.int16
 
 
 def chunked(flat: torch.Tensor, size: int, convert: torch.dtype | None = None) -> Iterator[torch.Tensor]:

@@ -34,7 +34,6 @@ import math
 import mmap
 import multiprocessing
 import os
-import tempfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Mapping
@@ -45,6 +44,7 @@ from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
 from .codec import (
     _STAT_CHUNK,
     check_counter_structures,
+    counter_dtype,
     Counters,
     ELSAMeta,
     TensorInfo,
@@ -60,18 +60,17 @@ from .io import (
     _DTYPES,
     _ITEM,
     _OPEN_TMPS,
-    _TMP_SUFFIX,
     _atomic,
     _counters_header,
     _open_safetensors,
     _shards,
-    _tmp_prefix,
     data_order,
     file_metadata,
     header_bytes,
+    new_temporary,
     write_index,
 )
-from .magnitude_stream import RowBlockCounters, UnstructuredCounters, chunked, counter_dtype, global_thresholds_stream
+from .magnitude_stream import RowBlockCounters, UnstructuredCounters, chunked, global_thresholds_stream
 
 __all__ = ["encode_file", "limit_heap_retention"]
 
@@ -480,14 +479,10 @@ def _part_files(out_path: str, count: int):
     Named like :func:`elsa_codec.io._atomic`'s temporaries of ``out_path`` (its stale-file cleanup
     removes them if this process is killed) and registered as in use meanwhile.
     """
-    folder = os.path.dirname(os.path.abspath(out_path)) or "."
     paths = []
     try:
         for _ in range(count):
-            fd, p = tempfile.mkstemp(prefix=f"{_tmp_prefix(out_path)}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=folder)
-            os.close(fd)
-            _OPEN_TMPS.add(os.path.basename(p))
-            paths.append(p)
+            paths.append(new_temporary(out_path))
         yield paths
     finally:
         for p in paths:
