@@ -169,7 +169,7 @@ def cmd_verify(a) -> int:
     problems = verify_file(a.file)
     if problems:
         for p in problems:
-            print(f"elsa verify: {a.file}: {' '.join(str(p).split())}", file=sys.stderr)  # one line each
+            print(f"elsa verify: {a.file}: {_one_line(p)}", file=sys.stderr)
         return 1
     print(f"{a.file}: OK")
     return 0
@@ -274,8 +274,9 @@ def main(argv=None) -> int:
         return 130
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+def _one_line(message) -> str:
+    """An error or a problem as one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":
