@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints a table, file sizes and whether the goals hold; writes a PNG plot to --out."
         ),
     )
+    p.add_argument("--model", choices=("digits", "minilm"), default="digits",
+                   help="digits (this demo) or minilm: all-MiniLM-L6-v2 distilled into ELSA levels on Python's "
+                        "documentation, ~25 min (its options: elsa demo --model minilm --help)")
     p.add_argument("--out", default="elsa-demo-out", help="output folder (plot, table, JSON, files); default elsa-demo-out/")
     p.add_argument("--seed", type=int, default=0, help="seed of a single run (default 0)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: report mean ± std")
@@ -495,9 +498,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _which_model(argv: list[str]) -> tuple[str, list[str]]:
+    """``(model, the other arguments)`` from ``--model digits|minilm`` (default digits)."""
+    from .cli import _Parser
+
+    pre = _Parser(prog="elsa demo", add_help=False)
+    pre.add_argument("--model", choices=("digits", "minilm"), default="digits")
+    known, rest = pre.parse_known_args(argv)
+    return known.model, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; ``argv`` without the program name (``None``: ``sys.argv[1:]``). Returns 0 on
-    success, 2 on bad input (the error is printed)."""
+    success, 2 on bad input (the error is printed). ``--model minilm`` runs
+    :mod:`elsa_codec.examples.minilm_elsa` with the other arguments."""
+    model, argv = _which_model(list(sys.argv[1:] if argv is None else argv))
+    if model == "minilm":
+        from .examples.minilm_elsa import main as minilm_main
+
+        return minilm_main(argv, prog="elsa demo --model minilm")
     a = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
