@@ -115,7 +115,10 @@ def test_batches_reject_empty_and_bad_batch_size(one_block):
     (dict(lr=0.0), "lr"),
     (dict(layers=7), "layers"),
     (dict(nm_levels=("2:4", "1:4")), "sparsest first"),
-], ids=["order", "empty", "steps", "lr", "layers", "nm-order"])
+    (dict(methods=("separate",)), "holding 'ELSA'"),
+    (dict(methods=("ELSA", "lottery")), "methods"),
+    (dict(densify_init="random"), "densify_init"),
+], ids=["order", "empty", "steps", "lr", "layers", "nm-order", "no-elsa", "method", "densify-init"])
 def test_settings_rejected(kw, match):
     with pytest.raises(ec.ELSAError, match=match):
         minilm_elsa.Settings(**kw)
@@ -202,3 +205,13 @@ def test_elsa_student_reproducible_with_a_seed(tmp_path):
         _, info = minilm_elsa.run_elsa(s.levels, s, batches, ref, str(tmp_path / str(i)), "u", False)
         files.append(open(info["file"], "rb").read())
     assert files[0] == files[1]
+
+
+def test_elsa_only_run_writes_a_table_without_baselines(tmp_path):
+    s = minilm_elsa.Settings(levels=(0.5,), nm_levels=(), steps=2, densify_steps=1, layers=1, train_limit=16,
+                             heldout_limit=8, batch_size=8, methods=("ELSA",), densify_init="zero")
+    summary = minilm_elsa.run(s, str(tmp_path), progress=False, log=lambda *a: None)
+    assert {r["method"] for r in summary["rows"]} == {"ELSA"}
+    table = (tmp_path / "table.md").read_text()
+    assert "densify_init 'zero'" in table and "| 1 | 0.5 | 0.500 |" in table
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["elsa-unstructured.safetensors"]

@@ -32,6 +32,7 @@ import argparse
 import copy
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +42,11 @@ from torch import nn
 
 from ..errors import ELSAError
 
-__all__ = ["Settings", "QUICK", "load_encoder", "run", "main"]
+__all__ = ["METHODS", "Settings", "QUICK", "load_encoder", "run", "main"]
+
+
+#: What the experiment compares.
+METHODS = ("ELSA", "separate", "one-shot")
 
 
 @dataclass
@@ -58,12 +63,15 @@ class Settings:
         layers: keep the first ``layers`` transformer blocks of teacher and students (None: all 6).
         train_limit, heldout_limit: use the first ``n`` training / held-out sentences (None: all).
         seed: seeds the ELSA and GMP runs' ``phase.seed`` (the batch order).
+        densify_init: ELSA's ``densify_init``; ``"restore"`` (default here) brings the pruned
+            weights back at their pretrained values, ``"zero"`` at zero (see the README).
+        methods: which of ``"ELSA"``, ``"separate"``, ``"one-shot"`` to run (ELSA always).
     """
 
     levels: tuple = (0.7, 0.5, 0.3)
     nm_levels: tuple = ("2:4",)
-    steps: int = 320
-    densify_steps: int = 100
+    steps: int = 380
+    densify_steps: int = 40
     lr: float = 5e-4
     hidden_weight: float = 1.0
     batch_size: int = 32
@@ -72,6 +80,8 @@ class Settings:
     train_limit: int | None = None
     heldout_limit: int | None = None
     seed: int = 0
+    densify_init: str = "restore"
+    methods: tuple = METHODS
 
     def __post_init__(self):
         from ..codec import parse_levels
@@ -88,6 +98,11 @@ class Settings:
                 raise ELSAError(f"Settings.{name} must be a positive int, got {v!r}")
         if not self.lr > 0:
             raise ELSAError(f"Settings.lr must be positive, got {self.lr!r}")
+        self.methods = tuple(self.methods)
+        if "ELSA" not in self.methods or any(m not in METHODS for m in self.methods):
+            raise ELSAError(f"Settings.methods must be a subset of {METHODS} holding 'ELSA', got {self.methods!r}")
+        if self.densify_init not in ("zero", "restore"):
+            raise ELSAError(f"Settings.densify_init must be 'zero' or 'restore', got {self.densify_init!r}")
         if self.layers is not None and not 1 <= self.layers <= 6:
             raise ELSAError(f"Settings.layers must be 1..6 (MiniLM has 6 blocks), got {self.layers!r}")
 
@@ -192,7 +207,7 @@ def run_elsa(levels, s: Settings, batches, ref: Reference, out: str, tag: str, p
     student, _ = load_encoder(s.layers)
     fn = make_train_fn(batches, lr=s.lr, hidden_weight=s.hidden_weight)
     t0 = time.perf_counter()
-    res = ec.embed_levels(student, list(levels), fn, steps=s.steps, densify_steps=s.densify_steps, densify_init="restore",
+    res = ec.embed_levels(student, list(levels), fn, steps=s.steps, densify_steps=s.densify_steps, densify_init=s.densify_init,
                           seed=s.seed, progress=progress)
     seconds = time.perf_counter() - t0
     path = os.path.join(out, f"elsa-{tag}.safetensors")
@@ -266,14 +281,16 @@ def run(s: Settings, out: str, *, progress: bool = True, log=print, command: str
     rows, files = [], {}
     groups = [("unstructured", s.levels)] + ([("nm", s.nm_levels)] if s.nm_levels else [])
     for tag, lv in groups:
-        r, files[f"elsa-{tag}"] = run_elsa(lv, s, batches, ref, out, tag, progress)
-        rows += r
-        log(f"ELSA {list(lv)}: {files[f'elsa-{tag}']['seconds']:.0f} s")
-        for level in lv:
+        if "ELSA" in s.methods:
+            r, files[f"elsa-{tag}"] = run_elsa(lv, s, batches, ref, out, tag, progress)
+            rows += r
+            log(f"ELSA {list(lv)}: {files[f'elsa-{tag}']['seconds']:.0f} s")
+        for level in lv if "separate" in s.methods else ():
             r, files[f"separate-{level}"] = run_separate(level, s, batches, ref, out, progress)
             rows += r
             log(f"separate student {level}: {files[f'separate-{level}']['seconds']:.0f} s")
-        rows += run_one_shot(lv, s, ref, out, tag)
+        if "one-shot" in s.methods:
+            rows += run_one_shot(lv, s, ref, out, tag)
     summary = dict(settings=asdict(s), rows=rows, files=files, seconds=time.perf_counter() - t_all,
                    train_sentences=len(train), eval_sentences={k: len(v) for k, v in ref.sets.items()},
                    machine=machine(), command=command or "python -m elsa_codec.examples.minilm_elsa")
@@ -304,6 +321,9 @@ def build_parser(prog: str = "python -m elsa_codec.examples.minilm_elsa") -> arg
     p.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="weight of the hidden-state loss")
     p.add_argument("--batch-size", type=int, help=f"sentences per batch (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--densify-init", choices=("restore", "zero"), default=d.densify_init,
+                   help="ELSA's densify_init: pruned weights come back at their pretrained values (default) or at zero")
+    p.add_argument("--methods", default=",".join(METHODS), help="which of ELSA,separate,one-shot to run (ELSA always)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="2 blocks, a few steps (tests; the figures mean nothing)")
     p.add_argument("--out", default="elsa-minilm-out", help="output folder")
@@ -318,7 +338,9 @@ def _settings(a) -> Settings:
             kw[name] = getattr(a, name)
     lv = [float(v) for v in a.levels.split(",") if v.strip()]
     nm = [v.strip() for v in a.nm_levels.split(",") if v.strip()]
-    return Settings(levels=tuple(lv), nm_levels=tuple(nm), lr=a.lr, hidden_weight=a.hidden_weight, seed=a.seed, **kw)
+    methods = tuple(v.strip() for v in a.methods.split(",") if v.strip())
+    return Settings(levels=tuple(lv), nm_levels=tuple(nm), lr=a.lr, hidden_weight=a.hidden_weight, seed=a.seed,
+                    densify_init=a.densify_init, methods=methods, **kw)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m elsa_codec.examples.minilm_elsa") -> int:
@@ -337,7 +359,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m elsa_codec.exampl
 
         hf_logging.disable_progress_bar()
     try:
-        summary = run(s, a.out, progress=not a.no_progress, command=" ".join([prog] + argv))
+        command = " ".join([prog] + [shlex.quote(v) for v in argv])
+        summary = run(s, a.out, progress=not a.no_progress, command=command)
     except ELSAError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -69,7 +69,11 @@ def _sizes(summary: dict) -> str:
         if f"elsa-{tag}" not in files:
             continue
         e = files[f"elsa-{tag}"]
-        seps = [files[f"separate-{lv}"] for lv in levels]
+        seps = [files[f"separate-{lv}"] for lv in levels if f"separate-{lv}" in files]
+        if not seps:
+            lines.append(f"- {', '.join(map(str, levels))}: one ELSA file {e['bytes'] / 2**20:.1f} MiB, training "
+                         f"{e['seconds']:.0f} s ({e['steps']} steps).")
+            continue
         lines.append(
             f"- {', '.join(map(str, levels))}: one ELSA file with every level and the dense network "
             f"{e['bytes'] / 2**20:.1f} MiB against {len(seps)} separate student file(s) "
@@ -88,7 +92,8 @@ def markdown(summary: dict) -> str:
            f"Training: {summary['train_sentences']} sentences of Python's documentation (pydoc_data.topics), "
            f"batch {s['batch_size']}, at most {s['max_length']} tokens; {s['steps']} sparsify + "
            f"{s['densify_steps']} densify steps per ELSA level, {s['steps'] + s['densify_steps']} steps per "
-           f"separate student; AdamW lr {s['lr']}, hidden-state weight {s['hidden_weight']}"
+           f"separate student; AdamW lr {s['lr']}, hidden-state weight {s['hidden_weight']}, "
+           f"densify_init {s.get('densify_init', 'restore')!r}"
            + (f"; first {s['layers']} blocks only" if s["layers"] else "") + ".\n",
            "Cells: mean cosine to the teacher's embedding / minimum cosine / top-1 nearest-neighbour agreement "
            "with the teacher.\n"]
@@ -98,28 +103,51 @@ def markdown(summary: dict) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str, eval_set: str = "pydoc held-out") -> None:
-    """Mean cosine to the teacher against sparsity: ELSA solid, separate students dashed, one-shot
-    dotted; N:M levels as separate markers."""
+def plot(rows: list[dict], path: str) -> None:
+    """Mean cosine to the teacher against sparsity, one panel per evaluation set: ELSA solid,
+    separate students dashed, one-shot dotted; N:M levels as diamonds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sets = list(dict.fromkeys(r["eval_set"] for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), squeeze=False)
+    for ax, eval_set in zip(axes[0], sets):
+        _panel(ax, [r for r in rows if r["eval_set"] == eval_set])
+        ax.set_title(f"all-MiniLM-L6-v2, {eval_set}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _panel(ax, rows: list[dict]) -> None:
     styles = {"ELSA": ("C0", "-", "o"), "separate": ("C1", "--", "s"), "one-shot": ("C2", ":", "^")}
     for method, (color, ls, mk) in styles.items():
         for nm in (False, True):
             pts = sorted((r["sparsity"], r["cos_mean"]) for r in rows if r["method"] == method
-                         and r["eval_set"] == eval_set and (":" in r["target"]) == nm and r["target"] != "dense")
+                         and (":" in r["target"]) == nm and r["target"] != "dense")
             if pts:
                 ax.plot(*zip(*pts), color=color, ls=ls if not nm else "none", marker="D" if nm else mk,
                         label=f"{method}{' (N:M)' if nm else ''}")
     ax.set_xlabel("sparsity of the Linear weights")
     ax.set_ylabel("mean cosine to the teacher's embedding")
-    ax.set_title(f"all-MiniLM-L6-v2, {eval_set}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """``python -m elsa_codec.examples.minilm_report OUT``: rewrite OUT's table, plot and CSV from
+    its ``summary.json`` (the plotting step, apart from the run)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m elsa_codec.examples.minilm_report", description=main.__doc__)
+    p.add_argument("out", help="a folder written by the MiniLM experiment")
+    a = p.parse_args(argv)
+    with open(os.path.join(a.out, "summary.json"), encoding="utf-8") as f:
+        write(json.load(f), a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
