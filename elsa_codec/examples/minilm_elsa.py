@@ -207,8 +207,8 @@ def run_elsa(levels, s: Settings, batches, ref: Reference, out: str, tag: str, p
     student, _ = load_encoder(s.layers)
     fn = make_train_fn(batches, lr=s.lr, hidden_weight=s.hidden_weight)
     t0 = time.perf_counter()
-    res = ec.embed_levels(student, list(levels), fn, steps=s.steps, densify_steps=s.densify_steps, densify_init=s.densify_init,
-                          seed=s.seed, progress=progress)
+    res = ec.embed_levels(student, list(levels), fn, steps=s.steps, densify_steps=s.densify_steps,
+                          densify_init=s.densify_init, seed=s.seed, progress=progress)
     seconds = time.perf_counter() - t0
     path = os.path.join(out, f"elsa-{tag}.safetensors")
     res.save(path)
@@ -223,8 +223,9 @@ def run_separate(level, s: Settings, batches, ref: Reference, out: str, progress
     """One student pruned to ``level`` by GMP over ``steps + densify_steps``, saved as a plain
     safetensors file and evaluated after loading it into a fresh model. ``(rows, info)``."""
     import elsa_codec as ec
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from ..io import write_plain
     from .distill import make_train_fn
 
     student, _ = load_encoder(s.layers)
@@ -234,7 +235,7 @@ def run_separate(level, s: Settings, batches, ref: Reference, out: str, progress
     masks = ec.prune_gmp(student, level, fn, steps=steps, seed=s.seed, progress=progress)
     seconds = time.perf_counter() - t0
     path = os.path.join(out, f"separate-{str(level).replace(':', 'of')}.safetensors")
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, path)
+    write_plain(student.state_dict(), path)  # atomically, a plain file any loader reads
     fresh, _ = load_encoder(s.layers, trainable=False)
     fresh.load_state_dict(load_file(path))
     kept = sum(int(m.sum()) for m in masks.values())

@@ -49,7 +49,8 @@ def _cell(r) -> str:
 
 def _table(rows: list[dict], eval_set: str) -> str:
     head = ("| level | target | sparsity | ELSA (served from its file) | separate GMP student | one-shot magnitude | "
-            f"ELSA - separate, mean cos | within {GOAL} | served = trained |\n|---|---|---:|---|---|---|---:|---|---|\n")
+            f"ELSA - separate, mean cos | within {GOAL} | served = trained |\n"
+            "|---|---|---:|---|---|---|---:|---|---|\n")
     body = ""
     for e in (r for r in rows if r["method"] == "ELSA" and r["eval_set"] == eval_set):
         sep = _pick(rows, "separate", e["target"], eval_set)
