@@ -19,7 +19,7 @@ def write(summary: dict, out: str) -> None:
         f.write(markdown(summary))
     plot(summary["rows"], os.path.join(out, "cos_vs_sparsity.png"))
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
+        json.dump(summary, f, indent=1)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -98,8 +98,10 @@ def markdown(summary: dict) -> str:
            + (f"; first {s['layers']} blocks only" if s["layers"] else "") + ".\n",
            "Cells: mean cosine to the teacher's embedding / minimum cosine / top-1 nearest-neighbour agreement "
            "with the teacher.\n"]
-    for name, n in summary["eval_sentences"].items():
-        out.append(f"## {name} ({n} sentences)\n\n{_table(summary['rows'], name)}")
+    for name in sorted(summary["eval_sentences"], key=lambda k: k != "pydoc held-out"):  # the held-out set first
+        n = summary["eval_sentences"][name]
+        count = "" if name.startswith(f"{n} ") else f" ({n} sentences)"
+        out.append(f"## {name}{count}\n\n{_table(summary['rows'], name)}")
     out.append("## Files and training time\n\n" + _sizes(summary) + "\n")
     return "\n".join(out)
 
