@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["elsa_codec", "elsa_codec.training", "elsa_codec.integrations", "elsa_codec.examples", "elsa_codec.kernels", "elsa_codec.bench"],
+    packages=["elsa_codec", "elsa_codec.training", "elsa_codec.integrations", "elsa_codec.examples", "elsa_codec.sparsifiers", "elsa_codec.kernels", "elsa_codec.bench"],
     package_dir={"elsa_codec": "elsa_codec", "elsa_codec.kernels": "kernels", "elsa_codec.bench": "bench"},
     package_data={"elsa_codec": ["data/*.safetensors", "data/*.txt"], "elsa_codec.kernels": ["cpu/*.cpp", "cpu/*.c"]},
     install_requires=[
