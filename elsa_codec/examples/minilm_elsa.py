@@ -320,16 +320,17 @@ def build_parser(prog: str = "python -m elsa_codec.examples.minilm_elsa") -> arg
     p.add_argument("--nm-levels", default=",".join(d.nm_levels), help="N:M levels of the second student ('' for none)")
     p.add_argument("--steps", type=int, help=f"steps of each sparsify phase (default {d.steps})")
     p.add_argument("--densify-steps", type=int, help=f"steps of each densify phase (default {d.densify_steps})")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
-    p.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="weight of the hidden-state loss")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
+    p.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
+                   help=f"weight of the hidden-state term of the loss (default {d.hidden_weight})")
     p.add_argument("--batch-size", type=int, help=f"sentences per batch (default {d.batch_size})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the batch order of every run (default 0)")
     p.add_argument("--densify-init", choices=("restore", "zero"), default=d.densify_init,
                    help="ELSA's densify_init: pruned weights come back at their pretrained values (default) or at zero")
     p.add_argument("--methods", default=",".join(METHODS), help="which of ELSA,separate,one-shot to run (ELSA always)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="2 blocks, a few steps (tests; the figures mean nothing)")
-    p.add_argument("--out", default="elsa-minilm-out", help="output folder")
+    p.add_argument("--out", default="elsa-minilm-out", help="output folder (default elsa-minilm-out/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
