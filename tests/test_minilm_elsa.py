@@ -124,8 +124,9 @@ def test_settings_rejected(kw, match):
         minilm_elsa.Settings(**kw)
 
 
-@pytest.mark.parametrize("argv", [["--levels", "0.3,0.7"], ["--steps", "0"], ["--model", "bert"]],
-                         ids=["levels", "steps", "model"])
+@pytest.mark.parametrize("argv", [["--levels", "0.3,0.7"], ["--levels", "0.5,x"], ["--steps", "0"], ["--model", "bert"],
+                                  ["--methods", "separate"]],
+                         ids=["levels", "levels-text", "steps", "model", "methods"])
 def test_cli_bad_arguments_one_line_exit_2(argv, tmp_path, capsys):
     args = ["demo"] + (argv if argv[0] == "--model" else ["--model", "minilm"] + argv) + ["--out", str(tmp_path / "o")]
     try:

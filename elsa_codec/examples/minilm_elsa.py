@@ -340,7 +340,10 @@ def _settings(a) -> Settings:
     for name in ("steps", "densify_steps", "batch_size"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
-    lv = [float(v) for v in a.levels.split(",") if v.strip()]
+    try:
+        lv = [float(v) for v in a.levels.split(",") if v.strip()]
+    except ValueError:
+        raise ELSAError(f"--levels must be comma-separated sparsities such as 0.7,0.5,0.3, got {a.levels!r}") from None
     nm = [v.strip() for v in a.nm_levels.split(",") if v.strip()]
     methods = tuple(v.strip() for v in a.methods.split(",") if v.strip())
     return Settings(levels=tuple(lv), nm_levels=tuple(nm), lr=a.lr, hidden_weight=a.hidden_weight, seed=a.seed,
