@@ -204,8 +204,7 @@ class LevelEmbedder:
             self._gmp = GMPControl(self.sparsifier, self.schedule, ph.sparsity, self.specs[ph.level - 1][1],
                                    ph.steps, self.transposed)
             self.state.set_mask(None)
-            if self._gmp.no_ramp:
-                self._gmp.finish(self.state)
+            self._gmp.start(self.state)
         else:
             self._gmp = None
             self.state.set_mask(None)
@@ -396,6 +395,7 @@ class LevelEmbedder:
         diff = self.config.diff(saved)
         if diff:
             raise ELSAError(f"load_state_dict: the saved run has another config (fields {', '.join(diff)})")
+        self._check_resumable(int(sd["index"]), int(sd["local"]), bool(sd["started"]))
         self._load_counters(sd["counters"])
         self.state.load_state_dict(sd["masks"], shared_parameters(self.model, self.params))
         self.step, self._index, self._local = int(sd["step"]), int(sd["index"]), int(sd["local"])
@@ -411,6 +411,15 @@ class LevelEmbedder:
                                    ph.steps, self.transposed)
             self._gmp.final_reached = bool(sd["gmp_final_reached"])
         self._opt_steps = {k: self.step for k in self._opt_steps}
+
+    def _check_resumable(self, index: int, local: int, started: bool) -> None:
+        """A sparsifier with its own bookkeeping (``gradual = False``) resumes only at a phase boundary."""
+        ph = self.plan[index] if index < len(self.plan) else None
+        gradual = getattr(self.sparsifier, "gradual", True)
+        if started and local > 0 and ph is not None and ph.kind == "sparsify" and not gradual:
+            raise ELSAError(f"load_state_dict: the state was saved inside {ph.name} (step {local} of {ph.steps}) and "
+                            f"the sparsifier {self.sparsifier!r} keeps its own bookkeeping for the phase; resume "
+                            "from a state saved at a phase boundary")
 
     def _load_counters(self, counters: dict) -> None:
         for n, c in self.counters.items():

@@ -205,7 +205,25 @@ class Sparsifier:
     Subclasses implement :meth:`masks`. The ELSA procedure (:func:`elsa_codec.embed_levels`) and
     :func:`elsa_codec.prune_gmp` call it at every GMP pruning step with the schedule's sparsity and
     check what it returns with :func:`check_masks`.
+
+    A method that decides itself when to prune inside a sparsify phase (early-bird tickets,
+    lottery-ticket rounds) sets ``gradual = False`` (the GMP ramp then never prunes; the phase still
+    ends on :meth:`masks` at the target) and overrides :meth:`begin_phase` / :meth:`after_step`,
+    which receive the phase's :class:`elsa_codec.training.gmp.GMPControl` (``control.target``,
+    ``control.steps``, ``control.masks_at(state, sparsity)``, ``control.prune(state, sparsity)``)
+    and the run's mask state. Such a method keeps bookkeeping for the phase in progress: a run
+    resumed from a state saved inside one of its sparsify phases is refused.
     """
+
+    #: False: the GMP ramp does not prune; :meth:`after_step` decides when.
+    gradual: bool = True
+
+    def begin_phase(self, control, state) -> None:
+        """Called when a sparsify (or :func:`elsa_codec.prune_gmp`) phase starts. Default: nothing."""
+
+    def after_step(self, control, state, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of the phase, once the frozen weights are
+        restored and the pruned ones zeroed. Default: nothing."""
 
     def masks(
         self,

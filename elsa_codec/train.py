@@ -293,8 +293,7 @@ def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase,
     from tqdm.auto import tqdm
 
     state.set_mask(None)
-    if ctl.no_ramp:
-        ctl.finish(state)
+    ctl.start(state)
     steps = [0]
 
     def pre(key, ids):

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ELSAError
+from ..sparsify import Sparsifier
 
 __all__ = [
     "Comm", "TorchComm", "ThreadComm", "DistContext", "dist_context", "is_dtensor", "local_tensor",
@@ -226,7 +227,7 @@ def select_top(scores: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], comm
 
 
 # ------------------------------------------------------------------ the sharded sparsifier
-class ShardedMagnitude:
+class ShardedMagnitude(Sparsifier):
     """Magnitude masks of ``Shard(0)`` shards with the thresholds of the full tensors.
 
     The same masks as :class:`elsa_codec.MagnitudeSparsifier` on the full tensors (when the

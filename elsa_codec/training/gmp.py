@@ -30,11 +30,19 @@ class GMPControl:
         self.sparsifier, self.schedule = sparsifier, schedule
         self.target, self.structure, self.steps = float(target), structure, int(steps)
         self.transposed = set(transposed) if str(structure) != "unstructured" else set()
-        self.updates = set(schedule.update_steps(self.steps))
+        gradual = getattr(sparsifier, "gradual", True)
+        self.updates = set(schedule.update_steps(self.steps)) if gradual else set()
         self.last = max(self.updates, default=0)
         _, n, _ = schedule.plan(self.steps)
-        self.no_ramp = n == 0 or self.steps == 0  # prune at once, then train at the target
+        self.no_ramp = gradual and (n == 0 or self.steps == 0)  # prune at once, then train at the target
         self.final_reached = False
+
+    def start(self, state: MaskState) -> None:
+        """Begin the phase: the sparsifier's :meth:`~elsa_codec.Sparsifier.begin_phase`, then, without
+        a ramp, the target mask at once."""
+        self.sparsifier.begin_phase(self, state)
+        if self.no_ramp:
+            self.finish(state)
 
     def due(self, local_step: int) -> bool:
         """Whether the mask is recomputed after optimizer step ``local_step`` of the phase."""
@@ -46,8 +54,9 @@ class GMPControl:
             return self.target, True
         return self.schedule.sparsity(local_step, self.steps, self.target), False
 
-    def prune(self, state: MaskState, sparsity: float, final: bool = False) -> None:
-        """Compute the masks at ``sparsity`` (the structure is enforced on the final one) and apply them.
+    def masks_at(self, state: MaskState, sparsity: float, final: bool = False) -> dict:
+        """The sparsifier's checked masks at ``sparsity`` for the current weights (``name -> bool``,
+        the weights' orientation), without applying them; the structure is enforced when ``final``.
 
         Raises:
             ELSAError: a mask that drops frozen weights, of the wrong shape, or (final) breaking the structure.
@@ -61,14 +70,20 @@ class GMPControl:
         frozen = view(state.frozen)
         masks = self.sparsifier.masks(weights, frozen, float(sparsity), self.structure)
         masks = check_masks(masks, weights, frozen, self.structure if final else None)
-        state.set_mask({n: (m.t().contiguous() if n in tr else m) for n, m in masks.items()})
+        return {n: (m.t().contiguous() if n in tr else m) for n, m in masks.items()}
+
+    def prune(self, state: MaskState, sparsity: float, final: bool = False) -> None:
+        """Compute the masks at ``sparsity`` (:meth:`masks_at`) and apply them."""
+        state.set_mask(self.masks_at(state, sparsity, final))
         self.final_reached = self.final_reached or final
 
     def after_step(self, state: MaskState, local_step: int) -> None:
-        """Recompute the mask if the ramp says so after ``local_step``."""
+        """Recompute the mask if the ramp says so after ``local_step``; then the sparsifier's own
+        :meth:`~elsa_codec.Sparsifier.after_step`."""
         if self.due(local_step):
             s, final = self.sparsity_at(local_step)
             self.prune(state, s, final)
+        self.sparsifier.after_step(self, state, local_step)
 
     def finish(self, state: MaskState) -> None:
         """End on the target mask, whatever number of steps ran."""
