@@ -32,7 +32,14 @@ from .codec import (
 from .stream import encode_file
 from .io import load_counters, load_file, read_meta, save_counters, save_file
 from .sparsify import GMPSchedule, MagnitudeSparsifier, Sparsifier, erk_densities, gmp_sparsity
-from .sparsifiers import EarlyBirdSparsifier, LotteryTicketSparsifier, RandomSparsifier
+from .sparsifiers import (
+    EarlyBirdSparsifier,
+    L0Sparsifier,
+    LotteryTicketSparsifier,
+    RandomSparsifier,
+    VariationalDropoutSparsifier,
+    sparsity_penalty,
+)
 from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
 from .config import ELSAConfig
 from .embedder import LevelEmbedder

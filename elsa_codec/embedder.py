@@ -160,6 +160,10 @@ class LevelEmbedder:
         """
         if self._finalized:
             raise ELSAError("attach: the LevelEmbedder is finalized")
+        if getattr(self.sparsifier, "adds_parameters", False) and not self._hold:
+            raise ELSAError(f"attach: the sparsifier {self.sparsifier!r} adds parameters in each sparsify phase, which "
+                            "an optimizer made before the phase never trains; use embed_levels / prune_gmp with a "
+                            "train_fn that creates its optimizer")
         key = self._binding.attach(optimizer, self._model_ids)
         self._opt_steps.setdefault(key, self.step)
         self._ensure_started()
@@ -204,7 +208,7 @@ class LevelEmbedder:
             self._gmp = GMPControl(self.sparsifier, self.schedule, ph.sparsity, self.specs[ph.level - 1][1],
                                    ph.steps, self.transposed)
             self.state.set_mask(None)
-            self._gmp.start(self.state)
+            self._gmp.start(self.state, self.model)
         else:
             self._gmp = None
             self.state.set_mask(None)
@@ -257,6 +261,7 @@ class LevelEmbedder:
         if self.config.verify != "off":
             self.state.check(f"during {ph.name}")
         if ph.kind == "sparsify":
+            self._gmp.end(self.state)
             self._gmp.finish(self.state)
             self._freeze(ph.level)
         self.history.append(dict(kind=ph.kind, level=ph.level, steps=ph.steps, steps_done=self._local,

@@ -225,6 +225,16 @@ class Sparsifier:
         """Called after optimizer step ``step`` (1-based) of the phase, once the frozen weights are
         restored and the pruned ones zeroed. Default: nothing."""
 
+    def end_phase(self, control, state) -> None:
+        """Called when the phase's steps are done, before its final masks. Default: nothing."""
+
+    def abort_phase(self, control, state) -> None:
+        """Called instead of :meth:`end_phase` when ``train_fn`` raised. Default: nothing."""
+
+    #: True when the sparsifier adds parameters in :meth:`begin_phase`: the optimizer must be
+    #: created inside each phase (``embed_levels`` / ``prune_gmp`` with a ``train_fn``).
+    adds_parameters: bool = False
+
     def masks(
         self,
         weights: Mapping[str, torch.Tensor],

@@ -79,6 +79,8 @@ def _run_phases(emb: LevelEmbedder, train_fn, progress: bool) -> None:
             with auto_attach(emb._binding, emb._model_ids, emb.attach):
                 train_fn(emb.model, ph)
         except BaseException:
+            if emb._gmp is not None:
+                emb._gmp.abort(emb.state)  # parameters a sparsifier added come off
             emb.state.restore()  # nothing lost: the frozen values come back whatever train_fn did
             raise
         finally:
@@ -273,6 +275,7 @@ def prune_gmp(
     if steps > 0 and done < steps:
         warnings.warn(f"{phase.name}: train_fn ran {done} of {steps} optimizer steps ({steps - done} missing"
                       + ("; no torch.optim optimizer step" if done == 0 else "") + ")", stacklevel=2)
+    ctl.end(state)
     ctl.finish(state)
     return {n: m.clone() for n, m in state.mask.items()}
 
@@ -293,7 +296,7 @@ def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase,
     from tqdm.auto import tqdm
 
     state.set_mask(None)
-    ctl.start(state)
+    ctl.start(state, model)
     steps = [0]
 
     def pre(key, ids):
@@ -313,6 +316,7 @@ def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase,
         with auto_attach(binding, ids, lambda opt: binding.attach(opt, ids)):
             train_fn(model, phase)
     except BaseException:
+        ctl.abort(state)
         state.restore()
         raise
     finally:

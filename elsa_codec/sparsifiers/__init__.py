@@ -7,10 +7,19 @@ pruning live in :mod:`elsa_codec.sparsify`.
   Erdős-Rényi-Kernel layer-wise ratios (Liu et al. 2022; Evci et al. 2020);
 - :mod:`.early_bird`: :class:`EarlyBirdSparsifier`, early-bird tickets (You et al. 2020);
 - :mod:`.lottery_ticket`: :class:`LotteryTicketSparsifier`, iterative magnitude pruning with
-  rewinding (Frankle et al. 2019).
+  rewinding (Frankle et al. 2019);
+- :mod:`.l0`: :class:`L0Sparsifier`, hard-concrete gates and the expected-L0 penalty (Louizos et
+  al. 2018);
+- :mod:`.variational_dropout`: :class:`VariationalDropoutSparsifier`, sparse variational dropout
+  (Molchanov et al. 2017);
+- :mod:`.gates`: what those two share; :func:`sparsity_penalty`, the loss term ``train_fn`` adds.
 """
 from .early_bird import EarlyBirdSparsifier
+from .gates import sparsity_penalty
+from .l0 import L0Sparsifier
 from .lottery_ticket import LotteryTicketSparsifier
 from .random_pruning import RandomSparsifier
+from .variational_dropout import VariationalDropoutSparsifier
 
-__all__ = ["RandomSparsifier", "EarlyBirdSparsifier", "LotteryTicketSparsifier"]
+__all__ = ["RandomSparsifier", "EarlyBirdSparsifier", "LotteryTicketSparsifier", "L0Sparsifier",
+           "VariationalDropoutSparsifier", "sparsity_penalty"]

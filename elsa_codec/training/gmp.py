@@ -36,13 +36,23 @@ class GMPControl:
         _, n, _ = schedule.plan(self.steps)
         self.no_ramp = gradual and (n == 0 or self.steps == 0)  # prune at once, then train at the target
         self.final_reached = False
+        self.model = None
 
-    def start(self, state: MaskState) -> None:
-        """Begin the phase: the sparsifier's :meth:`~elsa_codec.Sparsifier.begin_phase`, then, without
-        a ramp, the target mask at once."""
+    def start(self, state: MaskState, model=None) -> None:
+        """Begin the phase: the sparsifier's :meth:`~elsa_codec.Sparsifier.begin_phase` (``model``
+        is offered as ``control.model``), then, without a ramp, the target mask at once."""
+        self.model = model
         self.sparsifier.begin_phase(self, state)
         if self.no_ramp:
             self.finish(state)
+
+    def end(self, state: MaskState) -> None:
+        """The phase's steps are done: the sparsifier's :meth:`~elsa_codec.Sparsifier.end_phase`."""
+        self.sparsifier.end_phase(self, state)
+
+    def abort(self, state: MaskState) -> None:
+        """``train_fn`` raised: the sparsifier's :meth:`~elsa_codec.Sparsifier.abort_phase`."""
+        self.sparsifier.abort_phase(self, state)
 
     def due(self, local_step: int) -> bool:
         """Whether the mask is recomputed after optimizer step ``local_step`` of the phase."""

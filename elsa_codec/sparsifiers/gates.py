@@ -1,0 +1,139 @@
+"""Shared machinery of the sparsifiers that train extra per-weight parameters (L0 gates, sparse
+variational dropout): installed on the prunable weights with ``torch.nn.utils.parametrize`` at the
+start of a sparsify phase and removed at its end, so the model handed back has plain weights and the
+file format is unchanged.
+
+The original weight stays the same ``Parameter`` object (``module.parametrizations.weight.original``),
+so ELSA's optimizer hooks, masks and frozen-bit checks keep working on it; the extra parameters
+are new ``Parameter`` objects inside the parametrization, which the optimizer that ``train_fn``
+creates for the phase picks up from ``model.parameters()``. The phase's loss term is
+:func:`sparsity_penalty`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ELSAError
+from ..sparsify import MagnitudeSparsifier
+
+__all__ = ["PenaltyParametrization", "GatedSparsifier", "sparsity_penalty"]
+
+
+class PenaltyParametrization(nn.Module):
+    """A parametrization of one prunable weight `[out, in, ...]` that has a loss term.
+
+    Args:
+        weight: the weight (its shape, dtype and device).
+        frozen: bool `[weight shape]`: weights held deterministic and out of the penalty.
+    """
+
+    def __init__(self, weight: torch.Tensor, frozen: torch.Tensor):
+        super().__init__()
+        self.register_buffer("frozen", frozen.to(device=weight.device, dtype=torch.bool).clone())
+        self.register_buffer("free_count", (~self.frozen).sum().to(torch.float32))
+
+    def penalty(self) -> torch.Tensor:
+        """The loss term summed over the non-frozen weights (scalar float32)."""
+        raise NotImplementedError
+
+    def score(self, weight: torch.Tensor) -> torch.Tensor:
+        """Importance of each weight `[weight shape]` float32 (higher = kept first), given the
+        weight's current values."""
+        raise NotImplementedError
+
+
+def sparsity_penalty(model: nn.Module) -> torch.Tensor:
+    """The loss term of the sparsifier training ``model`` now: the sum of every installed
+    :class:`PenaltyParametrization`'s penalty, divided by the number of non-frozen weights they
+    cover, times the sparsifier's ``strength``; a zero tensor when none is installed (outside the
+    sparsify phases of an L0 or variational-dropout run). Add it to the loss in ``train_fn``::
+
+        loss = F.cross_entropy(model(x), y) + ec.sparsity_penalty(model)
+    """
+    total, count, strength = None, 0.0, 0.0
+    for m in model.modules():
+        if isinstance(m, PenaltyParametrization):
+            p = m.penalty()
+            total = p if total is None else total + p
+            count += float(m.free_count)
+            strength = m.strength
+    if total is None:
+        return torch.zeros(())
+    return total * (strength / max(count, 1.0))
+
+
+def _owners(model: nn.Module, params: dict) -> dict:
+    """``name -> (module, attribute)`` of each prunable weight, found by identity."""
+    want = {id(p): n for n, p in params.items()}
+    out = {}
+    for mod in model.modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and id(p) in want:
+                out[want[id(p)]] = (mod, attr)
+    missing = [n for n in params if n not in out]
+    if missing:
+        raise ELSAError(f"{missing[0]}: the weight is not a parameter of the model given to the sparsifier")
+    return out
+
+
+class GatedSparsifier(MagnitudeSparsifier):
+    """Base of L0 and sparse variational dropout: per-weight parameters trained during a sparsify
+    phase, then one global ranking of the non-frozen weights by their :meth:`PenaltyParametrization.score`
+    to the level's exact target (the per-layer distribution is learned, not set). Unstructured
+    levels only; one process (not DDP / FSDP)."""
+
+    gradual = False
+    adds_parameters = True
+
+    def __init__(self, strength: float):
+        super().__init__("global", score=self._learned_score)
+        if not float(strength) >= 0.0:
+            raise ELSAError(f"{type(self).__name__}: strength must be >= 0, got {strength!r}")
+        self.strength = float(strength)
+        self._installed: dict = {}
+        self.learned_scores: dict = {}
+
+    def make(self, weight: torch.Tensor, frozen: torch.Tensor) -> PenaltyParametrization:
+        raise NotImplementedError
+
+    def _learned_score(self, name, weight):
+        """The learned score once a phase ended; |weight| before (the up-front check of prune_gmp)."""
+        s = self.learned_scores.get(name)
+        return weight.detach().abs() if s is None or s.shape != weight.shape else s
+
+    def begin_phase(self, control, state) -> None:
+        if str(control.structure) != "unstructured":
+            raise ELSAError(f"{type(self).__name__} makes unstructured levels only, not {control.structure}")
+        if control.model is None:
+            raise ELSAError(f"{type(self).__name__} needs the model (embed_levels or prune_gmp)")
+        self.learned_scores = {}
+        for n, (mod, attr) in _owners(control.model, state.params).items():
+            p = state.params[n]
+            par = self.make(p, state.frozen[n])
+            par.strength = self.strength
+            order = list(mod._parameters)
+            parametrize.register_parametrization(mod, attr, par, unsafe=True)
+            self._installed[n] = (mod, attr, par, order)
+
+    def end_phase(self, control, state) -> None:
+        """Keep the learned scores, fold what the parametrization leaves in (see :meth:`fold`), remove it."""
+        for n, (_, _, par, _) in self._installed.items():
+            self.learned_scores[n] = par.score(state.params[n].detach()).detach()
+        self.fold(state)
+        self.abort_phase(control, state)
+
+    def fold(self, state) -> None:
+        """Write the deterministic effect of the parametrization into the non-frozen weights (default: none)."""
+
+    def abort_phase(self, control, state) -> None:
+        """Remove the parametrizations; each module's parameters keep their original order."""
+        for mod, attr, _, order in self._installed.values():
+            if parametrize.is_parametrized(mod, attr):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            params = dict(mod._parameters)
+            mod._parameters.clear()
+            mod._parameters.update({k: params[k] for k in order if k in params})
+            mod._parameters.update({k: v for k, v in params.items() if k not in order})
+        self._installed = {}
