@@ -1,4 +1,4 @@
-"""The ``elsa`` command line: encode, inspect, extract, verify, demo, bench.
+"""The ``elsa`` command line: encode, inspect, extract, verify, demo, compare, bench.
 
 Every command has ``--help``. Errors print one line ``elsa: error: ...`` and exit with status 2
 (bad input) or 1 (``verify`` found a broken invariant).
@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("args", nargs=argparse.REMAINDER)
     d.set_defaults(func=lambda a: __import__("elsa_codec.demo", fromlist=["main"]).main(a.args))
 
+    c = sub.add_parser("compare", help="the sparsification methods as ELSA levels and separate networks (digits)",
+                       add_help=False)
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    c.set_defaults(func=lambda a: __import__("elsa_codec.compare", fromlist=["main"]).main(a.args))
+
     b = sub.add_parser("bench", help="latency per level and codec throughput (bench/)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: __import__("elsa_codec.bench.__main__", fromlist=["main"]).main(a.args))
@@ -250,8 +255,8 @@ def main(argv=None) -> int:
 
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `elsa inspect F | head` ends quietly
     p = build_parser()
-    # demo and bench own their options (including --help): pass everything after the command on.
-    if argv and argv[0] in ("demo", "bench"):
+    # demo, compare and bench own their options (including --help): pass everything after the command on.
+    if argv and argv[0] in ("demo", "compare", "bench"):
         a = argparse.Namespace(args=argv[1:], func=p._subparsers._group_actions[0].choices[argv[0]].get_default("func"))
     else:
         a = p.parse_args(argv)

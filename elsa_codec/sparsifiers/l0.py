@@ -43,7 +43,14 @@ class L0Gate(PenaltyParametrization):
         return p_open[~self.frozen].sum()
 
     def score(self, weight):
-        return self.log_alpha.detach()
+        """``|weight| * z``, the magnitude the test-time gate lets through (the gate alone ties at 1
+        wherever it saturates)."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            z = self.gate()
+            self.train(was)
+        return weight.detach().abs().float() * z
 
 
 class L0Sparsifier(GatedSparsifier):
@@ -54,8 +61,9 @@ class L0Sparsifier(GatedSparsifier):
     :func:`elsa_codec.sparsity_penalty` (``strength`` times the mean probability that a non-frozen
     gate is open) to its loss and creates its optimizer in the phase (``model.parameters()`` then
     holds the gates). At the phase's end the test-time gate value is folded into the non-frozen
-    weights, the gates are removed, and the non-frozen weights are ranked by ``log_alpha`` across
-    all layers to the level's exact target.
+    weights, the gates are removed, and the non-frozen weights are ranked across all layers by
+    ``|w| * z`` (the magnitude the test-time gate lets through; the gate alone ties at 1 wherever
+    it saturates) to the level's exact target.
 
     Args:
         strength: weight of the penalty (the paper's lambda times the number of gates), >= 0.

@@ -1,0 +1,42 @@
+"""``elsa compare --quick``: every method as ELSA levels and separate networks, outputs written."""
+import csv
+
+import pytest
+
+from elsa_codec import cli
+from elsa_codec.compare import METHODS, make_sparsifier
+
+pytest.importorskip("sklearn")
+
+
+def test_compare_quick_every_method(tmp_path):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--quick", "--models", "mlp", "--levels", "0.9,0.5", "--jobs", "1",
+                     "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    acc = [r for r in rows if r["metric"] == "accuracy"]
+    assert {r["method"] for r in acc} == set(METHODS) | {"dense"}
+    for m in METHODS:
+        for kind in ("ELSA", "separate"):
+            got = sorted(round(float(r["sparsity"]), 3) for r in acc if r["method"] == m and r["kind"] == kind)
+            assert got == [0.5, 0.9], (m, kind, got)  # exact targets for every method
+    table = (out / "table.md").read_text()
+    assert "time vs magnitude" in table and "| l0 |" in table and "## mlp" in table
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,match", [(["--methods", "magnitude,foo"], "unknown method"),
+                                        (["--models", "resnet"], "unknown model"),
+                                        (["--levels", "0.5,0.9"], "sparsest first")],
+                         ids=["method", "model", "levels"])
+def test_compare_bad_arguments(argv, match, tmp_path, capsys):
+    assert cli.main(["compare", "--quick", "--jobs", "1", "--out", str(tmp_path / "o")] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_method_builds_with_a_seed():
+    for m in METHODS:
+        assert repr(make_sparsifier(m, 3))
+    assert repr(make_sparsifier("random-erk", 3)) == "RandomSparsifier('erk', seed=3)"
