@@ -55,8 +55,8 @@ def make_sparsifier(method: str, seed: int):
         "magnitude": lambda: ec.MagnitudeSparsifier("erk"),
         "random-uniform": lambda: ec.RandomSparsifier("uniform", seed=seed),
         "random-erk": lambda: ec.RandomSparsifier("erk", seed=seed),
-        "l0": lambda: ec.L0Sparsifier(strength=0.1),
-        "vd": lambda: ec.VariationalDropoutSparsifier(strength=0.1),
+        "l0": lambda: ec.L0Sparsifier(strength=0.1, seed=seed),
+        "vd": lambda: ec.VariationalDropoutSparsifier(strength=0.1, seed=seed),
         "lottery": lambda: ec.LotteryTicketSparsifier("erk", rounds=3),
         "early-bird": lambda: ec.EarlyBirdSparsifier("erk", interval=10, threshold=0.1, patience=3),
     }

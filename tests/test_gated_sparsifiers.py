@@ -129,8 +129,21 @@ def test_structured_levels_and_own_loops_refused():
 
 @pytest.mark.parametrize("make", [lambda: ec.L0Sparsifier(strength=-1.0), lambda: ec.L0Sparsifier(init=float("nan")),
                                   lambda: ec.VariationalDropoutSparsifier(strength=-0.1),
-                                  lambda: ec.VariationalDropoutSparsifier(init=float("inf"))],
-                         ids=["l0-strength", "l0-init", "vd-strength", "vd-init"])
+                                  lambda: ec.VariationalDropoutSparsifier(init=float("inf")),
+                                  lambda: ec.L0Sparsifier(seed=1.5)],
+                         ids=["l0-strength", "l0-init", "vd-strength", "vd-init", "seed"])
 def test_bad_arguments(make):
     with pytest.raises(ELSAError):
         make()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_reproducible_with_a_seed_whatever_the_global_rng(method):
+    out = []
+    for i in range(2):
+        torch.manual_seed(0)
+        model = Tiny()
+        torch.manual_seed(100 + i)  # the global RNG differs between the runs; the sparsifier's noise does not
+        out.append(ec.prune_gmp(model, 0.8, penalised_train_fn(), steps=10, seed=0, progress=False,
+                                sparsifier=METHODS[method]()))
+    assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])

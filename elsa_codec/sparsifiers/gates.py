@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ELSAError
 from ..sparsify import MagnitudeSparsifier
+from .random_pruning import _tensor_seed
 
 __all__ = ["PenaltyParametrization", "GatedSparsifier", "sparsity_penalty"]
 
@@ -31,6 +32,7 @@ class PenaltyParametrization(nn.Module):
 
     def __init__(self, weight: torch.Tensor, frozen: torch.Tensor):
         super().__init__()
+        self.generator = None  # the noise's own generator (set by the sparsifier: runs reproduce)
         self.register_buffer("frozen", frozen.to(device=weight.device, dtype=torch.bool).clone())
         self.register_buffer("free_count", (~self.frozen).sum().to(torch.float32))
 
@@ -87,11 +89,13 @@ class GatedSparsifier(MagnitudeSparsifier):
     gradual = False
     adds_parameters = True
 
-    def __init__(self, strength: float):
+    def __init__(self, strength: float, seed: int = 0):
         super().__init__("global", score=self._learned_score)
         if not float(strength) >= 0.0:
             raise ELSAError(f"{type(self).__name__}: strength must be >= 0, got {strength!r}")
-        self.strength = float(strength)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ELSAError(f"{type(self).__name__}: seed must be an int, got {seed!r}")
+        self.strength, self.seed, self.phases = float(strength), seed, 0
         self._installed: dict = {}
         self.learned_scores: dict = {}
 
@@ -113,9 +117,12 @@ class GatedSparsifier(MagnitudeSparsifier):
             p = state.params[n]
             par = self.make(p, state.frozen[n])
             par.strength = self.strength
+            par.generator = torch.Generator(device=p.device).manual_seed(
+                _tensor_seed(self.seed * 1_000_003 + self.phases, n, tuple(p.shape)))
             order = list(mod._parameters)
             parametrize.register_parametrization(mod, attr, par, unsafe=True)
             self._installed[n] = (mod, attr, par, order)
+        self.phases += 1
 
     def end_phase(self, control, state) -> None:
         """Keep the learned scores, fold what the parametrization leaves in (see :meth:`fold`), remove it."""

@@ -28,7 +28,8 @@ class L0Gate(PenaltyParametrization):
 
     def gate(self) -> torch.Tensor:
         if self.training:
-            u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+            u = torch.rand(self.log_alpha.shape, generator=self.generator, device=self.log_alpha.device)
+            u = u.clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         else:
             s = torch.sigmoid(self.log_alpha)
@@ -68,19 +69,20 @@ class L0Sparsifier(GatedSparsifier):
     Args:
         strength: weight of the penalty (the paper's lambda times the number of gates), >= 0.
         init: initial ``log_alpha`` (default 2.0: gates open with probability ~0.88).
+        seed: int; the gates' noise comes from generators seeded by it, the phase and the tensor.
 
     Raises:
         ELSAError: a negative strength; a non-finite init; at the phase start, a structured level.
     """
 
-    def __init__(self, strength: float = 0.1, *, init: float = 2.0):
-        super().__init__(strength)
+    def __init__(self, strength: float = 0.1, *, init: float = 2.0, seed: int = 0):
+        super().__init__(strength, seed)
         if not math.isfinite(float(init)):
             raise ELSAError(f"L0Sparsifier: init must be finite, got {init!r}")
         self.init = float(init)
 
     def __repr__(self) -> str:
-        return f"L0Sparsifier(strength={self.strength}, init={self.init})"
+        return f"L0Sparsifier(strength={self.strength}, init={self.init}, seed={self.seed})"
 
     def make(self, weight, frozen):
         return L0Gate(weight, frozen, self.init)

@@ -32,7 +32,7 @@ class VDNoise(PenaltyParametrization):
     def forward(self, w):
         if not self.training:
             return w
-        eps = torch.randn_like(self.log_sigma2)
+        eps = torch.randn(self.log_sigma2.shape, generator=self.generator, device=self.log_sigma2.device)
         noise = torch.where(self.frozen, torch.zeros((), device=eps.device), torch.exp(0.5 * self.log_sigma2) * eps)
         return w + noise.to(w.dtype)
 
@@ -62,19 +62,20 @@ class VariationalDropoutSparsifier(GatedSparsifier):
     Args:
         strength: weight of the KL term (the paper's 1 / dataset size times the number of weights), >= 0.
         init: initial ``log_sigma2`` (default -10).
+        seed: int; the noise comes from generators seeded by it, the phase and the tensor.
 
     Raises:
         ELSAError: a negative strength; a non-finite init; at the phase start, a structured level.
     """
 
-    def __init__(self, strength: float = 0.1, *, init: float = -10.0):
-        super().__init__(strength)
+    def __init__(self, strength: float = 0.1, *, init: float = -10.0, seed: int = 0):
+        super().__init__(strength, seed)
         if not math.isfinite(float(init)):
             raise ELSAError(f"VariationalDropoutSparsifier: init must be finite, got {init!r}")
         self.init = float(init)
 
     def __repr__(self) -> str:
-        return f"VariationalDropoutSparsifier(strength={self.strength}, init={self.init})"
+        return f"VariationalDropoutSparsifier(strength={self.strength}, init={self.init}, seed={self.seed})"
 
     def make(self, weight, frozen):
         return VDNoise(weight, frozen, self.init)
