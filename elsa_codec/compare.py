@@ -129,7 +129,7 @@ def run_job(kind: str, seed: int, methods, levels, dense_steps: int, steps: int,
     fn(dense, ec.Phase("dense", 0, dense_steps, seed=seed * 1_000_003 + 17))
     state = {k: v.clone() for k, v in dense.state_dict().items()}
     rows = [dict(model=kind, method="dense", kind="dense", seed=seed, level=0, sparsity=0.0,
-                 accuracy=_accuracy(dense, xte, yte), seconds=0.0)]
+                 accuracy=_accuracy(dense, xte, yte), seconds=0.0, drawn_at=float("nan"))]
     for method in methods:
         rows += _elsa_rows(kind, seed, method, levels, state, fn, calib, (xte, yte), steps, densify_steps)
         rows += _separate_rows(kind, seed, method, levels, state, fn, calib, (xte, yte), steps + densify_steps)
@@ -142,15 +142,25 @@ def _elsa_rows(kind, seed, method, levels, state, fn, calib, test, steps, densif
     model = _new_model(kind)
     model.load_state_dict(state)
     t0 = time.perf_counter()
+    sp = make_sparsifier(method, seed)
     res = ec.embed_levels(model, list(levels), fn, steps=steps, densify_steps=densify_steps, seed=seed,
-                          sparsifier=make_sparsifier(method, seed), bn_calibration=calib, progress=False)
+                          sparsifier=sp, bn_calibration=calib, progress=False)
     seconds = time.perf_counter() - t0
     enc, net, rows = res.encode(), _new_model(kind), []
     for t in range(1, res.num_levels + 1):
         net.load_state_dict(ec.extract(enc, t))
         rows.append(dict(model=kind, method=method, kind="ELSA", seed=seed, level=t, sparsity=res.sparsities[t - 1],
-                         accuracy=_accuracy(net, *test), seconds=seconds))
+                         accuracy=_accuracy(net, *test), seconds=seconds, drawn_at=_drawn_at(sp, t - 1)))
     return rows
+
+
+def _drawn_at(sp, i: int) -> float:
+    """Early-bird: the share of sparsify phase ``i`` after which its ticket was drawn (NaN: never drawn or
+    another method)."""
+    draws = getattr(sp, "draws", None)
+    if not draws or i >= len(draws) or draws[i]["drawn_at"] is None:
+        return float("nan")
+    return draws[i]["drawn_at"] / max(draws[i]["steps"], 1)
 
 
 def _separate_rows(kind, seed, method, levels, state, fn, calib, test, steps):
@@ -161,13 +171,13 @@ def _separate_rows(kind, seed, method, levels, state, fn, calib, test, steps):
         net = _new_model(kind)
         net.load_state_dict(state)
         t0 = time.perf_counter()
-        masks = ec.prune_gmp(net, level, fn, steps=steps, seed=seed * 7 + 1000 + t, progress=False,
-                             sparsifier=make_sparsifier(method, seed))
+        sp = make_sparsifier(method, seed)
+        masks = ec.prune_gmp(net, level, fn, steps=steps, seed=seed * 7 + 1000 + t, progress=False, sparsifier=sp)
         ec.recalibrate_bn(net, calib)
         seconds = time.perf_counter() - t0
         kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         rows.append(dict(model=kind, method=method, kind="separate", seed=seed, level=t, sparsity=1.0 - kept,
-                         accuracy=_accuracy(net, *test), seconds=seconds))
+                         accuracy=_accuracy(net, *test), seconds=seconds, drawn_at=_drawn_at(sp, 0)))
     return rows
 
 

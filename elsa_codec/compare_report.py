@@ -19,7 +19,7 @@ def write(rows: list[dict], out: str, meta: dict) -> None:
         w = csv.writer(f)
         w.writerow(["model", "method", "kind", "seed", "level", "sparsity", "metric", "value"])
         for r in rows:
-            for m in ("accuracy", "seconds"):
+            for m in ("accuracy", "seconds", "drawn_at"):
                 w.writerow([r["model"], r["method"], r["kind"], r["seed"], r["level"], f"{r['sparsity']:.6f}", m,
                             f"{r[m]:.6f}"])
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
@@ -75,7 +75,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
             rel = " / ".join(f"{_seconds(rows, model, method, k) / base[k]:.2f}x" for k in ("ELSA", "separate"))
             out.append(f"| {method} | " + " | ".join(cells) + f" | {rel} |")
         out.append("")
+        if "early-bird" in meta["methods"]:
+            out.append(_early_bird_line(rows, model) + "\n")
     return "\n".join(out) + "\n"
+
+
+def _early_bird_line(rows, model) -> str:
+    """When the early-bird tickets were drawn, as shares of their phases."""
+    parts = []
+    for kind in ("ELSA", "separate"):
+        got = [r["drawn_at"] for r in rows if (r["model"], r["method"], r["kind"]) == (model, "early-bird", kind)]
+        drawn = [v for v in got if v == v]
+        where = f"median {statistics.median(drawn):.0%} (range {min(drawn):.0%}-{max(drawn):.0%})" if drawn else "-"
+        parts.append(f"{kind}: drawn in {len(drawn)} of {len(got)} phases, at {where} of the phase")
+    return "Early-bird tickets: " + "; ".join(parts) + "."
 
 
 def plot(rows: list[dict], path: str) -> None:
