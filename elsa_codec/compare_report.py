@@ -37,7 +37,8 @@ def _stat(vals) -> str:
 
 
 def _acc(rows, model, method, kind, level):
-    return [r["accuracy"] for r in rows if (r["model"], r["method"], r["kind"], r["level"]) == (model, method, kind, level)]
+    key = (model, method, kind, level)
+    return [r["accuracy"] for r in rows if (r["model"], r["method"], r["kind"], r["level"]) == key]
 
 
 def _seconds(rows, model, method, kind) -> float:
@@ -70,7 +71,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 "|---|" + "---|" * len(levels) + "---|"]
         base = {k: _seconds(rows, model, "magnitude", k) for k in ("ELSA", "separate")}
         for method in meta["methods"]:
-            cells = [f"{_stat(_acc(rows, model, method, 'ELSA', t))} / {_stat(_acc(rows, model, method, 'separate', t))}"
+            cells = [" / ".join(_stat(_acc(rows, model, method, k, t)) for k in ("ELSA", "separate"))
                      for t in range(1, len(levels) + 1)]
             rel = " / ".join(f"{_seconds(rows, model, method, k) / base[k]:.2f}x" for k in ("ELSA", "separate"))
             out.append(f"| {method} | " + " | ".join(cells) + f" | {rel} |")

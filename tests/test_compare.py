@@ -21,7 +21,8 @@ def test_compare_quick_every_method(tmp_path):
             got = sorted(round(float(r["sparsity"]), 3) for r in acc if r["method"] == m and r["kind"] == kind)
             assert got == [0.5, 0.9], (m, kind, got)  # exact targets for every method
     table = (out / "table.md").read_text()
-    assert "time vs magnitude" in table and "| l0 |" in table and "## mlp" in table
+    assert "time vs magnitude" in table and "| l0 |" in table and "## mlp" in table and "Early-bird tickets:" in table
+    assert {r["metric"] for r in rows} == {"accuracy", "seconds", "drawn_at"}
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 0
 
 
