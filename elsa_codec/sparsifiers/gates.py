@@ -112,6 +112,10 @@ class GatedSparsifier(MagnitudeSparsifier):
             raise ELSAError(f"{type(self).__name__} makes unstructured levels only, not {control.structure}")
         if control.model is None:
             raise ELSAError(f"{type(self).__name__} needs the model (embed_levels or prune_gmp)")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ELSAError(f"{type(self).__name__} runs in one process: the parameters it adds in a phase are "
+                            "not known to DDP / FSDP, so ranks would drift apart")
         self.learned_scores = {}
         for n, (mod, attr) in _owners(control.model, state.params).items():
             p = state.params[n]
