@@ -116,15 +116,26 @@ def _accuracy(model, x, y) -> float:
 
 def run_job(kind: str, seed: int, methods, levels, dense_steps: int, steps: int, densify_steps: int) -> list[dict]:
     """One model and seed: the dense network, then ELSA and the separate networks of every method.
-    Returns one row per (method, ``"ELSA"``/``"separate"``, level): accuracy (%), sparsity, seconds."""
+    Returns one row per (method, ``"ELSA"``/``"separate"``, level): accuracy (%), sparsity, seconds.
+
+    Runs with 1 thread and denormal floats flushed to zero (many under random masks at 98%, they
+    make the CPU's arithmetic several times slower and would dominate the timings: measured 40.7 s
+    against 8.9 s flushed for random-uniform ELSA on the CNN, magnitude 8.6 / 7.5 s); both settings
+    are put back afterwards (flushing off, torch's default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    try:
+        return _job_rows(kind, seed, methods, levels, dense_steps, steps, densify_steps)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def _job_rows(kind, seed, methods, levels, dense_steps, steps, densify_steps) -> list[dict]:
     import elsa_codec as ec
     from .demo import load_digits_split
 
-    torch.set_num_threads(1)
-    # Denormal floats (many under random masks at 98%) make the CPU's arithmetic several times slower
-    # and would dominate the timings: measured 40.7 s against 8.9 s flushed for random-uniform ELSA on
-    # the CNN (magnitude 8.6 / 7.5 s). Flush them to zero, for every method alike.
-    torch.set_flush_denormal(True)
     xtr, ytr, xte, yte = load_digits_split()
     calib = [xtr[i : i + 256] for i in range(0, len(xtr), 256)]
     fn = make_train_fn(xtr, ytr)
