@@ -135,3 +135,21 @@ def test_gradual_sparsifiers_unchanged_by_the_phase_hooks():
     _gmp(ec.MagnitudeSparsifier(), 20,
          tamper=lambda m, ph, i: seen.append(float(m.fc1.weight.detach().eq(0).float().mean())))
     assert seen[0] < seen[7] < seen[-1] and abs(seen[-1] - 0.8) < 0.01
+
+
+@pytest.mark.parametrize("make", [lambda: ec.EarlyBirdSparsifier(interval=4, threshold=0.2, patience=2),
+                                  lambda: ec.LotteryTicketSparsifier(rounds=2, rewind=0.1)],
+                         ids=["early-bird", "lottery"])
+def test_reproducible_with_a_seed(make):
+    out = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # the global RNG differs; the model and the run's seed do not
+        model = Tiny()
+        model.load_state_dict(_tiny_state())
+        out.append(ec.prune_gmp(model, 0.8, make_train_fn(), steps=40, seed=0, progress=False, sparsifier=make()))
+    assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+
+
+def _tiny_state():
+    torch.manual_seed(0)
+    return Tiny().state_dict()
