@@ -160,7 +160,7 @@ class LevelEmbedder:
         """
         if self._finalized:
             raise ELSAError("attach: the LevelEmbedder is finalized")
-        if getattr(self.sparsifier, "adds_parameters", False) and not self._hold:
+        if self.sparsifier.adds_parameters and not self._hold:
             raise ELSAError(f"attach: the sparsifier {self.sparsifier!r} adds parameters in each sparsify phase, which "
                             "an optimizer made before the phase never trains; use embed_levels / prune_gmp with a "
                             "train_fn that creates its optimizer")
@@ -420,8 +420,7 @@ class LevelEmbedder:
     def _check_resumable(self, index: int, local: int, started: bool) -> None:
         """A sparsifier with its own bookkeeping (``gradual = False``) resumes only at a phase boundary."""
         ph = self.plan[index] if index < len(self.plan) else None
-        gradual = getattr(self.sparsifier, "gradual", True)
-        if started and local > 0 and ph is not None and ph.kind == "sparsify" and not gradual:
+        if started and local > 0 and ph is not None and ph.kind == "sparsify" and not self.sparsifier.gradual:
             raise ELSAError(f"load_state_dict: the state was saved inside {ph.name} (step {local} of {ph.steps}) and "
                             f"the sparsifier {self.sparsifier!r} keeps its own bookkeeping for the phase; resume "
                             "from a state saved at a phase boundary")

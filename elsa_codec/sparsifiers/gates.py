@@ -11,6 +11,8 @@ creates for the phase picks up from ``model.parameters()``. The phase's loss ter
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -89,15 +91,21 @@ class GatedSparsifier(MagnitudeSparsifier):
     gradual = False
     adds_parameters = True
 
-    def __init__(self, strength: float, seed: int = 0):
+    def __init__(self, strength: float, init: float, seed: int = 0):
         super().__init__("global", score=self._learned_score)
+        name = type(self).__name__
         if not float(strength) >= 0.0:
-            raise ELSAError(f"{type(self).__name__}: strength must be >= 0, got {strength!r}")
+            raise ELSAError(f"{name}: strength must be >= 0, got {strength!r}")
+        if not math.isfinite(float(init)):
+            raise ELSAError(f"{name}: init must be finite, got {init!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ELSAError(f"{type(self).__name__}: seed must be an int, got {seed!r}")
-        self.strength, self.seed, self.phases = float(strength), seed, 0
+            raise ELSAError(f"{name}: seed must be an int, got {seed!r}")
+        self.strength, self.init, self.seed, self.phases = float(strength), float(init), seed, 0
         self._installed: dict = {}
         self.learned_scores: dict = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strength={self.strength}, init={self.init}, seed={self.seed})"
 
     def make(self, weight: torch.Tensor, frozen: torch.Tensor) -> PenaltyParametrization:
         raise NotImplementedError

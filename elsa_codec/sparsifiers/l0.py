@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from ..errors import ELSAError
 from .gates import GatedSparsifier, PenaltyParametrization
 
 __all__ = ["L0Sparsifier"]
@@ -76,13 +75,7 @@ class L0Sparsifier(GatedSparsifier):
     """
 
     def __init__(self, strength: float = 0.1, *, init: float = 2.0, seed: int = 0):
-        super().__init__(strength, seed)
-        if not math.isfinite(float(init)):
-            raise ELSAError(f"L0Sparsifier: init must be finite, got {init!r}")
-        self.init = float(init)
-
-    def __repr__(self) -> str:
-        return f"L0Sparsifier(strength={self.strength}, init={self.init}, seed={self.seed})"
+        super().__init__(strength, init, seed)
 
     def make(self, weight, frozen):
         return L0Gate(weight, frozen, self.init)

@@ -7,12 +7,10 @@ k2 = 1.87320, k3 = 1.48695); weights with a large ``log alpha`` are pruned.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ELSAError
 from .gates import GatedSparsifier, PenaltyParametrization
 
 __all__ = ["VariationalDropoutSparsifier"]
@@ -69,13 +67,7 @@ class VariationalDropoutSparsifier(GatedSparsifier):
     """
 
     def __init__(self, strength: float = 0.1, *, init: float = -10.0, seed: int = 0):
-        super().__init__(strength, seed)
-        if not math.isfinite(float(init)):
-            raise ELSAError(f"VariationalDropoutSparsifier: init must be finite, got {init!r}")
-        self.init = float(init)
-
-    def __repr__(self) -> str:
-        return f"VariationalDropoutSparsifier(strength={self.strength}, init={self.init}, seed={self.seed})"
+        super().__init__(strength, init, seed)
 
     def make(self, weight, frozen):
         return VDNoise(weight, frozen, self.init)

@@ -30,7 +30,7 @@ class GMPControl:
         self.sparsifier, self.schedule = sparsifier, schedule
         self.target, self.structure, self.steps = float(target), structure, int(steps)
         self.transposed = set(transposed) if str(structure) != "unstructured" else set()
-        gradual = getattr(sparsifier, "gradual", True)
+        gradual = sparsifier.gradual
         self.updates = set(schedule.update_steps(self.steps)) if gradual else set()
         self.last = max(self.updates, default=0)
         _, n, _ = schedule.plan(self.steps)
