@@ -36,9 +36,12 @@ from .sparsifiers import (
     EarlyBirdSparsifier,
     L0Sparsifier,
     LotteryTicketSparsifier,
+    PruningPipeline,
     RandomSparsifier,
     VariationalDropoutSparsifier,
+    label_smoothing,
     sparsity_penalty,
+    zero_init_,
 )
 from .train import ELSAResult, Phase, embed_levels, prune_gmp, recalibrate_bn
 from .config import ELSAConfig

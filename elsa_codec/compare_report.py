@@ -65,9 +65,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"{meta['steps'] + meta['densify_steps']} steps. Test accuracy (%) on the digits test split (540 images), "
            "mean ± std over the seeds: ELSA level / separate network.\n"]
     for model in meta["models"]:
-        dense = [r["accuracy"] for r in rows if r["model"] == model and r["kind"] == "dense"]
-        head = "| method | " + " | ".join(f"{s:.0%}" for s in levels) + " | time vs magnitude (ELSA / separate) |"
-        out += [f"## {model} (dense network {_stat(dense)} %)\n", head,
+        dense = [f"{name} {_stat([r['accuracy'] for r in rows if (r['model'], r['method']) == (model, key)])} %"
+                 for key, name in (("dense", "dense network"), ("dense-zero", "ZerO-initialised dense network"))
+                 if any((r["model"], r["method"]) == (model, key) for r in rows)]
+        head = "| method | " + " | ".join(_pct(s) for s in levels) + " | time vs magnitude (ELSA / separate) |"
+        out += [f"## {model} ({', '.join(dense)})\n", head,
                 "|---|" + "---|" * len(levels) + "---|"]
         base = {k: _seconds(rows, model, "magnitude", k) for k in ("ELSA", "separate")}
         for method in meta["methods"]:
@@ -78,7 +80,40 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append("")
         if "early-bird" in meta["methods"]:
             out.append(_early_bird_line(rows, model) + "\n")
+        if "pipeline" in meta["methods"]:
+            out += _ablation(rows, model, meta)
     return "\n".join(out) + "\n"
+
+
+def _pct(sparsity: float) -> str:
+    """``0.997 -> '99.7%'``, ``0.9 -> '90%'``."""
+    return f"{round(sparsity * 100, 2):g}%"
+
+
+def _ablation(rows, model, meta) -> list[str]:
+    """Per pipeline variant and level: its accuracy minus the full pipeline's, in points (mean over
+    seeds, ELSA / separate), and GMP's."""
+    levels = meta["levels"]
+    others = [m for m in meta["methods"] if m != "pipeline" and (m.startswith("pipeline-") or m == "magnitude")]
+    if not others:
+        return []
+    out = [f"Change against the full pipeline ({model}, accuracy points, ELSA / separate; negative: the stage "
+           "helps):\n", "| without | " + " | ".join(_pct(s) for s in levels) + " | mean |",
+           "|---|" + "---|" * len(levels) + "---|"]
+    for m in others:
+        cells, diffs = [], {"ELSA": [], "separate": []}
+        for t in range(1, len(levels) + 1):
+            parts = []
+            for k in ("ELSA", "separate"):
+                a, b = _acc(rows, model, m, k, t), _acc(rows, model, "pipeline", k, t)
+                d = statistics.mean(a) - statistics.mean(b) if a and b else float("nan")
+                diffs[k].append(d)
+                parts.append(f"{d:+.1f}")
+            cells.append(" / ".join(parts))
+        mean = " / ".join(f"{statistics.mean(diffs[k]):+.1f}" for k in ("ELSA", "separate"))
+        name = "every stage (GMP)" if m == "magnitude" else m[len("pipeline-no-"):]
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return out + [""]
 
 
 def _early_bird_line(rows, model) -> str:
@@ -92,6 +127,10 @@ def _early_bird_line(rows, model) -> str:
     return "Early-bird tickets: " + "; ".join(parts) + "."
 
 
+def _x(sparsity: float, extreme: bool) -> float:
+    return 1.0 - sparsity if extreme else sparsity
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Accuracy against sparsity, one panel per model: ELSA solid, separate dashed, a colour per method."""
     import matplotlib
@@ -101,6 +140,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["kind"] != "dense"))
+    extreme = max((r["sparsity"] for r in rows), default=0.0) > 0.98  # then density on a log axis
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         for i, method in enumerate(methods):
@@ -109,11 +149,14 @@ def plot(rows: list[dict], path: str) -> None:
                 for r in rows:
                     if (r["model"], r["method"], r["kind"]) == (model, method, kind):
                         pts.setdefault(r["level"], []).append((r["sparsity"], r["accuracy"]))
-                xy = sorted((statistics.mean(s for s, _ in v), statistics.mean(a for _, a in v)) for v in pts.values())
+                xy = sorted((_x(statistics.mean(s for s, _ in v), extreme), statistics.mean(a for _, a in v))
+                            for v in pts.values())
                 if xy:
                     ax.plot(*zip(*xy), color=f"C{i}", ls=ls, marker="o", ms=3,
                             label=method if kind == "ELSA" else None)
-        ax.set_xlabel("sparsity")
+        if extreme:
+            ax.set_xscale("log")
+        ax.set_xlabel("density (kept fraction, log scale)" if extreme else "sparsity")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"digits, {model} (solid: ELSA, dashed: separate)")
         ax.grid(alpha=0.3)

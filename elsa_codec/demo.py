@@ -99,11 +99,12 @@ class DigitsCNN(nn.Module):
         self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(4 * w)
         self.fc = nn.Linear(4 * w * 2 * 2, num_classes)
+        self.relu = nn.ReLU()  # a module, so hooks (the pruning pipeline's soft activations) reach it
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(self.relu(self.bn2(self.conv2(x))), 2)
+        x = F.max_pool2d(self.relu(self.bn3(self.conv3(x))), 2)
         return self.fc(x.flatten(1))
 
 

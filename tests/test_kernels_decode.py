@@ -167,7 +167,6 @@ def test_opcheck_decode_level():
 
 
 def test_torch_compile_matches_eager():
-    torch._dynamo.reset()
     enc = make_encoded((17, 70), torch.float16, 4)
 
     def f(e):

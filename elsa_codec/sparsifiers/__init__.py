@@ -12,14 +12,22 @@ pruning live in :mod:`elsa_codec.sparsify`.
   al. 2018);
 - :mod:`.variational_dropout`: :class:`VariationalDropoutSparsifier`, sparse variational dropout
   (Molchanov et al. 2017);
-- :mod:`.gates`: what those two share; :func:`sparsity_penalty`, the loss term ``train_fn`` adds.
+- :mod:`.pipeline`: :class:`PruningPipeline`, the end-to-end pruning pipeline with sparsity
+  enforcement (arXiv 2312.01653): ZerO initialisation (:mod:`.zero_init`), a learned mask, mask-guided
+  magnitude pruning, and post-pruning label smoothing, soft activations and soft skips
+  (:mod:`.soft_training`, :func:`label_smoothing`);
+- :mod:`.gates`: what the methods that add parameters share; :func:`sparsity_penalty`, the loss term
+  ``train_fn`` adds.
 """
 from .early_bird import EarlyBirdSparsifier
 from .gates import sparsity_penalty
 from .l0 import L0Sparsifier
 from .lottery_ticket import LotteryTicketSparsifier
+from .pipeline import PruningPipeline
 from .random_pruning import RandomSparsifier
+from .soft_training import label_smoothing
 from .variational_dropout import VariationalDropoutSparsifier
+from .zero_init import zero_init_
 
 __all__ = ["RandomSparsifier", "EarlyBirdSparsifier", "LotteryTicketSparsifier", "L0Sparsifier",
-           "VariationalDropoutSparsifier", "sparsity_penalty"]
+           "VariationalDropoutSparsifier", "PruningPipeline", "sparsity_penalty", "label_smoothing", "zero_init_"]

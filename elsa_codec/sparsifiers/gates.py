@@ -37,6 +37,7 @@ class PenaltyParametrization(nn.Module):
         self.generator = None  # the noise's own generator (set by the sparsifier: runs reproduce)
         self.register_buffer("frozen", frozen.to(device=weight.device, dtype=torch.bool).clone())
         self.register_buffer("free_count", (~self.frozen).sum().to(torch.float32))
+        self.coefficient = 1.0  # the penalty's weight in :func:`sparsity_penalty` (set by the sparsifier)
 
     def penalty(self) -> torch.Tensor:
         """The loss term summed over the non-frozen weights (scalar float32)."""
@@ -50,22 +51,21 @@ class PenaltyParametrization(nn.Module):
 
 def sparsity_penalty(model: nn.Module) -> torch.Tensor:
     """The loss term of the sparsifier training ``model`` now: the sum of every installed
-    :class:`PenaltyParametrization`'s penalty, divided by the number of non-frozen weights they
-    cover, times the sparsifier's ``strength``; a zero tensor when none is installed (outside the
-    sparsify phases of an L0 or variational-dropout run). Add it to the loss in ``train_fn``::
+    :class:`PenaltyParametrization`'s penalty times its ``coefficient`` (L0, variational dropout:
+    the sparsifier's ``strength`` divided by the number of non-frozen weights covered, so a mean;
+    the pruning pipeline's learned mask: its ``mask_strength``, so a sum); a zero tensor when none
+    is installed (outside the sparsify phases of those methods). Add it to the loss in ``train_fn``::
 
         loss = F.cross_entropy(model(x), y) + ec.sparsity_penalty(model)
     """
-    total, count, strength = None, 0.0, 0.0
+    total = None
     for m in model.modules():
         if isinstance(m, PenaltyParametrization):
-            p = m.penalty()
+            p = m.penalty() * m.coefficient
             total = p if total is None else total + p
-            count += float(m.free_count)
-            strength = m.strength
     if total is None:
         return torch.zeros(())
-    return total * (strength / max(count, 1.0))
+    return total
 
 
 def _owners(model: nn.Module, params: dict) -> dict:
@@ -83,16 +83,19 @@ def _owners(model: nn.Module, params: dict) -> dict:
 
 
 class GatedSparsifier(MagnitudeSparsifier):
-    """Base of L0 and sparse variational dropout: per-weight parameters trained during a sparsify
-    phase, then one global ranking of the non-frozen weights by their :meth:`PenaltyParametrization.score`
-    to the level's exact target (the per-layer distribution is learned, not set). Unstructured
-    levels only; one process (not DDP / FSDP)."""
+    """Base of L0, sparse variational dropout and the pruning pipeline's learned mask: per-weight
+    parameters trained during a sparsify phase, then a ranking of the non-frozen weights by their
+    :meth:`PenaltyParametrization.score` to the level's exact target: one global ranking by default
+    (the per-layer distribution is learned, not set), or within each tensor for a ``"uniform"`` /
+    ``"erk"`` ``distribution``. Unstructured levels only; one process (not DDP / FSDP)."""
 
     gradual = False
     adds_parameters = True
+    #: True: the penalty is ``strength`` times the mean over the non-frozen weights; False: times the sum.
+    penalty_mean = True
 
-    def __init__(self, strength: float, init: float, seed: int = 0):
-        super().__init__("global", score=self._learned_score)
+    def __init__(self, strength: float, init: float, seed: int = 0, distribution: str = "global"):
+        super().__init__(distribution, score=self._learned_score)
         name = type(self).__name__
         if not float(strength) >= 0.0:
             raise ELSAError(f"{name}: strength must be >= 0, got {strength!r}")
@@ -128,12 +131,14 @@ class GatedSparsifier(MagnitudeSparsifier):
         for n, (mod, attr) in _owners(control.model, state.params).items():
             p = state.params[n]
             par = self.make(p, state.frozen[n])
-            par.strength = self.strength
             par.generator = torch.Generator(device=p.device).manual_seed(
                 _tensor_seed(self.seed * 1_000_003 + self.phases, n, tuple(p.shape)))
             order = list(mod._parameters)
             parametrize.register_parametrization(mod, attr, par, unsafe=True)
             self._installed[n] = (mod, attr, par, order)
+        count = sum(float(par.free_count) for _, _, par, _ in self._installed.values())
+        for _, _, par, _ in self._installed.values():
+            par.coefficient = self.strength / max(count, 1.0) if self.penalty_mean else self.strength
         self.phases += 1
 
     def end_phase(self, control, state) -> None:
