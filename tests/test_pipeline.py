@@ -310,3 +310,31 @@ def test_refusals():
 def test_bad_arguments(kw, match):
     with pytest.raises(ELSAError, match=match):
         ec.PruningPipeline(**kw)
+
+
+@pytest.mark.parametrize("pruning", ["gradual", "one-shot"])
+def test_pruning_gradual_or_at_once(pruning):
+    """Gradual: the zeros grow along the GMP ramp scaled to stage 2 (10 updates, one per step for a
+    stage of 20 steps); one-shot: none until stage 2 ends (step 20)."""
+    torch.manual_seed(0)
+    model, zeros = ReluNet(), []
+    x, y = _data()
+
+    def train_fn(m, phase):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        for i in range(phase.steps):
+            w = m.fc1.parametrizations.weight.original if parametrize.is_parametrized(m.fc1) else m.fc1.weight
+            zeros.append(int((w == 0).sum()))  # before step i + 1
+            loss = F.cross_entropy(m(x[:32]), y[:32]) + ec.sparsity_penalty(m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    ec.prune_gmp(model, 0.9, train_fn, steps=40, seed=0, progress=False,
+                 sparsifier=ec.PruningPipeline("uniform", pruning=pruning))
+    final = int((model.fc1.weight == 0).sum())
+    assert final == round(0.9 * 512) and zeros[0] == 0
+    if pruning == "one-shot":
+        assert max(zeros[:20]) == 0 and zeros[20] == final
+    else:
+        assert 0 < zeros[1] < zeros[5] < final and zeros[10] == final

@@ -6,16 +6,19 @@ training adapted to sparsity.
    (:meth:`PruningPipeline.initialize_`).
 2. **Pre-pruning training with a learned mask**: each non-frozen weight is multiplied by a mask
    ``sigmoid(s) / sigmoid(s0)`` of a real-valued score ``s`` trained with the weights, and the loss
-   gets a sparsity-enforcing regulariser, the mean soft mask (:func:`elsa_codec.sparsity_penalty`).
+   gets a sparsity-enforcing regulariser, ``mask_strength`` times the sum of the soft masks
+   ``sigmoid(s)`` (:func:`elsa_codec.sparsity_penalty`).
 3. **Pruning**: magnitude pruning guided by the learned mask: the non-frozen weights are ranked by
-   ``|w| * mask`` (after the mask is folded into them) to the level's exact target.
+   ``|w * mask|``, gradually along the phase's GMP schedule within stage 2 (or at once at its end,
+   ``pruning="one-shot"``), to the level's exact target; then the mask is folded into the weights.
 4. **Post-pruning training**: label smoothing, soft activations (ReLU blended with Swish) and soft
    skip connections (:mod:`.soft_training`), all annealed to zero, so the network that ends the
    phase has its own architecture and loss.
 
-Within ELSA one sparsify phase of ``S`` steps runs stage 2 for the first ``round(mask_fraction * S)``
-steps, prunes (stage 3), then runs stage 4 for the rest; the anneal takes ``anneal_fraction`` of
-those steps and the last ones train the plain sparse network. Frozen weights keep a mask of 1, stay
+Within ELSA one sparsify phase of ``S`` steps runs stages 2 and 3 for the first
+``k = round(mask_fraction * S)`` steps (the GMP ramp scaled to ``k`` steps), then stage 4 for the
+rest; the anneal takes ``anneal_fraction`` of those steps and the last ones train the plain sparse
+network. Frozen weights keep a mask of 1, stay
 out of the regulariser and are never changed. Everything the pipeline adds (scores, hooks, the
 label smoothing) is gone when the phase ends: the model holds plain modules and weights and the file
 format is unchanged.
@@ -94,10 +97,13 @@ class PruningPipeline(GatedSparsifier):
         soft_skips: stage 4's soft skip connections over the prunable layers.
         mask_fraction: share of a sparsify phase trained with the learned mask before pruning, in ``(0, 1]``.
         anneal_fraction: share of the post-pruning steps over which stage 4 anneals to 0, in ``(0, 1]``.
-        mask_strength: the regulariser's weight (times the mean soft mask), >= 0.
+        mask_strength: the regulariser's weight, times the sum of the soft masks of the non-frozen
+            weights (each score gets the same push whatever the model's size), >= 0.
         mask_init: the scores' initial value (``sigmoid(mask_init)`` is the initial soft mask).
         mask_scale: the scores' reparametrisation scale (> 0; see :class:`LearnedMask`).
         skip: the soft skips' initial weight (> 0).
+        pruning: ``"gradual"`` (the phase's GMP ramp, scaled to stage 2's steps, ranked by
+            ``|w * mask|``) or ``"one-shot"`` (all at once at the end of stage 2).
 
     Attributes:
         history: one dict per sparsify phase: ``target``, ``steps``, ``pruned_at`` (the step),
