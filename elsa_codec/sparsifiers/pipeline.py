@@ -210,7 +210,7 @@ class PruningPipeline(GatedSparsifier):
         self._soft = SoftStages(control.model, activations=self.soft_activations, skip_modules=skips,
                                 skip=self.skip, smoothing=self.label_smoothing)
         self.history[-1].update(anneal_steps=self._anneal, skips=len(self._soft.skipped),
-                                activations=len(self._soft._inplace))
+                                activations=len(self._soft.softened))
 
     @torch.no_grad()
     def fold(self, state) -> None:

@@ -86,7 +86,8 @@ class SoftStages:
                     self._inplace.append((m, m.inplace))
                     m.inplace = False
                     self._handles.append(m.register_forward_hook(self._soft_relu))
-        self.skipped = [m for m in skip_modules if skip_eligible(m)]
+        self.softened = [m for m, _ in self._inplace]  # the ReLU modules blended into Swish
+        self.skipped = [m for m in skip_modules if skip_eligible(m)]  # the layers bypassed
         for m in self.skipped:
             self._handles.append(m.register_forward_hook(self._soft_skip))
         _ACTIVE[model] = self
