@@ -58,14 +58,14 @@ def sparsity_penalty(model: nn.Module) -> torch.Tensor:
 
         loss = F.cross_entropy(model(x), y) + ec.sparsity_penalty(model)
     """
-    total = None
+    sums: dict = {}  # coefficient -> sum of the penalties that share it (summed first, then scaled)
     for m in model.modules():
         if isinstance(m, PenaltyParametrization):
-            p = m.penalty() * m.coefficient
-            total = p if total is None else total + p
-    if total is None:
+            p = m.penalty()
+            sums[m.coefficient] = p if m.coefficient not in sums else sums[m.coefficient] + p
+    if not sums:
         return torch.zeros(())
-    return total
+    return sum(total * c for c, total in sums.items())
 
 
 def _owners(model: nn.Module, params: dict) -> dict:
