@@ -14,6 +14,7 @@ from elsa_codec.sparsifiers.pipeline import STAGES, LearnedMask
 from elsa_codec.sparsifiers.soft_training import SoftStages, skip_eligible
 from elsa_codec.sparsifiers.zero_init import hadamard, zero_matrix
 
+from test_gated_sparsifiers import _plain as _plain_weights
 from test_train import Tiny, _calib, _data, _same_bits
 
 
@@ -54,9 +55,9 @@ def pipeline_train_fn(record=None, fail_at=None):
 
 
 def _plain(model):
-    return (not any(parametrize.is_parametrized(m) for m in model.modules())
-            and all(type(p) is nn.Parameter for p in model.parameters())
-            and not any(m._forward_hooks for m in model.modules()) and ec.label_smoothing(model) == 0.0)
+    """Plain weights (no parametrization), no hooks, no label smoothing."""
+    return _plain_weights(model) and not any(m._forward_hooks for m in model.modules()) and \
+        ec.label_smoothing(model) == 0.0
 
 
 # ----------------------------------------------------------------------------- stage 1: ZerO

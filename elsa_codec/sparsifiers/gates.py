@@ -118,9 +118,16 @@ class GatedSparsifier(MagnitudeSparsifier):
         s = self.learned_scores.get(name)
         return weight.detach().abs() if s is None or s.shape != weight.shape else s
 
-    def begin_phase(self, control, state) -> None:
+    def _refuse_structured(self, control) -> None:
         if str(control.structure) != "unstructured":
             raise ELSAError(f"{type(self).__name__} makes unstructured levels only, not {control.structure}")
+
+    def _scores_now(self, state) -> dict:
+        """``name -> score`` of every installed parametrization, for the weights as they are now."""
+        return {n: par.score(state.params[n].detach()).detach() for n, (_, _, par, _) in self._installed.items()}
+
+    def begin_phase(self, control, state) -> None:
+        self._refuse_structured(control)
         if control.model is None:
             raise ELSAError(f"{type(self).__name__} needs the model (embed_levels or prune_gmp)")
         dist = torch.distributed
@@ -143,8 +150,7 @@ class GatedSparsifier(MagnitudeSparsifier):
 
     def end_phase(self, control, state) -> None:
         """Keep the learned scores, fold what the parametrization leaves in (see :meth:`fold`), remove it."""
-        for n, (_, _, par, _) in self._installed.items():
-            self.learned_scores[n] = par.score(state.params[n].detach()).detach()
+        self.learned_scores = self._scores_now(state)
         self.fold(state)
         self.abort_phase(control, state)
 

@@ -170,8 +170,7 @@ class PruningPipeline(GatedSparsifier):
             super().begin_phase(control, state)
         else:
             self.learned_scores = {}
-            if str(control.structure) != "unstructured":
-                raise ELSAError(f"PruningPipeline makes unstructured levels only, not {control.structure}")
+            self._refuse_structured(control)
         self.history.append(dict(target=control.target, steps=steps, pruned_at=None, anneal_steps=0, skips=0,
                                  activations=0))
 
@@ -190,7 +189,7 @@ class PruningPipeline(GatedSparsifier):
 
     def _refresh_scores(self, state) -> None:
         """The ranking of a gradual step: ``|w * m|`` with the mask as it is now (``|w|`` without one)."""
-        self.learned_scores = {n: par.score(state.params[n].detach()) for n, (_, _, par, _) in self._installed.items()}
+        self.learned_scores = self._scores_now(state)
 
     def _prune(self, control, state) -> None:
         """Stage 3: fold the learned mask, remove it, prune to the target by ``|w * m|``."""
