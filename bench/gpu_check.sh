@@ -4,18 +4,21 @@
 #   bash bench/gpu_check.sh [--dry-run] OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
 #
 # On a CUDA machine with its own preinstalled torch and triton and no package index, from the source
-# tree (no pip install), in under 8 minutes, printing progress as it goes:
+# tree (no pip install), in under 9 minutes, printing progress as it goes:
 #   1. environment (nvidia-smi, torch / triton / CUDA versions, GPU)      -> OUT_DIR/env.txt
 #   2. the kernel and serving tests on CUDA (not the interpreter)          -> OUT_DIR/tests.log, tests.xml
 #   3. the GPU benchmark grid, autotune choice and measured / floor per row -> OUT_DIR/grid.csv, grid.log
+#   4. the codec on the GPU: decode kernel (and encode / extract) vs copy  -> OUT_DIR/codec/results.csv, ...
+#   5. DESIGN.md's targets judged on the grid (fused GEMM) and the codec (decode) -> OUT_DIR/targets.md
 #   then the sm_90a compile gate's subset with this machine's triton      -> OUT_DIR/static.csv
 # and OUT_DIR/summary.txt (each step's exit status and time). Each step has its own timeout, so a
 # hang in one still leaves the others' output. Without CUDA (or with --dry-run) every step says what
 # it would run; the grid runs its CSV writer and floor computation on the interpreter-sized grid,
 # with no timing.
 #
-# Time budget (worst case 10 + 180 + 150 + 60 + 45 = 445 s): environment; tests killed at 180 s;
-# the grid starts no new (dtype, shape) group after 150 s and is killed at 210 s; gate 45 s.
+# Time budget (worst case 10 + 180 + 210 + 90 + 5 + 45 = 540 s): environment; tests killed at 180 s;
+# the grid starts no new (dtype, shape) group after 150 s and is killed at 210 s; codec 90 s;
+# targets seconds; gate 45 s.
 # Environment: PYTHON (default python3), GPU_CHECK_TEST_TIMEOUT (s, default 180),
 # GPU_CHECK_GRID_BUDGET (s, default 150), GPU_CHECK_JOBS (pytest-xdist workers, default 8).
 set -u -o pipefail
@@ -84,7 +87,7 @@ run_step() {  # name, timeout seconds, command...
 }
 
 # --- 1. environment --------------------------------------------------------------------------------
-say "1/3 environment -> $OUT/env.txt"
+say "1/5 environment -> $OUT/env.txt"
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "repo: $REPO (git: $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo 'no .git in this copy'))"
@@ -130,16 +133,33 @@ done
 PYTEST_ARGS=(-q -rs --durations=15 --junitxml="$OUT/tests.xml" -o junit_family=xunit2)
 if "$PY" -c "import xdist" 2>/dev/null && [ "$JOBS" -gt 1 ]; then PYTEST_ARGS+=(-n "$JOBS"); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-say "2/3 tests on CUDA -> $OUT/tests.log, tests.xml"
+say "2/5 tests on CUDA -> $OUT/tests.log, tests.xml"
 (cd "$REPO" && run_step tests "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}") 2>&1 | tee "$OUT/tests.log"
 
 # --- 3. the benchmark grid --------------------------------------------------------------------------
-say "3/3 benchmark grid -> $OUT/grid.csv, grid.log"
+say "3/5 benchmark grid -> $OUT/grid.csv, grid.log"
 rm -f "$OUT/grid.csv" "$OUT/grid.log"
 if [ "$DRY" = 1 ]; then
     run_step grid 120 "$PY" -m elsa_codec.bench.gpu_grid --dry-run --out "$OUT"
 else
     run_step grid $(( GRID_BUDGET + 60 )) "$PY" -m elsa_codec.bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET"
+fi
+
+# --- 4. the codec on the GPU (the decode target) ------------------------------------------------------
+say "4/5 codec: decode kernel vs copy -> $OUT/codec/"
+run_step codec 90 "$PY" -m elsa_codec.bench --only codec --device cuda --codec-dtypes bfloat16,float16,float32 \
+    --out "$OUT/codec" --no-plot --quiet
+
+# --- 5. the targets, judged on this stretch's figures ------------------------------------------------
+say "5/5 targets -> $OUT/targets.md"
+if [ "$DRY" = 1 ]; then
+    run_step targets 30 "$PY" -m elsa_codec.bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv"
+else
+    t0=$(date +%s)
+    timeout --kill-after=5 30 "$PY" -m elsa_codec.bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv" \
+        > "$OUT/targets.md"
+    record targets $? "$(( $(date +%s) - t0 ))"
+    cat "$OUT/targets.md"
 fi
 
 # --- last: the compile gate's subset with this machine's triton (CPU only; seconds) -----------------

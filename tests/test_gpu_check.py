@@ -33,6 +33,8 @@ def test_dry_run_succeeds_and_reports_each_step(dry_run):
     assert "tests: would run:" in summary and "test_kernels_linear.py" in summary
     assert "static: would run:" in summary and "--subset" in summary
     assert "grid: rc=0" in summary
+    assert "codec: would run:" in summary and "--only codec --device cuda" in summary
+    assert "targets: would run:" in summary and "--grid" in summary
     env = (out / "env.txt").read_text()
     assert "torch " in env and "triton " in env and "dry run: 1" in env
     # the package came from the source-tree shim, with kernels/ as elsa_codec.kernels
@@ -145,3 +147,62 @@ def test_timed_path_rows_carry_measured_over_floor(tmp_path):
         assert r["dense_p50_us"] == "20.000" and r["speedup_vs_dense"] == "1.000"
         assert r["timing"] == "do_bench_cudagraph"
     assert grid.timer.calls[0] is False and all(grid.timer.calls[1:])  # plain dense first, then graphs
+
+
+def _grid_row(m, level, structure, density, provider, p50, dtype="bfloat16", n=4096, k=4096):
+    r = {c: "" for c in gpu_grid.COLUMNS}
+    r.update(dtype=dtype, m=m, n=n, k=k, shape=f"{m}x{n}x{k}", level_set=structure, level=level, structure=structure,
+             density=f"{density:.6f}", provider=provider, p20_us=f"{p50 * 0.9:.3f}", p50_us=f"{p50:.3f}",
+             p80_us=f"{p50 * 1.1:.3f}", timing="do_bench_cudagraph", device="NVIDIA H200", torch="t", triton="tr",
+             timestamp="2026-12-01T00:00:00Z")
+    return r
+
+
+def _write_csv(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_targets_judge_grid_and_codec(tmp_path, capsys):
+    """Step 5 of gpu_check.sh: ``elsa bench targets CODEC_CSV --grid GRID_CSV`` judges the fused
+    GEMM on the grid's rows and the decode kernel on the codec's; untimed grid rows are left out."""
+    from elsa_codec.bench import common, targets
+
+    grid_rows = [
+        _grid_row(1, "dense", "dense", 1.0, "dense", 10.0),
+        _grid_row(1, "1", "block:64x64", 0.1, "elsa-fused", 2.0),  # 2.0 x density x dense: not met
+        _grid_row(1, "3", "unstructured", 0.5, "elsa-fused", 10.5),  # 0.95x dense: met
+        _grid_row(1, "2", "2:4", 0.5, "elsa-fused", 10.0),
+        _grid_row(1, "2", "2:4", 0.5, "semi-structured", 8.0),
+        dict(_grid_row(16, "3", "unstructured", 0.5, "elsa-fused", 0.0), p50_us="", timing="failed"),
+    ]
+    _write_csv(tmp_path / "grid.csv", gpu_grid.COLUMNS, grid_rows)
+    codec = []
+    for op, prov, gbps in (("copy", "clone", 4000.0), ("decode", "triton", 3000.0)):
+        r = {c: "" for c in common.COLUMNS}
+        r.update(op=op, provider=prov, shape="4096x4096", dtype="bfloat16", level="2", structure="unstructured",
+                 density="0.25", p20_us="1", p50_us="1", p80_us="1", gbps=str(gbps), device="NVIDIA H200",
+                 timestamp="2026-12-01T00:01:00Z")
+        codec.append(r)
+    _write_csv(tmp_path / "results.csv", common.COLUMNS, codec)
+
+    assert targets.main([str(tmp_path / "results.csv"), "--grid", str(tmp_path / "grid.csv")]) == 0
+    md = capsys.readouterr().out
+    fused, block, decode = (ln for ln in md.splitlines() if ln.startswith("| GPU:"))
+    assert "0.95x (worst)" in fused and fused.endswith("| MET |")
+    assert "2.00 (worst)" in block and block.endswith("| NOT MET |")
+    assert "75% (worst)" in decode and decode.endswith("| NOT MET |")
+    assert "2:4 level 2 1x4096x4096 bfloat16: elsa-fused 10.0 us vs semi-structured 8.0 us (1.25x" in md
+
+    # the codec step failed: the grid alone, the decode target not measured
+    assert targets.main([str(tmp_path / "missing.csv"), "--grid", str(tmp_path / "grid.csv")]) == 0
+    out = capsys.readouterr()
+    assert "decode target not measured" in out.err
+    assert [ln for ln in out.out.splitlines() if ln.startswith("| GPU: decode")][0].endswith("| not measured |")
+
+    # a dry-run grid has no timed row
+    _write_csv(tmp_path / "dry.csv", gpu_grid.COLUMNS, [grid_rows[-1]])
+    assert targets.main([str(tmp_path / "missing.csv"), "--grid", str(tmp_path / "dry.csv")]) == 2
+    assert "no timed rows" in capsys.readouterr().err
