@@ -11,8 +11,10 @@ then float16; Llama-7B-class weights; M in {1, 16, 128, 4096}; every level of th
 - ``semi-structured``: the decoded 2:4 / 1:4 level through ``to_sparse_semi_structured`` where the
   GPU supports it (no floor computed for it);
 
-and writes one CSV row per measurement with the floor of bench/roofline.py for this GPU (H100 or
-H200 by name) and ``measured / floor``. Every output is checked against ``F.linear`` in float32
+and, first of all, ``launch-floor`` (bench/launch_floor.py: an empty kernel, one program per SM,
+with CUDA graphs and without: the least time the timer reports for any kernel). It writes one CSV
+row per measurement with the floor of bench/roofline.py for this GPU (H100 or H200 by name) and
+``measured / floor``. Every output is checked against ``F.linear`` in float32
 before timing (``max_rel_err``). Timing: ``triton.testing.do_bench`` / ``do_bench_cudagraph``
 through bench/common.py's GpuTimer (short runs), each provider cycling through copies of its
 weight (working set >= 2x L2) so that each call reads its weight from HBM.
@@ -136,6 +138,7 @@ class Grid:
         self.log(f"grid: device {self.env.device_name}; torch {self.env.torch}, triton {self.env.triton}; "
                  f"floor GPU {self.gpu or 'none (not an H100/H200: no floor ratio)'}; "
                  f"{'DRY RUN: no timing' if self.dry else f'budget {self.budget_s:.0f} s'}")
+        self.launch_floor()
         g = torch.Generator(device=self.device).manual_seed(0)
         for dt in dtypes:
             for n, k in shapes:
@@ -149,6 +152,35 @@ class Grid:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return self.rows
+
+    def launch_floor(self) -> None:
+        """Rows ``launch-floor``: bench/launch_floor.py's empty kernel, one program per SM, timed
+        with CUDA graphs and without (the shortest time either method reports for one kernel)."""
+        if self.kernels is None:  # no triton: nothing to launch
+            return
+        from .launch_floor import one_store
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+        out = torch.full((sms,), -1, dtype=torch.int32, device=self.device)
+        one_store(out)  # checked once, like every provider: each program wrote its 0
+        err = "0" if bool((out == 0).all()) else "error: wrong output"
+        for graphs in (True, False):
+            st = self._measure(one_store, [out], graphs=graphs)
+            r = {c: "" for c in COLUMNS}
+            r.update(dtype="int32", m=1, n=sms, k=0, shape=f"{sms} programs", level_set="-", level="-", structure="-",
+                     provider="launch-floor", table="no", max_rel_err=err, device=self.env.device_name,
+                     torch=self.env.torch, triton=self.env.triton, timestamp=self.env.timestamp)
+            if st is None:
+                r["timing"] = "none (dry run)" if self.dry else "failed"
+            else:
+                r.update(p20_us=f"{st[0]:.3f}", p50_us=f"{st[1]:.3f}", p80_us=f"{st[2]:.3f}", timing=st[3])
+            self._w.writerow(r)
+            self._f.flush()
+            self.rows += 1
+            self.log(f"  launch floor, {sms} programs, {'CUDA graphs' if graphs else 'plain launches'}: "
+                     f"p50 {r['p50_us'] or '-'} us ({r['timing']})")
+            if self.dry:  # one untimed launch shows the path works
+                break
 
     def _levels(self, w, n, k, g):
         """``[(level_set, Level, encoded, t, code_bits, tile_table or None, decoded)]`` and the

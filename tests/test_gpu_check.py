@@ -45,6 +45,9 @@ def test_dry_run_grid_has_floors_and_no_timing(dry_run):
     out, _ = dry_run
     with open(out / "grid.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    (floor_row,) = [r for r in rows if r["provider"] == "launch-floor"]  # one untimed launch in a dry run
+    assert floor_row["max_rel_err"] == "0" and floor_row["timing"] == "none (dry run)" and floor_row["p50_us"] == ""
+    rows = [r for r in rows if r is not floor_row]
     assert len(rows) == len(roofline.GRID_DTYPES) * len(gpu_grid.DRY_M) * 9
     floors = roofline.lookup(roofline.grid_rows(roofline.GRID_DTYPES, gpu_grid.DRY_M, gpu_grid.DRY_SHAPES))
     for r in rows:
@@ -140,13 +143,18 @@ def test_timed_path_rows_carry_measured_over_floor(tmp_path):
         grid.close()
     with open(tmp_path / "grid.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    floor_rows = [r for r in rows if r["provider"] == "launch-floor"]
+    assert [r["timing"] for r in floor_rows] == ["do_bench_cudagraph", "do_bench"]
+    assert all(r["p50_us"] == "20.000" and r["max_rel_err"] == "0" and r["shape"] == "4 programs" for r in floor_rows)
+    rows = rows[2:]
     assert len(rows) == 9
     for r in rows:
         assert r["p50_us"] == "20.000" and r["floor_gpu"] == "H200"
         assert float(r["measured_vs_floor"]) == pytest.approx(20.0 / float(r["floor_us"]), rel=1e-3)
         assert r["dense_p50_us"] == "20.000" and r["speedup_vs_dense"] == "1.000"
         assert r["timing"] == "do_bench_cudagraph"
-    assert grid.timer.calls[0] is False and all(grid.timer.calls[1:])  # plain dense first, then graphs
+    assert grid.timer.calls[:2] == [True, False]  # the launch floor, with graphs and without
+    assert grid.timer.calls[2] is False and all(grid.timer.calls[3:])  # plain dense first, then graphs
 
 
 def _grid_row(m, level, structure, density, provider, p50, dtype="bfloat16", n=4096, k=4096):
@@ -176,6 +184,7 @@ def test_targets_judge_grid_and_codec(tmp_path, capsys):
         _grid_row(1, "3", "unstructured", 0.5, "elsa-fused", 10.5),  # 0.95x dense: met
         _grid_row(1, "2", "2:4", 0.5, "elsa-fused", 10.0),
         _grid_row(1, "2", "2:4", 0.5, "semi-structured", 8.0),
+        dict(_grid_row(1, "-", "-", 0.0, "launch-floor", 2.5), shape="132 programs", density=""),
         dict(_grid_row(16, "3", "unstructured", 0.5, "elsa-fused", 0.0), p50_us="", timing="failed"),
     ]
     _write_csv(tmp_path / "grid.csv", gpu_grid.COLUMNS, grid_rows)
@@ -195,6 +204,7 @@ def test_targets_judge_grid_and_codec(tmp_path, capsys):
     assert "2.00 (worst)" in block and block.endswith("| NOT MET |")
     assert "75% (worst)" in decode and decode.endswith("| NOT MET |")
     assert "2:4 level 2 1x4096x4096 bfloat16: elsa-fused 10.0 us vs semi-structured 8.0 us (1.25x" in md
+    assert "empty kernel (132 programs, do_bench_cudagraph): 2.50 us" in md
 
     # the codec step failed: the grid alone, the decode target not measured
     assert targets.main([str(tmp_path / "missing.csv"), "--grid", str(tmp_path / "grid.csv")]) == 0
