@@ -20,6 +20,7 @@ import elsa_codec as ec
 from elsa_codec import ELSAConv2d, ELSALinear
 
 LEVEL_WALK = [4, 1, 2, 3, 4, 1, "dense", 2, 3, 1]
+pytestmark = pytest.mark.isolated  # each test in its own process: tests/conftest.py, "process isolation"
 
 
 @pytest.fixture(autouse=True)

@@ -190,6 +190,7 @@ def test_tied_weight_errors_name_both():
     assert type(model.lm_head) is nn.Linear
 
 
+@pytest.mark.isolated  # its own process: tests/conftest.py, "process isolation"
 def test_torch_compile_gpt2_every_level():
     model, x = build("gpt2")
     enc = ec.encode(model.state_dict(), ec.magnitude_counters(model, [0.9, 0.5], select="all"))

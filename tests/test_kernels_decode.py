@@ -166,6 +166,7 @@ def test_opcheck_decode_level():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.isolated  # its own process: tests/conftest.py, "process isolation"
 def test_torch_compile_matches_eager():
     enc = make_encoded((17, 70), torch.float16, 4)
 

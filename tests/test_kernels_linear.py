@@ -277,6 +277,7 @@ def test_tile_table_errors():
 
 
 # ----------------------------------------------------------------------------- torch op
+@pytest.mark.isolated  # its own process: tests/conftest.py, "process isolation"
 @pytest.mark.parametrize("backend", ["aot_eager"] + (["inductor"] if ON_GPU else []))
 def test_torch_compile_matches_eager(backend):
     # No torch._dynamo.reset() between the two compilations: resetting while compiled code of this
