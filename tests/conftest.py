@@ -11,6 +11,9 @@ forces the interpreter even with a GPU present.
 
 Machines without ``hypothesis`` (a GPU machine's preinstalled environment, say) still collect
 every test module: a stand-in module makes each ``@given`` test skip with the reason.
+
+Tests marked ``@pytest.mark.isolated`` (every test that calls ``torch.compile``) run in a child
+process of their own; see "process isolation" at the end of this file.
 """
 import os
 import sys
