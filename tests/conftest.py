@@ -136,7 +136,7 @@ def poison_empty(monkeypatch):
 # ``torch._dynamo.reset()`` frees them while other objects may still refer to them (pytorch#155057,
 # "Segfault after clearing Dynamo Cache"; PyTorch's own suite isolates such tests, pytorch#168925).
 # In one long pytest process that state crashed the interpreter now and then (CI at 712eb07:
-# SIGSEGV in test_kernels_linear's compile test; a clean-clone run at bf63f75..: SIGSEGV in
+# SIGSEGV in test_kernels_linear's compile test; a clean-clone run at 629ceb4: SIGSEGV in
 # test_kernels_decode's, after ~880 passing tests; never in a test run on its own). The child runs
 # exactly this node id, with this process's environment, and its outcome is reported here.
 _CHILD_ENV = "ELSA_TEST_ISOLATED_CHILD"
