@@ -166,17 +166,9 @@ class Grid:
         err = "0" if bool((out == 0).all()) else "error: wrong output"
         for graphs in (True, False):
             st = self._measure(one_store, [out], graphs=graphs)
-            r = {c: "" for c in COLUMNS}
-            r.update(dtype="int32", m=1, n=sms, k=0, shape=f"{sms} programs", level_set="-", level="-", structure="-",
-                     provider="launch-floor", table="no", max_rel_err=err, device=self.env.device_name,
-                     torch=self.env.torch, triton=self.env.triton, timestamp=self.env.timestamp)
-            if st is None:
-                r["timing"] = "none (dry run)" if self.dry else "failed"
-            else:
-                r.update(p20_us=f"{st[0]:.3f}", p50_us=f"{st[1]:.3f}", p80_us=f"{st[2]:.3f}", timing=st[3])
-            self._w.writerow(r)
-            self._f.flush()
-            self.rows += 1
+            r = self._row(st, dtype="int32", m=1, n=sms, k=0, shape=f"{sms} programs", level_set="-", level="-",
+                          structure="-", provider="launch-floor", table="no", max_rel_err=err)
+            self._write(r)
             self.log(f"  launch floor, {sms} programs, {'CUDA graphs' if graphs else 'plain launches'}: "
                      f"p50 {r['p50_us'] or '-'} us ({r['timing']})")
             if self.dry:  # one untimed launch shows the path works
@@ -274,6 +266,24 @@ class Grid:
             return None
         return (s.p20_us, s.p50_us, s.p80_us, s.method)
 
+    def _row(self, stats, **fields) -> dict:
+        """A CSV row: ``fields``, this run's device / versions / timestamp, and the timing of
+        ``stats`` (``(p20, p50, p80, method)``; None: untimed, as a dry run or a failed provider)."""
+        r = {c: "" for c in COLUMNS}
+        r.update(fields, device=self.env.device_name, torch=self.env.torch, triton=self.env.triton,
+                 timestamp=self.env.timestamp)
+        if stats is None:
+            r["timing"] = "none (dry run)" if self.dry else "failed"
+        else:
+            p20, p50, p80, method = stats
+            r.update(p20_us=f"{p20:.3f}", p50_us=f"{p50:.3f}", p80_us=f"{p80:.3f}", timing=method)
+        return r
+
+    def _write(self, r: dict) -> None:
+        self._w.writerow(r)
+        self._f.flush()
+        self.rows += 1
+
     def _emit(self, dname, m, n, k, lv, provider, tt, stats, dense_p50, choice, ref_w, x, w_arg, fn=None,
               floor=True) -> None:
         """Check ``provider``'s output and write its row (the floor of its level)."""
@@ -290,28 +300,20 @@ class Grid:
             self.log(f"  {provider} {m}x{n}x{k} {dname} level {lv.level}: {type(e).__name__}: {e}")
         fl = roofline.row(m, n, k, dname, lv) if floor else None
         gpu = "H200" if self.dry else self.gpu  # the dry run computes the H200 floor
-        r = {c: "" for c in COLUMNS}
-        r.update(dtype=dname, m=m, n=n, k=k, shape=f"{m}x{n}x{k}", level_set=lv.level_set, level=lv.level,
-                 structure=lv.structure, density=f"{lv.density:.6f}", provider=provider,
-                 table="yes" if tt is not None else "no", autotune_config=choice, max_rel_err=err_s,
-                 device=self.env.device_name, torch=self.env.torch, triton=self.env.triton,
-                 timestamp=self.env.timestamp)
+        r = self._row(stats, dtype=dname, m=m, n=n, k=k, shape=f"{m}x{n}x{k}", level_set=lv.level_set, level=lv.level,
+                      structure=lv.structure, density=f"{lv.density:.6f}", provider=provider,
+                      table="yes" if tt is not None else "no", autotune_config=choice, max_rel_err=err_s)
         if fl is not None:
             r["floor_gpu"] = gpu or "none"
             r["floor_us"] = fl[f"{gpu.lower()}_floor_us"] if gpu else ""
-        if stats is None:
-            r["timing"] = "none (dry run)" if self.dry else "failed"
-        else:
-            p20, p50, p80, method = stats
-            r.update(p20_us=f"{p20:.3f}", p50_us=f"{p50:.3f}", p80_us=f"{p80:.3f}", timing=method)
+        if stats is not None:
+            p50 = stats[1]
             if r["floor_us"] and self.gpu:
                 r["measured_vs_floor"] = f"{p50 / float(r['floor_us']):.3f}"
             if dense_p50:
                 r["dense_p50_us"] = f"{dense_p50:.3f}"
                 r["speedup_vs_dense"] = f"{dense_p50 / p50:.3f}"
-        self._w.writerow(r)
-        self._f.flush()
-        self.rows += 1
+        self._write(r)
         self.log(f"  {dname:8s} {r['shape']:>17s} {lv.level_set:12s} L={lv.level:<5s} {provider:15s} "
                  f"p50 {r['p50_us'] or '-':>10s} us  floor {r['floor_us'] or '-':>9s} us  "
                  f"x{r['measured_vs_floor'] or '-':>6s}  vs dense {r['speedup_vs_dense'] or '-':>6s}  "

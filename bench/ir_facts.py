@@ -77,19 +77,13 @@ def _plain_matmul_source():
 
 def compile_plain(kw: dict, warps: int, stages: int):
     """The plain matmul compiled for sm_90a in bfloat16 with ``kw``'s BLOCK_M/N/K."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .static import compile_sm90
 
-    fn = _plain_matmul_source()
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+           "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     const = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     aligned = ("x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym")
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return compile_sm90(_plain_matmul_source(), sig, const, aligned, warps, stages)
 
 
 def facts(ttgir: str, smem: int) -> dict:

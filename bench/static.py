@@ -353,25 +353,27 @@ def nvidia_tool(name: str) -> str:
     return found
 
 
-def compile_spec(spec: Spec):
-    """``triton.compile`` ``spec`` for sm_90a (``GPUTarget("cuda", 90, 32)``); returns the
-    ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned, num_warps: int, num_stages: int):
+    """``triton.compile`` the ``@triton.jit`` function ``fn`` for sm_90a (``GPUTarget("cuda", 90,
+    32)``): ``signature`` maps each runtime argument to its Triton type (``"*bf16"``, ``"i32"``),
+    ``constexprs`` gives the constexpr values, and the arguments named in ``aligned`` carry the
+    16-divisibility hint. Returns the ``CompiledKernel`` (``.asm["ttgir"]``, ``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata.shared``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(spec.kernel)
-    const = dict(spec.constexprs)
-    sig = {}
-    for name in fn.arg_names:
-        if name in const:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = dict(spec.signature)[name]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    sig = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_spec(spec: Spec):
+    """:func:`compile_sm90` of ``spec``'s kernel with its signature, constexprs and hints."""
+    return compile_sm90(_jit_function(spec.kernel), dict(spec.signature), dict(spec.constexprs), spec.aligned,
+                        spec.num_warps, spec.num_stages)
 
 
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

@@ -159,8 +159,8 @@ def grid_as_results(grid_rows) -> list:
             continue
         out.append(dict(op="linear", provider=r["provider"], shape=r["shape"], dtype=r["dtype"], level=r["level"],
                         structure=r["structure"], density=r["density"], p20_us=r["p20_us"], p50_us=r["p50_us"],
-                        p80_us=r["p80_us"], timing=r.get("timing", ""), gbps="", tflops="", device=r["device"], torch=r["torch"],
-                        triton=r["triton"], git_sha=r.get("git_sha", ""), timestamp=r["timestamp"]))
+                        p80_us=r["p80_us"], timing=r.get("timing", ""), gbps="", tflops="", device=r["device"],
+                        torch=r["torch"], triton=r["triton"], git_sha=r.get("git_sha", ""), timestamp=r["timestamp"]))
     return out
 
 

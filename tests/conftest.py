@@ -152,8 +152,7 @@ def _child_outcome(item) -> tuple[str, object, float]:
     import time
 
     env = dict(os.environ, **{_CHILD_ENV: "1"})
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-           "-p", "no:randomly", item.nodeid]
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", item.nodeid]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=str(item.config.rootpath), env=env, capture_output=True, text=True, timeout=1200)
     dt = time.perf_counter() - t0
