@@ -23,17 +23,17 @@ lint: $(STAMP)
 	$(PY) -m compileall -q elsa_codec kernels bench tests
 
 bench: $(STAMP)
-	$(VENV)/bin/elsa bench
+	$(PY) -m bench
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/elsa bench --quick
+	$(PY) -m bench --quick
 
 # The sm_90a compile gate (no GPU): bench/results/static-sm90/; the roofline floor: bench/results/roofline/.
 static: $(STAMP)
-	$(VENV)/bin/elsa bench static
+	$(PY) -m bench static
 
 roofline: $(STAMP)
-	$(VENV)/bin/elsa bench roofline
+	$(PY) -m bench roofline
 
 # On a GPU machine (its own python3 with torch and triton; no venv, no install): make gpu-check OUT=DIR
 gpu-check:

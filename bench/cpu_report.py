@@ -1,6 +1,6 @@
-"""Tables and plot of ``elsa bench cpu`` (a separate step: reads the CSV back).
+"""Tables and plot of ``python -m bench cpu`` (a separate step: reads the CSV back).
 
-``elsa bench cpu tables CSV [-o tables.md]`` / ``elsa bench cpu plot CSV [-o PNG]``; ``--run all``
+``python -m bench cpu tables CSV [-o tables.md]`` / ``python -m bench cpu plot CSV [-o PNG]``; ``--run all``
 or ``--run <timestamp>`` to choose a run (default: the newest).
 """
 from __future__ import annotations
@@ -260,7 +260,7 @@ def table_minilm(rows, command) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_tables(csv_path: str, out_path: str, *, command: str = "elsa bench cpu", run: str = "latest") -> str:
+def write_tables(csv_path: str, out_path: str, *, command: str = "python -m bench cpu", run: str = "latest") -> str:
     from .cpu_sparse import read_rows
 
     rows = read_rows(csv_path, run)
@@ -270,7 +270,7 @@ def write_tables(csv_path: str, out_path: str, *, command: str = "elsa bench cpu
         for line in open(cmd_file, encoding="utf-8"):
             if "&& " in line and not line.startswith(" "):
                 _COMMANDS[line.split()[0]] = line.split("&& ", 1)[1].strip()
-    parts = ["# elsa bench cpu: the sparse-cpu backend on this machine\n"]
+    parts = ["# python -m bench cpu: the sparse-cpu backend on this machine\n"]
     bw = [r for r in rows if r["op"] == "read_bandwidth"]
     if bw:
         parts.append("Read bandwidth (tensor.sum, float32): " + "; ".join(
@@ -333,14 +333,14 @@ def plot(csv_path: str, png_path: str, *, run: str = "latest") -> str | None:
 
 def main(argv) -> int:
     what = argv[0]
-    p = argparse.ArgumentParser(prog=f"elsa bench cpu {what}")
+    p = argparse.ArgumentParser(prog=f"python -m bench cpu {what}")
     p.add_argument("csv")
     p.add_argument("-o", "--output")
     p.add_argument("--run", default="latest")
-    p.add_argument("--command", default="elsa bench cpu")
+    p.add_argument("--command", default="python -m bench cpu")
     a = p.parse_args(argv[1:])
     if not os.path.exists(a.csv):
-        print(f"elsa bench cpu {what}: no such file: {a.csv}", file=sys.stderr)
+        print(f"python -m bench cpu {what}: no such file: {a.csv}", file=sys.stderr)
         return 2
     d = os.path.dirname(os.path.abspath(a.csv))
     if what == "plot":

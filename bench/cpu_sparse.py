@@ -1,4 +1,4 @@
-"""``elsa bench cpu``: the ``sparse-cpu`` backend on this CPU (project issue 13).
+"""``python -m bench cpu``: the ``sparse-cpu`` backend on this CPU (project issue 13).
 
 Three sections, each writing long-format rows to ``<out>/results.csv`` (default
 ``bench/results/cpu-sparse/``; columns :data:`COLUMNS`):
@@ -31,7 +31,7 @@ Three sections, each writing long-format rows to ``<out>/results.csv`` (default
 - ``minilm`` (:mod:`.cpu_minilm`): the real all-MiniLM-L6-v2 served at each level, one subprocess
   per level.
 
-Then (separate steps, also ``elsa bench cpu plot|tables CSV``) :mod:`.cpu_report` writes
+Then (separate steps, also ``python -m bench cpu plot|tables CSV``) :mod:`.cpu_report` writes
 ``latency_vs_density.png`` and ``tables.md``.
 """
 from __future__ import annotations
@@ -252,9 +252,9 @@ class _Prov:
 def _plan(mod) -> tuple[str, int]:
     """``(format, max_tokens)`` the module's sparse-cpu path uses at its current level."""
     try:
-        from elsa_codec.cpu_sparse import module_plan
+        from elsa_codec.kernels.cpu.packed import module_plan
     except ImportError:  # older API: default_max_tokens(packed)
-        from elsa_codec.cpu_sparse import default_max_tokens
+        from elsa_codec.kernels.cpu.packed import default_max_tokens
 
         p = mod.packed_level()
         return p.format, (mod.cpu_max_tokens if mod.cpu_max_tokens is not None else default_max_tokens(p))
@@ -293,7 +293,7 @@ def _level_providers(ctx, enc, meta, t, wd, m_values) -> list:
     """Providers of level ``t`` (all M; which run at which M is decided by the caller)."""
     import scipy.sparse as sp
 
-    from elsa_codec.masks import parse_structure
+    from elsa_codec.format.structure import parse_structure
 
     structure = meta.levels[t - 1].structure
     density = 1.0 - float(meta.tensors["weight"].sparsity[t - 1])
@@ -448,9 +448,9 @@ def run_grid(ctx) -> None:
 # CLI
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elsa bench cpu", description=(
+    p = argparse.ArgumentParser(prog="python -m bench cpu", description=(
         "sparse-cpu backend on this CPU: layer grid vs dense, memory and level switch, MiniLM end to end "
-        "(long-format CSV, then 'elsa bench cpu plot CSV' and 'elsa bench cpu tables CSV')."))
+        "(long-format CSV, then 'python -m bench cpu plot CSV' and 'python -m bench cpu tables CSV')."))
     p.add_argument("--quick", action="store_true", help="smoke run under 2 minutes (small shapes, short timing)")
     p.add_argument("--out", default=None, help=f"results folder (default {os.path.relpath(OUT_DEFAULT, common.REPO_DIR)})")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {', '.join(SECTIONS)}")
@@ -508,7 +508,7 @@ def run(argv) -> int:
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
     for s in sections:
         if s not in SECTIONS:
-            print(f"elsa bench cpu: unknown section {s!r}; expected {', '.join(SECTIONS)}", file=sys.stderr)
+            print(f"python -m bench cpu: unknown section {s!r}; expected {', '.join(SECTIONS)}", file=sys.stderr)
             return 2
     out = a.out or OUT_DEFAULT
     os.makedirs(out, exist_ok=True)
@@ -522,7 +522,7 @@ def run(argv) -> int:
     with open(os.path.join(out, "COMMAND.txt"), "a", encoding="utf-8") as f:
         f.write(f"{env.timestamp}  cd {common.REPO_DIR} && {cmd}\n    machine: {mline}\n")
     log("=" * 100)
-    log(f"elsa bench cpu{' --quick' if a.quick else ''}: {env.timestamp}")
+    log(f"python -m bench cpu{' --quick' if a.quick else ''}: {env.timestamp}")
     log(f"command: {cmd}")
     log(f"machine: {mline}")
     log(f"threads timed: {ctx.threads}; timing: CpuTimer.round_robin, {ctx.rounds} interleaved rounds, "
@@ -530,7 +530,7 @@ def run(argv) -> int:
     log(f"load average (1/5/15 min) at start: {common.load_average()}")
     for b in common.busy_processes():
         log(f"  busy: {b}")
-    from elsa_codec.cpu_build import cpu_kernels, cpu_kernels_error
+    from elsa_codec.native import cpu_kernels, cpu_kernels_error
 
     if cpu_kernels() is None:
         log(f"WARNING: the sparse-cpu kernels are unavailable: {cpu_kernels_error()}")

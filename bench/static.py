@@ -1,4 +1,4 @@
-"""Ahead-of-time compile gate for Hopper (sm_90a), no GPU needed: ``elsa bench static``.
+"""Ahead-of-time compile gate for Hopper (sm_90a), no GPU needed: ``python -m bench static``.
 
 Every kernel in ``kernels/`` is compiled with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))`` for every configuration its launcher can pick (each autotune
@@ -134,7 +134,7 @@ class _FakeTensor:
 #: Argument layouts of the linear kernel: (label, EVEN_K, K a multiple of 16, the K the pruner is
 #: asked about: a multiple of every BLOCK_K; a multiple of 16 only; not a multiple of 16, weight
 #: transposed). ``wt-*``: the weight is the view ``W.t()`` of a `[K, N]` tensor (strides ``(1, N)``:
-#: ``stride_wn`` is the constant 1, ``stride_wk = N`` a multiple of 16), as ``ELSAConv1D`` serves a
+#: ``stride_wn`` is the constant 1, ``stride_wk = N`` a multiple of 16), as ``ELSATransformersConv1D`` serves a
 #: ``transformers`` ``Conv1D`` (GPT-2 family: K in {768, 3072, ...}).
 LAYOUTS = (("evenk", True, True, 4096, False), ("oddk", False, True, 4112, False),
            ("unalignedk", False, False, 4100, False), ("wt-evenk", True, True, 4096, True),
@@ -144,13 +144,13 @@ LAYOUTS = (("evenk", True, True, 4096, False), ("oddk", False, True, 4112, False
 def linear_launch_configs(dtype: str, *, ieee: bool | None = None, layout: str = "evenk"
                           ) -> list[tuple[str, dict, int, int, bool]]:
     """Every ``(label, kwargs, num_warps, num_stages, use_table)`` the autotuned launcher of
-    :func:`elsa_codec.kernels.elsa_linear` can pick for ``dtype``: the configs its own pruner
+    :func:`elsa_codec.kernels.triton.elsa_linear` can pick for ``dtype``: the configs its own pruner
     (``kernels.linear._prune_configs``) keeps for some M bucket (1, 2, 4, ..., 4096), with and
     without a tile table, for a contiguous problem with the ``K`` of ``layout`` (:data:`LAYOUTS`).
     ``ieee=None``: the launcher's default (float32: True). ``INTERPRETER_CONFIG`` is not among them:
     on a GPU it runs only when a caller forces a config (``_launch_linear(..., _config=...)``, the
     tests)."""
-    from elsa_codec.kernels import linear as lin
+    from elsa_codec.kernels.triton import linear as lin
 
     if ieee is None:
         ieee = dtype == "float32"
@@ -223,7 +223,7 @@ def decode_specs(dtype: str, *, full: bool = True) -> list[Spec]:
     """``_decode_level_kernel`` and ``_decode_counters_kernel`` as their launchers compile them on a
     GPU (``BLOCK = 16384 // element_size``, 8 warps), ``INT64`` off / on, ``n_elements`` a multiple
     of 16 or not; code bits: the dtype's widest (``full`` adds 1)."""
-    from elsa_codec.kernels import decode as dec
+    from elsa_codec.kernels.triton import decode as dec
 
     elt = _ELT[dtype]
     block, warps = 16384 // elt, 8
@@ -272,7 +272,7 @@ def linear_specs(dtype: str) -> list[Spec]:
 
 
 def all_specs(dtypes=DTYPES) -> list[Spec]:
-    """The full sweep of ``elsa bench static``."""
+    """The full sweep of ``python -m bench static``."""
     out = []
     for dt in dtypes:
         out += linear_specs(dt) + decode_specs(dt)
@@ -322,17 +322,17 @@ def _jit_function(kernel: str):
     """The ``triton.runtime.jit.JITFunction`` behind ``kernel`` (unwrapping autotune / heuristics)."""
     import triton
 
-    from elsa_codec.kernels import _common
+    from elsa_codec.kernels.triton import _common
 
     if _common.INTERPRET:
         raise RuntimeError("the compile gate needs the kernels imported without TRITON_INTERPRET "
                            "(run it through run_gate(), which uses a clean subprocess)")
     if kernel == "linear":
-        from elsa_codec.kernels.linear import _elsa_linear_kernel as fn
+        from elsa_codec.kernels.triton.linear import _elsa_linear_kernel as fn
     elif kernel == "decode_level":
-        from elsa_codec.kernels.decode import _decode_level_kernel as fn
+        from elsa_codec.kernels.triton.decode import _decode_level_kernel as fn
     elif kernel == "decode_counters":
-        from elsa_codec.kernels.decode import _decode_counters_kernel as fn
+        from elsa_codec.kernels.triton.decode import _decode_counters_kernel as fn
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     while not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -465,7 +465,7 @@ def check_spec(spec: Spec, workdir: str) -> dict:
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m elsa_codec.bench.static --worker``: read specs (JSON list) on stdin, print one
+    """``python -m bench.static --worker``: read specs (JSON list) on stdin, print one
     JSON row per spec on stdout as each finishes."""
     import warnings
 
@@ -511,7 +511,7 @@ def run_gate(specs: list[Spec], *, jobs: int | None = None, progress=None, timeo
     procs = []
     for shard in shards:
         env = worker_env()
-        p = subprocess.Popen([sys.executable, "-m", "elsa_codec.bench.static", "--worker"], stdin=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-m", "bench.static", "--worker"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         p.stdin.write(json.dumps([s.to_json() for s in shard]))
         p.stdin.close()
@@ -617,11 +617,11 @@ def render_markdown(rows: list[dict], *, command: str, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``elsa bench static [--out DIR] [--subset] [--jobs N] [--dtypes ...]``."""
+    """``python -m bench static [--out DIR] [--subset] [--jobs N] [--dtypes ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return _worker(argv[1:])
-    p = argparse.ArgumentParser(prog="elsa bench static",
+    p = argparse.ArgumentParser(prog="python -m bench static",
                                 description="Compile every kernel config for sm_90a (no GPU) and check registers, "
                                             "spills, shared memory and wgmma; writes static.csv + static.md.")
     p.add_argument("--out", default=RESULTS_DIR, help="results folder (default bench/results/static-sm90/)")
@@ -633,13 +633,13 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
-            print(f"elsa bench static: unknown dtype {d!r}; expected {', '.join(DTYPES)}", file=sys.stderr)
+            print(f"python -m bench static: unknown dtype {d!r}; expected {', '.join(DTYPES)}", file=sys.stderr)
             return 2
     kernels = {k.strip() for k in a.kernels.split(",") if k.strip()}
     specs = subset_specs(dtypes) if a.subset else all_specs(dtypes)
     specs = [s for s in specs if s.kernel in kernels]
     t0 = time.perf_counter()
-    print(f"elsa bench static: {len(specs)} compilations for sm_90a", flush=True)
+    print(f"python -m bench static: {len(specs)} compilations for sm_90a", flush=True)
 
     def progress(done, total, row):
         if row["status"] != "pass" or done % 25 == 0 or done == total:
@@ -653,11 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     secs = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)
     write_csv(rows, os.path.join(a.out, "static.csv"))
-    cmd = "elsa bench static " + " ".join(argv) if argv else "elsa bench static"
+    cmd = "python -m bench static " + " ".join(argv) if argv else "python -m bench static"
     with open(os.path.join(a.out, "static.md"), "w", encoding="utf-8") as f:
         f.write(render_markdown(rows, command=cmd.strip(), seconds=secs))
     n_fail = sum(r["status"] != "pass" for r in rows)
-    print(f"elsa bench static: {len(rows)} compiled in {secs:.0f} s: {len(rows) - n_fail} pass, {n_fail} fail; "
+    print(f"python -m bench static: {len(rows)} compiled in {secs:.0f} s: {len(rows) - n_fail} pass, {n_fail} fail; "
           f"wrote {a.out}/static.csv and static.md", flush=True)
     return 1 if n_fail else 0
 

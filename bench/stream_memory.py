@@ -1,9 +1,9 @@
 """Peak memory and time of the streaming encode (``elsa encode``) on multi-GB synthetic checkpoints.
 
-Run on demand (minutes; not part of ``elsa bench run``)::
+Run on demand (minutes; not part of ``python -m bench run``)::
 
-    elsa bench stream-memory --size-gb 2,8 --dtype float32,bfloat16
-    elsa bench stream-memory --size-gb 2 --shards 4 --jobs 1,2      # --jobs wall time, sharded input
+    python -m bench stream-memory --size-gb 2,8 --dtype float32,bfloat16
+    python -m bench stream-memory --size-gb 2 --shards 4 --jobs 1,2      # --jobs wall time, sharded input
 
 For each size and dtype it writes a synthetic safetensors checkpoint of about ``--size-gb`` GB to
 a temporary folder (``--tmp``, default ``/tmp``) tensor by tensor (Llama-7B-like shapes: 4096x4096,
@@ -193,7 +193,7 @@ def run_one(size_gb: float, dtype: str, shards: int, jobs: int, a, floor: dict) 
         size, largest, count = write_checkpoint(src, int(size_gb * 1e9), dtype=_DTYPES[dtype], shards=shards)
         print(f"wrote {src}: {size / 1e9:.2f} GB {dtype}, {count} tensors in {shards} file(s), largest "
               f"{largest / 1e6:.0f} MB ({time.perf_counter() - t0:.1f} s)", flush=True)
-        cmd = [sys.executable, "-m", "elsa_codec.cli", "encode", src, "-o", dst, "--levels", a.levels,
+        cmd = [sys.executable, "-m", "elsa_codec.cli.main", "encode", src, "-o", dst, "--levels", a.levels,
                "--structure", a.structure, "--jobs", str(jobs), "-q"]
         r = _measure(cmd)
     finally:
@@ -235,7 +235,7 @@ def _markdown(rows: list, head: str) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="elsa bench stream-memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench stream-memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", default="2", help="checkpoint sizes in GB, comma-separated (default 2)")
     p.add_argument("--dtype", default="float32", help="checkpoint dtypes: float32, bfloat16, float16, comma-separated")
     p.add_argument("--shards", type=int, default=1, help="input files (an index when > 1; default 1)")
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         if new:
             w.writeheader()
         w.writerows(rows)
-    command = f"cd {common.REPO_DIR} && elsa bench stream-memory {' '.join(argv)}"
+    command = f"cd {common.REPO_DIR} && python -m bench stream-memory {' '.join(argv)}"
     head = (f"## streaming encode memory and time - {rows[0]['timestamp']}\n\n"
             f"machine: {lscpu_model()}; torch {torch.__version__}; git {rows[0]['git']}"
             f"{f'; OMP_NUM_THREADS={a.threads}' if a.threads else ''}\n\ncommand: `{command}`\n\n"

@@ -1,4 +1,4 @@
-"""Markdown tables for the README from a results CSV (``elsa bench table CSV``).
+"""Markdown tables for the README from a results CSV (``python -m bench table CSV``).
 
 Layer table, one block per ``MxNxK`` shape and dtype: per level (dense, then each level of each
 level set), its structure and density, the p50 latency of every provider, and each provider's
@@ -121,12 +121,12 @@ def render(rows, *, shapes=None, ms=None, sections=("layer", "model", "codec")) 
 
 
 def main(argv=None) -> int:
-    p = csv_command("elsa bench table", "Print the README's markdown tables from a results CSV.")
+    p = csv_command("python -m bench table", "Print the README's markdown tables from a results CSV.")
     p.add_argument("--shape", action="append", help="only this weight shape NxK (repeatable), e.g. 4096x4096")
     p.add_argument("--m", type=int, action="append", help="only this M (repeatable)")
     p.add_argument("--sections", default="layer,model,codec", help="comma list of layer, model, codec")
     a = p.parse_args(argv)
-    rows = csv_rows(a, "elsa bench table")
+    rows = csv_rows(a, "python -m bench table")
     if not rows:
         return 2
     print(render(rows, shapes=a.shape, ms=a.m, sections=[s.strip() for s in a.sections.split(",")]))

@@ -1,7 +1,7 @@
 """The performance targets of DESIGN.md, checked against one run's rows.
 
-``python -m elsa_codec.bench.targets CSV`` (or ``elsa bench targets CSV``) prints the section for
-the newest run in the CSV; ``elsa bench`` prints it at the end of a run and writes it to
+``python -m bench.targets CSV`` (or ``python -m bench targets CSV``) prints the section for
+the newest run in the CSV; ``python -m bench`` prints it at the end of a run and writes it to
 ``targets.md`` beside the CSV. ``--grid GRID_CSV`` adds the newest run of bench/gpu_grid.py's grid
 (the fused GEMM targets), as ``bench/gpu_check.sh`` does with its codec run (the decode target).
 
@@ -266,22 +266,22 @@ def render(rows, *, title: str | None = None) -> str:
 def main(argv=None) -> int:
     from .common import csv_command, csv_rows, read_csv
 
-    p = csv_command("elsa bench targets", "Check DESIGN.md's performance targets against a results CSV.")
+    p = csv_command("python -m bench targets", "Check DESIGN.md's performance targets against a results CSV.")
     p.add_argument("--grid", help="also judge this bench/gpu_grid.py grid.csv (its newest run), as op=linear rows")
     a = p.parse_args(argv)
     if a.grid and not os.path.exists(a.csv):  # the codec step of a GPU stretch failed: judge the grid alone
-        print(f"elsa bench targets: no {a.csv}; the grid alone (decode target not measured)", file=sys.stderr)
+        print(f"python -m bench targets: no {a.csv}; the grid alone (decode target not measured)", file=sys.stderr)
         rows = []
     else:
-        rows = csv_rows(a, "elsa bench targets")
+        rows = csv_rows(a, "python -m bench targets")
     if a.grid:
         if not os.path.exists(a.grid):
-            print(f"elsa bench targets: no such file: {a.grid}", file=sys.stderr)
+            print(f"python -m bench targets: no such file: {a.grid}", file=sys.stderr)
             return 2
         rows += grid_as_results(read_csv(a.grid, device=a.device))
     if not rows:
         if a.grid:
-            print(f"elsa bench targets: no timed rows in {a.csv} or {a.grid}", file=sys.stderr)
+            print(f"python -m bench targets: no timed rows in {a.csv} or {a.grid}", file=sys.stderr)
         return 2
     print(render(rows))
     return 0

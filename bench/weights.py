@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 import elsa_codec as ec
-from elsa_codec.masks import parse_level
+from elsa_codec.format.structure import parse_level
 
 #: The level sets of the layer benchmark: (name, levels sparsest first, structure).
 LEVEL_SETS = [

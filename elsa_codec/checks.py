@@ -68,7 +68,7 @@ def check_state_dict(arg, name: str, fn: str) -> Mapping:
 
 
 def check_encoded(arg, name: str, fn: str):
-    """``arg`` must be an :class:`~elsa_codec.codec.ELSAStateDict` (a mapping with ``.meta``)."""
+    """``arg`` must be an :class:`~elsa_codec.format.encode.ELSAStateDict` (a mapping with ``.meta``)."""
     if isinstance(arg, Mapping) and getattr(arg, "meta", None) is not None:
         return arg
     what = "a plain mapping (no ELSA metadata)" if isinstance(arg, Mapping) else _kind(arg)

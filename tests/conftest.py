@@ -1,7 +1,7 @@
 """Shared pytest set-up.
 
 Without a GPU the Triton kernels run under the Triton interpreter: ``TRITON_INTERPRET=1`` must be
-set before ``elsa_codec.kernels`` is imported (that is when its ``@triton.jit`` decorators run), so
+set before ``elsa_codec.kernels.triton`` is imported (that is when its ``@triton.jit`` decorators run), so
 it is set here, at conftest import time, before any test module is collected (DESIGN.md,
 "Environment facts"). With CUDA present the same tests run the compiled kernels.
 

@@ -4,5 +4,5 @@
   (``pydoc_data.topics``), with a fixed held-out split;
 - :mod:`.minilm_elsa`: all-MiniLM-L6-v2 distilled into nested sparse ELSA levels, against one-shot
   magnitude pruning and a separately distilled GMP student per level
-  (``python -m elsa_codec.examples.minilm_elsa`` or ``elsa demo --model minilm``).
+  (``python -m elsa_codec.examples.minilm.run`` or ``elsa demo --model minilm``).
 """

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ELSAError
-from ..sparsify import Sparsifier
+from .sparsifiers.base import Sparsifier
 
 __all__ = [
     "Comm", "TorchComm", "ThreadComm", "DistContext", "dist_context", "is_dtensor", "local_tensor",
@@ -251,7 +251,7 @@ class ShardedMagnitude(Sparsifier):
 
     def _keeps(self, frozen, sparsity: float) -> dict[str, int]:
         """Non-frozen weights to keep per tensor (``uniform``/``erk``) or overall (``global``)."""
-        from ..sparsify import erk_densities
+        from .schedule import erk_densities
 
         names = list(self.shapes)
         numel = {n: math.prod(self.shapes[n]) for n in names}
@@ -282,8 +282,8 @@ class ShardedMagnitude(Sparsifier):
 
     def masks(self, weights, frozen, sparsity, structure="unstructured"):
         """Masks of the local shards (``name -> bool``, shard shapes) at ``sparsity``, containing ``frozen``."""
-        from ..masks import parse_structure
-        from ..sparsify import MagnitudeSparsifier
+        from ..format.structure import parse_structure
+        from .sparsifiers.base import MagnitudeSparsifier
 
         st = parse_structure(structure)
         if st.kind == "nm":
@@ -310,7 +310,7 @@ def check_sharded_supported(sparsifier, specs, transposed, names) -> None:
     Raises:
         ELSAError: naming what is not supported with sharded (DTensor) weights.
     """
-    from ..sparsify import MagnitudeSparsifier
+    from .sparsifiers.base import MagnitudeSparsifier
 
     if type(sparsifier) is not MagnitudeSparsifier or sparsifier.score is not None:
         raise ELSAError(f"sharded (FSDP2 / DTensor) weights: the sparsifier {sparsifier!r} is not supported; use "
@@ -423,7 +423,7 @@ class DistContext:
 def _bits_sum(t: torch.Tensor) -> int:
     t = local_tensor(t)
     if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        from ..bits import bits_view
+        from ..format.bits import bits_view
 
         t = bits_view(t)
     return int(t.to(torch.int64).sum())
@@ -488,7 +488,7 @@ def save_once(encoded, path: str, **kwargs) -> None:
     barrier (so the file exists on return on every rank). A single process just writes."""
     import torch.distributed as dist
 
-    from ..io import save_file
+    from ..format.file import save_file
 
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not multi or dist.get_rank() == 0:

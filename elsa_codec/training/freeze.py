@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..bits import check_code_bits, encode_tensor
+from ..format.bits import check_code_bits, encode_tensor
 from ..errors import ELSAError
 from .distributed import local_tensor
 from .state import MaskState

@@ -3,11 +3,12 @@
 The cubic ramp of :class:`elsa_codec.GMPSchedule` decides after which optimizer steps of the
 phase the mask is recomputed (``updates``, 10 by default: mask work is amortised over the phase)
 and at which sparsity; the sparsifier makes the masks, nested on the frozen masks, and
-:func:`elsa_codec.sparsify.check_masks` checks them. The phase always ends on the target mask.
+:func:`elsa_codec.training.sparsifiers.base.check_masks` checks them. The phase always ends on the target mask.
 """
 from __future__ import annotations
 
-from ..sparsify import GMPSchedule, Sparsifier, check_masks
+from .sparsifiers.base import Sparsifier, check_masks
+from .schedule import GMPSchedule
 from .state import MaskState
 
 __all__ = ["GMPControl"]
@@ -20,7 +21,7 @@ class GMPControl:
         sparsifier: makes the masks (:class:`elsa_codec.Sparsifier`).
         schedule: the ramp (:class:`elsa_codec.GMPSchedule`).
         target: the phase's final sparsity (fraction).
-        structure: the level's :class:`elsa_codec.masks.Structure`.
+        structure: the level's :class:`elsa_codec.format.structure.Structure`.
         steps: optimizer steps of the phase.
         transposed: names of `[in, out]` weights (structured masks are laid on their transpose).
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..masks import Structure
+from ..format.structure import Structure
 
 __all__ = ["Phase", "parse_levels", "build_plan", "phase_seed"]
 
@@ -73,7 +73,7 @@ def parse_levels(levels, structure="unstructured") -> list[tuple[float, Structur
     Raises:
         ELSAError: empty, not sparsest first, outside (0, 1), mixed kinds, N:M with different M.
     """
-    from ..codec import parse_levels as _parse
+    from ..format.structure import parse_levels as _parse
 
     if isinstance(levels, (str, float, int)):
         levels = [levels]

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..codec import Counters, ELSAStateDict, encode
+from ..format.encode import Counters, ELSAStateDict, encode
 from ..errors import ELSAError
 from .distributed import full_state_dict, save_once
 

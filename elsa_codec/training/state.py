@@ -1,7 +1,7 @@
 """Mask state of an ELSA run: pruning masks, frozen masks and values, the per-step restore.
 
 Per prunable weight (one entry per Parameter, tied weights once) the state holds, on the bit
-patterns of the weight (:func:`elsa_codec.bits.bits_view`):
+patterns of the weight (:func:`elsa_codec.format.bits.bits_view`):
 
 - ``keep``: all-ones bits where the weight trains (in the current pruning mask and not frozen),
   zero elsewhere;
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bits import bits_view
+from ..format.bits import bits_view
 from ..errors import ELSAError
 from .distributed import is_dtensor, local_tensor
 

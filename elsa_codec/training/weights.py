@@ -13,7 +13,7 @@ import warnings
 from torch import nn
 
 from ..errors import ELSAError
-from ..select import DEFAULT_SELECT, SELECT_POLICIES, select_weights, transposed_weights
+from ..format.selection import DEFAULT_SELECT, SELECT_POLICIES, select_weights, transposed_weights
 from ..wrappers import strip_wrapper_prefix, unwrap_model
 
 __all__ = ["prunable_weights", "shared_parameters", "legacy_prunable", "model_transposed"]
@@ -54,7 +54,7 @@ def prunable_weights(model: nn.Module, select=None, *, filter_fn=None) -> dict[s
     Args:
         model: any ``nn.Module``, bare or wrapped (DDP, FSDP, ``torch.compile``: the names are
             those of the bare model).
-        select: None or a policy of :data:`elsa_codec.select.SELECT_POLICIES` (default
+        select: None or a policy of :data:`elsa_codec.format.selection.SELECT_POLICIES` (default
             ``"blocks"``: Linear / Conv1d / Conv2d / transformers ``Conv1D`` weights without the
             embeddings and the output head), or an iterable of module / parameter names. A
             predicate ``(name, module)`` still works (deprecated: use ``filter_fn``).

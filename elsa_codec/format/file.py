@@ -1,0 +1,685 @@
+"""ELSA checkpoint files: safetensors with a versioned metadata document (docs/FORMAT.md).
+
+Writes are atomic (temp file in the same folder, then rename): a failed run leaves no partial
+file and never overwrites the input. Reads check the document, the tensor list and a CRC-32 of
+every tensor, so a truncated or byte-flipped file is an error, never a silently wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import zlib
+from contextlib import contextmanager
+from typing import Mapping
+
+import torch
+
+from .encode import Counters, ELSAStateDict
+from .document import BN_PREFIX, BN_STATS, ELSAMeta, _SPARSITY_TOL, _unique_keys
+from ..checks import check_encoded, check_path, check_shard_size
+from ..errors import ELSAError, ELSAFormatError, ELSATypeError
+from .selection import tie_groups
+
+__all__ = [
+    "save_file",
+    "load_file",
+    "read_meta",
+    "save_counters",
+    "load_counters",
+    "write_plain",
+    "stale_temporaries",
+]
+
+_META_KEY = "elsa"
+_CRC_KEY = "elsa_checksums"
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _crc(t: torch.Tensor) -> str:
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return f"{zlib.crc32(memoryview(b)) & 0xFFFFFFFF:08x}"
+
+
+_TMP_SUFFIX = ".elsa-tmp"
+
+
+def _tmp_prefix(path: str) -> str:
+    """``.{12 hex digits of the target name's hash}-`` : temporary names stay 40 characters long
+    whatever the target's length (a legal 255-character name must stay writable) and still say
+    which target they belong to."""
+    return "." + hashlib.sha256(os.path.basename(path).encode("utf-8", "surrogateescape")).hexdigest()[:12] + "-"
+
+
+def stale_temporaries(path: str) -> list:
+    """Temporary files of earlier writes of ``path`` whose writing process is gone (killed while
+    writing): ``[paths]``. :func:`_atomic` removes them on the next write of ``path``;
+    ``elsa verify`` reports them."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    pre = _tmp_prefix(path)
+    out = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    for n in names:
+        if not (n.startswith(pre) and n.endswith(_TMP_SUFFIX)):
+            continue
+        pid = n[len(pre):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another process is writing this target right now
+        if pid.isdigit() and int(pid) == os.getpid() and n in _OPEN_TMPS:
+            continue
+        out.append(os.path.join(d, n))
+    return sorted(out)
+
+
+_OPEN_TMPS: set = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_temporary(path: str) -> str:
+    """A new empty file beside ``path`` named ``.{hash of path's name}-{pid}-{random}.elsa-tmp``,
+    registered as in use by this process (:func:`stale_temporaries` skips it) until
+    ``_OPEN_TMPS.discard(basename)``."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=d)
+    os.close(fd)
+    _OPEN_TMPS.add(os.path.basename(tmp))
+    return tmp
+
+
+@contextmanager
+def _atomic(path: str):
+    """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on failure.
+
+    The temporary name is ``.{hash of the target name}-{pid}-{random}.elsa-tmp`` (under 50
+    characters); stale ones of the same target left by a killed process are removed first.
+    """
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(d, exist_ok=True)  # the API creates missing folders; the CLI refuses them (a typo)
+    for stale in stale_temporaries(path):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    tmp = new_temporary(path)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        _OPEN_TMPS.discard(os.path.basename(tmp))
+
+
+_HEADER_KEY = "elsa_header_sha256"
+#: ``__metadata__`` keys of an ELSA file. Files written before the header checksum (the golden
+#: file) hold only the first three; any other key there means a corrupted key name.
+_KNOWN_KEYS = ("format", _META_KEY, _CRC_KEY, _HEADER_KEY)
+
+
+def header_checksum(metadata: Mapping[str, str], entries: Mapping[str, tuple]) -> str:
+    """SHA-256 (hex) of the canonical form of a header: the ``__metadata__`` strings (without the
+    checksum itself) and every tensor's ``(dtype, shape)`` (``entries``: ``name -> (dtype, shape)``,
+    dtype the safetensors code ``"F32"``). Data offsets are not part of it: the per-tensor CRC-32s
+    check what they point to."""
+    canon = {
+        "metadata": {k: v for k, v in metadata.items() if k != _HEADER_KEY},
+        "tensors": {n: [str(d), [int(x) for x in s]] for n, (d, s) in entries.items()},
+    }
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def st_dtype(t: torch.Tensor, name: str) -> str:
+    """The safetensors dtype code of ``t`` (``"F32"``); ELSAError naming ``name`` if none."""
+    if t.dtype not in _DTYPES:
+        raise ELSAError(f"{name}: dtype {t.dtype} cannot be written to a safetensors file")
+    return _DTYPES[t.dtype]
+
+
+_ITEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def data_order(entries: Mapping[str, tuple]) -> list:
+    """The order of the tensors' bytes in the file: widest dtype first, then by name (as
+    safetensors lays them out, so every tensor is aligned to its element size).
+    ``entries``: ``name -> (dtype code, shape)``."""
+    return sorted(entries, key=lambda n: (-_ITEM[entries[n][0]], n))
+
+
+def header_bytes(entries: Mapping[str, tuple], metadata: Mapping[str, str]) -> bytes:
+    """The first bytes of a safetensors file: 8-byte little-endian length, then the header JSON.
+
+    ``entries``: ``name -> (dtype code, shape)``; the data offsets follow :func:`data_order`.
+    ``metadata`` gets the header checksum (:func:`header_checksum`). The JSON has sorted keys and
+    compact separators, padded with spaces to a multiple of 8 bytes: the same input gives the same
+    bytes in every process (safetensors' own writer orders ``__metadata__`` by a hash map).
+    """
+    md = {str(k): str(v) for k, v in metadata.items()}
+    md[_HEADER_KEY] = header_checksum(md, entries)
+    header, off = {"__metadata__": md}, 0
+    for n in data_order(entries):
+        d, s = entries[n]
+        nb = _ITEM[d] * math.prod(s)
+        header[n] = {"dtype": d, "shape": [int(x) for x in s], "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    return len(hb).to_bytes(8, "little") + hb
+
+
+def write_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` (CPU, contiguous) and ``metadata`` as a safetensors file at ``path``
+    (not atomic: call inside :func:`_atomic`), byte-reproducible (:func:`header_bytes`)."""
+    entries = {n: (st_dtype(t, n), list(t.shape)) for n, t in tensors.items()}
+    with open(path, "wb") as f:
+        f.write(header_bytes(entries, metadata))
+        for n in data_order(entries):
+            t = tensors[n]
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def file_metadata(doc: str, crcs: Mapping[str, str]) -> dict:
+    """The ``__metadata__`` of an ELSA file (before its header checksum): the document and the
+    per-tensor CRC-32 table (sorted, compact)."""
+    return {"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps(dict(crcs), sort_keys=True, separators=(",", ":"))}
+
+
+def _flat_tensors(encoded: ELSAStateDict) -> dict:
+    out = {}
+    for name, t in encoded.items():
+        if name.startswith(BN_PREFIX):
+            raise ELSAError(f"{name}: tensor names must not start with the reserved prefix {BN_PREFIX!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ELSAError(f"{name}: expected a tensor, got {type(t).__name__}")
+        out[name] = t
+    for lvl, per in encoded.bn_stats.items():
+        for mod, stats in per.items():
+            for s, v in stats.items():
+                out[f"{BN_PREFIX}{lvl}.{mod}.{s}"] = v
+    # A tied tensor (the same tensor under several names) is stored once; the others become
+    # aliases in the document's "tied" map. safetensors refuses any other shared storage: give
+    # each remaining tensor its own contiguous memory.
+    tied = {}
+    for group in tie_groups({n: t for n, t in out.items() if not n.startswith(BN_PREFIX)}):
+        for alias in group[1:]:
+            tied[alias] = group[0]
+            del out[alias]
+    seen = set()
+    for name, t in out.items():
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
+        if key in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = t
+    return out, tied
+
+
+def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None:
+    """Write an :class:`ELSAStateDict` to a safetensors file (or shards plus an index), atomically.
+
+    Args:
+        encoded: from :func:`elsa_codec.encode`, :func:`load_file` or ``elsa_state_dict(model)``.
+        path: ``*.safetensors``; or ``*.safetensors.index.json`` (or ``max_shard_size`` given) for
+            the usual shards ``{stem}-00001-of-0000N.safetensors`` beside an index file. Missing
+            folders are created (the ``elsa`` CLI refuses them instead: a typo).
+        max_shard_size: bytes per shard (a positive int, or ``"2GB"``, ``"500MB"``, ``"1GiB"``);
+            implies sharding.
+
+    The header's ``__metadata__`` holds the versioned JSON document under ``"elsa"`` and CRC-32s of
+    every tensor under ``"elsa_checksums"``; per-level batch-norm statistics are stored as extra
+    tensors ``__elsa_bn__.{level}.{module}.{stat}`` (docs/FORMAT.md).
+
+    The bytes depend only on the content: the same state dict gives the same file in every
+    process and on every machine (sorted header, fixed JSON formatting; :func:`header_bytes`).
+
+    Raises:
+        ELSAError: not an ELSAStateDict (``ELSATypeError``), a path that is not a path, a bad
+            ``max_shard_size``, or a tensor name using the reserved prefix.
+    """
+    check_encoded(encoded, "encoded", "save_file")
+    path = check_path(path, "path", "save_file", order="save_file(encoded, path)")
+    limit = check_shard_size(max_shard_size)
+    tensors, tied = _flat_tensors(encoded)
+    doc = dataclasses.replace(encoded.meta, tied=tied).to_json()  # what the file stores once
+    crcs = {n: _crc(t) for n, t in tensors.items()}
+    sharded = max_shard_size is not None or str(path).endswith(".index.json")
+    if not sharded:
+        with _atomic(path) as tmp:
+            write_tensors(tmp, tensors, file_metadata(doc, crcs))
+        return
+    limit = limit if limit is not None else 5 * 10**9
+    groups, cur, size = [], [], 0
+    for n, t in tensors.items():
+        nb = t.numel() * t.element_size()
+        if cur and size + nb > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nb
+    if cur:
+        groups.append(cur)
+    index_path = path if str(path).endswith(".index.json") else str(path) + ".index.json"
+    base = os.path.basename(index_path)[: -len(".index.json")]
+    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+    folder = os.path.dirname(os.path.abspath(index_path))
+    weight_map = {}
+    written = []
+    try:
+        for i, names in enumerate(groups, start=1):
+            shard = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+            sub = {n: tensors[n] for n in names}
+            with _atomic(os.path.join(folder, shard)) as tmp:
+                write_tensors(tmp, sub, file_metadata(doc, {n: crcs[n] for n in names}))
+            written.append(os.path.join(folder, shard))
+            weight_map.update({n: shard for n in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with _atomic(index_path) as tmp:
+            write_index(tmp, weight_map, total, doc, crcs)
+    except BaseException:
+        for p in written:
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+
+
+def write_index(path: str, weight_map: Mapping[str, str], total_size: int, doc: str, crcs: Mapping[str, str]) -> None:
+    """Write a ``*.safetensors.index.json`` (not atomic: call inside :func:`_atomic`): sorted keys,
+    the document, every checksum and the index's own checksum (:func:`index_checksum`)."""
+    md = {"total_size": int(total_size), **file_metadata(doc, crcs)}
+    del md["format"]
+    index = {"metadata": md, "weight_map": dict(sorted(weight_map.items()))}
+    index["metadata"][_HEADER_KEY] = index_checksum(index)
+    with open(path, "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def index_checksum(index: Mapping) -> str:
+    """SHA-256 (hex) of an index's canonical form: its metadata (without this checksum) and weight map."""
+    md = {k: v for k, v in dict(index.get("metadata", {})).items() if k != _HEADER_KEY}
+    canon = json.dumps({"metadata": md, "weight_map": index.get("weight_map")}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _open_safetensors(path: str, *, check_header: bool = True):
+    """``safe_open`` of ``path`` with its header checked (:func:`_check_header`); every failure is
+    an ELSAFormatError naming the file."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise ELSAFormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ELSAFormatError(f"{path}: is a directory, not a safetensors file")
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ELSAFormatError(f"{path}: truncated file ({size} bytes; a safetensors file starts with an 8-byte header size)")
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+        if check_header:
+            _check_header(f, path)
+        return f
+    except ELSAFormatError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for malformed headers / truncation
+        raise ELSAFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _check_header(f, path: str) -> None:
+    """Verify the header checksum (:func:`header_checksum`) of an opened file. A file without one
+    is accepted only if it could have been written before checksums existed (an ELSA file then
+    holds no metadata key but ``format``, ``elsa``, ``elsa_checksums``)."""
+    md = f.metadata() or {}
+    want = md.get(_HEADER_KEY)
+    if want is None:
+        extra = sorted(set(md) - set(_KNOWN_KEYS))
+        if _META_KEY in md and extra:
+            raise ELSAFormatError(f"{path}: header has no checksum and an unknown metadata key {extra[0]!r} (corrupted header)")
+        return
+    entries = {}
+    for n in f.keys():
+        sl = f.get_slice(n)
+        entries[n] = (sl.get_dtype(), sl.get_shape())
+    if header_checksum(md, entries) != want:
+        raise ELSAFormatError(
+            f"{path}: the header (metadata document, checksum table or tensor list) fails its SHA-256 check (file corrupted)"
+        )
+
+
+def _shards(path: str):
+    """[(shard_path, [names] or None)] and the index metadata (or None) for a file or an index.
+
+    An index must be a JSON object without duplicated keys, its ``weight_map`` an object of file
+    names in the index's folder, its ``metadata`` (if any) an object passing its checksum
+    (:func:`index_checksum`)."""
+    if not str(path).endswith(".index.json"):
+        return [(path, None)], None
+    index = _read_index(path)
+    wm, md = index["weight_map"], index.get("metadata", {})
+    want = md.get(_HEADER_KEY)
+    if want is None and _META_KEY in md and set(md) - {"total_size", _META_KEY, _CRC_KEY}:
+        raise ELSAFormatError(f"{path}: index has no checksum and unknown metadata keys (corrupted)")
+    if want is not None and index_checksum(index) != want:
+        raise ELSAFormatError(f"{path}: the index (metadata, checksums or weight map) fails its SHA-256 check (file corrupted)")
+    for s in wm.values():
+        if os.path.basename(s) != s or s in ("", ".", ".."):
+            raise ELSAFormatError(f"{path}: weight_map names a shard {s!r} outside the index's folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    by_shard = {}
+    for n, s in wm.items():
+        by_shard.setdefault(s, []).append(n)
+    return [(os.path.join(folder, s), ns) for s, ns in by_shard.items()], md
+
+
+def _read_index(path: str) -> dict:
+    """The JSON object of an index file with an object ``weight_map`` of file names and an object
+    ``metadata`` (if any); ELSAFormatError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f, object_pairs_hook=_unique_keys)
+        if not isinstance(index, dict):
+            raise TypeError("not a JSON object")
+        wm = index["weight_map"]
+        if not isinstance(wm, dict) or not all(isinstance(s, str) for s in wm.values()):
+            raise TypeError("weight_map is not an object of file names")
+        if not isinstance(index.get("metadata", {}), dict):
+            raise TypeError("metadata is not an object")
+    except FileNotFoundError:
+        raise ELSAFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ELSAFormatError(f"{path}: is a directory, not an index file") from None
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise ELSAFormatError(f"{path}: malformed index file ({e})") from None
+    return index
+
+
+def read_meta(path: str) -> ELSAMeta:
+    """Read and validate only the metadata document of a file or index (no tensor data): the
+    header or index checksum, then :meth:`ELSAMeta.from_json`'s checks of the document.
+
+    Raises:
+        ELSAFormatError: missing or malformed document, unknown version, unreadable file.
+    """
+    path = check_path(path, "path", "read_meta")
+    shards, imeta = _shards(path)
+    md = imeta if imeta is not None else (_open_safetensors(shards[0][0]).metadata() or {})
+    if _META_KEY not in md:
+        raise ELSAFormatError(f"{path}: not an ELSA checkpoint (no '{_META_KEY}' metadata document); make one with `elsa encode`")
+    return ELSAMeta.from_json(md[_META_KEY], source=path)
+
+
+def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSAStateDict:
+    """Read an ELSA checkpoint (a ``.safetensors`` file or a ``.safetensors.index.json``).
+
+    Every meaningful byte is checked (docs/FORMAT.md, "Readers must refuse"): the header (or
+    index) checksum, the document (:meth:`ELSAMeta.from_json`), the shards against their index,
+    the tensors against their records, the tied aliases and the batch-norm statistics; with
+    ``verify_checksums`` (the default) also each tensor's CRC-32 and, per encoded tensor, one
+    count of its codes: every code ``<= T``, each level's measured sparsity equal to its record,
+    each structured level's mask holding its structure (:func:`_check_codes`).
+
+    Returns:
+        :class:`ELSAStateDict`: the tensors under their names (batch-norm statistics stripped into
+        ``.bn_stats``), ``.meta`` the parsed document.
+
+    Raises:
+        ELSAFormatError: missing, truncated or corrupted file (names the file and what is
+            corrupt: the tensor, the field, the level), a format version from the future.
+    """
+    path = check_path(path, "path", "load_file", order="load_file(path)")
+    meta = read_meta(path)
+    shards, imeta = _shards(path)
+    tensors, crcs = _read_shards(path, shards, imeta)
+    if verify_checksums:
+        _check_crcs(path, tensors, crcs)
+    _restore_tied(path, tensors, meta)
+    plain, bn = _split_bn(path, tensors, meta)
+    _check_shapes(path, plain, meta)
+    if verify_checksums:
+        _check_codes(path, plain, meta)
+    if device != "cpu":
+        plain = {n: t.to(device) for n, t in plain.items()}
+    return ELSAStateDict(plain, meta, bn)
+
+
+def _read_shards(path: str, shards: list, imeta) -> tuple:
+    """``(tensors, crcs)`` of every shard; with an index (``imeta``), each shard must hold exactly
+    the tensors the index maps to it and the index's document, and the index's total size and
+    checksum table must match the shards."""
+    tensors, crcs = {}, {}
+    for shard, names in shards:
+        f = _open_safetensors(shard)
+        md = f.metadata() or {}
+        held = list(f.keys())
+        if imeta is not None:
+            if md.get(_META_KEY) != imeta.get(_META_KEY):
+                raise ELSAFormatError(f"{shard}: its metadata document differs from the one of its index {path}")
+            if sorted(held) != sorted(names):
+                odd = sorted(set(held) ^ set(names))[0]
+                raise ELSAFormatError(f"{shard}: tensor {odd!r} is in the shard or in the index {path} but not in both")
+        table = _crc_table(shard, md)
+        if table is not None and sorted(table) != sorted(held):
+            raise ELSAFormatError(f"{shard}: the checksum table lists other tensors than the file holds")
+        crcs.update(table or {})
+        for n in held:
+            try:
+                tensors[n] = f.get_tensor(n)
+            except Exception as e:
+                raise ELSAFormatError(f"{shard}: cannot read tensor {n!r} (truncated or corrupted?): {e}") from None
+    if imeta is not None:
+        _check_index(path, imeta, tensors, crcs)
+    return tensors, crcs
+
+
+def _crc_table(path: str, md: Mapping) -> dict | None:
+    """The ``elsa_checksums`` table of a file's metadata (None if absent): an object of tensor
+    names to 8 lowercase hex digits."""
+    if _CRC_KEY not in md:
+        return None
+    try:
+        table = json.loads(md[_CRC_KEY], object_pairs_hook=_unique_keys)
+    except (TypeError, ValueError) as e:
+        raise ELSAFormatError(f"{path}: malformed checksum table ({e})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for v in table.values()):
+        raise ELSAFormatError(f"{path}: malformed checksum table (not an object of 8-hex-digit CRC-32s)")
+    return table
+
+
+def _check_index(path: str, imeta: Mapping, tensors: Mapping, crcs: Mapping) -> None:
+    """An index's ``total_size`` is the bytes of its tensors and its checksum table the shards'."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if imeta.get("total_size") != total or isinstance(imeta.get("total_size"), bool):
+        raise ELSAFormatError(f"{path}: total_size is {imeta.get('total_size')!r}, the shards hold {total} bytes")
+    if _CRC_KEY in imeta and _crc_table(path, imeta) != dict(crcs):
+        raise ELSAFormatError(f"{path}: the index's checksum table differs from its shards' tables")
+
+
+def _check_crcs(path: str, tensors: Mapping, crcs: Mapping) -> None:
+    """Each tensor's CRC-32 equals its checksum table entry."""
+    for n, t in tensors.items():
+        want = crcs.get(n)
+        if want is None:
+            raise ELSAFormatError(f"{path}: tensor {n!r} has no checksum in the metadata")
+        if _crc(t) != want:
+            raise ELSAFormatError(f"{path}: tensor {n!r} fails its CRC-32 check (file corrupted)")
+
+
+def _restore_tied(path: str, tensors: dict, meta: ELSAMeta) -> None:
+    """Put each tied alias back as its stored target (one tensor under both names); an encoded
+    alias must have its target's record."""
+    for alias, target in meta.tied.items():
+        if alias in tensors or target not in tensors:
+            why = "is also stored" if alias in tensors else f"points to {target!r}, which the file does not hold"
+            raise ELSAFormatError(f"{path}: tied tensor {alias!r} {why}")
+        if meta.tensors.get(alias) != meta.tensors.get(target):
+            raise ELSAFormatError(f"{path}: tied tensor {alias!r} and its target {target!r} have different records in the metadata")
+        tensors[alias] = tensors[target]  # one tensor under both names, as in the model
+
+
+_BN_NAME = re.compile(r"([1-9][0-9]*)\.(.+)\.([a-z_]+)")
+
+
+def _split_bn(path: str, tensors: Mapping, meta: ELSAMeta) -> tuple:
+    """``(plain, bn_stats)``: the ``__elsa_bn__.{level}.{module}.{stat}`` tensors parsed into
+    ``{level: {module: {stat: tensor}}}``, checked by :func:`_check_bn`."""
+    plain, bn = {}, {}
+    for n, t in tensors.items():
+        if not n.startswith(BN_PREFIX):
+            plain[n] = t
+            continue
+        m = _BN_NAME.fullmatch(n[len(BN_PREFIX) :])
+        if m is None or m.group(3) not in BN_STATS:
+            raise ELSAFormatError(f"{path}: malformed batch-norm statistics name {n!r}")
+        bn.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = t
+    _check_bn(path, bn, meta)
+    return plain, bn
+
+
+def _check_bn(path: str, bn: Mapping, meta: ELSAMeta) -> None:
+    """Batch-norm statistics cover levels ``1..T+1``, each level the same modules, statistics,
+    dtypes and shapes, the modules those the document's ``bn_modules`` lists."""
+    T = meta.num_levels
+    if not bn and not meta.bn_modules:
+        return
+    if sorted(bn) != list(range(1, T + 2)):
+        raise ELSAFormatError(f"{path}: batch-norm statistics for levels {sorted(bn)}, expected 1..{T + 1}")
+    layout = {t: {m: {s: (v.dtype, tuple(v.shape)) for s, v in st.items()} for m, st in per.items()} for t, per in bn.items()}
+    for t, lay in layout.items():
+        if lay != layout[1]:
+            raise ELSAFormatError(f"{path}: batch-norm statistics of level {t} differ in modules, statistics or shapes from level 1's")
+    if sorted(layout[1]) != sorted(meta.bn_modules):
+        raise ELSAFormatError(f"{path}: batch-norm statistics are for modules {sorted(layout[1])}, the metadata lists {sorted(meta.bn_modules)}")
+
+
+def _check_shapes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
+    """Each encoded tensor is in the file with its record's shape and dtype."""
+    for n, info in meta.tensors.items():
+        if n not in plain:
+            raise ELSAFormatError(f"{path}: encoded tensor {n!r} is listed in the metadata but missing from the file")
+        t = plain[n]
+        if list(t.shape) != list(info.shape) or str(t.dtype).replace("torch.", "") != info.dtype:
+            raise ELSAFormatError(
+                f"{path}: tensor {n!r} is {tuple(t.shape)} {t.dtype} but the metadata says {tuple(info.shape)} {info.dtype}"
+            )
+
+
+def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
+    """Per encoded tensor, its codes (:func:`elsa_codec.format.bits.decode_codes`) counted once per
+    level: every code is ``<= T``, each level's measured sparsity equals the record, and each
+    structured level's mask (``code < t``; its transpose for a ``transposed`` weight) holds the
+    structure (:func:`elsa_codec.format.structure.mask_structure_ok`). A lie about ``k``, a sparsity or a
+    structure changes what the file serves, so it is refused here."""
+    from .bits import decode_codes
+    from .structure import mask_structure_ok
+
+    T, k = meta.num_levels, meta.code_bits
+    for n, ti in meta.tensors.items():
+        if n in meta.tied:
+            continue  # its target's tensor and record, checked under the target's name
+        codes = decode_codes(plain[n], k)
+        flat = codes.reshape(-1).numpy()
+        kept = _kept_counts(flat, T, T + 1 < (1 << k))
+        if kept[T] != flat.size:
+            raise ELSAFormatError(f"{path}: {n}: code {int(flat.max())} is out of range 0..{T} (T={T}): corrupted tensor or wrong code_bits")
+        size = max(flat.size, 1)
+        for t, (rec, kv) in enumerate(zip(ti.sparsity, kept), start=1):
+            got = 1.0 - float(kv) / size  # as encode measures it (codec._tensor_info)
+            if abs(rec - got) > _SPARSITY_TOL:
+                raise ELSAFormatError(f"{path}: {n}: level {t} sparsity recorded {rec:.6f}, measured {got:.6f}")
+        for t, lv in enumerate(meta.levels, start=1):
+            if lv.structure != "unstructured":
+                mask = torch.from_numpy(flat < t).reshape(codes.shape)
+                # an empty weight has no group to break; Conv1D is stored [in, out]
+                if mask.numel() and not mask_structure_ok(mask.t() if ti.transposed else mask, lv.structure):
+                    raise ELSAFormatError(f"{path}: {n}: level {t}'s mask breaks its structure {lv.structure}")
+
+
+def _kept_counts(codes, T: int, above: bool) -> list:
+    """``[number of codes < t for t in 1..T+1]`` of a flat uint8 numpy array; the last one is
+    counted only if codes above ``T`` can occur (``above``), else it is the size. A vectorised
+    compare-and-count per level for a few levels (several times faster than a bincount), one
+    bincount for many."""
+    import numpy as np
+
+    if T > 15:
+        return torch.cumsum(torch.bincount(torch.from_numpy(codes), minlength=T + 2), 0)[: T + 1].tolist()
+    kept = [int(np.count_nonzero(codes < t)) for t in range(1, T + 1)]
+    return kept + [int(np.count_nonzero(codes <= T)) if above else codes.size]
+
+
+def save_counters(counters: Counters, path: str) -> None:
+    """Write :class:`Counters` (uint8 tensors) to a safetensors file, atomically, with T and the
+    level structures in the metadata. Read back with :func:`load_counters` or ``elsa encode --counters``."""
+    from .encode import counter_dtype
+
+    if not isinstance(counters, Counters):
+        raise ELSATypeError(f"save_counters: counters must be a Counters (from magnitude_counters, counters_from_masks or training), got {type(counters).__name__}")
+    path = check_path(path, "path", "save_counters", order="save_counters(counters, path)")
+    t = {n: c.to(counter_dtype(counters.num_levels)).contiguous() for n, c in counters.items()}
+    head = {"num_levels": counters.num_levels, "structures": counters.structures}
+    if getattr(counters, "transposed", None):
+        head["transposed"] = sorted(counters.transposed)
+    md = {"elsa_counters": json.dumps(head)}
+    with _atomic(path) as tmp:
+        write_tensors(tmp, t, md)
+
+
+def load_counters(path: str) -> Counters:
+    """Read a counters file written by :func:`save_counters`.
+
+    Raises:
+        ELSAFormatError: unreadable file or no counters metadata.
+    """
+    path = check_path(path, "path", "load_counters")
+    f = _open_safetensors(path)
+    T, structs, transposed = _counters_header(f, path)
+    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs, transposed)
+
+
+def _counters_header(f, path: str) -> tuple:
+    try:
+        d = json.loads((f.metadata() or {})["elsa_counters"])
+        return int(d["num_levels"]), list(d["structures"]), set(d.get("transposed", []))
+    except (KeyError, ValueError, TypeError):
+        raise ELSAFormatError(f"{path}: not an ELSA counters file (no 'elsa_counters' metadata)") from None
+
+
+def write_plain(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a plain safetensors file (any loader reads it), atomically."""
+    flat = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    with _atomic(path) as tmp:
+        write_tensors(tmp, flat, dict(metadata or {"format": "pt"}))

@@ -1,0 +1,590 @@
+// ELSA sparse levels on the CPU: packers (encoded weight -> packed level) and matrix products.
+//
+// ELSA (Halvachi et al., arXiv 2312.06872), section 2.2; DESIGN.md, "The code rule": level t keeps
+// the weights whose code c (the k low bits of the IEEE-754 bit pattern) satisfies c < t, with their
+// exact bits. Built by elsa_codec/native.py with g++ (-O3, -mavx2 -mfma -mf16c where the CPU has
+// them, OpenMP) and called through ctypes from elsa_codec/kernels/cpu/packed.py, which holds the pure-PyTorch
+// reference of every function here.
+//
+// Packed formats of one level of a weight W `[N, K]` (row n = output feature n):
+//   csr     : rowptr int64 [N+1] (each row's entry count padded to a multiple of 8 with value 0 at
+//             column 0), col uint16 or int32 [nnz], val [nnz + 8]
+//   bitmask : rowptr int64 [N+1] (unpadded), mask uint8 [N, KB] (bit j of byte b = column 8b+j kept),
+//             val [nnz + 8]
+//   bsr     : browptr int64 [NBR+1], bcol int32 [nblk], bval [nblk, C, R8] (R8 = R rounded up to 8;
+//             a block of R x C weights stored column by column, zero padded at the edges)
+// Values keep the weight's dtype: dt 0 = float32, 1 = bfloat16, 2 = float16 (raw 16-bit patterns).
+// Products take x as float32, accumulate in float32 and write float32: y `[M, N]` = x `[M, K]` W^T
+// (+ bias float32 `[N]`). M = 1 runs the *_mv kernels on x `[K]` (padded as each format says);
+// M > 1 runs the *_mm kernels on xt = x^T `[K, M8]` (M8 = M rounded up to 8, zero padded).
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+// Software prefetch distance of the value stream, in elements (measured: 64 -> 2048 took the float32
+// bitmask product at 50% density from 1.04x to 0.65x of dense F.linear on a 2-core Xeon VM).
+#ifndef ELSA_PF
+#define ELSA_PF 2048
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define ELSA_AVX2 1
+#else
+#define ELSA_AVX2 0
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+
+namespace {
+
+// -- scalars and 8-lane loads of stored values -----------------------------------------------------
+inline float f16_to_f32(uint16_t h) {
+#if ELSA_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) { u = s; }
+        else { e = 113; while (!(m & 0x400)) { m <<= 1; e--; } m &= 0x3ff; u = s | (e << 23) | (m << 13); }
+    } else if (e == 31) { u = s | 0x7f800000u | (m << 13); }
+    else { u = s | ((e + 112) << 23) | (m << 13); }
+    float f; std::memcpy(&f, &u, 4); return f;
+#endif
+}
+
+inline float load1(const void* v, int dt, int64_t i) {
+    if (dt == 0) return ((const float*)v)[i];
+    uint16_t h = ((const uint16_t*)v)[i];
+    if (dt == 1) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+    return f16_to_f32(h);
+}
+
+#if ELSA_AVX2
+inline __m256 load8(const void* v, int dt, int64_t i) {
+    if (dt == 0) return _mm256_loadu_ps((const float*)v + i);
+    __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)v + i));
+    if (dt == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+inline float hsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+// compress[b]: lane i holds the position of the i-th set bit of b (unused lanes 0);
+// prefix[p]: lanes < p all ones.
+alignas(32) int32_t compress_tab[256][8];
+alignas(32) int32_t prefix_tab[9][8];
+struct Tables {
+    Tables() {
+        for (int b = 0; b < 256; b++) {
+            int p = 0;
+            for (int j = 0; j < 8; j++) compress_tab[b][j] = 0;
+            for (int j = 0; j < 8; j++) if (b >> j & 1) compress_tab[b][p++] = j;
+        }
+        for (int p = 0; p <= 8; p++) for (int j = 0; j < 8; j++) prefix_tab[p][j] = j < p ? -1 : 0;
+    }
+} tables;
+#endif
+
+inline bool kept(const void* w, int es, int64_t i, uint32_t low, uint32_t t) {
+    uint32_t u = es == 4 ? ((const uint32_t*)w)[i] : ((const uint16_t*)w)[i];
+    return (u & low) < t;
+}
+
+inline void copy_val(void* dst, int64_t j, const void* w, int es, int64_t i) {
+    if (es == 4) ((uint32_t*)dst)[j] = ((const uint32_t*)w)[i];
+    else ((uint16_t*)dst)[j] = ((const uint16_t*)w)[i];
+}
+
+inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
+
+// -- products, M > 1: one row of W against xt `[K, M8]`, NV vectors of 8 columns of x at a time ----
+template <int NV>
+inline void store_rows(float* y, int64_t ldy, int64_t n, int64_t m0, int64_t M, const v8f* acc, float b) {
+    for (int u = 0; u < NV; u++)
+        for (int l = 0; l < 8; l++) {
+            int64_t m = m0 + 8 * u + l;
+            if (m < M) y[m * ldy + n] = acc[u][l] + b;
+        }
+}
+
+template <int NV>
+void csr_mm_row(int64_t n, const int64_t* rowptr, const void* col, int isz, const void* val, int dt,
+                const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias, float* y, int64_t ldy) {
+    v8f acc[NV];
+    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = rowptr[n]; i < rowptr[n + 1]; i++) {
+        int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
+        float v = load1(val, dt, i);
+        const v8f* xr = (const v8f*)(xt + c * M8 + m0);
+        for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
+    }
+    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
+}
+
+template <int NV>
+void bitmask_mm_row(int64_t n, const int64_t* rowptr, const uint8_t* mask, int64_t KB, const void* val, int dt,
+                    const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias, float* y, int64_t ldy) {
+    v8f acc[NV];
+    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = rowptr[n];
+    const uint8_t* mb = mask + n * KB;
+    for (int64_t j = 0; j < KB; j++) {
+        unsigned b = mb[j];
+        while (b) {
+            int64_t c = 8 * j + __builtin_ctz(b);
+            b &= b - 1;
+            float v = load1(val, dt, i++);
+            const v8f* xr = (const v8f*)(xt + c * M8 + m0);
+            for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
+        }
+    }
+    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
+}
+
+template <int NV>
+void bsr_mm_row(int64_t n, int64_t R, int64_t R8, int64_t C, const int64_t* browptr, const int32_t* bcol,
+                const void* bval, int dt, const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias,
+                float* y, int64_t ldy) {
+    int64_t br = n / R, r = n % R;
+    v8f acc[NV];
+    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t b = browptr[br]; b < browptr[br + 1]; b++) {
+        int64_t c0 = (int64_t)bcol[b] * C, base = b * C * R8 + r;
+        for (int64_t c = 0; c < C; c++) {
+            float v = load1(bval, dt, base + c * R8);
+            const v8f* xr = (const v8f*)(xt + (c0 + c) * M8 + m0);
+            for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
+        }
+    }
+    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
+}
+
+// Dispatch a row kernel over NV = 1..8 (64 columns of x per pass).
+#define ELSA_MM_DISPATCH(KERNEL, ...)                                                   \
+    for (int64_t m0 = 0; m0 < M8; m0 += 64) {                                           \
+        int nv = (int)((M8 - m0) / 8 < 8 ? (M8 - m0) / 8 : 8);                          \
+        switch (nv) {                                                                   \
+            case 1: KERNEL<1>(__VA_ARGS__); break;                                      \
+            case 2: KERNEL<2>(__VA_ARGS__); break;                                      \
+            case 3: KERNEL<3>(__VA_ARGS__); break;                                      \
+            case 4: KERNEL<4>(__VA_ARGS__); break;                                      \
+            case 5: KERNEL<5>(__VA_ARGS__); break;                                      \
+            case 6: KERNEL<6>(__VA_ARGS__); break;                                      \
+            case 7: KERNEL<7>(__VA_ARGS__); break;                                      \
+            default: KERNEL<8>(__VA_ARGS__); break;                                     \
+        }                                                                               \
+    }
+
+// csr: x `[K]`; rows padded to multiples of 8 entries: one 8-lane gather of x per 8 entries.
+template <int DT, typename IDX>
+void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const IDX* col, const void* val, const float* x,
+                 const float* bias, float* y) {
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t i = rowptr[n], e = rowptr[n + 1];
+        float s = 0.f;
+#if ELSA_AVX2
+        auto cols = [&](int64_t o) {
+            if (sizeof(IDX) == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(col + o)));
+            return _mm256_loadu_si256((const __m256i*)(col + o));
+        };
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (; i + 16 <= e; i += 16) {
+            _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
+            _mm_prefetch((const char*)(col + i + ELSA_PF), _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
+            a1 = _mm256_fmadd_ps(load8(val, DT, i + 8), _mm256_i32gather_ps(x, cols(i + 8), 4), a1);
+        }
+        if (i + 8 <= e) {
+            a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
+            i += 8;
+        }
+        s = hsum(_mm256_add_ps(a0, a1));
+#endif
+        for (; i < e; i++) s += load1(val, DT, i) * x[col[i]];
+        y[n] = s + (bias ? bias[n] : 0.f);
+    }
+}
+
+// Run ROWS(n0, n1, ...) over nt threads in contiguous row ranges, with the dtype as a template argument.
+template <typename F>
+void over_rows(int64_t N, int nt, int64_t work, F f) {
+    int T = nthreads_for(nt, work);
+    if (T <= 1) { f(0, N); return; }
+    int64_t chunk = (N + T - 1) / T;
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+    for (int p = 0; p < T; p++) {
+        int64_t n0 = p * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        if (n0 < n1) f(n0, n1);
+    }
+}
+
+// The mask bytes j .. KB of a row (after the vector loop), one kept weight at a time, added to s.
+template <int DT>
+inline float bitmask_tail(float s, int64_t j, int64_t KB, int64_t i, const uint8_t* mb, const void* val, const float* x) {
+    for (; j < KB; j++)
+        for (unsigned b = mb[j]; b; b &= b - 1) s += load1(val, DT, i++) * x[8 * j + __builtin_ctz(b)];
+    return s;
+}
+
+// bitmask: x `[8 KB]` (zero padded past K). Four mask bytes (32 columns) per step: each byte
+// compresses its 8 inputs to the positions of its kept weights (one permute), multiplied with the
+// next popcount values (lanes past it masked off).
+template <int DT>
+void bitmask_mv_rows(int64_t n0, int64_t n1, int64_t KB, const int64_t* rowptr, const uint8_t* mask, const void* val,
+                     const float* x, const float* bias, float* y) {
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t i = rowptr[n];
+        const uint8_t* mb = mask + n * KB;
+        float s = 0.f;
+        int64_t j = 0;
+#if ELSA_AVX2
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; j + 4 <= KB; j += 4) {
+            uint32_t w;
+            std::memcpy(&w, mb + j, 4);
+            unsigned b0 = w & 255, b1 = (w >> 8) & 255, b2 = (w >> 16) & 255, b3 = w >> 24;
+            int p0 = __builtin_popcount(b0), p1 = __builtin_popcount(b1), p2 = __builtin_popcount(b2);
+            const float* xj = x + 8 * j;
+            _mm_prefetch((const char*)(mb + j + 512), _MM_HINT_T0);
+            _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
+#define ELSA_BM_STEP(A, B, P, OFF, XO)                                                                  \
+    A = _mm256_fmadd_ps(_mm256_and_ps(load8(val, DT, i + OFF), _mm256_load_ps((const float*)prefix_tab[P])), \
+                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xj + XO), _mm256_load_si256((const __m256i*)compress_tab[B])), A)
+            ELSA_BM_STEP(a0, b0, p0, 0, 0);
+            ELSA_BM_STEP(a1, b1, p1, p0, 8);
+            ELSA_BM_STEP(a2, b2, p2, p0 + p1, 16);
+            ELSA_BM_STEP(a3, b3, __builtin_popcount(b3), p0 + p1 + p2, 24);
+#undef ELSA_BM_STEP
+            i += __builtin_popcount(w);
+        }
+        s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+        y[n] = bitmask_tail<DT>(s, j, KB, i, mb, val, x) + (bias ? bias[n] : 0.f);
+    }
+}
+
+// bsr, M = 1: rows r0 .. r0 + 8 NV of block row br, NV accumulators of 8 rows held in registers;
+// each kept block is read once, column by column (R8 values), prefetched ahead.
+struct BsrRow {
+    int64_t br, r0, R, R8, C, N;
+    const int64_t* browptr;
+    const int32_t* bcol;
+    const void* bval;
+    const float* x;
+    const float* bias;
+    float* y;
+};
+
+template <int DT, int NV>
+void bsr_mv_rows(const BsrRow& a) {
+    v8f acc[NV];
+    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    const int es = DT == 0 ? 4 : 2;
+    for (int64_t b = a.browptr[a.br]; b < a.browptr[a.br + 1]; b++) {
+        const float* xb = a.x + (int64_t)a.bcol[b] * a.C;
+        int64_t base = b * a.C * a.R8 + a.r0;
+        for (int64_t c = 0; c < a.C; c++) {
+            int64_t off = base + c * a.R8;
+#if ELSA_AVX2
+            _mm_prefetch((const char*)a.bval + off * es + 4096, _MM_HINT_T0);
+            __m256 xs = _mm256_set1_ps(xb[c]);
+            for (int u = 0; u < NV; u++) acc[u] = (v8f)_mm256_fmadd_ps(load8(a.bval, DT, off + 8 * u), xs, (__m256)acc[u]);
+#else
+            float xv = xb[c];
+            for (int u = 0; u < NV; u++)
+                for (int l = 0; l < 8; l++) acc[u][l] += load1(a.bval, DT, off + 8 * u + l) * xv;
+#endif
+        }
+    }
+    (void)es;
+    for (int u = 0; u < NV; u++)
+        for (int l = 0; l < 8; l++) {
+            int64_t r = a.r0 + 8 * u + l, n = a.br * a.R + r;
+            if (r < a.R && n < a.N) a.y[n] = acc[u][l] + (a.bias ? a.bias[n] : 0.f);
+        }
+}
+
+template <int DT>
+void bsr_mv_dispatch(int nv, const BsrRow& a) {
+    switch (nv) {
+        case 1: bsr_mv_rows<DT, 1>(a); break;
+        case 2: bsr_mv_rows<DT, 2>(a); break;
+        case 3: bsr_mv_rows<DT, 3>(a); break;
+        case 4: bsr_mv_rows<DT, 4>(a); break;
+        case 5: bsr_mv_rows<DT, 5>(a); break;
+        case 6: bsr_mv_rows<DT, 6>(a); break;
+        case 7: bsr_mv_rows<DT, 7>(a); break;
+        default: bsr_mv_rows<DT, 8>(a); break;
+    }
+}
+
+#if ELSA_AVX2
+// bitmask, M = 1, AVX-512 (runtime-dispatched where the CPU has AVX-512 F/BW/VL/DQ and VBMI2): one
+// masked expand-load puts a mask word's 16 kept values in their column lanes (zeros elsewhere).
+#define ELSA_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2")))
+template <int DT>
+ELSA_512 inline __m512 expand16(const void* val, int64_t i, __mmask16 m) {
+    if (DT == 0) return _mm512_maskz_expandloadu_ps(m, (const float*)val + i);
+    __m256i h = _mm256_maskz_expandloadu_epi16(m, (const uint16_t*)val + i);
+    if (DT == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+template <int DT>
+ELSA_512 void bitmask_mv_rows_512(int64_t n0, int64_t n1, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
+                                 const void* val, const float* x, const float* bias, float* y) {
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t i = rowptr[n];
+        const uint8_t* mb = mask + n * KB;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t j = 0;
+        for (; j + 4 <= KB; j += 4) {
+            uint32_t w;
+            std::memcpy(&w, mb + j, 4);
+            __mmask16 m0 = (__mmask16)(w & 0xffff), m1 = (__mmask16)(w >> 16);
+            _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
+            int p0 = __builtin_popcount(w & 0xffff);
+            a0 = _mm512_fmadd_ps(expand16<DT>(val, i, m0), _mm512_loadu_ps(x + 8 * j), a0);
+            a1 = _mm512_fmadd_ps(expand16<DT>(val, i + p0, m1), _mm512_loadu_ps(x + 8 * j + 16), a1);
+            i += __builtin_popcount(w);
+        }
+        __m512 a = _mm512_add_ps(a0, a1);
+        float s = hsum(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+        y[n] = bitmask_tail<DT>(s, j, KB, i, mb, val, x) + (bias ? bias[n] : 0.f);
+    }
+}
+#endif
+
+// Instruction set of the M = 1 bitmask kernel: 2 = AVX-512 (where the CPU has it), 1 = AVX2, 0 = scalar.
+int detect_isa() {
+#if ELSA_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi2"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+int isa = detect_isa();
+
+}  // namespace
+
+extern "C" {
+
+int elsa_cpu_abi() { return 2; }
+int elsa_cpu_avx2() { return ELSA_AVX2; }
+// The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
+// (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
+int elsa_cpu_isa() { return isa; }
+int elsa_cpu_set_isa(int want) {
+    int top = detect_isa();
+    isa = want < top ? (want < 0 ? 0 : want) : top;
+    return isa;
+}
+
+// -- packers ------------------------------------------------------------------------------------
+// w: encoded bits `[N, ld]` (es = 4 or 2 bytes per element); k code bits; level t.
+
+// Kept weights per row (count[n]) for csr / bitmask.
+void elsa_count_rows(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t* count, int nt) {
+    uint32_t low = (1u << k) - 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < K; j++) c += kept(w, es, n * ld + j, low, (uint32_t)t);
+        count[n] = c;
+    }
+}
+
+// csr: rowptr from the counts rounded up to 8 (the caller zero-fills val and col).
+void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, const int64_t* rowptr,
+                   void* col, int isz, void* val, int nt) {
+    uint32_t low = (1u << k) - 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t i = rowptr[n];
+        for (int64_t j = 0; j < K; j++) {
+            if (!kept(w, es, n * ld + j, low, (uint32_t)t)) continue;
+            if (isz == 2) ((uint16_t*)col)[i] = (uint16_t)j; else ((int32_t*)col)[i] = (int32_t)j;
+            copy_val(val, i++, w, es, n * ld + j);
+        }
+    }
+}
+
+void elsa_pack_bitmask(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, const int64_t* rowptr,
+                       uint8_t* mask, int64_t KB, void* val, int nt) {
+    uint32_t low = (1u << k) - 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t i = rowptr[n];
+        uint8_t* mb = mask + n * KB;
+        std::memset(mb, 0, KB);
+        for (int64_t j = 0; j < K; j++) {
+            if (!kept(w, es, n * ld + j, low, (uint32_t)t)) continue;
+            mb[j >> 3] |= (uint8_t)(1u << (j & 7));
+            copy_val(val, i++, w, es, n * ld + j);
+        }
+    }
+}
+
+// bsr step 1: keep[br, bc] = 1 when block (br, bc) holds a kept weight; bcount[br] = kept blocks.
+void elsa_bsr_blocks(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t R, int64_t C,
+                     uint8_t* keep, int64_t* bcount, int nt) {
+    uint32_t low = (1u << k) - 1;
+    int64_t NBR = (N + R - 1) / R, NBC = (K + C - 1) / C;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t br = 0; br < NBR; br++) {
+        uint8_t* kr = keep + br * NBC;
+        std::memset(kr, 0, NBC);
+        for (int64_t n = br * R; n < N && n < (br + 1) * R; n++)
+            for (int64_t j = 0; j < K; j++)
+                if (!kr[j / C] && kept(w, es, n * ld + j, low, (uint32_t)t)) kr[j / C] = 1;
+        int64_t c = 0;
+        for (int64_t bc = 0; bc < NBC; bc++) c += kr[bc];
+        bcount[br] = c;
+    }
+}
+
+// bsr step 2: bcol and bval (zero-filled by the caller) of the kept blocks.
+void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t R, int64_t C,
+                   int64_t R8, const uint8_t* keep, const int64_t* browptr, int32_t* bcol, void* bval, int nt) {
+    uint32_t low = (1u << k) - 1;
+    int64_t NBR = (N + R - 1) / R, NBC = (K + C - 1) / C;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t br = 0; br < NBR; br++) {
+        int64_t b = browptr[br];
+        for (int64_t bc = 0; bc < NBC; bc++, b += 0) {
+            if (!keep[br * NBC + bc]) continue;
+            bcol[b] = (int32_t)bc;
+            for (int64_t c = 0; c < C && bc * C + c < K; c++)
+                for (int64_t r = 0; r < R && br * R + r < N; r++) {
+                    int64_t i = (br * R + r) * ld + bc * C + c;
+                    if (kept(w, es, i, low, (uint32_t)t)) copy_val(bval, (b * C + c) * R8 + r, w, es, i);
+                }
+            b++;
+        }
+    }
+}
+
+// -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
+// es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.
+void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const void* col, int isz, const void* val, int es,
+                     void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * 4))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = rowptr[n]; i < rowptr[n + 1]; i++) {
+            int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
+            uint32_t u = es == 4 ? ((const uint32_t*)val)[i] : ((const uint16_t*)val)[i];
+            if (u) copy_val(out, n * K + c, val, es, i);  // padding entries: +0.0 at column 0
+        }
+}
+
+void elsa_unpack_bitmask(int64_t N, int64_t K, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
+                         const void* val, int es, void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t i = rowptr[n];
+        const uint8_t* mb = mask + n * KB;
+        for (int64_t j = 0; j < KB; j++)
+            for (unsigned b = mb[j]; b; b &= b - 1) copy_val(out, n * K + 8 * j + __builtin_ctz(b), val, es, i++);
+    }
+}
+
+void elsa_unpack_bsr(int64_t N, int64_t K, int64_t R, int64_t R8, int64_t C, const int64_t* browptr,
+                     const int32_t* bcol, const void* bval, int es, void* out, int nt) {
+    int64_t NBR = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t br = 0; br < NBR; br++)
+        for (int64_t b = browptr[br]; b < browptr[br + 1]; b++)
+            for (int64_t c = 0; c < C && bcol[b] * C + c < K; c++)
+                for (int64_t r = 0; r < R && br * R + r < N; r++)
+                    copy_val(out, (br * R + r) * K + bcol[b] * C + c, bval, es, (b * C + c) * R8 + r);
+}
+
+// -- products, M = 1 -------------------------------------------------------------------------------
+// bsr: x `[NBC C]` (zero padded past K); y `[N]`.
+void elsa_bsr_mv(int64_t N, int64_t R, int64_t R8, int64_t C, const int64_t* browptr, const int32_t* bcol,
+                 const void* bval, int dt, const float* x, const float* bias, float* y, int nt) {
+    int64_t NBR = (N + R - 1) / R;
+    over_rows(NBR, nt, browptr[NBR] * R8 * C, [&](int64_t b0, int64_t b1) {
+        for (int64_t br = b0; br < b1; br++)
+            for (int64_t r0 = 0; r0 < R8; r0 += 64) {
+                int nv = (int)((R8 - r0) / 8 < 8 ? (R8 - r0) / 8 : 8);
+                BsrRow a{br, r0, R, R8, C, N, browptr, bcol, bval, x, bias, y};
+                if (dt == 0) bsr_mv_dispatch<0>(nv, a);
+                else if (dt == 1) bsr_mv_dispatch<1>(nv, a);
+                else bsr_mv_dispatch<2>(nv, a);
+            }
+    });
+}
+
+void elsa_csr_mv(int64_t N, const int64_t* rowptr, const void* col, int isz, const void* val, int dt,
+                 const float* x, const float* bias, float* y, int nt) {
+    over_rows(N, nt, rowptr[N] * 4, [&](int64_t n0, int64_t n1) {
+        if (isz == 2) {
+            const uint16_t* c = (const uint16_t*)col;
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, c, val, x, bias, y);
+        } else {
+            const int32_t* c = (const int32_t*)col;
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, c, val, x, bias, y);
+        }
+    });
+}
+
+// bitmask: x `[8 KB]` (zero padded past K).
+void elsa_bitmask_mv(int64_t N, int64_t KB, const int64_t* rowptr, const uint8_t* mask, const void* val, int dt,
+                     const float* x, const float* bias, float* y, int nt) {
+    over_rows(N, nt, N * KB * 8, [&](int64_t n0, int64_t n1) {
+#if ELSA_AVX2
+        if (isa >= 2) {
+            if (dt == 0) bitmask_mv_rows_512<0>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            else if (dt == 1) bitmask_mv_rows_512<1>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            else bitmask_mv_rows_512<2>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+            return;
+        }
+#endif
+        if (dt == 0) bitmask_mv_rows<0>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+        else if (dt == 1) bitmask_mv_rows<1>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+        else bitmask_mv_rows<2>(n0, n1, KB, rowptr, mask, val, x, bias, y);
+    });
+}
+
+// -- products, M > 1: xt `[K(padded), M8]`, y `[M, ldy]` ---------------------------------------------
+void elsa_csr_mm(int64_t N, int64_t M, int64_t M8, const int64_t* rowptr, const void* col, int isz, const void* val,
+                 int dt, const float* xt, const float* bias, float* y, int64_t ldy, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * M8))
+    for (int64_t n = 0; n < N; n++) {
+        ELSA_MM_DISPATCH(csr_mm_row, n, rowptr, col, isz, val, dt, xt, M8, m0, M, bias, y, ldy)
+    }
+}
+
+void elsa_bitmask_mm(int64_t N, int64_t M, int64_t M8, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
+                     const void* val, int dt, const float* xt, const float* bias, float* y, int64_t ldy, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * M8))
+    for (int64_t n = 0; n < N; n++) {
+        ELSA_MM_DISPATCH(bitmask_mm_row, n, rowptr, mask, KB, val, dt, xt, M8, m0, M, bias, y, ldy)
+    }
+}
+
+void elsa_bsr_mm(int64_t N, int64_t M, int64_t M8, int64_t R, int64_t R8, int64_t C, const int64_t* browptr,
+                 const int32_t* bcol, const void* bval, int dt, const float* xt, const float* bias, float* y,
+                 int64_t ldy, int nt) {
+    int64_t NBR = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, browptr[NBR] * R * C * M8))
+    for (int64_t n = 0; n < N; n++) {
+        ELSA_MM_DISPATCH(bsr_mm_row, n, R, R8, C, browptr, bcol, bval, dt, xt, M8, m0, M, bias, y, ldy)
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,496 @@
+"""Packed sparse levels on the CPU: the formats, the packer and the product (``sparse-cpu`` backend).
+
+ELSA (Halvachi et al., arXiv 2312.06872), section 2.2: level ``t`` of an encoded weight keeps the
+weights whose code (the ``k`` low mantissa bits) is below ``t``, with their exact bits. On a CPU at
+batch 1 a product is a weight stream, so a sparse level pays only if fewer bytes are read:
+:func:`pack_level` reads the encoded weight once and writes only the kept weights in one of three
+layouts (kernels in ``elsa_codec/kernels/cpu/elsa_cpu.cpp``, built by :mod:`elsa_codec.native`):
+
+- ``"csr"``: kept values + 16-bit column indices (32-bit when ``in_features > 65535``), each row
+  padded to a multiple of 8 entries; the product gathers 8 inputs per step. Best below ~35% density.
+- ``"bitmask"``: kept values + 1 bit per weight; the product compresses 8 inputs per mask byte with
+  one permute. Fewest bytes above ~35% density (2:4 levels, 50% levels).
+- ``"bsr"``: ``block:RxC`` levels with ``R >= 8``: the kept blocks, dense, column by column.
+
+:func:`choose_format` picks one by this rule (measured in ``bench/cpu_sparse.py``; the numbers are
+in bench/results/cpu-sparse/). Every format is exact for any mask; the rule only decides speed.
+:func:`sparse_linear` computes ``x @ W_t^T + b`` from the packed level, accumulating in float32.
+:func:`pack_level_reference` / :func:`sparse_linear_reference` are the pure-PyTorch references.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...format.bits import bits_view, check_code_bits
+from ...errors import ELSAError
+from ...format.structure import parse_structure
+from ...format.pages import release_pages  # also re-exported: packing and page release go together
+
+__all__ = [
+    "FORMATS",
+    "PackedLevel",
+    "choose_format",
+    "default_max_tokens",
+    "pack_level",
+    "pack_level_reference",
+    "pack_for_module",
+    "module_plan",
+    "sparse_linear",
+    "sparse_linear_reference",
+    "unpack",
+    "unpack_reference",
+]
+
+#: The packed layouts (see the module docstring).
+FORMATS = ("csr", "bitmask", "bsr")
+#: Density at and above which unstructured and N:M levels use ``"bitmask"`` rather than ``"csr"``.
+BITMASK_DENSITY = 0.35
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_PAD = 8  # values / indices read past the last entry by the 8-lane loads
+
+
+@dataclasses.dataclass
+class PackedLevel:
+    """One level of one weight `[out_features, in_features]`, packed for the CPU kernels.
+
+    Attributes:
+        format: ``"csr"``, ``"bitmask"`` or ``"bsr"``.
+        shape: ``(out_features, in_features)`` of the weight.
+        dtype: the weight's dtype (values keep their exact bits).
+        level: the level ``t`` packed.
+        nnz: kept weights (stored entries for ``bsr``, padding excluded for ``csr``).
+        tensors: the format's arrays: ``rowptr`` int64 `[N + 1]`, ``col`` uint16/int32 `[nnz]`,
+            ``val`` `[nnz + 8]` (csr); ``rowptr``, ``mask`` uint8 `[N, ceil(K / 8)]`, ``val``
+            (bitmask); ``browptr`` int64 `[ceil(N / R) + 1]`, ``bcol`` int32 `[blocks]`, ``bval``
+            `[blocks * C * R8 + 8]` (bsr, ``R8`` = R rounded up to 8).
+        block: ``(R, C)`` for ``bsr``.
+    """
+
+    format: str
+    shape: tuple
+    dtype: torch.dtype
+    level: int
+    nnz: int
+    tensors: dict
+    block: tuple = (0, 0)
+
+    def arrays(self) -> tuple:
+        """The format's arrays as the kernels take them, after the leading sizes (``csr``: rowptr,
+        col, index bytes, val; ``bitmask``: mask bytes per row, rowptr, mask, val; ``bsr``: R, R8, C,
+        browptr, bcol, bval): one list for the M = 1 and M > 1 products and for unpack."""
+        t = self.tensors
+        if self.format == "csr":
+            return t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(), t["val"].data_ptr()
+        if self.format == "bitmask":
+            return t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(), t["val"].data_ptr()
+        R, C = self.block
+        return R, -(-R // 8) * 8, C, t["browptr"].data_ptr(), t["bcol"].data_ptr(), t["bval"].data_ptr()
+
+    def mv(self, x_ptr: int, bias_ptr, y_ptr: int, threads: int) -> None:
+        """The M = 1 kernel on raw pointers (x float32 `[K padded]`, bias float32 `[N]` or None,
+        y float32 `[N]`), its constant arguments bound once (keeps the per-call cost low)."""
+        fn = self.__dict__.get("_mv")
+        if fn is None:
+            fn = self._mv = _bind_mv(_lib(), self)
+        fn(x_ptr, bias_ptr, y_ptr, threads)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed arrays."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnz / max(1, n * k)
+
+    def __repr__(self) -> str:
+        blk = f" {self.block[0]}x{self.block[1]}" if self.format == "bsr" else ""
+        return (f"PackedLevel({self.format}{blk}, level={self.level}, shape={tuple(self.shape)}, "
+                f"{str(self.dtype).replace('torch.', '')}, density={self.density:.3f}, {self.nbytes / 2**20:.2f} MiB)")
+
+
+def choose_format(structure, density: float) -> tuple[str, tuple]:
+    """The format for a level of ``structure`` (a string or Structure) at ``density`` (kept
+    fraction): ``("bsr", (R, C))`` for ``block:RxC`` with ``R >= 8``, else ``"csr"`` below
+    :data:`BITMASK_DENSITY` and ``"bitmask"`` from it up."""
+    s = parse_structure(structure)
+    if s.kind == "block" and s.r >= 8:
+        return "bsr", (s.r, s.c)
+    return ("bitmask" if density >= BITMASK_DENSITY else "csr"), (0, 0)
+
+
+#: Below this many weight bytes the dense GEMV runs from cache (compute-bound, tens of microseconds)
+#: and the packed product pays only at low density (:data:`SMALL_LAYER_DENSITY`).
+SMALL_LAYER_BYTES = 1 << 20
+SMALL_LAYER_DENSITY = 0.15
+
+
+def default_max_tokens(fmt: str, shape, dtype: torch.dtype, density: float) -> int:
+    """Largest number of input rows ``M`` for which the packed product of a level in format ``fmt``
+    of a weight ``shape`` `[N, K]` is expected to beat the dense ``F.linear`` (rule from bench/results/cpu-sparse/; above it the module serves the level
+    from its decoded weight, so a level is never served much slower than dense):
+
+    - a layer under :data:`SMALL_LAYER_BYTES` (MiniLM's 384x384) above
+      :data:`SMALL_LAYER_DENSITY`: 0 (always the decoded weight: its dense GEMV runs from cache);
+    - ``bitmask``: 1;
+    - float32: up to 64 at density <= 0.3 (csr, bsr), 8 otherwise;
+    - 16-bit dtypes: 1 (PyTorch's dense bf16 / fp16 GEMM uses AMX / AVX-512 where the CPU has
+      them: at M = 8 csr ran 1.09-1.17x of it even at 10% density).
+    """
+    n, k = shape
+    if n * k * dtype.itemsize < SMALL_LAYER_BYTES and density > SMALL_LAYER_DENSITY:
+        return 0
+    if fmt == "bitmask":
+        return 1
+    if dtype == torch.float32:
+        return 64 if density <= 0.3 else 8
+    return 1
+
+
+# -- packing ---------------------------------------------------------------------------------------
+def _check_weight(w: torch.Tensor, level: int, code_bits: int, name: str) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ELSAError(f"{name}: the encoded weight must be a 2-D tensor [out_features, in_features], got {getattr(w, 'shape', type(w))}")
+    if w.dtype not in _DT:
+        raise ELSAError(f"{name}: dtype {w.dtype} has no ELSA codes (float32, bfloat16, float16)")
+    if w.device.type != "cpu":
+        raise ELSAError(f"{name}: the sparse-cpu backend needs a CPU tensor, got one on {w.device}")
+    check_code_bits(w.dtype, code_bits, name=name)
+    if not isinstance(level, int) or level < 1:
+        raise ELSAError(f"{name}: level must be an int >= 1, got {level!r}")
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _rowptr(counts: torch.Tensor) -> torch.Tensor:
+    rp = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=rp[1:])
+    return rp
+
+
+def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0), *,
+               threads: int | None = None, name: str = "weight") -> PackedLevel:
+    """Pack level ``level`` of the encoded ``weight`` `[N, K]` (float32 / bfloat16 / float16, CPU,
+    rows contiguous) in format ``fmt`` with the C++ kernels (one read of the weight).
+
+    Raises:
+        ELSAError: the kernels are unavailable, bad weight / level / format (names ``name``).
+    """
+    from ...native import cpu_kernels, cpu_kernels_error
+
+    _check_weight(weight, level, code_bits, name)
+    if fmt not in FORMATS:
+        raise ELSAError(f"{name}: format must be one of {FORMATS}, got {fmt!r}")
+    lib = cpu_kernels()
+    if lib is None:
+        raise ELSAError(f"{name}: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    N, K = w.shape
+    es, ld, nt = w.element_size(), w.stride(0), threads or torch.get_num_threads()
+    args = (w.data_ptr(), es, N, K, ld, code_bits, level)
+    store = torch.float32 if w.dtype == torch.float32 else torch.int16  # values move as bits
+    if fmt == "bsr":
+        return _pack_bsr(lib, w, args, level, block, nt, store)
+    counts = torch.empty(N, dtype=torch.int64)
+    lib.elsa_count_rows(*args, counts.data_ptr(), nt)
+    nnz = int(counts.sum())
+    if fmt == "csr":
+        rp = _rowptr((counts + 7) // 8 * 8)
+        total = int(rp[-1])
+        idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
+        col = torch.zeros(total + _PAD, dtype=idx_dt)
+        val = torch.zeros(total + _PAD, dtype=store)
+        lib.elsa_pack_csr(*args, rp.data_ptr(), col.data_ptr(), isz, val.data_ptr(), nt)
+        tensors = {"rowptr": rp, "col": col, "val": val.view(w.dtype)}
+    else:
+        rp = _rowptr(counts)
+        KB = (K + 7) // 8
+        mask = torch.empty(N, KB, dtype=torch.uint8)
+        val = torch.zeros(nnz + _PAD, dtype=store)
+        lib.elsa_pack_bitmask(*args, rp.data_ptr(), mask.data_ptr(), KB, val.data_ptr(), nt)
+        tensors = {"rowptr": rp, "mask": mask, "val": val.view(w.dtype)}
+    return PackedLevel(fmt, (N, K), w.dtype, level, nnz, tensors)
+
+
+def _pack_bsr(lib, w, args, level, block, nt, store) -> PackedLevel:
+    R, C = (int(b) for b in block)
+    if R < 1 or C < 1:
+        raise ELSAError(f"bsr needs a block (R, C) of positive sizes, got {block!r}")
+    N, K = w.shape
+    NBR, NBC = -(-N // R), -(-K // C)
+    R8 = -(-R // 8) * 8
+    keep = torch.empty(NBR, NBC, dtype=torch.uint8)
+    bcount = torch.empty(NBR, dtype=torch.int64)
+    lib.elsa_bsr_blocks(*args, R, C, keep.data_ptr(), bcount.data_ptr(), nt)
+    bp = _rowptr(bcount)
+    nb = int(bp[-1])
+    bcol = torch.empty(nb, dtype=torch.int32)
+    bval = torch.zeros(nb * C * R8 + _PAD, dtype=store)
+    lib.elsa_pack_bsr(*args, R, C, R8, keep.data_ptr(), bp.data_ptr(), bcol.data_ptr(), bval.data_ptr(), nt)
+    counts = torch.empty(N, dtype=torch.int64)
+    lib.elsa_count_rows(*args, counts.data_ptr(), nt)
+    nnz = int(counts.sum())  # the weights the level keeps, inside the stored blocks
+    return PackedLevel("bsr", (N, K), w.dtype, level, nnz, {"browptr": bp, "bcol": bcol, "bval": bval.view(w.dtype)}, (R, C))
+
+
+def pack_level_reference(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0)) -> PackedLevel:
+    """Pure-PyTorch :func:`pack_level` (same arrays, bit for bit); the reference of the kernels."""
+    _check_weight(weight, level, code_bits, "weight")
+    N, K = weight.shape
+    keep = bits_view(weight.contiguous()).bitwise_and((1 << code_bits) - 1) < level
+    wl = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
+    nnz = int(keep.sum())
+    if fmt == "bsr":
+        return _bsr_reference(wl, keep, level, block, nnz)
+    counts = keep.sum(1)
+    if fmt == "csr":
+        pc = (counts + 7) // 8 * 8
+        rp = _rowptr(pc)
+        total = int(rp[-1])
+        col = torch.zeros(total + _PAD, dtype=torch.int16 if K <= 65536 else torch.int32)
+        val = torch.zeros(total + _PAD, dtype=weight.dtype)
+        rows, cols = keep.nonzero(as_tuple=True)
+        pos = rp[rows] + (torch.arange(rows.numel()) - _rowptr(counts)[rows])
+        col[pos] = cols.to(col.dtype)
+        val[pos] = weight[rows, cols]
+        return PackedLevel("csr", (N, K), weight.dtype, level, nnz, {"rowptr": rp, "col": col, "val": val})
+    KB = (K + 7) // 8
+    bitsk = torch.zeros(N, KB * 8, dtype=torch.uint8)
+    bitsk[:, :K] = keep.to(torch.uint8)
+    mask = (bitsk.view(N, KB, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    val = torch.zeros(nnz + _PAD, dtype=weight.dtype)
+    val[:nnz] = weight[keep]
+    return PackedLevel("bitmask", (N, K), weight.dtype, level, nnz, {"rowptr": _rowptr(counts), "mask": mask, "val": val})
+
+
+def _bsr_reference(wl, keep, level, block, nnz) -> PackedLevel:
+    R, C = block
+    N, K = wl.shape
+    NBR, NBC = -(-N // R), -(-K // C)
+    R8 = -(-R // 8) * 8
+    kp = torch.zeros(NBR * R, NBC * C, dtype=torch.bool)
+    kp[:N, :K] = keep
+    blocks_kept = kp.view(NBR, R, NBC, C).any(3).any(1)  # [NBR, NBC]
+    wp = torch.zeros(NBR, R8, NBC, C, dtype=wl.dtype)
+    wfull = torch.zeros(NBR * R, NBC * C, dtype=wl.dtype)
+    wfull[:N, :K] = wl
+    wp[:, :R] = wfull.view(NBR, R, NBC, C)
+    br, bc = blocks_kept.nonzero(as_tuple=True)
+    bval = wp.permute(0, 2, 3, 1)[br, bc]  # [blocks, C, R8]
+    flat = torch.zeros(bval.numel() + _PAD, dtype=wl.dtype)
+    flat[: bval.numel()] = bval.reshape(-1)
+    return PackedLevel("bsr", (N, K), wl.dtype, level, nnz,
+                       {"browptr": _rowptr(blocks_kept.sum(1)), "bcol": bc.to(torch.int32), "bval": flat}, (R, C))
+
+
+def unpack(packed: PackedLevel, *, threads: int | None = None) -> torch.Tensor:
+    """The level's weight `[N, K]` (packed dtype) rebuilt from the packed arrays (C++ kernels; the
+    PyTorch reference :func:`unpack_reference` where they are unavailable): equal, bit for bit, to
+    :func:`elsa_codec.extract_level` of the weight it was packed from. Reads only the packed level
+    (never the encoded weight, so a memory-mapped file stays out of memory)."""
+    from ...native import cpu_kernels
+
+    lib = cpu_kernels()
+    if lib is None:
+        return unpack_reference(packed)
+    N, K = packed.shape
+    out = torch.zeros(N, K, dtype=packed.dtype)
+    getattr(lib, f"elsa_unpack_{packed.format}")(N, K, *packed.arrays(), packed.dtype.itemsize, out.data_ptr(),
+                                                 threads or torch.get_num_threads())
+    return out
+
+
+def unpack_reference(packed: PackedLevel) -> torch.Tensor:
+    """Pure-PyTorch :func:`unpack`."""
+    N, K = packed.shape
+    t = packed.tensors
+    out = torch.zeros(N, K, dtype=packed.dtype)
+    if packed.format == "bsr":
+        R, C = packed.block
+        NBR, NBC = -(-N // R), -(-K // C)
+        R8 = -(-R // 8) * 8
+        nb = t["bcol"].numel()
+        blocks = t["bval"][: nb * C * R8].view(nb, C, R8)[:, :, :R].transpose(1, 2)  # [nb, R, C]
+        full = torch.zeros(NBR, NBC, R, C, dtype=packed.dtype)
+        brow = torch.repeat_interleave(torch.arange(NBR), t["browptr"].diff())
+        full[brow, t["bcol"].long()] = blocks
+        return full.permute(0, 2, 1, 3).reshape(NBR * R, NBC * C)[:N, :K].contiguous()
+    rp = t["rowptr"]
+    if packed.format == "csr":
+        rows = torch.repeat_interleave(torch.arange(N), rp.diff())
+        col = t["col"][: rows.numel()].long()
+        if t["col"].dtype == torch.int16:
+            col &= 0xFFFF
+        val = t["val"][: rows.numel()]
+        # padding entries are +0.0 (all bits zero) at column 0; a kept +0.0 is +0.0 in `out` already
+        nz = bits_view(val) != 0
+        out.index_put_((rows[nz], col[nz]), val[nz])
+        return out
+    bits = ((t["mask"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(N, -1)[:, :K].bool()
+    out[bits] = t["val"][: packed.nnz]
+    return out
+
+
+def module_plan(module, level: int) -> tuple[str, tuple, int]:
+    """``(format, block, max_tokens)`` of the ``sparse-cpu`` backend for ``level`` of an ELSA
+    module, from its structure, recorded density, shape and dtype, and its ``cpu_format`` /
+    ``cpu_max_tokens`` overrides. ``max_tokens == 0``: the packed product never pays here.
+
+    Raises:
+        ELSAError: ``cpu_format`` unknown, or ``"bsr"`` for a level that is not ``block:RxC``.
+    """
+    structure = module.structures[level - 1]
+    density = 1.0 - module.sparsities[level - 1]
+    fmt, blk = choose_format(structure, density)
+    name = f"{type(module).__name__}.weight"
+    if module.cpu_format is not None:
+        if module.cpu_format not in FORMATS:
+            raise ELSAError(f"{name}: cpu_format must be None or one of {FORMATS}, got {module.cpu_format!r}")
+        if module.cpu_format == "bsr" and fmt != "bsr":
+            st = parse_structure(structure)
+            if st.kind != "block":
+                raise ELSAError(f"{name}: cpu_format 'bsr' needs a block:RxC level; level {level} is {structure}")
+            blk = (st.r, st.c)
+        fmt = module.cpu_format
+    w = module.weight
+    shape = (w.shape[1], w.shape[0]) if module._linear_weight() is not w else tuple(w.shape)
+    limit = module.cpu_max_tokens
+    if limit is None:
+        limit = default_max_tokens(fmt, shape, w.dtype, density)
+    return fmt, blk, int(limit)
+
+
+def pack_for_module(module, level: int) -> PackedLevel:
+    """Pack ``level`` of an ELSA module's weight for the ``sparse-cpu`` backend
+    (:func:`module_plan`); then, if ``module.keep_weight_resident`` is False,
+    :func:`release_pages` of the encoded weight.
+
+    Raises:
+        ELSAError: as :func:`module_plan`; the kernels unavailable.
+    """
+    fmt, blk, _ = module_plan(module, level)
+    with torch.no_grad():
+        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk,
+                            name=f"{type(module).__name__}.weight")
+    if not module.keep_weight_resident:
+        release_pages(module.weight)
+    return packed
+
+
+class _SparseLinear(torch.autograd.Function):
+    """The packed product with a backward (input and bias gradients; the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, threads):
+        ctx.packed = packed
+        return _sparse_linear(x, packed, bias, threads)
+
+    @staticmethod
+    def backward(ctx, gy):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ unpack(ctx.packed).to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gb, None, None
+
+
+# -- the product -------------------------------------------------------------------------------------
+def _check_x(x: torch.Tensor, packed: PackedLevel, bias) -> None:
+    K = packed.shape[1]
+    if x.shape[-1] != K:
+        raise ELSAError(f"sparse_linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}), the weight has in_features={K}")
+    if x.device.type != "cpu":
+        raise ELSAError(f"sparse_linear: the input is on {x.device}, the packed level on the CPU")
+    if bias is not None and tuple(bias.shape) != (packed.shape[0],):
+        raise ELSAError(f"sparse_linear: bias has shape {tuple(bias.shape)}, expected ({packed.shape[0]},)")
+
+
+def sparse_linear(x: torch.Tensor, packed: PackedLevel, bias: torch.Tensor | None = None, *,
+                  threads: int | None = None) -> torch.Tensor:
+    """``F.linear(x, W_t, bias)`` from the packed level: `[*, in_features]` -> `[*, out_features]`
+    in ``x``'s dtype, accumulated in float32 (the kernels of ``elsa_codec/kernels/cpu/elsa_cpu.cpp``).
+    Differentiable with respect to ``x`` and ``bias`` (the weight is frozen).
+
+    Raises:
+        ELSAError: the kernels are unavailable, or ``x`` / ``bias`` do not fit the weight.
+    """
+    _check_x(x, packed, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _SparseLinear.apply(x, bias, packed, threads)
+    return _sparse_linear(x, packed, bias, threads)
+
+
+def _sparse_linear(x, packed, bias, threads):
+    N, K = packed.shape
+    nt = threads or torch.get_num_threads()
+    b = None if bias is None else bias.detach()
+    if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+        b = b.to(torch.float32).contiguous()
+    lead = x.shape[:-1]
+    if x.numel() == K:  # one row (any leading dims of size 1): the M = 1 kernel on x itself
+        if x.dtype == torch.float32 and x.is_contiguous() and _xpad(packed) == K:
+            xf = x
+        else:
+            xf = torch.zeros(_xpad(packed), dtype=torch.float32)
+            xf[:K] = x.reshape(-1)
+        y = torch.empty(*lead, N, dtype=torch.float32)
+        packed.mv(xf.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), nt)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_zeros(*lead, N)
+    y = torch.empty(M, N, dtype=torch.float32)
+    _mm(_lib(), packed, x2, b, y, M, nt)
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, N)
+
+
+def _lib():
+    from ...native import cpu_kernels, cpu_kernels_error
+
+    lib = cpu_kernels()
+    if lib is None:
+        raise ELSAError(f"sparse_linear: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
+    return lib
+
+
+def _xpad(packed: PackedLevel) -> int:
+    K = packed.shape[1]
+    if packed.format == "bitmask":
+        return (K + 7) // 8 * 8
+    if packed.format == "bsr":
+        C = packed.block[1]
+        return -(-K // C) * C
+    return K
+
+
+def _bind_mv(lib, packed):
+    """``f(x_ptr, bias_ptr, y_ptr, threads)``: the format's M = 1 kernel with the packed arrays bound
+    (converted to their ctypes types once: the per-call conversion is what costs at small sizes)."""
+    fn = getattr(lib, f"elsa_{packed.format}_mv")
+    args = (packed.shape[0], *packed.arrays(), _DT[packed.dtype])
+    pre = tuple(ct(v) for ct, v in zip(fn.argtypes, args))
+    return lambda x, b, y, nt: fn(*pre, x, b, y, nt)
+
+
+def _mm(lib, packed, x2, b, y, M, nt) -> None:
+    N, K = packed.shape
+    M8 = (M + 7) // 8 * 8
+    xt = torch.zeros(_xpad(packed), M8, dtype=torch.float32)
+    xt[:K, :M] = x2.t()
+    getattr(lib, f"elsa_{packed.format}_mm")(N, M, M8, *packed.arrays(), _DT[packed.dtype], xt.data_ptr(), _ptr(b),
+                                             y.data_ptr(), N, nt)
+
+
+def sparse_linear_reference(x: torch.Tensor, packed: PackedLevel, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch :func:`sparse_linear`: ``F.linear`` in float32 on :func:`unpack`, cast to
+    ``x``'s dtype."""
+    _check_x(x, packed, bias)
+    y = torch.nn.functional.linear(x.float(), unpack_reference(packed).float(), None if bias is None else bias.float())
+    return y.to(x.dtype)

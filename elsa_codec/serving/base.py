@@ -1,0 +1,550 @@
+"""Serving modules: :class:`ELSALinear`, :class:`ELSAConv2d` and per-level batch norm.
+
+ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". Each module
+holds ONE encoded weight (same name, shape and dtype as the original module's ``weight``, so
+``state_dict()`` keys are unchanged) and the current level ``t``:
+
+- dense level ``T+1``: the stock ``F.linear`` / ``F.conv2d`` on the stored tensor (no copy, no
+  decoding, no overhead);
+- sparse level on the CPU (``backend`` ``"reference"``): ``where(code < t, W, 0)``
+  (:func:`elsa_codec.format.bits.extract_level`), the decoded weight of the current level cached (one
+  extra weight while a sparse level is active; ``cache=False`` turns it off; dropped on a level
+  change);
+- sparse level on the CPU (``backend`` ``"sparse-cpu"``, the default there for :class:`ELSALinear`
+  and ``ELSATransformersConv1D``): the level packed once per level switch (:mod:`elsa_codec.kernels.cpu.packed`: csr,
+  bitmask or bsr, only the kept weights) and multiplied by the C++ kernels; no decoded weight is
+  held. Calls with more than :attr:`~ELSAModule.cpu_max_tokens` input rows, where the dense GEMM is
+  faster, multiply the level's weight unpacked from the packed level (cached when :attr:`cache` is
+  on: fastest; ``cache=False`` unpacks per call and keeps only the packed level resident);
+- sparse level on CUDA (``backend`` ``"triton"``): :class:`ELSALinear` runs the fused Triton GEMM
+  :func:`elsa_codec.kernels.triton.elsa_linear` with the per-tile minimum-code table
+  (:func:`elsa_codec.kernels.triton.tile_table`, computed once, runtime only); :class:`ELSAConv2d` decodes
+  the level once with :func:`elsa_codec.kernels.triton.decode_level` into a cached weight for cuDNN.
+
+``elsa_codec.kernels.triton`` (Triton) is imported lazily, only when a sparse level runs on CUDA or the
+``"triton"`` backend is forced: importing this module never imports Triton nor initialises CUDA.
+
+Batch-norm layers that follow encoded layers keep one set of running statistics per level
+(section 2.2 of the paper): :class:`LevelBatchNormMixin` (:class:`LevelBatchNorm1d` / ``2d`` /
+``3d``) keeps them in plain (non-persistent) attributes and copies the current level's set into the
+usual running buffers, so ``state_dict()`` keys stay those of the original model.
+
+Under ``torch.compile`` (docs/SERVING.md) the default ``compile_mode="tensor"`` reads the level
+from a 0-d ``int32`` buffer (``_level_t``): one graph serves every level, a level switch never
+recompiles. ``compile_mode="static"`` specialises the graph on the Python level instead (the dense
+graph is then exactly the stock model's; one compile per distinct level visited).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..format.bits import (
+    MAX_CODE_BITS,
+    bits_view,
+    check_code_bits,
+    decode_codes,
+    decode_counters,
+    default_code_bits,
+    encode_tensor,
+    extract_level,
+)
+from ..format.encode import _tensor_info, encode, resolve_level
+from ..errors import ELSAError
+
+__all__ = [
+    "BACKENDS",
+    "COMPILE_MODES",
+    "ELSAModule",
+    "ELSALinear",
+    "ELSAConv1d",
+    "ELSAConv2d",
+    "LevelBatchNormMixin",
+    "LevelBatchNorm1d",
+    "LevelBatchNorm2d",
+    "LevelBatchNorm3d",
+    "level_batch_norm",
+]
+
+#: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
+BACKENDS = ("auto", "reference", "triton", "semi-structured", "sparse-cpu")
+#: Accepted values of ``compile_mode`` (how the level enters a ``torch.compile`` graph).
+COMPILE_MODES = ("tensor", "static")
+
+_KERNELS = None  # the imported elsa_codec.kernels.triton module, False if it failed to import
+
+
+def _kernels(required: str | None = None):
+    """Import ``elsa_codec.kernels.triton`` lazily (imports Triton). Returns the module or None.
+
+    With ``required`` (a function name), raise :class:`ELSAError` if it is not available.
+    """
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            _KERNELS = importlib.import_module("elsa_codec.kernels.triton")
+        except ImportError as e:  # triton missing, or the kernels package broken
+            _KERNELS = False
+            _kernels.error = f"{type(e).__name__}: {e}"
+    if required is not None and (not _KERNELS or not hasattr(_KERNELS, required)):
+        why = getattr(_kernels, "error", f"elsa_codec.kernels.triton has no {required!r}")
+        raise ELSAError(f"backend 'triton' needs elsa_codec.kernels.triton.{required}, which is not available ({why})")
+    return _KERNELS or None
+
+
+def _triton_usable(device: torch.device, fn: str) -> bool:
+    """Whether the Triton kernels can run ``fn`` for tensors on ``device`` (auto backend)."""
+    if device.type != "cuda":
+        return False
+    k = _kernels()
+    return k is not None and hasattr(k, fn) and k.kernels_available(device)
+
+
+def _sparse_cpu_usable(w: torch.Tensor) -> bool:
+    """Whether the sparse-cpu kernels can serve ``w`` (auto backend): a CPU tensor of an ELSA dtype
+    and kernels that built (the first call builds them; a failure warns once)."""
+    if w.device.type != "cpu" or w.dtype not in MAX_CODE_BITS:
+        return False
+    from ..native import cpu_kernels
+
+    return cpu_kernels() is not None
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ELSAModule(nn.Module):
+    """Common state and level logic of :class:`ELSALinear` and :class:`ELSAConv2d` (not used alone).
+
+    Attributes:
+        num_levels: ``T`` (sparse levels ``1..T``; ``T+1`` is dense).
+        code_bits: ``k``, the number of low mantissa bits holding the code.
+        structures: the mask structure of levels ``1..T`` (``"unstructured"``, ``"2:4"``,
+            ``"block:64x64"``).
+        sparsities: this weight's recorded sparsity at levels ``1..T`` (fraction of zeros).
+        tensor_info: the :class:`~elsa_codec.format.encode.TensorInfo` recorded for this weight (encoding
+            error etc.), or None.
+        cache: keep the decoded weight of the current sparse level (reference path and
+            :class:`ELSAConv2d` on CUDA).
+        compile_mode: ``"tensor"`` or ``"static"`` (see the module docstring).
+        cpu_format: ``None`` (the rule of :func:`elsa_codec.kernels.cpu.packed.choose_format`) or the packed
+            format the ``sparse-cpu`` backend must use (``"csr"``, ``"bitmask"``, ``"bsr"``).
+        cpu_max_tokens: ``None`` (:func:`elsa_codec.kernels.cpu.packed.default_max_tokens`) or the largest
+            number of input rows the ``sparse-cpu`` backend serves from the packed level; larger
+            calls use the decoded weight (cached) and the stock op.
+        keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
+            level is packed, the encoded weight's pages (memory-mapped from the file) are handed
+            back to the OS (:func:`elsa_codec.format.pages.release_pages`); they are read again from
+            the file at the next level switch.
+    """
+
+    _kernel_fn = "decode_level"  # the kernel the triton backend needs
+    _sparse_cpu_ok = False  # a linear product the sparse-cpu kernels serve (ELSALinear, ELSATransformersConv1D)
+    _cpu_format = None
+    _cpu_max_tokens = None
+    keep_weight_resident = True
+
+    @property
+    def cpu_format(self):
+        """Packed format the ``sparse-cpu`` backend must use (None: the rule); assigning re-plans."""
+        return self._cpu_format
+
+    @cpu_format.setter
+    def cpu_format(self, value) -> None:
+        old, self._cpu_format = self._cpu_format, value
+        self._packed = None
+        if "_level" in self.__dict__:
+            try:
+                self._refresh_path()
+            except ELSAError:  # a format that does not fit the current level: keep the old one
+                self._cpu_format = old
+                self._refresh_path()
+                raise
+
+    @property
+    def cpu_max_tokens(self):
+        """Largest input row count the ``sparse-cpu`` backend serves from the packed level (None:
+        the rule); assigning re-plans (and may turn the auto backend on or off for this level)."""
+        return self._cpu_max_tokens
+
+    @cpu_max_tokens.setter
+    def cpu_max_tokens(self, value) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ELSAError(f"{type(self).__name__}: cpu_max_tokens must be None or an int >= 0, got {value!r}")
+        self._cpu_max_tokens = value
+        if "_level" in self.__dict__:
+            self._refresh_path()
+
+    def _linear_weight(self) -> torch.Tensor:
+        """The weight as `[out_features, in_features]` (a view of :attr:`weight`)."""
+        return self.weight
+
+    def _elsa_init(self, weight, bias, *, num_levels, code_bits, structures, sparsities, tensor_info,
+                   level, backend, cache, compile_mode) -> None:
+        if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
+            raise ELSAError(f"num_levels (T) must be a positive int, got {num_levels!r}")
+        T = num_levels
+        k = default_code_bits(T) if code_bits is None else code_bits
+        check_code_bits(weight.dtype, k, T, name=f"{type(self).__name__}.weight")
+        structs = ["unstructured"] * T if structures is None else [str(s) for s in structures]
+        if len(structs) != T:
+            raise ELSAError(f"{type(self).__name__}: structures lists {len(structs)} entries for T={T} levels")
+        if isinstance(weight, nn.Parameter):  # a tied weight: every module that uses it gets the same Parameter
+            weight.requires_grad_(False)
+            self.weight = weight
+        else:
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+        self.num_levels = T
+        self.code_bits = k
+        self.structures = structs
+        self.tensor_info = tensor_info
+        if sparsities is None:
+            sparsities = tensor_info.sparsity if tensor_info is not None else self._measure_sparsities()
+        self.sparsities = [float(s) for s in sparsities]
+        if len(self.sparsities) != T:
+            raise ELSAError(f"{type(self).__name__}: {len(self.sparsities)} sparsities given for T={T} levels")
+        self.cache = bool(cache)
+        self.backend = backend  # validated by the setter
+        if compile_mode not in COMPILE_MODES:
+            raise ELSAError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        self.compile_mode = compile_mode
+        self._level = T + 1
+        self._triton = False
+        self._sparse_cpu = False
+        self._sparse_limit = 0  # input rows the sparse-cpu backend serves packed (planned with the path)
+        self._packed = None  # (key, PackedLevel of the current sparse level), sparse-cpu backend
+        self._cached = None  # (key, decoded weight of the current sparse level)
+        self._tiles = None  # (key, tile table)
+        self.register_buffer("_level_t", torch.tensor(T + 1, dtype=torch.int32, device=weight.device), persistent=False)
+        if level is not None:
+            self.set_level(level)
+
+    # -- level --------------------------------------------------------------------------------
+    @property
+    def level(self) -> int:
+        """The current level ``t`` (``1..T``, ``T+1`` = dense). Assigning calls :meth:`set_level`."""
+        return self._level
+
+    @level.setter
+    def level(self, value) -> None:
+        self.set_level(value)
+
+    def set_level(self, level) -> int:
+        """Select level ``1..T``, ``T+1`` or ``"dense"``; drop the decoded weight of the old level.
+
+        Returns:
+            The level as an int.
+
+        Raises:
+            ELSAError: level out of range (the module is left unchanged).
+        """
+        t = resolve_level(level, self.num_levels)
+        if t != self._level:
+            self._cached = None
+            self._packed = None
+            self._level = t
+        self._refresh_path()
+        lt = self._level_t
+        if lt.is_inference() and not torch.is_inference_mode_enabled():
+            self._level_t = torch.tensor(t, dtype=torch.int32, device=lt.device)
+        else:
+            with torch.no_grad():
+                lt.fill_(t)
+        return t
+
+    def _measure_sparsities(self) -> list:
+        w = self.weight.detach()
+        return _tensor_info(w, None, decode_counters(w, self.code_bits), self.num_levels).sparsity
+
+    # -- backend ------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The path the current level runs on the weight's device: ``"dense"`` (stock op on the
+        stored tensor), ``"reference"`` (PyTorch decode, cached), ``"triton"`` (Triton kernels) or
+        ``"sparse-cpu"`` (packed level, C++ kernels).
+
+        Assign ``"auto"`` (Triton on CUDA when available; on the CPU ``"sparse-cpu"`` for
+        :class:`ELSALinear` / ``ELSATransformersConv1D`` when its kernels build; else reference),
+        ``"reference"``, ``"sparse-cpu"`` or ``"triton"`` (on the CPU it needs
+        ``TRITON_INTERPRET=1`` set before ``elsa_codec.kernels.triton`` is imported) to override the
+        choice; :attr:`backend_request` keeps the request.
+        """
+        if self._level > self.num_levels:
+            return "dense"
+        req = self.backend_request
+        if req == "auto":
+            if _triton_usable(self.weight.device, self._kernel_fn):
+                return "triton"
+            return "sparse-cpu" if self._sparse_cpu_pays() else "reference"
+        return req
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ELSAError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {value!r}")
+        if value == "semi-structured" and not isinstance(self, nn.Linear):
+            raise ELSAError(f"{type(self).__name__}: backend 'semi-structured' (2:4 sparse tensor cores) is for ELSALinear only")
+        if value == "sparse-cpu" and not self._sparse_cpu_ok:
+            raise ELSAError(f"{type(self).__name__}: backend 'sparse-cpu' serves linear layers only (ELSALinear, ELSATransformersConv1D)")
+        self.backend_request = value
+        self._cached = None
+        self._packed = None
+        if "_level" in self.__dict__:
+            self._refresh_path()
+
+    def _refresh_path(self) -> None:
+        """Resolve the path of the current level once (eagerly, outside any compiled region):
+        ``_triton`` is read by :meth:`forward` instead of re-resolving the backend per call."""
+        be = self.backend
+        self._triton = be == "triton"
+        self._sparse_cpu = be == "sparse-cpu"
+        if self._triton:
+            _kernels()  # import outside torch.compile tracing
+        if self._sparse_cpu:
+            from ..kernels.cpu.packed import module_plan
+
+            self._sparse_limit = module_plan(self, self._level)[2]  # rows served packed
+            self.packed_level()  # pack at the level switch, not in the first forward
+
+    def _kernels_for(self, fn: str):
+        """The kernels module for a forced or automatic Triton run on this weight's device."""
+        k = _kernels(fn)
+        if not k.kernels_available(self.weight.device):
+            raise ELSAError(
+                f"{type(self).__name__}: backend 'triton' cannot run on {self.weight.device}: the Triton "
+                "kernels need a CUDA device, or TRITON_INTERPRET=1 set before elsa_codec.kernels.triton is imported"
+            )
+        return k
+
+    # -- decoded weight -----------------------------------------------------------------------
+    def _key(self, t: int, backend: str) -> tuple:
+        w = self.weight
+        return (t, backend, w.device, w.dtype, w.data_ptr(), w._version)
+
+    def _decode(self, t: int, backend: str) -> torch.Tensor:
+        with torch.no_grad():
+            if backend == "semi-structured":  # a 2:4 level on sparse tensor cores (DESIGN.md, "Serving")
+                fn = "decode_level"
+                base = self._decode(t, "triton" if _triton_usable(self.weight.device, fn) else "reference")
+                return importlib.import_module("elsa_codec.kernels.triton.semi_structured").to_semi_structured(base)
+            if backend == "triton":
+                return self._kernels_for("decode_level").decode_level(self.weight, t, self.code_bits)
+            if backend == "sparse-cpu":  # from the packed level: a memory-mapped weight stays out of memory
+                from ..kernels.cpu.packed import unpack
+
+                w = unpack(self.packed_level())
+                return w if self._linear_weight() is self.weight else w.t()
+            return extract_level(self.weight, t, self.code_bits)
+
+    def decoded_weight(self, level=None) -> torch.Tensor:
+        """The weight of ``level`` (default: the current level): `weight.shape`, `weight.dtype`.
+
+        The dense level returns the stored tensor itself. The current sparse level's weight is
+        cached when :attr:`cache` is on.
+        """
+        t = self._level if level is None else resolve_level(level, self.num_levels)
+        if t > self.num_levels:
+            return self.weight
+        if t == self._level and self.backend_request == "semi-structured":
+            backend = "semi-structured"
+        elif self._sparse_cpu and t == self._level:
+            backend = "sparse-cpu"
+        else:
+            backend = "triton" if self._triton and t == self._level else "reference"
+        if t != self._level:
+            return self._decode(t, backend)
+        key = self._key(t, backend)
+        if self._cached is not None and self._cached[0] == key:
+            w = self._cached[1]
+            # an inference tensor (cached under inference_mode) cannot enter a recorded graph
+            if not (w.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+                return w
+        w = self._decode(t, backend)
+        self._cached = (key, w) if self.cache else None
+        return w
+
+    def _compiled_weight(self) -> torch.Tensor:
+        """The weight inside a ``torch.compile`` graph (no cache: the graph recomputes it)."""
+        return self._compiled_level(self.weight)
+
+    def _compiled_level(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the weight, or values gathered from it) at the current level, inside a
+        ``torch.compile`` graph: a Python constant level in ``"static"`` mode, the ``_level_t``
+        buffer in ``"tensor"`` mode."""
+        if self.compile_mode == "static":
+            t = self._level
+            return w if t > self.num_levels else extract_level(w, t, self.code_bits)
+        codes = bits_view(w) & ((1 << self.code_bits) - 1)
+        return torch.where(codes < self._level_t, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+    def _cached_tile_table(self, w2d: torch.Tensor) -> torch.Tensor:
+        """:func:`elsa_codec.kernels.triton.tile_table` of ``w2d`` (the weight as `[out, in]`, a view of
+        :attr:`weight`), computed once per weight version, runtime only."""
+        w = self.weight
+        key = (w.device, w.data_ptr(), w._version, self.code_bits)
+        if self._tiles is None or self._tiles[0] != key:
+            with torch.no_grad():
+                self._tiles = (key, _kernels("tile_table").tile_table(w2d, self.code_bits))
+        return self._tiles[1]
+
+    def packed_level(self):
+        """The current sparse level packed for the ``sparse-cpu`` kernels
+        (:class:`~elsa_codec.kernels.cpu.packed.PackedLevel`), built once per level and weight version from
+        the encoded weight (one read), runtime only (never in ``state_dict``).
+
+        Raises:
+            ELSAError: the dense level is current, ``cpu_format`` does not fit the level, the
+                kernels are unavailable.
+        """
+        from ..kernels.cpu.packed import pack_for_module
+
+        t, w = self._level, self.weight
+        if t > self.num_levels:
+            raise ELSAError(f"{type(self).__name__}: the dense level is current; there is no sparse level to pack")
+        key = (t, w.data_ptr(), w._version, w.dtype, self.cpu_format)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # never hold two packed levels at once
+            self._packed = (key, pack_for_module(self, t))
+        return self._packed[1]
+
+    def _sparse_cpu_pays(self) -> bool:
+        """Auto backend on the CPU: the sparse-cpu kernels serve this module's current level (they
+        build, and :func:`elsa_codec.kernels.cpu.packed.module_plan` expects the packed product to pay)."""
+        if not self._sparse_cpu_ok or not _sparse_cpu_usable(self.weight):
+            return False
+        from ..kernels.cpu.packed import module_plan
+
+        return module_plan(self, self._level)[2] > 0
+
+    def _sparse_cpu_linear(self, x: torch.Tensor):
+        """``F.linear(x, W_t, bias)`` from the packed level, or None where the reference path must
+        run instead (more than ``cpu_max_tokens`` rows, or an input of another dtype)."""
+        from ..kernels.cpu.packed import sparse_linear
+
+        if x.numel() > self._sparse_limit * x.shape[-1] or x.dtype != self.weight.dtype:
+            return None
+        return sparse_linear(x, self.packed_level(), self.bias)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the runtime caches (decoded weight, packed level, tile table); 0 at the
+        dense level."""
+        n = 0
+        if self._packed is not None:
+            n += self._packed[1].nbytes
+        if self._cached is not None:
+            n += _nbytes(self._cached[1])
+        if self._tiles is not None:
+            n += _nbytes(self._tiles[1])
+        return n
+
+    def clear_cache(self) -> None:
+        """Drop the decoded weight, the packed level and the tile table (recomputed when needed)."""
+        self._cached = None
+        self._packed = None
+        self._tiles = None
+
+    def cast_plan(self, fn) -> tuple | None:
+        """What the tensor conversion ``fn`` (of ``Module._apply``: ``.half()``, ``.to(dtype)``...)
+        does to the codes: None when it keeps the weight's dtype, else ``(new dtype, new k)``.
+
+        Raises:
+            ELSAError: the new dtype cannot hold this weight's ``T+1`` codes (float64, an integer
+                type, more levels than bfloat16's 3 / float16's 4 code bits allow). Nothing changed.
+        """
+        w = self.weight
+        probe = fn(torch.empty((0, *w.shape[1:]), dtype=w.dtype, device=w.device))
+        dt = getattr(probe, "dtype", w.dtype)
+        if dt == w.dtype:
+            return None
+        T, name = self.num_levels, f"{type(self).__name__}.weight"
+        if dt not in MAX_CODE_BITS:
+            raise ELSAError(
+                f"{name}: casting an encoded weight ({_dtype_name(w.dtype)}, T={T}) to {_dtype_name(dt)} would drop its "
+                f"level codes: ELSA codes live in float32 / float16 / bfloat16 weights only. Nothing was converted"
+            )
+        k = self.code_bits if self.code_bits <= MAX_CODE_BITS[dt] else default_code_bits(T)
+        if T + 1 > (1 << MAX_CODE_BITS[dt]):
+            raise ELSAError(
+                f"{name}: casting to {_dtype_name(dt)} would drop level codes: {T + 1} levels need "
+                f"{default_code_bits(T)} code bits, {_dtype_name(dt)} holds at most {MAX_CODE_BITS[dt]}. Nothing was converted"
+            )
+        return dt, k
+
+    def _apply(self, fn, recurse=True):
+        plan = self.cast_plan(fn)
+        codes = decode_codes(self.weight.detach(), self.code_bits) if plan is not None else None
+        self.clear_cache()
+        out = super()._apply(fn, recurse)
+        w = self.weight
+        if plan is not None and w.dtype == plan[0]:
+            # Keep every level: the cast rounded the values; put each weight's code back (the code
+            # rule in the new dtype: nearest value with those low bits, at most 2**(k-1) ulp).
+            with torch.no_grad():
+                w.data = encode_tensor(w.data, codes.to(w.device), plan[1], name=f"{type(self).__name__}.weight")
+            self.code_bits = plan[1]
+        elif w.dtype in MAX_CODE_BITS and self.code_bits > MAX_CODE_BITS[w.dtype]:
+            self.code_bits = default_code_bits(self.num_levels)  # a tied weight another module re-encoded
+        self._refresh_path()
+        return out
+
+    # -- repr ---------------------------------------------------------------------------------
+    def _elsa_repr(self) -> str:
+        T, t = self.num_levels, self._level
+        if t > T:
+            lv = f"level={t} (dense)"
+        else:
+            lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
+        be = self.backend
+        if be == "sparse-cpu" and self._packed is not None:
+            p = self._packed[1]
+            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={self._sparse_limit})"
+        if self.backend_request != "auto":
+            be += f" (forced {self.backend_request})"
+        st = sorted(set(self.structures))
+        return f"T={T}, k={self.code_bits}, structure={st[0] if len(st) == 1 else st}, {lv}, backend={be}"
+
+
+def _pick_counters(counters, name: str):
+    """A tensor of counters from a Tensor or a mapping (a :class:`Counters`) with one entry."""
+    if isinstance(counters, torch.Tensor):
+        return counters, None, None
+    if isinstance(counters, Mapping):
+        if "weight" in counters:
+            c = counters["weight"]
+        elif len(counters) == 1:
+            c = next(iter(counters.values()))
+        else:
+            raise ELSAError(f"{name}: counters name {len(counters)} tensors; pass the weight's counters tensor")
+        return c, getattr(counters, "num_levels", None), getattr(counters, "structures", None)
+    raise ELSAError(f"{name}: counters must be an integer Tensor or a Counters mapping, got {type(counters).__name__}")
+
+
+def _encode_weight(module: nn.Module, counters, code_bits, num_levels, structures, name: str):
+    c, T, structs = _pick_counters(counters, name)
+    if num_levels is None:
+        num_levels = T
+    if structures is None:
+        structures = structs
+    enc = encode({name: module.weight.detach()}, {name: c}, code_bits=code_bits, num_levels=num_levels, structures=structures)
+    meta = enc.meta
+    return enc[name], dict(
+        num_levels=meta.num_levels,
+        code_bits=meta.code_bits,
+        structures=[lv.structure for lv in meta.levels],
+        tensor_info=meta.tensors[name],
+    )
+
+

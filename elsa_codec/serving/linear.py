@@ -1,0 +1,128 @@
+""":class:`ELSALinear`: an ``nn.Linear`` serving one encoded weight ``[out_features, in_features]``
+at any level (ELSA, arXiv 2312.06872, section 2.2); the paths are :class:`~elsa_codec.serving.base.ELSAModule`'s.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ELSAError
+from . import base as _base
+from .base import ELSAModule, _encode_weight
+
+__all__ = ["ELSALinear"]
+
+
+class ELSALinear(ELSAModule, nn.Linear):
+    """``nn.Linear`` serving an encoded weight at any of its levels (ELSA, arXiv 2312.06872, sec. 2.2).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        num_levels: ``T``.
+        code_bits: ``k``; default ``max(1, ceil(log2(T+1)))``.
+        structures: structures of levels ``1..T``.
+        level: initial level (default dense, ``T+1``).
+        backend: ``"auto"`` | ``"reference"`` | ``"triton"``.
+        cache: cache the decoded weight of the current sparse level (reference path).
+        compile_mode: ``"tensor"`` (default) | ``"static"``.
+        device, dtype: of the (zero-initialised) weight; float32 / float16 / bfloat16.
+
+    The weight `[out_features, in_features]` is a frozen ``nn.Parameter`` (``requires_grad=False``)
+    named ``weight``; the bias `[out_features]` is a normal parameter. Build one with
+    :meth:`from_linear` (encodes a ``nn.Linear``) or :meth:`from_encoded`, or let
+    :func:`elsa_codec.swap_` do it.
+
+    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype.
+
+    Raises:
+        ELSAError: bad ``num_levels`` / ``code_bits`` for the dtype, ``structures`` of the wrong
+            length, unknown ``backend`` or ``compile_mode``, a level out of range.
+    """
+
+    _kernel_fn = "elsa_linear"
+    _sparse_cpu_ok = True
+    elsa_kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
+                 code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
+                 cache: bool = True, compile_mode: str = "tensor", device=None, dtype=None,
+                 _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device="meta", dtype=dtype)
+        dtype = dtype or torch.get_default_dtype()
+        if _weight is None:
+            _weight = torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        if bias and _bias is None:
+            _bias = torch.zeros(out_features, device=_weight.device, dtype=_weight.dtype)
+        if tuple(_weight.shape) != (out_features, in_features):
+            raise ELSAError(f"ELSALinear: weight has shape {tuple(_weight.shape)}, expected ({out_features}, {in_features})")
+        self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
+                        structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
+                        backend=backend, cache=cache, compile_mode=compile_mode)
+
+    @classmethod
+    def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, num_levels: int,
+                     code_bits: int | None = None, structures=None, sparsities=None, tensor_info=None,
+                     **kwargs) -> "ELSALinear":
+        """Wrap an already encoded weight `[out_features, in_features]` (no copy) and optional bias
+        `[out_features]` (a ``nn.Parameter`` is kept as it is, another tensor is copied).
+
+        Raises:
+            ELSAError: weight not 2-D, unsupported dtype or ``code_bits``, bias of another shape.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ELSAError(f"ELSALinear: the encoded weight must be a 2-D tensor [out_features, in_features], got {getattr(weight, 'shape', type(weight))}")
+        out_f, in_f = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ELSAError(f"ELSALinear: bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        return cls(in_f, out_f, bias is not None, num_levels=num_levels, code_bits=code_bits, structures=structures,
+                   dtype=weight.dtype, _weight=weight, _bias=bias, _sparsities=sparsities, _tensor_info=tensor_info, **kwargs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, counters, *, code_bits: int | None = None, num_levels: int | None = None,
+                    structures=None, **kwargs) -> "ELSALinear":
+        """Encode ``linear.weight`` with ``counters`` (the code rule) into a new module.
+
+        Args:
+            linear: a ``nn.Linear``; never modified (weight encoded into a new tensor, bias copied).
+            counters: integer tensor `[out_features, in_features]` with values ``1..T+1``, or a
+                :class:`~elsa_codec.format.encode.Counters` / mapping holding it (under ``"weight"`` or
+                as its only entry; its ``num_levels`` and ``structures`` are used).
+            code_bits, num_levels, structures: as :func:`elsa_codec.encode`.
+            kwargs: ``level``, ``backend``, ``cache``, ``compile_mode``.
+
+        Raises:
+            ELSAError: not a ``nn.Linear``; the errors of :func:`elsa_codec.encode`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ELSAError(f"from_linear needs a nn.Linear, got {type(linear).__name__}")
+        w, kw = _encode_weight(linear, counters, code_bits, num_levels, structures, "weight")
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_encoded(w, bias, **kw, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if self.compile_mode == "static" and self._level <= self.num_levels and self._triton and _base._KERNELS:
+                # traces to the opaque op torch.ops.elsa_codec.linear
+                return _base._KERNELS.elsa_linear(x, self.weight, self._level, self.code_bits, self.bias)
+            return F.linear(x, self._compiled_weight(), self.bias)
+        t = self._level
+        if t > self.num_levels:
+            return F.linear(x, self.weight, self.bias)
+        if self._triton:
+            k = self._kernels_for("elsa_linear")
+            return k.elsa_linear(x, self.weight, t, self.code_bits, self.bias, tile_table=self.tile_table())
+        if self._sparse_cpu:
+            y = self._sparse_cpu_linear(x)
+            if y is not None:
+                return y
+        return F.linear(x, self.decoded_weight(), self.bias)
+
+    def tile_table(self) -> torch.Tensor:
+        """The per-64x64-tile minimum-code table of the weight (uint8
+        `[cdiv(out_features, 64), cdiv(in_features, 64)]`), computed once with
+        :func:`elsa_codec.kernels.triton.tile_table` and kept at runtime only (never in ``state_dict``)."""
+        return self._cached_tile_table(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"

@@ -1,0 +1,328 @@
+"""The ELSA training procedure driven by a ``train_fn``: sparsify, freeze (and encode), densify, repeat.
+
+ELSA (Halvachi, Peste, Alistarh, Lampert, arXiv 2312.06872), sections 2.1-2.2. For each level
+``t = 1..T`` (sparsest first):
+
+1. *sparsify*: gradual magnitude pruning (Zhu & Gupta 2017) of the non-frozen weights of the
+   prunable tensors, over the user's training steps, down to the level's target;
+2. *freeze*: the level's surviving weights are frozen and encoded at once with their code
+   ``t - 1`` (:func:`elsa_codec.format.bits.encode_tensor`), so the sparse network that was evaluated is
+   bit-for-bit the one that ships;
+3. *densify*: the pruned weights come back and only the non-frozen weights train.
+
+:func:`embed_levels` is a thin wrapper over :class:`elsa_codec.LevelEmbedder` (the step-driven
+core, for the user's own loop, the Hugging Face ``Trainer`` and Lightning): it calls
+``train_fn(model, phase)`` once per phase and attaches the embedder to the optimizers that
+``train_fn`` creates. :func:`prune_gmp` is the one-network GMP baseline. The engine lives in
+:mod:`elsa_codec.training` (mask state, GMP control, optimizer binding, batch norm).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .config import ELSAConfig
+from .embedder import LevelEmbedder
+from ..checks import check_module
+from ..errors import ELSAError
+from .sparsifiers.base import as_sparsifier, check_masks
+from .schedule import GMPSchedule
+from .binding import OptimizerBinding, auto_attach
+from .bn import level_bn_stats, recalibrate_bn
+from .freeze import input_dim
+from .gmp import GMPControl
+from .phases import Phase, parse_levels, phase_seed
+from .result import ELSAResult
+from .state import MaskState
+from .weights import legacy_prunable, model_transposed, prunable_weights
+
+__all__ = [
+    "Phase",
+    "ELSAResult",
+    "embed_levels",
+    "prune_gmp",
+    "prunable_weights",
+    "recalibrate_bn",
+    "level_bn_stats",
+    "parse_levels",
+]
+
+
+def _check_train_fn(train_fn) -> None:
+    if not callable(train_fn):
+        raise ELSAError(f"train_fn must be a callable train_fn(model, phase), got {type(train_fn).__name__}")
+
+
+def _selection(prunable, select, filter_fn):
+    """``(select, filter_fn)`` from the old ``prunable=`` and the new arguments."""
+    if prunable is not None:
+        if select is not None or filter_fn is not None:
+            raise ELSAError("pass prunable= (deprecated) or select= / filter_fn=, not both")
+        if callable(prunable) and not isinstance(prunable, str):
+            return None, legacy_prunable(prunable)
+        select = prunable
+    return ("blocks" if select is None else select), filter_fn
+
+
+def _run_phases(emb: LevelEmbedder, train_fn, progress: bool) -> None:
+    """Call ``train_fn(model, phase)`` for each phase of the plan; a phase ends when it returns."""
+    from tqdm.auto import tqdm
+
+    emb._hold = True
+    while not emb.done:
+        ph = emb.phase
+        bar = tqdm(total=ph.steps, desc=ph.name, unit="step", disable=not progress, leave=False)
+        emb._ensure_started()
+        try:
+            with auto_attach(emb._binding, emb._model_ids, emb.attach):
+                train_fn(emb.model, ph)
+        except BaseException:
+            if emb._gmp is not None:
+                emb._gmp.abort(emb.state)  # parameters a sparsifier added come off
+            emb.state.restore()  # nothing lost: the frozen values come back whatever train_fn did
+            raise
+        finally:
+            emb.detach()
+            bar.update(emb._local)
+            bar.close()
+        _check_same_parameters(emb)
+        emb.end_phase()
+    emb._hold = False
+
+
+def _check_same_parameters(emb: LevelEmbedder) -> None:
+    """After ``train_fn``: the prunable Parameters are still the model's (FSDP2's ``fully_shard``
+    inside ``train_fn`` replaces them by DTensor Parameters the hooks never saw).
+
+    Raises:
+        ELSAError: naming the first replaced weight.
+    """
+    ids = {id(p) for p in emb.model.parameters()}
+    for n, p in emb.params.items():
+        if id(p) not in ids:
+            raise ELSAError(
+                f"{n}: train_fn replaced the model's parameters (fully_shard / FSDP applied inside train_fn?), so "
+                "ELSA's hooks never saw its optimizer steps; apply fully_shard to the model before embed_levels "
+                "(wrapping in DistributedDataParallel inside train_fn is fine)")
+
+
+def embed_levels(
+    model: nn.Module,
+    levels,
+    train_fn: Callable[[nn.Module, Phase], None],
+    *,
+    steps: int,
+    densify_steps: int | None = None,
+    final_steps: int | None = None,
+    structure: str = "unstructured",
+    sparsifier="uniform",
+    schedule: GMPSchedule | None = None,
+    densify_init: str = "zero",
+    freeze_shared: bool = True,
+    encode_dtype: torch.dtype | None = None,
+    bn_calibration=None,
+    bn_batches: int | None = None,
+    bn_forward: Callable | None = None,
+    prunable=None,
+    select=None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    code_bits: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    verify: str = "step",
+    on_short: str = "warn",
+    on_freeze: Callable[[int, nn.Module], None] | None = None,
+    on_phase_end: Callable[[Phase, nn.Module], None] | None = None,
+) -> ELSAResult:
+    """Embed ``T`` nested sparse networks in ``model`` with ELSA (arXiv 2312.06872, sec. 2.1-2.2).
+
+    A wrapper over :class:`elsa_codec.LevelEmbedder` with ``ELSAConfig(levels, steps=..., ...)``
+    (every keyword of the config is a keyword here; see :class:`elsa_codec.ELSAConfig`):
+    ``train_fn(model, phase)`` is called once per phase and runs ``phase.steps`` steps of any
+    ``torch.optim`` optimizer it creates (the embedder attaches to it at its first step); the
+    phase ends when ``train_fn`` returns. For each level, sparsest first: GMP to the level's
+    target over ``steps`` steps, freeze + encode with code ``t-1``, ``densify_steps`` steps of
+    the non-frozen weights; the last densify phase trains the dense network (``final_steps``),
+    whose dense-only weights get code ``T``; then the per-level batch-norm statistics.
+
+    The model is changed in place: it ends as the dense network with every prunable weight
+    encoded; ``result.encode()`` builds the checkpoint (``result.save(path)`` writes it, once).
+
+    Several processes (``torch.distributed``, docs/SCALE.md): call it on every rank. DDP:
+    pass the bare model and wrap it in ``DistributedDataParallel`` inside ``train_fn`` (or pass the
+    DDP model). FSDP2: pass the model after ``fully_shard`` (never shard inside ``train_fn``).
+    Masks, counters and frozen values are the same on every rank; ``result.save`` writes on rank 0.
+
+    Args:
+        model: ``nn.Module``; prunable weights float32/float16/bfloat16.
+        levels, steps, densify_steps, final_steps, structure, sparsifier, schedule, densify_init,
+            freeze_shared, encode_dtype, code_bits, seed, bn_batches, on_short: as
+            :class:`elsa_codec.ELSAConfig` (``seed``
+            no longer re-seeds the global RNG: use ``phase.seed`` for the data order).
+        train_fn: ``train_fn(model, phase)``; it must not write to the weights other than
+            through ``optimizer.step()``.
+        bn_calibration, bn_forward: see :meth:`elsa_codec.LevelEmbedder.finalize`.
+        select: a policy (``"blocks"`` default, ``"blocks+head"``, ``"all"``) or names.
+        filter_fn: ``(module, fqn) -> bool`` (the torchao convention); replaces ``select``.
+        prunable: deprecated spelling of ``select`` (a ``(name, module)`` predicate warns).
+        progress: tqdm bars per phase (on stderr).
+        verify: ``"step"`` (default here: the frozen bits are compared before every step, so a
+            ``train_fn`` writing to them is caught at once), ``"phase_end"`` or ``"off"``.
+        on_freeze: ``fn(level, model)`` right after level ``level`` is frozen and encoded.
+        on_phase_end: ``fn(phase, model)`` after each phase.
+
+    Returns:
+        :class:`ELSAResult`.
+
+    Raises:
+        ELSAError: a bad config (names the field) or one that does not suit the model (no
+            prunable layer, code bits, N:M, non-finite weights, ``encode_dtype``); a sparsifier
+            mask that drops frozen weights; a ``train_fn`` that changes frozen weights (names the
+            tensor; the frozen values are restored first). All checks on arguments run before
+            any weight changes.
+    """
+    check_module(model, "model", "embed_levels", order="embed_levels(model, levels, train_fn)")
+    _check_train_fn(train_fn)
+    select, filter_fn = _selection(prunable, select, filter_fn)
+    config = ELSAConfig(
+        levels=levels, steps=steps, densify_steps=densify_steps, final_steps=final_steps, structure=structure,
+        sparsifier=sparsifier, schedule=schedule, densify_init=densify_init, freeze_shared=freeze_shared,
+        encode_dtype=encode_dtype, code_bits=code_bits, seed=seed, select=select, filter_fn=filter_fn,
+        verify=verify, on_short=on_short, bn_batches=bn_batches,
+    )
+    emb = LevelEmbedder(model, config, on_phase_end=on_phase_end, on_freeze=on_freeze)
+    _run_phases(emb, train_fn, progress)
+    return emb.finalize(bn_calibration, bn_forward=bn_forward, progress=progress)
+
+
+def _check_frozen_arg(frozen, params) -> None:
+    for n in frozen or {}:
+        if n not in params:
+            raise ELSAError(f"{n}: frozen mask given for a tensor that is not prunable")
+        if tuple(frozen[n].shape) != tuple(params[n].shape):
+            raise ELSAError(f"{n}: frozen mask has shape {tuple(frozen[n].shape)}, the weight has {tuple(params[n].shape)}")
+
+
+def _gmp_setup(model, sparsity, structure, sparsifier, schedule, frozen, select, filter_fn, steps):
+    """Checks (nothing changed on error) and the mask state + GMP control of :func:`prune_gmp`."""
+    (sp, st), = parse_levels([sparsity], structure)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ELSAError(f"steps must be a non-negative int, got {steps!r}")
+    spf = as_sparsifier(sparsifier)
+    params = prunable_weights(model, select, filter_fn=filter_fn)
+    tr = model_transposed(model, params)
+    for n, p in params.items():
+        if st.kind == "nm" and input_dim(p, n in tr) % st.m:
+            raise ELSAError(f"{n}: input dimension {input_dim(p, n in tr)} is not a multiple of M={st.m} for {st}")
+    _check_frozen_arg(frozen, params)
+    state = MaskState(params, frozen)
+    weights = {n: p.detach() for n, p in params.items()}
+    check_masks(spf.masks(weights, state.frozen, sp, st), weights, state.frozen, st)  # frozen over target: fail now
+    return state, GMPControl(spf, schedule or GMPSchedule(), sp, st, steps, tr), Phase(
+        "gmp", 0, steps, None, sp, str(st), None, False)
+
+
+def prune_gmp(
+    model: nn.Module,
+    sparsity,
+    train_fn: Callable[[nn.Module, Phase], None],
+    *,
+    steps: int,
+    structure: str = "unstructured",
+    sparsifier="uniform",
+    schedule: GMPSchedule | None = None,
+    frozen: Mapping[str, torch.Tensor] | None = None,
+    prunable=None,
+    select=None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Gradual magnitude pruning of one network (Zhu & Gupta 2017): the baseline of ELSA's
+    experiments (one network per sparsity, trained and stored independently).
+
+    Over ``steps`` optimizer steps run by ``train_fn(model, phase)`` (``phase.kind == "gmp"``)
+    the prunable weights are pruned along the cubic schedule to ``sparsity``; the rest of the
+    steps fine-tune at the target. In place: the model ends with its pruned weights at zero.
+
+    Args:
+        model: ``nn.Module``.
+        sparsity: target (fraction in (0, 1)) or an ``"N:M"`` pattern.
+        train_fn: as for :func:`embed_levels`.
+        steps: optimizer steps.
+        structure, sparsifier, schedule: as :class:`elsa_codec.ELSAConfig`.
+        frozen: optional ``name -> bool`` masks of weights to keep unchanged (bit-identical).
+        select, filter_fn, prunable: as :func:`embed_levels`.
+        seed: offered as ``phase.seed`` (the global RNG is not seeded).
+        progress: a tqdm bar.
+
+    Returns:
+        ``name -> bool`` masks (``True`` = kept), the shapes of the prunable weights.
+
+    Raises:
+        ELSAError: a target outside (0, 1); no prunable layer; frozen weights that already exceed
+            the target (names the tensor); a ``train_fn`` that changes frozen weights.
+    """
+    check_module(model, "model", "prune_gmp", order="prune_gmp(model, sparsity, train_fn)")
+    _check_train_fn(train_fn)
+    select, filter_fn = _selection(prunable, select, filter_fn)
+    _check_not_sharded(model, select, filter_fn)
+    state, ctl, phase = _gmp_setup(model, sparsity, structure, sparsifier, schedule, frozen, select, filter_fn, steps)
+    phase = Phase("gmp", 0, phase.steps, None, phase.sparsity, phase.structure, phase_seed(seed, 0))
+    done = _train_gmp(model, state, ctl, train_fn, phase, progress)
+    if steps > 0 and done < steps:
+        warnings.warn(f"{phase.name}: train_fn ran {done} of {steps} optimizer steps ({steps - done} missing"
+                      + ("; no torch.optim optimizer step" if done == 0 else "") + ")", stacklevel=2)
+    ctl.end(state)
+    ctl.finish(state)
+    return {n: m.clone() for n, m in state.mask.items()}
+
+
+def _check_not_sharded(model, select, filter_fn) -> None:
+    """prune_gmp runs on replicated weights (one process or DDP), not on FSDP2 shards."""
+    from .distributed import dist_context
+
+    params = prunable_weights(model, select, filter_fn=filter_fn)
+    ctx = dist_context(model, params)
+    if ctx is not None and ctx.sharded:
+        raise ELSAError("prune_gmp does not support sharded (FSDP2 / DTensor) weights; use embed_levels with one "
+                        "level, or DDP")
+
+
+def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase, progress: bool) -> int:
+    """Run ``train_fn`` under the GMP hooks; returns the optimizer steps seen."""
+    from tqdm.auto import tqdm
+
+    state.set_mask(None)
+    ctl.start(state, model)
+    steps = [0]
+
+    def pre(key, ids):
+        state.check("by train_fn between optimizer steps")
+        state.mask_grads(ids)
+
+    def post(key, ids):
+        state.restore(ids)
+        steps[0] += 1
+        if steps[0] <= ctl.steps:
+            ctl.after_step(state, steps[0])
+
+    binding = OptimizerBinding(pre, post)
+    ids = {id(p) for p in model.parameters()}
+    bar = tqdm(total=phase.steps, desc=phase.name, unit="step", disable=not progress, leave=False)
+    try:
+        with auto_attach(binding, ids, lambda opt: binding.attach(opt, ids)):
+            train_fn(model, phase)
+    except BaseException:
+        ctl.abort(state)
+        state.restore()
+        raise
+    finally:
+        binding.detach()
+        bar.update(steps[0])
+        bar.close()
+    state.check("by train_fn")
+    return steps[0]

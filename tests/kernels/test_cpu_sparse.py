@@ -1,0 +1,393 @@
+"""The sparse-cpu backend: packed formats, C++ kernels against their PyTorch references, the module
+path (auto selection, fallback, gradients), loading one level from a memory-mapped file.
+
+Packers and ``unpack`` move bits: bit-exact (``atol=0``). Products sum in another order than
+``F.linear``: float32 summation-order tolerance, per dtype. Never a timing (see bench/cpu_sparse.py).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import elsa_codec as ec
+from elsa_codec import cpu_sparse as cs
+from elsa_codec.format.bits import encode_tensor, extract_level
+from elsa_codec.native import cpu_kernels
+from elsa_codec.format.pages import release_pages
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(63, 123), (123, 63), (64, 64), (1, 5), (17, 300)]
+FORMATS = [("csr", (0, 0)), ("bitmask", (0, 0)), ("bsr", (16, 16)), ("bsr", (8, 4)), ("bsr", (64, 64)), ("bsr", (32, 8))]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def encoded(n, k, dtype, T=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    codes = torch.randint(0, T + 1, (n, k), generator=g)
+    return encode_tensor(w, codes, 2)
+
+
+def bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_close_linear(y, x, wl, b, dtype):
+    ref = F.linear(x.float(), wl.float(), None if b is None else b.float())
+    scale = 1 + ref.abs().max().item()
+    err = (y.float() - ref).abs().max().item() if y.numel() else 0.0
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert err <= TOL[dtype] * scale, (err, scale)
+
+
+# -- packers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_pack_matches_reference_and_unpacks_to_the_level(fmt, block, shape, dtype):
+    w = encoded(*shape, dtype)
+    for t in (1, 2, 4):
+        p = cs.pack_level(w, t, 2, fmt, block)
+        r = cs.pack_level_reference(w, t, 2, fmt, block)
+        assert p.format == r.format == fmt and p.nnz == r.nnz and p.tensors.keys() == r.tensors.keys()
+        for name in p.tensors:
+            assert torch.equal(bits(p.tensors[name]), bits(r.tensors[name])), (name, t)
+        assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, t, 2))), t
+        assert torch.equal(bits(cs.unpack_reference(p)), bits(extract_level(w, t, 2))), t
+
+
+def test_pack_threads_and_strided_rows_bit_exact():
+    w = encoded(123, 200, torch.float32)
+    ref = cs.pack_level(w, 2, 2, "csr", threads=1)
+    for nt in (2, 3):
+        p = cs.pack_level(w, 2, 2, "csr", threads=nt)
+        assert all(torch.equal(p.tensors[n], ref.tensors[n]) for n in p.tensors)
+    view = torch.cat([w, w], 1)[:, :200]  # rows with a stride of 400 elements
+    p = cs.pack_level(view, 2, 2, "csr")
+    assert all(torch.equal(p.tensors[n], ref.tensors[n]) for n in p.tensors)
+
+
+def test_wide_rows_use_int32_columns():
+    w = encoded(3, 70000, torch.float32)
+    p = cs.pack_level(w, 2, 2, "csr")
+    assert p.tensors["col"].dtype == torch.int32
+    assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, 2, 2)))
+    x = torch.randn(1, 70000)
+    assert_close_linear(cs.sparse_linear(x, p), x, extract_level(w, 2, 2), None, torch.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 90), t=st.integers(1, 4), seed=st.integers(0, 2**16),
+       fmt=st.sampled_from(["csr", "bitmask", "bsr"]), r=st.sampled_from([8, 16, 3]), c=st.sampled_from([1, 4, 16]))
+def test_property_pack_unpack_and_product(n, k, t, seed, fmt, r, c):
+    w = encoded(n, k, torch.float32, seed=seed)
+    p = cs.pack_level(w, t, 2, fmt, (r, c))
+    wl = extract_level(w, t, 2)
+    assert torch.equal(bits(cs.unpack(p)), bits(wl))
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(seed))
+    assert_close_linear(cs.sparse_linear(x, p), x, wl, None, torch.float32)
+    assert_close_linear(cs.sparse_linear(x[:1], p), x[:1], wl, None, torch.float32)
+
+
+# -- products ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,block", FORMATS[:4], ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 70])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_sparse_linear_equals_the_level(fmt, block, shape, dtype, m, bias):
+    w = encoded(*shape, dtype)
+    n, k = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    for t in (1, 3):
+        p = cs.pack_level(w, t, 2, fmt, block)
+        y = cs.sparse_linear(x, p, b)
+        assert_close_linear(y, x, extract_level(w, t, 2), b, dtype)
+        assert_close_linear(cs.sparse_linear_reference(x, p, b), x, extract_level(w, t, 2), b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_every_instruction_set_gives_the_level(dtype):
+    """The AVX-512 bitmask product (where the CPU has it) and the AVX2 / scalar paths below it."""
+    from elsa_codec.native import ISAS, cpu_isa
+
+    top = cpu_isa()
+    w = encoded(123, 291, dtype)
+    x = torch.randn(1, 291).to(dtype)
+    b = torch.randn(123).to(dtype)
+    try:
+        for isa in ISAS[: ISAS.index(top) + 1]:
+            assert cpu_isa(isa) == isa
+            for fmt in ("bitmask", "csr"):
+                p = cs.pack_level(w, 2, 2, fmt)
+                assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, 2, 2), b, dtype)
+    finally:
+        cpu_isa(top)
+    assert cpu_isa() == top
+    with pytest.raises(ValueError, match="avx"):
+        cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS[:3], ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 9])
+def test_threads_give_identical_results(fmt, block, m):
+    w = encoded(123, 63, torch.float32)
+    p = cs.pack_level(w, 2, 2, fmt, block)
+    x = torch.randn(m, 63)
+    one = cs.sparse_linear(x, p, threads=1)
+    for nt in (2, 4):
+        assert torch.equal(cs.sparse_linear(x, p, threads=nt), one)
+
+
+def test_leading_dims_empty_batch_and_bad_input():
+    w = encoded(63, 123, torch.float32)
+    p = cs.pack_level(w, 2, 2, "csr")
+    x = torch.randn(2, 3, 123)
+    y = cs.sparse_linear(x, p)
+    assert y.shape == (2, 3, 63)
+    assert_close_linear(y, x, extract_level(w, 2, 2), None, torch.float32)
+    assert cs.sparse_linear(torch.randn(0, 123), p).shape == (0, 63)
+    with pytest.raises(ec.ELSAError, match="123"):
+        cs.sparse_linear(torch.randn(1, 122), p)
+    with pytest.raises(ec.ELSAError, match="bias"):
+        cs.sparse_linear(torch.randn(1, 123), p, torch.zeros(62))
+    with pytest.raises(ec.ELSAError, match="format"):
+        cs.pack_level(w, 2, 2, "coo")
+    with pytest.raises(ec.ELSAError, match="2-D"):
+        cs.pack_level(w[0], 2, 2)
+    with pytest.raises(ec.ELSAError, match="float64|dtype"):
+        cs.pack_level(w.double(), 2, 2)
+
+
+def test_choose_format_rule():
+    assert cs.choose_format("unstructured", 0.1) == ("csr", (0, 0))
+    assert cs.choose_format("unstructured", 0.5) == ("bitmask", (0, 0))
+    assert cs.choose_format("2:4", 0.5) == ("bitmask", (0, 0))
+    assert cs.choose_format("1:4", 0.25) == ("csr", (0, 0))
+    assert cs.choose_format("block:32x16", 0.5) == ("bsr", (32, 16))
+    assert cs.choose_format("block:4x4", 0.1) == ("csr", (0, 0))  # blocks under 8 rows: csr
+
+
+# -- the module path ------------------------------------------------------------------------------
+def linear_at_levels(levels, structure="unstructured", n=1031, k=520, dtype=torch.float32, bias=True):
+    """A layer above SMALL_LAYER_BYTES in float32 and bfloat16 (the auto backend packs every level)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=bias).to(dtype)
+    cnt = ec.magnitude_counters({"weight": lin.weight.detach().float()}, levels, structure=structure)
+    return ec.ELSALinear.from_linear(lin, cnt)
+
+
+@pytest.mark.parametrize("levels,structure,fmts", [
+    ([0.9, 0.75, 0.5], "unstructured", ["csr", "csr", "bitmask"]),
+    (["1:4", "2:4"], "unstructured", ["csr", "bitmask"]),
+    ([0.75, 0.5], "block:16x16", ["bsr", "bsr"]),
+], ids=["unstructured", "nm", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_module_auto_selects_sparse_cpu_per_structure(levels, structure, fmts, dtype):
+    m = linear_at_levels(levels, structure, dtype=dtype)
+    x = torch.randn(1, 520).to(dtype)
+    for t, fmt in enumerate(fmts, 1):
+        m.set_level(t)
+        assert m.backend == "sparse-cpu" and m.packed_level().format == fmt
+        assert f"backend=sparse-cpu ({fmt}" in repr(m)
+        with torch.inference_mode():
+            y = m(x)
+        assert_close_linear(y, x, extract_level(m.weight, t, m.code_bits), m.bias, dtype)
+        assert m._cached is None  # no decoded weight held
+        assert m.cached_bytes == m.packed_level().nbytes
+    m.set_level("dense")
+    assert m.backend == "dense" and m.cached_bytes == 0 and m._packed is None
+
+
+def test_module_fallback_above_max_tokens_and_overrides():
+    m = linear_at_levels([0.5])
+    m.set_level(1)
+    assert m.packed_level().format == "bitmask" and "max_tokens=1" in repr(m)
+    x = torch.randn(4, 520)
+    with torch.no_grad():
+        y = m(x)  # 4 rows > max_tokens: the decoded weight (reference path)
+    assert m._cached is not None and m._cached[0][1] == "sparse-cpu"  # unpacked from the packed level
+    torch.testing.assert_close(y, F.linear(x, extract_level(m.weight, 1, m.code_bits), m.bias), rtol=0, atol=0)
+    m.cache = False
+    m.clear_cache()
+    with torch.no_grad():
+        y1 = m(x)  # cache off: unpacked per call, only the packed level stays
+    assert m._cached is None and m._packed is not None and torch.equal(y1, y)
+    m.cache = True
+    m.clear_cache()
+    m.cpu_max_tokens = 64
+    with torch.no_grad():
+        y2 = m(x)
+    assert m._cached is None
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
+    m.cpu_format = "csr"
+    assert m.packed_level().format == "csr"
+    with pytest.raises(ec.ELSAError, match="block"):
+        m.cpu_format = "bsr"
+    assert m.cpu_format == "csr" and m.packed_level().format == "csr"
+    m.cpu_format = None
+    m.backend = "reference"
+    assert m.backend == "reference" and "forced reference" in repr(m)
+    with pytest.raises(ec.ELSAError, match="linear layers only"):
+        ec.ELSAConv2d.from_conv2d(nn.Conv2d(2, 2, 1), torch.ones(2, 2, 1, 1, dtype=torch.long) * 2, num_levels=1).backend = "sparse-cpu"
+
+
+def test_small_layers_use_the_decoded_weight_unless_very_sparse():
+    m = linear_at_levels([0.9, 0.5], n=63, k=128)  # 32 KiB: its dense GEMV runs from cache
+    m.set_level(1)
+    assert m.backend == "sparse-cpu" and m.packed_level().format == "csr"
+    m.set_level(2)
+    assert m.backend == "reference" and m._packed is None
+    m.cpu_max_tokens = 1  # the override turns it on
+    assert m.backend == "sparse-cpu" and m._packed is not None and "max_tokens=1" in repr(m)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        assert_close_linear(m(x), x, extract_level(m.weight, 2, m.code_bits), m.bias, torch.float32)
+    with pytest.raises(ec.ELSAError, match="cpu_max_tokens"):
+        m.cpu_max_tokens = -1
+
+
+def test_module_gradients_flow_to_input_and_bias():
+    m = linear_at_levels([0.75])
+    m.set_level(1)
+    x = torch.randn(1, 520, requires_grad=True)
+    m(x).square().sum().backward()
+    ref = nn.Linear(520, 1031)
+    with torch.no_grad():
+        ref.weight.copy_(extract_level(m.weight, 1, m.code_bits))
+        ref.bias.copy_(m.bias)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_conv1d_transposed_weight():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(1031, 301)  # weight [nx=301, nf=1031]
+    cnt = ec.magnitude_counters({"weight": conv.weight.detach()}, [0.9, 0.5])
+    m = ec.ELSATransformersConv1D.from_conv1d(conv, cnt)
+    x = torch.randn(1, 2, 301)
+    for t in (1, 2):
+        m.set_level(t)
+        assert m.backend == "sparse-cpu" and m.packed_level().shape == (1031, 301)
+        with torch.no_grad():
+            y = m(x)
+        ref = torch.addmm(m.bias, x.view(-1, 301), extract_level(m.weight, t, m.code_bits)).view(1, 2, 1031)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- loading one level from the file ---------------------------------------------------------------
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(520, 1031), nn.ReLU(), nn.Linear(1031, 33))  # 2 MiB and 133 KiB
+
+
+def test_load_level_packs_only_that_level_and_switches(tmp_path):
+    model = mlp()
+    sd = model.state_dict()
+    enc = ec.encode(sd, ec.magnitude_counters(sd, [0.9, 0.75, 0.5]))
+    path = str(tmp_path / "m.safetensors")
+    ec.save_file(enc, path)
+    served = ec.load(path, mlp(), level=1)
+    x = torch.randn(1, 520)
+    ref = mlp()
+    for t in (1, 3, 2, "dense"):
+        lv = ec.set_level(served, t)
+        ref.load_state_dict(ec.extract(enc, lv))
+        big, small = served[0], served[2]
+        assert big.level == small.level == lv and big.keep_weight_resident is False
+        assert big.backend == ("dense" if lv == 4 else "sparse-cpu") and (big._packed is None) == (lv == 4)
+        assert small.backend == {1: "sparse-cpu", 4: "dense"}.get(lv, "reference")
+        with torch.no_grad():
+            torch.testing.assert_close(served(x), ref(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ec.ELSAError, match="level"):
+        ec.load(path, mlp(), level=5)
+
+
+def test_release_pages_only_for_mapped_files(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(300000, dtype=torch.float32)}, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        t = f.get_tensor("w")
+    before = t.clone()
+    assert release_pages(t) in (True, False)  # False only where the kernel lacks MADV_PAGEOUT
+    assert torch.equal(t, before)  # the bytes come back from the file
+    assert release_pages(torch.zeros(300000)) is False  # ordinary memory: never touched
+
+
+def test_without_the_kernels_the_reference_path_serves_and_warns_once(tmp_path):
+    code = (
+        "import warnings, torch, elsa_codec as ec\n"
+        "from torch import nn\n"
+        "lin = nn.Linear(16, 8)\n"
+        "m = ec.ELSALinear.from_linear(lin, ec.magnitude_counters({'weight': lin.weight.detach()}, [0.5]))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    m.set_level(1); m.set_level(2); m.set_level(1)\n"
+        "    y = m(torch.randn(1, 16))\n"
+        "print(m.backend, sum('CPU sparse kernels are unavailable' in str(x.message) for x in w))\n"
+    )
+    env = dict(os.environ, ELSA_CPU_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "1"]
+
+
+def test_build_into_a_fresh_cache(tmp_path):
+    code = "from elsa_codec.native import cpu_kernels; import os; lib = cpu_kernels(); print(lib is not None, os.path.dirname(lib._name))"
+    env = dict(os.environ, ELSA_CPU_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ok, where = out.stdout.split()
+    assert ok == "True" and where == str(tmp_path)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".so")] and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_load_level_assigns_plain_tensors_from_the_file_and_keeps_ties(tmp_path):
+    """Non-encoded tensors become views of the mapped file (nothing copied); a tied pair stays one."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 520)
+            self.fc = nn.Linear(520, 1031)
+            self.head = nn.Linear(520, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.fc(self.emb(ids))[..., :520])
+
+    torch.manual_seed(0)
+    model = Tied()
+    sd = model.state_dict()
+    enc = ec.encode(sd, ec.magnitude_counters(model, [0.9, 0.5]))  # fc only ("blocks")
+    path = str(tmp_path / "t.safetensors")
+    ec.save_file(enc, path)
+    fresh = Tied()
+    before = fresh.fc.bias
+    served = ec.load(path, fresh, level=1)
+    assert served.fc.bias is not before and torch.equal(served.fc.bias, sd["fc.bias"])  # assigned, not copied
+    assert served.head.weight is served.emb.weight and torch.equal(served.emb.weight, sd["emb.weight"])
+    ids = torch.tensor([[1, 2, 3]])
+    ref = Tied()
+    ref.load_state_dict(ec.extract(enc, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), ref(ids), rtol=1e-5, atol=1e-5)
