@@ -193,7 +193,7 @@ def run_one(size_gb: float, dtype: str, shards: int, jobs: int, a, floor: dict) 
         size, largest, count = write_checkpoint(src, int(size_gb * 1e9), dtype=_DTYPES[dtype], shards=shards)
         print(f"wrote {src}: {size / 1e9:.2f} GB {dtype}, {count} tensors in {shards} file(s), largest "
               f"{largest / 1e6:.0f} MB ({time.perf_counter() - t0:.1f} s)", flush=True)
-        cmd = [sys.executable, "-m", "elsa_codec.cli.main", "encode", src, "-o", dst, "--levels", a.levels,
+        cmd = [sys.executable, "-m", "elsa_codec.cli.commands", "encode", src, "-o", dst, "--levels", a.levels,
                "--structure", a.structure, "--jobs", str(jobs), "-q"]
         r = _measure(cmd)
     finally:

@@ -77,15 +77,26 @@ def check_encoded(arg, name: str, fn: str):
     raise ELSATypeError(f"{fn}: {name} must be an ELSAStateDict (from encode or load_file), got {what}")
 
 
-def check_list(arg, name: str, fn: str, example: str, *, allow_callable: bool = False) -> list:
+def check_list(arg, name: str, fn: str, example: str) -> list:
     """``arg`` as a list; a single string is refused (it would be read character by character)."""
     if isinstance(arg, (str, bytes)):
         raise ELSATypeError(f"{fn}: {name} must be a list, got {_kind(arg)}; pass a list, e.g. {name}={example}")
-    if allow_callable and callable(arg):
-        return arg
     if isinstance(arg, (Mapping, torch.Tensor)) or not hasattr(arg, "__iter__"):
         raise ELSATypeError(f"{fn}: {name} must be a list, got {_kind(arg)}; e.g. {name}={example}")
     return list(arg)
+
+
+def check_removed(fn: str, given: Mapping, removed: Mapping) -> None:
+    """Refuse the keywords of ``given`` (a ``**kwargs``): a removed one names its replacement
+    (``removed``: keyword -> replacement), any other is unknown.
+
+    Raises:
+        ELSATypeError: the first such keyword.
+    """
+    for kw in given:
+        if kw in removed:
+            raise ELSATypeError(f"{fn}: the keyword {kw}= was removed in 0.2 (CHANGELOG.md): use {removed[kw]}")
+        raise ELSATypeError(f"{fn}() got an unexpected keyword argument {kw!r}")
 
 
 def check_shard_size(arg) -> int | None:

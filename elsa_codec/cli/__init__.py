@@ -1,5 +1,5 @@
 """The ``elsa`` command: ``encode``, ``inspect``, ``extract``, ``verify`` (the codec), and the apps
 that register a subcommand (``demo``, ``compare``: :mod:`elsa_codec.examples`)."""
-from .main import main
+from .commands import main
 
 __all__ = ["main"]

@@ -1,6 +1,6 @@
 """``python -m elsa_codec.cli ...`` is the ``elsa`` command."""
 import sys
 
-from .main import main
+from .commands import main
 
 sys.exit(main())

@@ -171,6 +171,32 @@ def encode(
             two names of one tied tensor; NaN/Inf weights;
             unsupported dtype; more levels than the dtype's code bits allow. Each names the tensor.
     """
+    _check_encode_args(state_dict, counters, code_bits, num_levels)
+    if structures is not None:
+        structures = check_list(structures, "structures", "encode", "['unstructured', '2:4']")
+    per_name, canon = _tied_counters(state_dict, counters)
+    T = _num_levels(per_name, state_dict, counters, num_levels)
+    k = default_code_bits(T) if code_bits is None else code_bits
+    for name in per_name:
+        check_code_bits(state_dict[name].dtype, k, T, name=name)
+    structs = list(structures) if structures is not None else list(getattr(counters, "structures", ["unstructured"] * T))
+    if len(structs) != T:
+        raise ELSAError(f"structures lists {len(structs)} entries for {T} levels")
+    structs = [str(parse_structure(s)) for s in structs]
+    _check_structures(per_name, structs, getattr(counters, "transposed", set()), canon)
+    bn = _check_bn_stats(bn_stats, T, state_dict)
+    out, infos = _encode_tensors(state_dict, per_name, canon, k, T, progress)
+    transposed = getattr(counters, "transposed", set())
+    for name, info in infos.items():
+        if name in transposed or canon.get(name) in transposed:
+            infos[name] = dataclasses.replace(info, transposed=True)
+    tied = {n: c for n, c in canon.items() if n != c and n in infos}
+    meta = _make_meta(T, k, structs, infos, bn, tied)
+    return ELSAStateDict(out, meta, bn)
+
+
+def _check_encode_args(state_dict, counters, code_bits, num_levels) -> None:
+    """:func:`encode`'s argument types, and every counters name in the state dict."""
     check_state_dict(state_dict, "state_dict", "encode")
     if isinstance(counters, torch.nn.Module) or not isinstance(counters, Mapping):
         raise ELSATypeError(
@@ -182,12 +208,13 @@ def encode(
     for arg, v in (("code_bits", code_bits), ("num_levels", num_levels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ELSATypeError(f"encode: {arg} must be an int, got {v!r}")
-    if structures is not None:
-        structures = check_list(structures, "structures", "encode", "['unstructured', '2:4']")
+
+
+def _num_levels(per_name: Mapping, state_dict: Mapping, counters, num_levels) -> int:
+    """T: given, or the counters', or inferred from the largest counter; every counter checked in ``1..T+1``."""
     for name in counters:
         if name not in state_dict:
             raise ELSAError(f"{name}: counters given for a tensor that is not in the state dict")
-    per_name, canon = _tied_counters(state_dict, counters)
     ranges = {}
     for name, c in per_name.items():
         _check_counters(name, c, state_dict[name])
@@ -208,25 +235,19 @@ def encode(
     for name, (lo, hi) in ranges.items():
         if lo < 1 or hi > T + 1:
             raise ELSAError(f"{name}: counters must lie in 1..{T + 1} (T={T}), got {lo}..{hi}")
-    k = default_code_bits(T) if code_bits is None else code_bits
-    for name in per_name:
-        check_code_bits(state_dict[name].dtype, k, T, name=name)
-    structs = list(structures) if structures is not None else list(getattr(counters, "structures", ["unstructured"] * T))
-    if len(structs) != T:
-        raise ELSAError(f"structures lists {len(structs)} entries for {T} levels")
-    structs = [str(parse_structure(s)) for s in structs]
-    _check_structures(per_name, structs, getattr(counters, "transposed", set()), canon)
-    bn = _check_bn_stats(bn_stats, T, state_dict)
+    return T
 
-    out = {}
-    infos = {}
+
+def _encode_tensors(state_dict: Mapping, per_name: Mapping, canon: Mapping, k: int, T: int, progress: bool):
+    """``(out, infos)``: every tensor of ``state_dict`` in order, those in ``per_name`` encoded (a tie
+    group once), with their records."""
+    out, infos = {}, {}
     done = {}  # first name of a tie group -> (encoded, info): a tie group is encoded once
-    names = list(state_dict)
-    it = names
+    it = list(state_dict)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(names, desc="encode", unit="tensor")
+        it = tqdm(it, desc="encode", unit="tensor")
     for name in it:
         x = state_dict[name]
         if name not in per_name:
@@ -238,13 +259,7 @@ def encode(
             y = encode_tensor(x, c - 1, k, name=name)
             done[key] = (y, _tensor_info(x, y, c, T))
         out[name], infos[name] = done[key]
-    transposed = getattr(counters, "transposed", set())
-    for name, info in infos.items():
-        if name in transposed or canon.get(name) in transposed:
-            infos[name] = dataclasses.replace(info, transposed=True)
-    tied = {n: c for n, c in canon.items() if n != c and n in infos}
-    meta = _make_meta(T, k, structs, infos, bn, tied)
-    return ELSAStateDict(out, meta, bn)
+    return out, infos
 
 
 def _check_structures(per_name: Mapping, structs: list, transposed, canon: Mapping) -> None:

@@ -4,20 +4,22 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..checks import check_list, check_state_dict
+from ..checks import check_list, check_removed, check_state_dict
 from ..errors import ELSAError, ELSATypeError
 from ..format.encode import Counters, counter_dtype
-from ..format.selection import DEFAULT_SELECT, select_weights, tie_groups, transposed_weights
+from ..format.selection import DEFAULT_SELECT, SELECT_POLICIES, select_weights, tie_groups, transposed_weights
 from ..format.structure import parse_levels
 from .masks import magnitude_mask
 from .thresholds import _kth_largest, global_thresholds
 
 logger = logging.getLogger("elsa_codec")
+
+#: Keywords removed in 0.2 (CHANGELOG.md), each with its replacement.
+_REMOVED = {"sparsifier": "distribution= (the one-shot name: 'uniform' or 'global')"}
 
 __all__ = ["magnitude_counters", "tensor_magnitude_counters", "select_tensors", "default_prunable"]
 
@@ -39,12 +41,12 @@ def magnitude_counters(
     levels,
     *,
     structure: str = "unstructured",
-    sparsifier: str | None = None,
-    names: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    distribution: str = "uniform",
+    names: Iterable[str] | None = None,
     model: torch.nn.Module | None = None,
-    select=None,
+    select: str | None = None,
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
-    distribution: str | None = None,
+    **removed,
 ) -> Counters:
     """One-shot nested magnitude levels (no training): a baseline and a way to encode any checkpoint.
 
@@ -56,20 +58,17 @@ def magnitude_counters(
             the input dimension).
         structure: for fractional levels, ``"unstructured"`` or ``"block:RxC"`` (tiles of the 2-D
             view ``[out, in*kh*kw]`` ranked by L2 norm).
-        sparsifier: how a level's sparsity spreads over the tensors (the name
-            :class:`~elsa_codec.ELSAConfig` uses): ``"uniform"`` (default; each tensor at the
-            level's sparsity) or ``"global"`` (one magnitude threshold across the tensors per
-            level; block structures then use each tensor's resulting sparsity).
-        distribution: the former name of ``sparsifier`` (still accepted).
-        names: the tensors to encode: a list of names or a predicate ``(name, tensor) -> bool``.
+        distribution: how a level's sparsity spreads over the tensors: ``"uniform"`` (default;
+            each tensor at the level's sparsity) or ``"global"`` (one magnitude threshold across the
+            tensors per level; block structures then use each tensor's resulting sparsity).
+        names: without a model, the tensors to encode: a list of names.
         model: the model the state dict belongs to (when ``state_dict`` is a mapping): selects by
-            module type (:func:`elsa_codec.format.selection.select_weights`) and knows which weights are
+            module type (:func:`elsa_codec.select_weights`) and knows which weights are
             transposed (``transformers`` ``Conv1D`` `[in, out]`: N:M groups and blocks are laid
             along its dim 0, the input dimension).
         select: with a model, the selection policy: ``"blocks"`` (default; the linear layers of
             the blocks, embeddings and output head dense: the SparseGPT / Wanda convention),
-            ``"blocks+head"``, ``"all"`` (also embeddings); a predicate ``(fqn, module) -> bool``
-            still works but is deprecated: use ``filter_fn``.
+            ``"blocks+head"``, ``"all"`` (also embeddings).
         filter_fn: with a model, ``(module, fqn) -> bool`` called on every module with a
             ``weight`` Parameter (the torchao convention, as :func:`elsa_codec.swap_` and
             :class:`~elsa_codec.ELSAConfig`); replaces ``select``.
@@ -87,7 +86,17 @@ def magnitude_counters(
         ELSAError: levels not sparsest first or out of (0, 1), mixed N:M and fractional levels,
             no tensor selected, unknown distribution or policy, ``select`` without a model or
             with ``names``, shapes that do not suit the structure.
+        ELSATypeError: a keyword removed in 0.2 (``sparsifier=``: use ``distribution=``; a
+            ``select`` or ``names`` predicate: use ``filter_fn=``), naming its replacement.
+
+    Example::
+
+        >>> import torch, elsa_codec as ec
+        >>> c = ec.magnitude_counters({"fc.weight": torch.randn(8, 16)}, [0.75, 0.5])
+        >>> c.num_levels, sorted(c["fc.weight"].unique().tolist())
+        (2, [1, 2, 3])
     """
+    check_removed("magnitude_counters", removed, _REMOVED)
     if isinstance(state_dict, torch.nn.Module):
         if model is not None and model is not state_dict:
             raise ELSAError("magnitude_counters: pass the model once (as the first argument or as model=)")
@@ -96,8 +105,10 @@ def magnitude_counters(
     if model is not None and not isinstance(model, torch.nn.Module):
         raise ELSATypeError(f"magnitude_counters: model must be a torch.nn.Module, got {type(model).__name__}")
     if names is not None:
-        names = check_list(names, "names", "magnitude_counters", "['fc1.weight', 'fc2.weight']", allow_callable=True)
-    distribution = _sparsifier_arg(sparsifier, distribution)
+        if callable(names):
+            raise ELSATypeError("magnitude_counters: names= takes a list of tensor names; a (name, tensor) predicate "
+                                "was removed in 0.2: pass the model with filter_fn=(module, fqn) -> bool")
+        names = check_list(names, "names", "magnitude_counters", "['fc1.weight', 'fc2.weight']")
     select = _filter_arg(select, filter_fn)
     specs = parse_levels(levels, structure, distribution)
     sps = [s for s, _ in specs]
@@ -116,26 +127,17 @@ def magnitude_counters(
     return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
 
 
-def _sparsifier_arg(sparsifier, distribution) -> str:
-    """One value from ``sparsifier=`` and its former name ``distribution=``."""
-    if sparsifier is not None and distribution is not None and sparsifier != distribution:
-        raise ELSAError(f"magnitude_counters: sparsifier={sparsifier!r} and distribution={distribution!r} disagree "
-                        "(distribution is the former name of sparsifier: pass one)")
-    return sparsifier or distribution or "uniform"
-
-
 def _filter_arg(select, filter_fn):
-    """The selection predicate in ``select``'s convention ``(fqn, module)`` from ``filter_fn``
-    ``(module, fqn)``; a ``select`` predicate warns (deprecated)."""
+    """The selection predicate ``(fqn, module)`` from ``filter_fn`` ``(module, fqn)``, or the policy."""
+    if callable(select):
+        raise ELSATypeError("magnitude_counters: select= takes a policy name (" + ", ".join(map(repr, SELECT_POLICIES))
+                            + "); a (fqn, module) predicate was removed in 0.2: pass filter_fn=(module, fqn) -> bool")
     if filter_fn is not None:
         if not callable(filter_fn):
             raise ELSAError(f"filter_fn must be a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
         if select is not None:
             raise ELSAError("pass either select= (a policy) or filter_fn=, not both")
         return lambda fqn, m: filter_fn(m, fqn)
-    if callable(select):
-        warnings.warn("magnitude_counters(select=predicate) with (fqn, module) is deprecated: pass "
-                      "filter_fn=(module, fqn) -> bool, the convention of swap_ and ELSAConfig", DeprecationWarning, stacklevel=3)
     return select
 
 
@@ -175,8 +177,8 @@ def _magnitude_selection(state_dict: Mapping, names, model, select) -> list:
 
 def select_tensors(names, candidates: Mapping, get_tensor, source: str) -> list:
     """The tensors to encode among ``candidates`` (``name -> tensor``, or a stand-in with the right
-    ``dim()`` and floating-point-ness): ``names`` as a list, a predicate ``(name, tensor) -> bool``
-    (called with ``get_tensor(name)``), or None for :func:`default_prunable`.
+    ``dim()`` and floating-point-ness): ``names`` as a list, or None for :func:`default_prunable`.
+    ``get_tensor`` is kept for the callers' symmetry; no tensor data is read.
 
     Raises:
         ELSAError: a listed name not in ``source``, nothing selected, a non-floating tensor.
@@ -184,7 +186,8 @@ def select_tensors(names, candidates: Mapping, get_tensor, source: str) -> list:
     if names is None:
         sel = [n for n, t in candidates.items() if isinstance(t, torch.Tensor) and default_prunable(n, t)]
     elif callable(names):
-        sel = [n for n in candidates if names(n, get_tensor(n))]
+        raise ELSATypeError("names= takes a list of tensor names; a (name, tensor) predicate was removed in 0.2 "
+                            "(CHANGELOG.md): list the names, or pass the model with filter_fn=(module, fqn) -> bool")
     else:
         sel = check_list(names, "names", "select", "['fc1.weight', 'fc2.weight']")
         for n in sel:

@@ -65,35 +65,46 @@ def magnitude_mask(
     if st.kind == "unstructured":
         keep = int(round((1.0 - sparsity) * weight.numel()))
         return _topk_mask(sc.reshape(-1), frozen.reshape(-1), keep, name).reshape(weight.shape)
-    w2 = _as_2d(sc)
-    f2 = _as_2d(frozen)
-    rows, cols = w2.shape
+    w2, f2 = _as_2d(sc), _as_2d(frozen)
     if st.kind == "nm":
-        if cols % st.m:
-            raise ELSAError(f"{name}: input dimension {cols} is not a multiple of M={st.m} for {st}")
-        g = w2.reshape(rows, cols // st.m, st.m).clone()
-        fg = f2.reshape(rows, cols // st.m, st.m)
-        if fg.numel() and int(fg.sum(-1).max()) > st.n:
-            raise ELSAError(f"{name}: frozen weights already exceed {st.n} per group of {st.m}")
-        g[fg] = float("inf")
-        idx = torch.topk(g, st.n, dim=-1).indices
-        out = torch.zeros_like(fg)
-        out.scatter_(-1, idx, True)
-        return out.reshape(weight.shape)
-    # block:RxC on the 2-D view; partial tiles at the edges are ranked by their L2 norm too.
+        return _nm_mask(w2, f2, st, name).reshape(weight.shape)
+    return _block_mask(w2, f2, st, sparsity, weight.numel(), name).reshape(weight.shape)
+
+
+def _nm_mask(w2: torch.Tensor, f2: torch.Tensor, st, name: str) -> torch.Tensor:
+    """The N:M mask of the 2-D scores ``w2`` ``[rows, cols]`` holding the frozen ``f2``."""
+    rows, cols = w2.shape
+    if cols % st.m:
+        raise ELSAError(f"{name}: input dimension {cols} is not a multiple of M={st.m} for {st}")
+    g = w2.reshape(rows, cols // st.m, st.m).clone()
+    fg = f2.reshape(rows, cols // st.m, st.m)
+    if fg.numel() and int(fg.sum(-1).max()) > st.n:
+        raise ELSAError(f"{name}: frozen weights already exceed {st.n} per group of {st.m}")
+    g[fg] = float("inf")
+    idx = torch.topk(g, st.n, dim=-1).indices
+    out = torch.zeros_like(fg)
+    out.scatter_(-1, idx, True)
+    return out
+
+
+def _block_mask(w2: torch.Tensor, f2: torch.Tensor, st, sparsity: float, numel: int, name: str) -> torch.Tensor:
+    """The block:RxC mask of the 2-D scores ``w2`` ``[rows, cols]`` holding the frozen tiles of ``f2``;
+    partial tiles at the edges are ranked by their L2 norm too."""
+    rows, cols = w2.shape
+    device = w2.device
     r, c = st.r, st.c
     nbr, nbc = -(-rows // r), -(-cols // c)
-    pad = torch.zeros(nbr * r, nbc * c, dtype=torch.float32, device=weight.device)
+    pad = torch.zeros(nbr * r, nbc * c, dtype=torch.float32, device=device)
     pad[:rows, :cols] = w2 * w2
     tile_score = pad.reshape(nbr, r, nbc, c).sum(dim=(1, 3)).sqrt()
-    fpad = torch.zeros(nbr * r, nbc * c, dtype=torch.bool, device=weight.device)
+    fpad = torch.zeros(nbr * r, nbc * c, dtype=torch.bool, device=device)
     fpad[:rows, :cols] = f2
     tile_frozen = fpad.reshape(nbr, r, nbc, c).any(dim=3).any(dim=1)
     # tile counts: choose tiles until the kept weight count reaches the target
-    cnt = torch.zeros(nbr * r, nbc * c, dtype=torch.float32, device=weight.device)
+    cnt = torch.zeros(nbr * r, nbc * c, dtype=torch.float32, device=device)
     cnt[:rows, :cols] = 1
     tile_size = cnt.reshape(nbr, r, nbc, c).sum(dim=(1, 3)).reshape(-1)
-    target = (1.0 - sparsity) * weight.numel()
+    target = (1.0 - sparsity) * numel
     s = tile_score.reshape(-1).clone()
     s[tile_frozen.reshape(-1)] = float("inf")
     order = torch.argsort(s, descending=True, stable=True)
@@ -111,7 +122,7 @@ def magnitude_mask(
         raise ELSAError(
             f"{name}: the frozen tiles ({nfrozen_tiles}) already exceed the target of {ntiles} {st} tiles"
         )
-    keep_tiles = torch.zeros(nbr * nbc, dtype=torch.bool, device=weight.device)
+    keep_tiles = torch.zeros(nbr * nbc, dtype=torch.bool, device=device)
     keep_tiles[order[:ntiles]] = True
     full = keep_tiles.reshape(nbr, 1, nbc, 1).expand(nbr, r, nbc, c).reshape(nbr * r, nbc * c)
-    return full[:rows, :cols].reshape(weight.shape).clone()
+    return full[:rows, :cols].clone()

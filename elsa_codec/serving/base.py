@@ -36,7 +36,6 @@ graph is then exactly the stock model's; one compile per distinct level visited)
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 import torch
@@ -85,7 +84,9 @@ def _kernels(required: str | None = None):
     global _KERNELS
     if _KERNELS is None:
         try:
-            _KERNELS = importlib.import_module("elsa_codec.kernels.triton")
+            from ..kernels import triton as kernels
+
+            _KERNELS = kernels
         except ImportError as e:  # triton missing, or the kernels package broken
             _KERNELS = False
             _kernels.error = f"{type(e).__name__}: {e}"
@@ -338,7 +339,9 @@ class ELSAModule(nn.Module):
             if backend == "semi-structured":  # a 2:4 level on sparse tensor cores (DESIGN.md, "Serving")
                 fn = "decode_level"
                 base = self._decode(t, "triton" if _triton_usable(self.weight.device, fn) else "reference")
-                return importlib.import_module("elsa_codec.kernels.triton.semi_structured").to_semi_structured(base)
+                from ..kernels.triton.semi_structured import to_semi_structured
+
+                return to_semi_structured(base)
             if backend == "triton":
                 return self._kernels_for("decode_level").decode_level(self.weight, t, self.code_bits)
             if backend == "sparse-cpu":  # from the packed level: a memory-mapped weight stays out of memory

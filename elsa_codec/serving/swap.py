@@ -18,7 +18,6 @@ walker over ``named_modules`` serves every model (no per-model code):
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import types
@@ -102,9 +101,21 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
     meta = enc.meta
     T, k = meta.num_levels, meta.code_bits
     modules = dict(model.named_modules(remove_duplicate=False))
-    model_sd = model.state_dict(keep_vars=True)
+    _check_tensors(model, enc, modules, strict)
+    new_modules = _new_modules(model, enc, modules, filter_fn)
+    # ELSA modules already in the model and not replaced must agree on T and k.
+    for fqn, mod in modules.items():
+        if isinstance(mod, ELSAModule) and fqn not in new_modules and (mod.num_levels, mod.code_bits) != (T, k):
+            raise ELSAError(
+                f"{_where(fqn)} already serves an ELSA weight with T={mod.num_levels}, k={mod.code_bits}; "
+                f"the checkpoint has T={T}, k={k}"
+            )
+    return new_modules, _level_bn_modules(enc, modules, T), T
 
-    # 1. every tensor of the file exists in the model with the same shape and dtype.
+
+def _check_tensors(model: nn.Module, enc, modules: dict, strict: bool) -> None:
+    """Every tensor of the file exists in the model with the same shape and dtype (and, ``strict``, the converse)."""
+    model_sd = model.state_dict(keep_vars=True)
     for name, t in enc.items():
         fqn, attr = _module_of(name)
         if name not in model_sd:
@@ -130,7 +141,11 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
                 "(pass strict=False to keep the model's values)"
             )
 
-    # 2. encoded tensors: the weight of a servable module (or an ELSA module) to swap.
+
+def _new_modules(model: nn.Module, enc, modules: dict, filter_fn) -> dict:
+    """The ELSA module for each encoded weight of a servable module that ``filter_fn`` keeps."""
+    meta = enc.meta
+    T, k = meta.num_levels, meta.code_bits
     ties = group_of(model_tie_groups(model))
     _check_ties(enc, meta, ties)
     new_modules: dict[str, nn.Module] = {}
@@ -144,24 +159,7 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
         taken[name] = filter_fn is None or bool(filter_fn(mod, fqn))
         if not taken[name]:
             continue  # loaded as a plain tensor: the dense level only
-        parent = modules.get(fqn.rpartition(".")[0]) if fqn else None
-        kind = module_kind(mod, parent)
-        if kind is None:
-            why = " (nn.MultiheadAttention reads it directly, never calls it)" if isinstance(parent, nn.MultiheadAttention) else ""
-            raise ELSAError(
-                f"{_where(fqn)} is a {type(mod).__name__}{why}: its encoded tensor {name!r} can only be served by a plain "
-                "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding or transformers Conv1D (exclude it with filter_fn= to load "
-                "it as a dense tensor)"
-            )
-        if not fqn:
-            raise ELSAError(f"the model itself is a {type(mod).__name__}: swap_ replaces submodules; build an ELSA module with from_encoded")
-        if attr != "weight":
-            raise ELSAError(f"{_where(fqn)}: only the weight of a {type(mod).__name__} can be encoded, the checkpoint encodes {attr!r}")
-        if kind == "embedding" and mod.max_norm is not None:
-            raise ELSAError(
-                f"{_where(fqn)} is an Embedding with max_norm={mod.max_norm}: it renormalises looked-up rows of its table in "
-                "place, which would overwrite their level codes (exclude it with filter_fn=)"
-            )
+        kind = _servable_kind(modules, fqn, attr, name)
         w = enc[name]
         check_code_bits(w.dtype, k, T, name=name)
         group = ties.get(name)
@@ -181,57 +179,83 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
     if not new_modules:
         why = "filter_fn rejected every one" if meta.tensors and filter_fn is not None else "the checkpoint encodes no tensor"
         raise ELSAError(f"no module of the model matches the checkpoint's encoded tensors ({why}); nothing to swap")
+    return new_modules
 
-    # 3. ELSA modules already in the model and not replaced must agree on T and k.
-    for fqn, mod in modules.items():
-        if isinstance(mod, ELSAModule) and fqn not in new_modules and (mod.num_levels, mod.code_bits) != (T, k):
-            raise ELSAError(
-                f"{_where(fqn)} already serves an ELSA weight with T={mod.num_levels}, k={mod.code_bits}; "
-                f"the checkpoint has T={T}, k={k}"
-            )
 
-    # 4. per-level batch-norm statistics: levels 1..T+1, modules that track running statistics.
+def _servable_kind(modules: dict, fqn: str, attr: str, name: str) -> str:
+    """The kind of ELSA module that serves the encoded tensor ``name`` (``fqn.attr``); ELSAError if none can."""
+    mod = modules[fqn]
+    parent = modules.get(fqn.rpartition(".")[0]) if fqn else None
+    kind = module_kind(mod, parent)
+    if kind is None:
+        why = " (nn.MultiheadAttention reads it directly, never calls it)" if isinstance(parent, nn.MultiheadAttention) else ""
+        raise ELSAError(
+            f"{_where(fqn)} is a {type(mod).__name__}{why}: its encoded tensor {name!r} can only be served by a plain "
+            "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding or transformers Conv1D (exclude it with filter_fn= to load "
+            "it as a dense tensor)"
+        )
+    if not fqn:
+        raise ELSAError(f"the model itself is a {type(mod).__name__}: swap_ replaces submodules; build an ELSA module with from_encoded")
+    if attr != "weight":
+        raise ELSAError(f"{_where(fqn)}: only the weight of a {type(mod).__name__} can be encoded, the checkpoint encodes {attr!r}")
+    if kind == "embedding" and mod.max_norm is not None:
+        raise ELSAError(
+            f"{_where(fqn)} is an Embedding with max_norm={mod.max_norm}: it renormalises looked-up rows of its table in "
+            "place, which would overwrite their level codes (exclude it with filter_fn=)"
+        )
+    return kind
+
+
+def _level_bn_modules(enc, modules: dict, T: int) -> dict:
+    """Per-level batch-norm statistics: levels 1..T+1, modules that track running statistics."""
     new_bn: dict[str, nn.Module] = {}
     bn = getattr(enc, "bn_stats", None) or {}
     if bn:
         levels_given = sorted(bn)
-        want = list(range(1, T + 2))
         per_module: dict[str, dict] = {}
         for t in levels_given:
             for fqn, stats in bn[t].items():
                 per_module.setdefault(fqn, {})[t] = stats
         for fqn, by_level in per_module.items():
-            if levels_given != want or sorted(by_level) != want:
-                got = sorted(by_level)
-                raise ELSAError(
-                    f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got[0]}..{got[-1]} "
-                    f"({len(got)} levels) but T={T} needs levels 1..{T + 1}"
-                    if got == list(range(got[0], got[-1] + 1)) else
-                    f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got}, T={T} needs 1..{T + 1}"
-                )
-            mod = modules.get(fqn)
-            if mod is None:
-                raise ELSAError(f"batch-norm statistics of {_where(fqn)} in the checkpoint: the model has no such module")
-            if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
-                raise ELSAError(f"{_where(fqn)} is a {type(mod).__name__}, not a batch-norm layer tracking running statistics, but the checkpoint has per-level batch-norm statistics for it")
-            keys = None
-            for t, stats in by_level.items():
-                if keys is None:
-                    keys = sorted(stats)
-                elif sorted(stats) != keys:
-                    raise ELSAError(f"batch-norm {_where(fqn)}: level {t} has statistics {sorted(stats)}, level 1 has {keys}")
-                for s, v in stats.items():
-                    buf = getattr(mod, s, None)
-                    if not isinstance(buf, torch.Tensor) or s not in mod._buffers:
-                        raise ELSAError(f"batch-norm {_where(fqn)} has no running buffer {s!r} (level {t} statistics)")
-                    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(buf.shape) or v.dtype != buf.dtype:
-                        got = f"{tuple(v.shape)} {_dtype_name(v.dtype)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                        raise ELSAError(
-                            f"batch-norm {_where(fqn)}: {s} of level {t} is {got} in the checkpoint but "
-                            f"{tuple(buf.shape)} {_dtype_name(buf.dtype)} in the model"
-                        )
+            mod = _check_bn_module(modules, fqn, by_level, levels_given, T)
             new_bn[fqn] = level_batch_norm(mod, by_level, T)
-    return new_modules, new_bn, T
+    return new_bn
+
+
+def _check_bn_module(modules: dict, fqn: str, by_level: dict, levels_given: list, T: int) -> nn.Module:
+    """The batch-norm module ``fqn`` that the per-level statistics ``by_level`` (``{level: {stat: Tensor}}``)
+    fit; ELSAError naming the module and the statistic otherwise."""
+    want = list(range(1, T + 2))
+    if levels_given != want or sorted(by_level) != want:
+        got = sorted(by_level)
+        raise ELSAError(
+            f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got[0]}..{got[-1]} "
+            f"({len(got)} levels) but T={T} needs levels 1..{T + 1}"
+            if got == list(range(got[0], got[-1] + 1)) else
+            f"batch-norm {_where(fqn)}: the checkpoint has statistics for levels {got}, T={T} needs 1..{T + 1}"
+        )
+    mod = modules.get(fqn)
+    if mod is None:
+        raise ELSAError(f"batch-norm statistics of {_where(fqn)} in the checkpoint: the model has no such module")
+    if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
+        raise ELSAError(f"{_where(fqn)} is a {type(mod).__name__}, not a batch-norm layer tracking running statistics, but the checkpoint has per-level batch-norm statistics for it")
+    keys = None
+    for t, stats in by_level.items():
+        if keys is None:
+            keys = sorted(stats)
+        elif sorted(stats) != keys:
+            raise ELSAError(f"batch-norm {_where(fqn)}: level {t} has statistics {sorted(stats)}, level 1 has {keys}")
+        for s, v in stats.items():
+            buf = getattr(mod, s, None)
+            if not isinstance(buf, torch.Tensor) or s not in mod._buffers:
+                raise ELSAError(f"batch-norm {_where(fqn)} has no running buffer {s!r} (level {t} statistics)")
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(buf.shape) or v.dtype != buf.dtype:
+                got = f"{tuple(v.shape)} {_dtype_name(v.dtype)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ELSAError(
+                    f"batch-norm {_where(fqn)}: {s} of level {t} is {got} in the checkpoint but "
+                    f"{tuple(buf.shape)} {_dtype_name(buf.dtype)} in the model"
+                )
+    return mod
 
 
 def _check_ties(enc, meta, ties: dict) -> None:
@@ -489,7 +513,7 @@ def set_level(model: nn.Module, level, *, semi_structured: bool = False) -> int:
             st = parse_structure(m.structures[t - 1])
             if not (st.kind == "nm" and st.m == 4 and st.n <= 2):
                 raise ELSAError(f"module {n!r}: level {t} has structure {st}, semi_structured needs 2:4 (or 1:4)")
-            sem = importlib.import_module("elsa_codec.kernels.triton.semi_structured")
+            from ..kernels.triton import semi_structured as sem
             if not sem.semi_structured_supported(m.weight.device):
                 raise ELSAError(
                     f"module {n!r}: semi-structured (2:4) sparsity needs a CUDA GPU of compute capability >= 8.0; weight is on {m.weight.device}"

@@ -106,7 +106,7 @@ def test_plot_table_targets(quick_run, tmp_path, capsys):
     assert bench_main(["targets", csv_path]) == 0
     assert "| target | threshold | measured | verdict |" in capsys.readouterr().out
     # the lead's CLI dispatches `elsa bench ...` here
-    from elsa_codec.cli.main import main as elsa_main
+    from elsa_codec.cli.commands import main as elsa_main
 
     assert elsa_main(["bench", "table", csv_path, "--sections", "codec"]) == 0
     assert "codec throughput" in capsys.readouterr().out

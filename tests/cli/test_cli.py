@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file as st_load, save_file as st_save
 
 import elsa_codec as ec
-from elsa_codec.cli.main import main
+from elsa_codec.cli.commands import main
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ import torch
 
 import elsa_codec as ec
 from elsa_codec import cli
-from elsa_codec.examples import distill, minilm_elsa, minilm_report, pydoc_text
+from elsa_codec.examples.minilm import distill, pydoc_text
+from elsa_codec.examples.minilm import report as minilm_report
+from elsa_codec.examples.minilm import run as minilm_elsa
 
 pytest.importorskip("transformers")
 
@@ -189,7 +191,7 @@ def test_quick_file_reloads_to_the_same_figures(quick):
             assert scores[r["eval_set"]]["cos_mean"] == r["cos_mean"]
             assert scores[r["eval_set"]]["nn_agree"] == r["nn_agree"]
     assert ec.levels(model)[0].structure == "2:4"
-    from elsa_codec.cli.main import verify_file
+    from elsa_codec.cli.commands import verify_file
 
     assert verify_file(os.path.join(out, "elsa-unstructured.safetensors")) == []
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import elsa_codec as ec
 from elsa_codec import ELSAError
-from elsa_codec.cli.main import main as cli_main
+from elsa_codec.cli.commands import main as cli_main
 from elsa_codec.errors import ELSATypeError
 
 

@@ -26,7 +26,7 @@ import torch
 
 import elsa_codec as ec
 from elsa_codec import ELSAFormatError
-from elsa_codec.cli.main import main
+from elsa_codec.cli.commands import main
 from elsa_codec.format.file import header_checksum, index_checksum
 from elsa_codec.oneshot.masks import magnitude_mask
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file as st_load
 
 import elsa_codec as ec
-import elsa_codec.cli.main
+import elsa_codec.cli.commands
 from elsa_codec.examples.minilm.assets import minilm_dir
 
 # Floor on the SQNR of the whole dense level (all encoded tensors) per dtype, k = 2 code bits.
@@ -35,4 +35,4 @@ def test_minilm_three_levels(tmp_path, dtype):
     assert sq >= SQNR_FLOOR_DB[dtype]
     for n, info in enc.meta.tensors.items():
         assert info.max_ulp <= 3.0, n  # k = 2: below 2**k ulp everywhere (2 ulp away from zero, see test_bits)
-    assert ec.cli.verify_file(out) == []
+    assert ec.cli.commands.verify_file(out) == []

@@ -9,8 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import elsa_codec as ec
-from elsa_codec import codec, magnitude_stream as ms, stream
-from elsa_codec.cli.main import main
+from elsa_codec.format import stream
+from elsa_codec.format.stream import chunked
+from elsa_codec.oneshot import stream_counters as ms
+from elsa_codec.oneshot.magnitude import tensor_magnitude_counters
+from elsa_codec.oneshot.thresholds import global_thresholds, global_thresholds_stream
+from elsa_codec.cli.commands import main
 from elsa_codec.errors import ELSAError
 from elsa_codec.format.structure import parse_level
 
@@ -213,11 +217,11 @@ def test_unstructured_counters_equal_in_memory(dtype, chunk):
     w[5] = -0.0
     w = w.to(dtype)
     specs = [parse_level(s) for s in [0.99, 0.9, 0.5, 0.2]]
-    src = lambda: ms.chunked(w, chunk)  # noqa: E731
-    for thr in (None, codec.global_thresholds(lambda n: w, ["w"], [0.95, 0.7, 0.5, 0.1])):
+    src = lambda: chunked(w, chunk)  # noqa: E731
+    for thr in (None, global_thresholds(lambda n: w, ["w"], [0.95, 0.7, 0.5, 0.1])):
         uc = ms.UnstructuredCounters(src, w.numel(), [s for s, _ in specs], thr)
         got = torch.cat([uc(ch) for ch in src()])
-        assert torch.equal(got, codec.tensor_magnitude_counters(w, specs, thr).reshape(-1))
+        assert torch.equal(got, tensor_magnitude_counters(w, specs, thr).reshape(-1))
 
 
 def test_global_thresholds_stream_equal():
@@ -225,8 +229,8 @@ def test_global_thresholds_stream_equal():
     ts = {"a": torch.randn(300, 7, generator=g), "b": torch.randn(1000, generator=g).to(torch.bfloat16),
           "c": torch.zeros(50), "d": torch.randn(64, generator=g).half()}
     sps = [0.99, 0.9, 0.5, 0.1, 0.0]
-    want = codec.global_thresholds(ts.__getitem__, list(ts), sps)
-    got = ms.global_thresholds_stream(lambda: (ch for t in ts.values() for ch in ms.chunked(t.reshape(-1), 33)), sps)
+    want = global_thresholds(ts.__getitem__, list(ts), sps)
+    got = global_thresholds_stream(lambda: (ch for t in ts.values() for ch in chunked(t.reshape(-1), 33)), sps)
     assert got == want
 
 
@@ -234,7 +238,7 @@ def test_nm_row_blocks_equal_in_memory():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(37, 3, 4, 4, generator=g)
     specs = [parse_level(s) for s in ["1:4", "2:4", "3:4"]]
-    full = codec.tensor_magnitude_counters(w, specs).reshape(-1)
+    full = tensor_magnitude_counters(w, specs).reshape(-1)
     rb = ms.RowBlockCounters(lambda a, b: w[a:b], list(w.shape), specs, "w", block_elems=100)
     got = torch.cat([rb(s, min(s + 61, w.numel())) for s in range(0, w.numel(), 61)])
     assert torch.equal(got.to(torch.int64), full.to(torch.int64))

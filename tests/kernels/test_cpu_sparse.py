@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import elsa_codec as ec
-from elsa_codec import cpu_sparse as cs
+from elsa_codec.kernels.cpu import packed as cs
 from elsa_codec.format.bits import encode_tensor, extract_level
 from elsa_codec.native import cpu_kernels
 from elsa_codec.format.pages import release_pages

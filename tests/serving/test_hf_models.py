@@ -227,7 +227,7 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
 
 
 def test_file_records_transposed_and_tied_and_verify_passes(tmp_path, capsys):
-    from elsa_codec.cli.main import main
+    from elsa_codec.cli.commands import main
 
     model, _ = build("gpt2")
     enc = ec.encode(model.state_dict(), ec.magnitude_counters(model, ["1:4", "2:4"], select="all"))

