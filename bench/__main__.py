@@ -25,7 +25,7 @@ import time
 import torch
 
 from . import common
-from .common import COLUMNS, CSV_NAME, COMMAND_NAME, LOG_NAME, PNG_NAME, TARGETS_NAME
+from .common import COLUMNS, COMMAND_NAME, CSV_NAME, LOG_NAME, PNG_NAME, TARGETS_NAME
 
 SECTIONS = ("layer", "codec", "serving", "model")
 

@@ -79,8 +79,8 @@ def worker(a) -> dict:
     from torch import nn
 
     import elsa_codec as ec
-    from elsa_codec.native import cpu_kernels
     from elsa_codec.kernels.cpu.packed import release_pages
+    from elsa_codec.native import cpu_kernels
 
     torch.set_num_threads(1)
     cpu_kernels()  # the shared object is part of the floor
@@ -134,7 +134,7 @@ def worker(a) -> dict:
         for th in (1, 2):
             torch.set_num_threads(th)
             sw, rd = [], []
-            for i in range(a.reps):
+            for _i in range(a.reps):
                 for t2 in others + [t_cur]:
                     res["released"] = release_pages(w)
                     t0 = time.perf_counter()

@@ -56,8 +56,8 @@ def worker(a) -> dict:
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
     import elsa_codec as ec
-    from elsa_codec.native import cpu_kernels
     from elsa_codec.examples.minilm.model import model_path
+    from elsa_codec.native import cpu_kernels
     from elsa_codec.serving.base import ELSAModule
 
     from .cpu_memory import _malloc_trim, read_status

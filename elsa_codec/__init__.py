@@ -35,9 +35,9 @@ from .format.structure import parse_structure
 from .oneshot.magnitude import magnitude_counters
 from .oneshot.masks import magnitude_mask
 from .oneshot.stream import encode_file
-from .serving.embedding import ELSAEmbedding
 from .serving.batch_norm import LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
 from .serving.conv import ELSAConv1d, ELSAConv2d
+from .serving.embedding import ELSAEmbedding
 from .serving.linear import ELSALinear
 from .serving.swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_sparsity, swap_
 

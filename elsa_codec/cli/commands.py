@@ -127,11 +127,8 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_extract(a) -> int:
-    from ..format.encode import extract
-    from ..format.file import load_file, write_plain
-
-    from ..format.encode import resolve_level
-    from ..format.file import read_meta
+    from ..format.encode import extract, resolve_level
+    from ..format.file import load_file, read_meta, write_plain
 
     level = resolve_level(a.level, read_meta(a.file).num_levels)  # before reading any tensor
     enc = load_file(a.file)
@@ -153,9 +150,7 @@ def verify_file(path: str) -> list:
     ``path`` (a killed process) is one more problem each.
     """
     from ..errors import ELSAFormatError
-    from ..format.file import load_file
-
-    from ..format.file import stale_temporaries
+    from ..format.file import load_file, stale_temporaries
 
     stale = [f"{p}: a temporary file left by a killed write of this file (remove it; the next write does)"
              for p in stale_temporaries(path)]

@@ -6,14 +6,15 @@ dense tensor set serves every level. See docs/FORMAT.md for the metadata documen
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import dataclasses
 from typing import Iterable, Mapping
-
 
 import torch
 
+from ..checks import check_encoded, check_list, check_state_dict
+from ..errors import ELSAError, ELSATypeError
 from .bits import (
     check_code_bits,
     default_code_bits,
@@ -21,36 +22,13 @@ from .bits import (
     extract_level,
     ulp_error,
 )
-from ..checks import check_encoded, check_list, check_state_dict
 from .document import BN_STATS, ELSAMeta, TensorInfo, _make_meta
-from ..errors import ELSAError, ELSATypeError
-from .structure import parse_structure
 from .selection import tie_groups
+from .structure import parse_structure
 
 logger = logging.getLogger("elsa_codec")
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "BN_PREFIX",
-    "BN_STATS",
-    "LevelInfo",
-    "TensorInfo",
-    "ELSAMeta",
-    "ELSAStateDict",
-    "Counters",
-    "encode",
-    "extract",
-    "resolve_level",
-    "counters_from_masks",
-    "magnitude_counters",
-    "default_prunable",
-    "tensor_magnitude_counters",
-    "global_thresholds",
-    "parse_levels",
-    "select_tensors",
-    "counter_dtype",
-]
+__all__ = ["ELSAStateDict", "Counters", "encode", "extract", "resolve_level", "counters_from_masks", "counter_dtype"]
 
 class ELSAStateDict(dict):
     """An encoded state dict: ``name -> Tensor`` (encoded weights and pass-through tensors) plus

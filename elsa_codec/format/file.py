@@ -19,10 +19,10 @@ from typing import Mapping
 
 import torch
 
-from .encode import Counters, ELSAStateDict
-from .document import BN_PREFIX, BN_STATS, ELSAMeta, _SPARSITY_TOL, _unique_keys
 from ..checks import check_encoded, check_path, check_shard_size
 from ..errors import ELSAError, ELSAFormatError, ELSATypeError
+from .document import _SPARSITY_TOL, BN_PREFIX, BN_STATS, ELSAMeta, _unique_keys
+from .encode import Counters, ELSAStateDict
 from .selection import tie_groups
 
 __all__ = [

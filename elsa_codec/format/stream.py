@@ -40,12 +40,11 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
-from .encode import _STAT_CHUNK, check_counter_structures, Counters
-from .document import ELSAMeta, TensorInfo, _make_meta
 from ..checks import check_not_input, check_path, check_shard_size
 from ..errors import ELSAError, ELSAFormatError
-from .structure import parse_structure
+from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
+from .document import ELSAMeta, TensorInfo, _make_meta
+from .encode import _STAT_CHUNK, Counters, check_counter_structures
 from .file import (
     _DTYPES,
     _ITEM,
@@ -60,6 +59,7 @@ from .file import (
     new_temporary,
     write_index,
 )
+from .structure import parse_structure
 
 __all__ = ["encode_stream", "limit_heap_retention"]
 

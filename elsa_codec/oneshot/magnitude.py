@@ -97,6 +97,21 @@ def magnitude_counters(
         (2, [1, 2, 3])
     """
     check_removed("magnitude_counters", removed, _REMOVED)
+    model, state_dict, names = _check_inputs(state_dict, model, names)
+    select = _filter_arg(select, filter_fn)
+    specs = parse_levels(levels, structure, distribution)
+    sps = [s for s, _ in specs]
+    sel = _magnitude_selection(state_dict, names, model, select)
+    transposed = transposed_weights(model) & set(sel) if model is not None else set()
+    thr = None
+    if distribution == "global" and specs[0][1].kind != "nm":
+        thr = global_thresholds(lambda n: state_dict[n], sel, sps)
+    out = {n: _tensor_counters(state_dict[n], specs, thr, n, n in transposed) for n in sel}
+    return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
+
+
+def _check_inputs(state_dict, model, names) -> tuple:
+    """``(model, state_dict, names)`` of :func:`magnitude_counters`, checked (a model as the first argument)."""
     if isinstance(state_dict, torch.nn.Module):
         if model is not None and model is not state_dict:
             raise ELSAError("magnitude_counters: pass the model once (as the first argument or as model=)")
@@ -109,22 +124,15 @@ def magnitude_counters(
             raise ELSATypeError("magnitude_counters: names= takes a list of tensor names; a (name, tensor) predicate "
                                 "was removed in 0.2: pass the model with filter_fn=(module, fqn) -> bool")
         names = check_list(names, "names", "magnitude_counters", "['fc1.weight', 'fc2.weight']")
-    select = _filter_arg(select, filter_fn)
-    specs = parse_levels(levels, structure, distribution)
-    sps = [s for s, _ in specs]
-    sel = _magnitude_selection(state_dict, names, model, select)
-    transposed = transposed_weights(model) & set(sel) if model is not None else set()
-    thr = None
-    if distribution == "global" and specs[0][1].kind != "nm":
-        thr = global_thresholds(lambda n: state_dict[n], sel, sps)
-    out = {}
-    for n in sel:
-        w = state_dict[n]
-        if n in transposed and specs[0][1].kind != "unstructured":  # [in, out]: N:M groups / blocks along dim 0
-            out[n] = tensor_magnitude_counters(w.t(), specs, thr, name=n).t().contiguous().to(counter_dtype(len(specs)))
-        else:
-            out[n] = tensor_magnitude_counters(w, specs, thr, name=n).to(counter_dtype(len(specs)))
-    return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
+    return model, state_dict, names
+
+
+def _tensor_counters(w: torch.Tensor, specs: list, thr, name: str, transposed: bool) -> torch.Tensor:
+    """:func:`tensor_magnitude_counters` of one weight; a transposed ``[in, out]`` weight has its N:M
+    groups and blocks along dim 0."""
+    if transposed and specs[0][1].kind != "unstructured":
+        return tensor_magnitude_counters(w.t(), specs, thr, name=name).t().contiguous().to(counter_dtype(len(specs)))
+    return tensor_magnitude_counters(w, specs, thr, name=name).to(counter_dtype(len(specs)))
 
 
 def _filter_arg(select, filter_fn):

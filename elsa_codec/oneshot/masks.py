@@ -4,7 +4,6 @@ nested inside an already frozen mask.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import ELSAError

@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 
 from ..format.encode import counter_dtype
-from .thresholds import ChunkSource, kth_smallest, magnitude_key
 from .magnitude import tensor_magnitude_counters
+from .thresholds import ChunkSource, kth_smallest, magnitude_key
 
-__all__ = ["magnitude_key", "kth_smallest", "global_thresholds_stream", "UnstructuredCounters", "RowBlockCounters"]
+__all__ = ["magnitude_key", "kth_smallest", "UnstructuredCounters", "RowBlockCounters"]
 
 class UnstructuredCounters:
     """Counters of nested unstructured levels for consecutive chunks of one tensor.

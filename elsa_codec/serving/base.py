@@ -41,6 +41,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..errors import ELSAError
 from ..format.bits import (
     MAX_CODE_BITS,
     bits_view,
@@ -52,21 +53,8 @@ from ..format.bits import (
     extract_level,
 )
 from ..format.encode import _tensor_info, encode, resolve_level
-from ..errors import ELSAError
 
-__all__ = [
-    "BACKENDS",
-    "COMPILE_MODES",
-    "ELSAModule",
-    "ELSALinear",
-    "ELSAConv1d",
-    "ELSAConv2d",
-    "LevelBatchNormMixin",
-    "LevelBatchNorm1d",
-    "LevelBatchNorm2d",
-    "LevelBatchNorm3d",
-    "level_batch_norm",
-]
+__all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule"]
 
 #: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
 BACKENDS = ("auto", "reference", "triton", "semi-structured", "sparse-cpu")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..format.bits import extract_level
 from ..errors import ELSAError
+from ..format.bits import extract_level
 from .base import ELSAModule, _encode_weight
 
 __all__ = ["ELSAEmbedding"]

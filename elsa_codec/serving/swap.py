@@ -28,18 +28,18 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..format.bits import bits_view, check_code_bits, decode_counters
-from ..format.encode import ELSAStateDict, _tensor_info, resolve_level
-from ..format.document import LevelInfo, TensorInfo, _make_meta
-from .embedding import ELSAEmbedding
 from ..checks import check_module, check_path
 from ..errors import ELSAError, ELSATypeError
+from ..format.bits import bits_view, check_code_bits, decode_counters
+from ..format.document import LevelInfo, TensorInfo, _make_meta
+from ..format.encode import ELSAStateDict, _tensor_info, resolve_level
+from ..format.selection import group_of, model_tie_groups, module_kind
+from ..wrappers import unwrap_model
 from .base import ELSAModule, _dtype_name
 from .batch_norm import LevelBatchNormMixin, level_batch_norm
 from .conv import ELSAConv1d, ELSAConv2d
+from .embedding import ELSAEmbedding
 from .linear import ELSALinear
-from ..format.selection import group_of, model_tie_groups, module_kind
-from ..wrappers import unwrap_model
 
 __all__ = ["swap_", "load", "set_level", "set_sparsity", "levels", "elsa_state_dict", "elsa_modules"]
 
@@ -448,8 +448,8 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
         ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged); a level out
             of range.
     """
-    from ..format.pages import release_pages
     from ..format.file import load_file
+    from ..format.pages import release_pages
 
     path = check_path(path, "path", "load", order="load(path, model)")
     check_module(model, "model", "load", order="load(path, model)")

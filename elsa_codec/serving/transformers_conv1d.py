@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import base as _elsa_nn
 from ..errors import ELSAError
+from . import base as _elsa_nn
 from .base import ELSAModule, _encode_weight
 
 __all__ = ["ELSATransformersConv1D"]

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import ELSAError, ELSATypeError
 from ..format.selection import SELECT_POLICIES
-from .sparsifiers.base import DISTRIBUTIONS, Sparsifier
 from .schedule import GMPSchedule
+from .sparsifiers.base import DISTRIBUTIONS, Sparsifier
 
 __all__ = ["ELSAConfig", "VERIFY_MODES", "DENSIFY_INITS"]
 
@@ -103,7 +103,7 @@ class ELSAConfig:
     bn_batches: int | None = None
 
     def __post_init__(self):
-        from .phases import parse_levels
+        from ..format.structure import parse_levels
 
         if isinstance(self.levels, str) and "," in self.levels:
             raise ELSATypeError(f"ELSAConfig.levels must be a list, got the string {self.levels!r}; "

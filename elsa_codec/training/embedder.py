@@ -22,19 +22,20 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import ELSAError, ELSATypeError
 from ..format.bits import default_code_bits
 from ..format.encode import Counters, counter_dtype
-from .config import ELSAConfig
-from ..errors import ELSAError, ELSATypeError
-from .sparsifiers.base import as_sparsifier
-from .schedule import GMPSchedule
+from ..format.structure import parse_levels
 from .binding import OptimizerBinding
 from .bn import bn_modules, calibration_batches, level_bn_stats
+from .config import ELSAConfig
 from .distributed import ShardedMagnitude, check_sharded_supported, dist_context
 from .freeze import check_encode_dtype, check_prunable, encode_dense_rest, freeze_level, round_shared
 from .gmp import GMPControl
-from .phases import Phase, build_plan, parse_levels
+from .phases import Phase, build_plan
 from .result import ELSAResult
+from .schedule import GMPSchedule
+from .sparsifiers.base import as_sparsifier
 from .state import MaskState
 from .weights import model_transposed, prunable_weights, shared_parameters
 

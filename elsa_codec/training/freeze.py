@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ..format.bits import check_code_bits, encode_tensor
 from ..errors import ELSAError
+from ..format.bits import check_code_bits, encode_tensor
 from .distributed import local_tensor
 from .state import MaskState
 

@@ -7,8 +7,8 @@ and at which sparsity; the sparsifier makes the masks, nested on the frozen mask
 """
 from __future__ import annotations
 
-from .sparsifiers.base import Sparsifier, check_masks
 from .schedule import GMPSchedule
+from .sparsifiers.base import Sparsifier, check_masks
 from .state import MaskState
 
 __all__ = ["GMPControl"]

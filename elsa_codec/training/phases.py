@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..format.structure import Structure
-
-__all__ = ["Phase", "parse_levels", "build_plan", "phase_seed"]
+__all__ = ["Phase", "build_plan", "phase_seed"]
 
 
 @dataclass(frozen=True)
@@ -60,24 +58,6 @@ class Phase:
         if self.kind == "gmp":
             return f"GMP -> {self.sparsity:.1%}"
         return self.kind
-
-
-def parse_levels(levels, structure="unstructured") -> list[tuple[float, Structure]]:
-    """``levels`` (sparsest first) -> ``[(sparsity, Structure)]``.
-
-    Args:
-        levels: sparsities in (0, 1), strictly decreasing (``[0.9, 0.75, 0.5]``), or N:M patterns
-            with increasing N and one M (``["1:4", "2:4"]``).
-        structure: ``"unstructured"`` or ``"block:RxC"`` for fractional levels.
-
-    Raises:
-        ELSAError: empty, not sparsest first, outside (0, 1), mixed kinds, N:M with different M.
-    """
-    from ..format.structure import parse_levels as _parse
-
-    if isinstance(levels, (str, float, int)):
-        levels = [levels]
-    return _parse(levels, structure)
 
 
 def phase_seed(seed: int | None, index: int) -> int | None:

@@ -7,8 +7,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..format.encode import Counters, ELSAStateDict, encode
 from ..errors import ELSAError
+from ..format.encode import Counters, ELSAStateDict, encode
 from .distributed import full_state_dict, save_once
 
 __all__ = ["ELSAResult"]

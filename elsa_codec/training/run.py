@@ -18,26 +18,28 @@ core, for the user's own loop, the Hugging Face ``Trainer`` and Lightning): it c
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .config import ELSAConfig
-from .embedder import LevelEmbedder
-from ..checks import check_module
-from ..errors import ELSAError
-from .sparsifiers.base import as_sparsifier, check_masks
-from .schedule import GMPSchedule
+from ..checks import check_module, check_removed
+from ..errors import ELSAError, ELSATypeError
+from ..format.structure import parse_levels
 from .binding import OptimizerBinding, auto_attach
 from .bn import level_bn_stats, recalibrate_bn
+from .config import ELSAConfig
+from .embedder import LevelEmbedder
 from .freeze import input_dim
 from .gmp import GMPControl
-from .phases import Phase, parse_levels, phase_seed
+from .phases import Phase, phase_seed
 from .result import ELSAResult
+from .schedule import GMPSchedule
+from .sparsifiers.base import as_sparsifier, check_masks
 from .state import MaskState
-from .weights import legacy_prunable, model_transposed, prunable_weights
+from .weights import model_transposed, prunable_weights
 
 __all__ = [
     "Phase",
@@ -47,7 +49,6 @@ __all__ = [
     "prunable_weights",
     "recalibrate_bn",
     "level_bn_stats",
-    "parse_levels",
 ]
 
 
@@ -56,15 +57,27 @@ def _check_train_fn(train_fn) -> None:
         raise ELSAError(f"train_fn must be a callable train_fn(model, phase), got {type(train_fn).__name__}")
 
 
-def _selection(prunable, select, filter_fn):
-    """``(select, filter_fn)`` from the old ``prunable=`` and the new arguments."""
-    if prunable is not None:
-        if select is not None or filter_fn is not None:
-            raise ELSAError("pass prunable= (deprecated) or select= / filter_fn=, not both")
-        if callable(prunable) and not isinstance(prunable, str):
-            return None, legacy_prunable(prunable)
-        select = prunable
-    return ("blocks" if select is None else select), filter_fn
+#: Keywords removed in 0.2 (CHANGELOG.md), each with its replacement.
+_REMOVED = {
+    "prunable": "select= (a policy of SELECT_POLICIES or a list of names) or filter_fn=(module, fqn) -> bool",
+}
+
+
+def _config(fn: str, levels, fields: dict) -> ELSAConfig:
+    """The :class:`ELSAConfig` of a run: ``levels`` itself, or ``ELSAConfig(levels=levels, **fields)``.
+
+    Raises:
+        ELSATypeError: a removed keyword (names its replacement), a keyword that is not a config
+            field, or config fields beside a given config.
+    """
+    names = {f.name for f in dataclasses.fields(ELSAConfig)}
+    check_removed(fn, {k: v for k, v in fields.items() if k not in names}, _REMOVED)
+    if isinstance(levels, ELSAConfig):
+        if fields:
+            raise ELSATypeError(f"{fn}: a config was given, so {sorted(fields)} belong inside it "
+                                "(dataclasses.replace(config, ...))")
+        return levels
+    return ELSAConfig(levels=levels, **fields)
 
 
 def _run_phases(emb: LevelEmbedder, train_fn, progress: bool) -> None:
@@ -114,33 +127,18 @@ def embed_levels(
     levels,
     train_fn: Callable[[nn.Module, Phase], None],
     *,
-    steps: int,
-    densify_steps: int | None = None,
-    final_steps: int | None = None,
-    structure: str = "unstructured",
-    sparsifier="uniform",
-    schedule: GMPSchedule | None = None,
-    densify_init: str = "zero",
-    freeze_shared: bool = True,
-    encode_dtype: torch.dtype | None = None,
     bn_calibration=None,
-    bn_batches: int | None = None,
     bn_forward: Callable | None = None,
-    prunable=None,
-    select=None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    code_bits: int | None = None,
-    seed: int | None = None,
     progress: bool = True,
-    verify: str = "step",
-    on_short: str = "warn",
     on_freeze: Callable[[int, nn.Module], None] | None = None,
     on_phase_end: Callable[[Phase, nn.Module], None] | None = None,
+    **config,
 ) -> ELSAResult:
     """Embed ``T`` nested sparse networks in ``model`` with ELSA (arXiv 2312.06872, sec. 2.1-2.2).
 
-    A wrapper over :class:`elsa_codec.LevelEmbedder` with ``ELSAConfig(levels, steps=..., ...)``
-    (every keyword of the config is a keyword here; see :class:`elsa_codec.ELSAConfig`):
+    A wrapper over :class:`elsa_codec.LevelEmbedder` with ``ELSAConfig(levels, **config)`` (the
+    config's fields are this call's keywords, with the config's defaults), or with ``levels``
+    itself when it is an :class:`elsa_codec.ELSAConfig`:
     ``train_fn(model, phase)`` is called once per phase and runs ``phase.steps`` steps of any
     ``torch.optim`` optimizer it creates (the embedder attaches to it at its first step); the
     phase ends when ``train_fn`` returns. For each level, sparsest first: GMP to the level's
@@ -158,21 +156,18 @@ def embed_levels(
 
     Args:
         model: ``nn.Module``; prunable weights float32/float16/bfloat16.
-        levels, steps, densify_steps, final_steps, structure, sparsifier, schedule, densify_init,
-            freeze_shared, encode_dtype, code_bits, seed, bn_batches, on_short: as
-            :class:`elsa_codec.ELSAConfig` (``seed``
-            no longer re-seeds the global RNG: use ``phase.seed`` for the data order).
+        levels: the levels, sparsest first (``[0.9, 0.75, 0.5]`` or ``["1:4", "2:4"]``), or an
+            :class:`elsa_codec.ELSAConfig` (then no config keywords).
         train_fn: ``train_fn(model, phase)``; it must not write to the weights other than
             through ``optimizer.step()``.
         bn_calibration, bn_forward: see :meth:`elsa_codec.LevelEmbedder.finalize`.
-        select: a policy (``"blocks"`` default, ``"blocks+head"``, ``"all"``) or names.
-        filter_fn: ``(module, fqn) -> bool`` (the torchao convention); replaces ``select``.
-        prunable: deprecated spelling of ``select`` (a ``(name, module)`` predicate warns).
         progress: tqdm bars per phase (on stderr).
-        verify: ``"step"`` (default here: the frozen bits are compared before every step, so a
-            ``train_fn`` writing to them is caught at once), ``"phase_end"`` or ``"off"``.
         on_freeze: ``fn(level, model)`` right after level ``level`` is frozen and encoded.
         on_phase_end: ``fn(phase, model)`` after each phase.
+        **config: the fields of :class:`elsa_codec.ELSAConfig` (``steps=`` is required): which
+            weights (``select=`` a policy or names, ``filter_fn=(module, fqn) -> bool``), the
+            schedule, the sparsifier, ``verify=`` (default ``"phase_end"``; ``"step"`` compares the
+            frozen bits before every step, so a ``train_fn`` writing to them is caught at once).
 
     Returns:
         :class:`ELSAResult`.
@@ -186,13 +181,7 @@ def embed_levels(
     """
     check_module(model, "model", "embed_levels", order="embed_levels(model, levels, train_fn)")
     _check_train_fn(train_fn)
-    select, filter_fn = _selection(prunable, select, filter_fn)
-    config = ELSAConfig(
-        levels=levels, steps=steps, densify_steps=densify_steps, final_steps=final_steps, structure=structure,
-        sparsifier=sparsifier, schedule=schedule, densify_init=densify_init, freeze_shared=freeze_shared,
-        encode_dtype=encode_dtype, code_bits=code_bits, seed=seed, select=select, filter_fn=filter_fn,
-        verify=verify, on_short=on_short, bn_batches=bn_batches,
-    )
+    config = _config("embed_levels", levels, config)
     emb = LevelEmbedder(model, config, on_phase_end=on_phase_end, on_freeze=on_freeze)
     _run_phases(emb, train_fn, progress)
     return emb.finalize(bn_calibration, bn_forward=bn_forward, progress=progress)
@@ -235,7 +224,6 @@ def prune_gmp(
     sparsifier="uniform",
     schedule: GMPSchedule | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
-    prunable=None,
     select=None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     seed: int | None = None,
@@ -255,7 +243,8 @@ def prune_gmp(
         steps: optimizer steps.
         structure, sparsifier, schedule: as :class:`elsa_codec.ELSAConfig`.
         frozen: optional ``name -> bool`` masks of weights to keep unchanged (bit-identical).
-        select, filter_fn, prunable: as :func:`embed_levels`.
+        select, filter_fn: which weights: as :class:`elsa_codec.ELSAConfig` (a policy or names;
+            ``(module, fqn) -> bool``).
         seed: offered as ``phase.seed`` (the global RNG is not seeded).
         progress: a tqdm bar.
 
@@ -268,7 +257,7 @@ def prune_gmp(
     """
     check_module(model, "model", "prune_gmp", order="prune_gmp(model, sparsity, train_fn)")
     _check_train_fn(train_fn)
-    select, filter_fn = _selection(prunable, select, filter_fn)
+    select = "blocks" if select is None else select
     _check_not_sharded(model, select, filter_fn)
     state, ctl, phase = _gmp_setup(model, sparsity, structure, sparsifier, schedule, frozen, select, filter_fn, steps)
     phase = Phase("gmp", 0, phase.steps, None, phase.sparsity, phase.structure, phase_seed(seed, 0))

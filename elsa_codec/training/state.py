@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..format.bits import bits_view
 from ..errors import ELSAError
+from ..format.bits import bits_view
 from .distributed import is_dtensor, local_tensor
 
 __all__ = ["MaskState"]

@@ -8,15 +8,13 @@ of frozen values and one counter tensor, under its first selected name.
 """
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from ..errors import ELSAError
+from ..errors import ELSAError, ELSATypeError
 from ..format.selection import DEFAULT_SELECT, SELECT_POLICIES, select_weights, transposed_weights
 from ..wrappers import strip_wrapper_prefix, unwrap_model
 
-__all__ = ["prunable_weights", "shared_parameters", "legacy_prunable", "model_transposed"]
+__all__ = ["prunable_weights", "shared_parameters", "model_transposed"]
 
 
 def _weighted(model: nn.Module) -> dict[str, nn.Module]:
@@ -56,8 +54,7 @@ def prunable_weights(model: nn.Module, select=None, *, filter_fn=None) -> dict[s
             those of the bare model).
         select: None or a policy of :data:`elsa_codec.format.selection.SELECT_POLICIES` (default
             ``"blocks"``: Linear / Conv1d / Conv2d / transformers ``Conv1D`` weights without the
-            embeddings and the output head), or an iterable of module / parameter names. A
-            predicate ``(name, module)`` still works (deprecated: use ``filter_fn``).
+            embeddings and the output head), or an iterable of module / parameter names.
         filter_fn: ``(module, fqn) -> bool`` on every module with a ``weight`` Parameter (the
             torchao convention); replaces ``select``.
 
@@ -65,7 +62,8 @@ def prunable_weights(model: nn.Module, select=None, *, filter_fn=None) -> dict[s
         ELSAError: no prunable layer; a listed name that is not in the model; unknown policy.
     """
     if callable(select) and not isinstance(select, str):
-        filter_fn, select = legacy_prunable(select), None
+        raise ELSATypeError("select= takes a policy or a list of names; a (name, module) predicate was removed in 0.2 "
+                            "(CHANGELOG.md): pass filter_fn=(module, fqn) -> bool")
     bare = unwrap_model(model)
     sel = _selected_modules(bare, select, filter_fn)
     out, seen = {}, set()
@@ -80,17 +78,6 @@ def prunable_weights(model: nn.Module, select=None, *, filter_fn=None) -> dict[s
             "select= (a policy or names) or filter_fn=(module, fqn) -> bool"
         )
     return out
-
-
-def legacy_prunable(pred):
-    """A ``(name, module)`` predicate (the old ``prunable=``) as a ``filter_fn(module, fqn)``,
-    with a DeprecationWarning."""
-    warnings.warn(
-        "a (name, module) predicate for prunable= is deprecated: pass filter_fn=(module, fqn) -> bool",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    return lambda module, fqn: pred(fqn, module)
 
 
 def shared_parameters(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:

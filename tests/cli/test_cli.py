@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file as st_load, save_file as st_save
+from safetensors.torch import load_file as st_load
+from safetensors.torch import save_file as st_save
 
 import elsa_codec as ec
 from elsa_codec.cli.commands import main

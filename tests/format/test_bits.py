@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elsa_codec import ELSAError, decode_codes, encode_tensor, extract_level, level_mask
-from elsa_codec.format.bits import MAX_CODE_BITS, _MAX_FINITE, default_code_bits, ulp_error
+from elsa_codec.format.bits import _MAX_FINITE, MAX_CODE_BITS, default_code_bits, ulp_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIDTH = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}

@@ -1,7 +1,8 @@
 """encode / extract / counters_from_masks / magnitude_counters on state dicts."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import elsa_codec as ec
 from elsa_codec import ELSAError

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file as st_load, save_file as st_save
+from safetensors.torch import load_file as st_load
+from safetensors.torch import save_file as st_save
 
 import elsa_codec as ec
-from elsa_codec.format.file import header_checksum
 from elsa_codec import ELSAError, ELSAFormatError
+from elsa_codec.format.file import header_checksum
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 

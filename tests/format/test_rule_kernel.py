@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import elsa_codec.format.bits as b
 from elsa_codec import ELSAError, decode_codes, encode_tensor, extract_level
-from elsa_codec.format.bits import MAX_CODE_BITS, _MAX_FINITE, bits_view
+from elsa_codec.format.bits import _MAX_FINITE, MAX_CODE_BITS, bits_view
 
 pytestmark = pytest.mark.skipif(b._rule_kernels() is None, reason="the C code-rule kernels could not be built here")
 

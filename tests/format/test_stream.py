@@ -9,14 +9,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import elsa_codec as ec
+from elsa_codec.cli.commands import main
+from elsa_codec.errors import ELSAError
 from elsa_codec.format import stream
 from elsa_codec.format.stream import chunked
+from elsa_codec.format.structure import parse_level
 from elsa_codec.oneshot import stream_counters as ms
 from elsa_codec.oneshot.magnitude import tensor_magnitude_counters
 from elsa_codec.oneshot.thresholds import global_thresholds, global_thresholds_stream
-from elsa_codec.cli.commands import main
-from elsa_codec.errors import ELSAError
-from elsa_codec.format.structure import parse_level
 
 
 def model_sd(dtype=torch.float32, seed=0):

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import elsa_codec as ec
-from elsa_codec.kernels.cpu import packed as cs
 from elsa_codec.format.bits import encode_tensor, extract_level
-from elsa_codec.native import cpu_kernels
 from elsa_codec.format.pages import release_pages
+from elsa_codec.kernels.cpu import packed as cs
+from elsa_codec.native import cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
 

@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elsa_codec import ELSAError, MAX_CODE_BITS, encode_tensor
-from elsa_codec.format.bits import bits_view, decode_counters as bits_decode_counters, extract_level
+from elsa_codec import MAX_CODE_BITS, ELSAError, encode_tensor
+from elsa_codec.format.bits import bits_view, extract_level
+from elsa_codec.format.bits import decode_counters as bits_decode_counters
+from elsa_codec.kernels.triton import decode as decode_mod
 from elsa_codec.kernels.triton import (
     decode_counters,
     decode_counters_reference,
@@ -19,7 +21,6 @@ from elsa_codec.kernels.triton import (
     decode_level_reference,
     kernels_available,
 )
-from elsa_codec.kernels.triton import decode as decode_mod
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 import elsa_codec as ec  # noqa: E402
 from elsa_codec import ELSAError  # noqa: E402
 from elsa_codec.format.bits import level_mask  # noqa: E402
-from elsa_codec.format.structure import mask_structure_ok  # noqa: E402
 from elsa_codec.format.selection import select_weights  # noqa: E402
+from elsa_codec.format.structure import mask_structure_ok  # noqa: E402
 
 
 def _bert():

@@ -1,11 +1,10 @@
 """set_level(..., semi_structured=True): a 2:4 level on sparse tensor cores where the device has them."""
 import pytest
 import torch
+from test_swap import assert_unchanged, snapshot
 from torch import nn
 
 import elsa_codec as ec
-
-from test_swap import assert_unchanged, snapshot
 
 
 def swapped(levels, width=64, device="cpu", dtype=torch.float32):

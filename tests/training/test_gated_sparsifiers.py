@@ -5,13 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import Tiny, _calib, _data, _same_bits
 from torch import nn
 from torch.nn.utils import parametrize
 
 import elsa_codec as ec
 from elsa_codec import ELSAError
-
-from test_train import Tiny, _calib, _data, _same_bits
 
 METHODS = {"l0": lambda: ec.L0Sparsifier(strength=0.5), "vd": lambda: ec.VariationalDropoutSparsifier(strength=0.5)}
 

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import elsa_codec as ec
 from elsa_codec import ELSAConfig, ELSAError

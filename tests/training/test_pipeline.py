@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gated_sparsifiers import _plain as _plain_weights
+from test_train import Tiny, _calib, _data, _same_bits
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -13,9 +15,6 @@ from elsa_codec import ELSAError
 from elsa_codec.training.sparsifiers.pipeline import STAGES, LearnedMask
 from elsa_codec.training.sparsifiers.soft_training import SoftStages, skip_eligible
 from elsa_codec.training.sparsifiers.zero_init import hadamard, zero_matrix
-
-from test_gated_sparsifiers import _plain as _plain_weights
-from test_train import Tiny, _calib, _data, _same_bits
 
 
 class ReluNet(nn.Module):
@@ -323,7 +322,7 @@ def test_pruning_gradual_or_at_once(pruning):
 
     def train_fn(m, phase):
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        for i in range(phase.steps):
+        for _i in range(phase.steps):
             w = m.fc1.parametrizations.weight.original if parametrize.is_parametrized(m.fc1) else m.fc1.weight
             zeros.append(int((w == 0).sum()))  # before step i + 1
             loss = F.cross_entropy(m(x[:32]), y[:32]) + ec.sparsity_penalty(m)

@@ -5,15 +5,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_train import Tiny, _calib, _same_bits, make_train_fn
 
 import elsa_codec as ec
 from elsa_codec import ELSAError
 from elsa_codec.format.structure import mask_structure_ok
 from elsa_codec.oneshot.masks import magnitude_mask
-from elsa_codec.training.sparsifiers.base import check_masks
 from elsa_codec.training.schedule import erk_densities
-
-from test_train import Tiny, _calib, _same_bits, make_train_fn
+from elsa_codec.training.sparsifiers.base import check_masks
 
 
 def _weights(seed=0, shapes=None):
@@ -46,7 +45,7 @@ def test_levels_nested_and_exact(dist):
         kept = sum(int(m.sum()) for m in ms.values())
         assert abs(kept - (1 - target) * total) <= len(ws)
         if dist == "uniform":
-            for n, m in ms.items():
+            for _n, m in ms.items():
                 assert int(m.sum()) == round((1 - target) * m.numel())
 
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from elsa_codec import ELSAError
 from elsa_codec.format.structure import mask_structure_ok
-from elsa_codec.training.sparsifiers.base import MagnitudeSparsifier, MaskFnSparsifier, as_sparsifier, check_masks
 from elsa_codec.training.schedule import GMPSchedule, erk_densities, gmp_sparsity
+from elsa_codec.training.sparsifiers.base import MagnitudeSparsifier, MaskFnSparsifier, as_sparsifier, check_masks
 
 
 # ---------------------------------------------------------------- GMP (Zhu & Gupta 2017)

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from test_train import Tiny, _calib, _same_bits, make_train_fn
 
 import elsa_codec as ec
 from elsa_codec import ELSAError
-
-from test_train import Tiny, _calib, _same_bits, make_train_fn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import elsa_resume_job as job  # noqa: E402
@@ -40,7 +39,7 @@ def _check_levels(res, snaps):
     for t in (1, 2):
         plain = ec.extract(enc, t)
         assert all(_same_bits(plain[n], snaps[t][n]) for n in res.counters)
-    for n, c in res.counters.items():
+    for _n, c in res.counters.items():
         assert bool(((c <= 2) | ~(c <= 1)).all())
 
 

@@ -196,7 +196,7 @@ def test_gmp_schedule_followed_during_training():
 def test_nm_levels():
     model, res, _ = _run("sgd", levels=("1:4", "2:4"))
     assert res.structures == ["1:4", "2:4"]
-    for n, c in res.counters.items():
+    for _n, c in res.counters.items():
         assert mask_structure_ok(c <= 1, "1:4") and mask_structure_ok(c <= 2, "2:4")
 
 

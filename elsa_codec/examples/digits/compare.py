@@ -255,6 +255,7 @@ def run(*, models=MODELS, methods=DEFAULT_METHODS, seeds=(0, 1, 2), levels=DEFAU
         ELSAError: an unknown model or method, bad levels.
     """
     import elsa_codec as ec
+
     from . import compare_report as report
 
     for m in models:
@@ -262,7 +263,9 @@ def run(*, models=MODELS, methods=DEFAULT_METHODS, seeds=(0, 1, 2), levels=DEFAU
             raise ec.ELSAError(f"unknown model {m!r}: expected one of {', '.join(MODELS)}")
     for m in methods:
         make_sparsifier(m, 0)
-    ec.train.parse_levels(list(levels))
+    from ...format.structure import parse_levels
+
+    parse_levels(list(levels))
     work = [(k, s, tuple(methods), tuple(levels), dense_steps, steps, densify_steps) for k in models for s in seeds]
     t0 = time.perf_counter()
     if jobs > 1 and len(work) > 1:

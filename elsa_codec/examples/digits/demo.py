@@ -41,6 +41,7 @@ deviation over seeds); ``--quick`` (a few steps, for tests).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -202,23 +203,12 @@ def _levels_for(structure: str, levels_arg):
     return list(DEFAULT_LEVELS), str(st)
 
 
-def _load_and_set_level():
-    """``(load, set_level)`` from the serving layers, or None when they are not there."""
-    import elsa_codec
-
-    load = getattr(elsa_codec, "load", None)
-    set_level = getattr(elsa_codec, "set_level", None)
-    if load is None or set_level is None:
-        return None
-    return load, set_level
-
-
 def run(
     *,
     seed: int = 0,
     levels=None,
     structure: str = "unstructured",
-    distribution: str = "erk",
+    sparsifier: str = "erk",
     dtype: torch.dtype = torch.float32,
     dense_steps: int = 600,
     steps: int = 400,
@@ -235,92 +225,26 @@ def run(
     Raises:
         ELSAError: bad levels or structure.
     """
-    from ...format.file import load_file, save_file
-    from ...format.encode import extract
-    from ...training.run import embed_levels, parse_levels, prunable_weights, prune_gmp, recalibrate_bn
+    from ...format.structure import parse_levels
+    from ...training.weights import prunable_weights
 
     t_start = time.perf_counter()
     lv, st = _levels_for(structure, levels)
     parse_levels(lv, st)  # bad levels fail here, before any training
     os.makedirs(out, exist_ok=True)
-    xtr, ytr, xte, yte = load_digits_split()
-    xev = xte.to(dtype)  # evaluation (serving) dtype; training keeps float32 master weights
+    data = load_digits_split()
     torch.manual_seed(seed)
     dense = DigitsCNN()
     # N:M patterns run along the input dimension; conv1's (1*3*3 = 9) fits no M > 1: keep it dense.
     nm = any(isinstance(v, str) and ":" in v for v in lv)
     filter_fn = (lambda m, fqn: isinstance(m, (nn.Linear, nn.Conv2d)) and fqn != "conv1") if nm else None
     pnames = list(prunable_weights(dense, filter_fn=filter_fn))
-    train_fn = make_train_fn(xtr, ytr, lr=lr)
-    calib = [xtr[i : i + 256] for i in range(0, len(xtr), 256)]
-
-    from ...training.run import Phase
-
-    t0 = time.perf_counter()
-    train_fn(dense, Phase("dense", 0, dense_steps, seed=seed * 1_000_003 + 17))
-    acc_before = evaluate(_cast(dense, dtype), xev, yte)
-    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
-    log(f"[seed {seed}] dense network: test accuracy {acc_before:.2f}%  ({time.perf_counter() - t0:.1f} s)")
-
-    # ---- ELSA ----
-    t0 = time.perf_counter()
-    model = DigitsCNN()
-    model.load_state_dict(dense_state)
-    res = embed_levels(
-        model, lv, train_fn, steps=steps, densify_steps=densify_steps, structure=st,
-        sparsifier=distribution, bn_calibration=calib, filter_fn=filter_fn, seed=seed, progress=progress,
-        freeze_shared=freeze_shared, densify_init=densify_init,
-        encode_dtype=dtype if dtype != torch.float32 else None,
-    )
-    encoded = res.encode()
-    elsa_path = os.path.join(out, f"elsa-seed{seed}.safetensors")
-    save_file(encoded, elsa_path)
-    t_elsa = time.perf_counter() - t0
+    job = _Job(seed, lv, st, sparsifier, dtype, steps, densify_steps, filter_fn, make_train_fn(data[0], data[1], lr=lr),
+               [data[0][i : i + 256] for i in range(0, len(data[0]), 256)], data[2].to(dtype), data[3], out, progress, log)
+    acc_before, dense_state = _train_dense(job, dense, dense_steps)
+    res, encoded, elsa_path, acc_elsa, how = _run_elsa(job, dense_state, freeze_shared, densify_init)
     T = res.num_levels
-    fresh = DigitsCNN().to(dtype)
-    serving = _load_and_set_level()
-    acc_elsa = []
-    enc = load_file(elsa_path)
-    plain = DigitsCNN().to(dtype)
-    max_diff = 0.0
-    if serving is not None:
-        load, set_level = serving
-        fresh = load(elsa_path, fresh)
-        fresh.eval()
-        plain.eval()
-        for t in range(1, T + 2):
-            set_level(fresh, t)
-            acc_elsa.append(evaluate(fresh, xev, yte))
-            # cross-check the serving layers against the plain extraction of the level
-            plain.load_state_dict(extract(enc, t))
-            with torch.no_grad():
-                max_diff = max(max_diff, float((fresh(xev).float() - plain(xev).float()).abs().max()))
-        how = f"elsa_codec.load + set_level (max |logit difference| vs extract(): {max_diff:.2g})"
-    else:
-        for t in range(1, T + 2):
-            plain.load_state_dict(extract(enc, t))
-            acc_elsa.append(evaluate(plain, xev, yte))
-        how = "load_file + extract (serving layers not available)"
-    log(f"[seed {seed}] ELSA: {T} levels embedded and encoded in {t_elsa:.1f} s; evaluated via {how}")
-
-    # ---- separate GMP networks ----
-    t0 = time.perf_counter()
-    acc_gmp, gmp_sp, gmp_sizes, gmp_est = [], [], [], []
-    for i, (lvl, _) in enumerate(zip(lv, range(T))):
-        net = DigitsCNN()
-        net.load_state_dict(dense_state)
-        masks = prune_gmp(net, lvl, train_fn, steps=steps + densify_steps, structure=st,
-                          sparsifier=distribution, filter_fn=filter_fn, seed=seed * 7 + 1000 + i, progress=progress)
-        recalibrate_bn(net, calib)
-        net = _cast(net, dtype)
-        acc_gmp.append(evaluate(net, xev, yte))
-        gmp_sp.append(1.0 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()))
-        sd = net.state_dict()
-        gmp_sizes.append(_save_plain(sd, os.path.join(out, f"gmp-level{i + 1}-seed{seed}.safetensors")))
-        gmp_est.append(_compressed_estimate(sd, set(pnames)))
-    t_gmp = time.perf_counter() - t0
-    log(f"[seed {seed}] separate GMP networks: {T} trained in {t_gmp:.1f} s")
-
+    acc_gmp, gmp_sp, gmp_sizes, gmp_est = _run_gmp(job, dense_state, T, set(pnames))
     dense_size = _save_plain(_cast(dense, dtype).state_dict(), os.path.join(out, f"dense-seed{seed}.safetensors"))
     bitmask_bytes = sum((encoded[n].numel() + 7) // 8 for n in pnames)
     return dict(
@@ -340,12 +264,105 @@ def run(
         size_dense_bitmasks=dense_size + T * bitmask_bytes,
         code_bits=res.code_bits,
         dtype=str(dtype).replace("torch.", ""),
-        distribution=distribution,
+        sparsifier=sparsifier,
         prunable=pnames,
         seconds=time.perf_counter() - t_start,
         evaluated_via=how,
         history=[{k: v for k, v in h.items()} for h in res.history],
     )
+
+
+@dataclasses.dataclass
+class _Job:
+    """What the three parts of one seed's run share."""
+
+    seed: int
+    levels: list
+    structure: str
+    sparsifier: str
+    dtype: torch.dtype
+    steps: int
+    densify_steps: int
+    filter_fn: object
+    train_fn: object
+    calib: list
+    x_eval: torch.Tensor  # evaluation (serving) dtype; training keeps float32 master weights
+    y_eval: torch.Tensor
+    out: str
+    progress: bool
+    log: object
+
+
+def _train_dense(job: _Job, dense: nn.Module, dense_steps: int) -> tuple:
+    """Train the dense network; ``(test accuracy, its state dict)``."""
+    from ...training.phases import Phase
+
+    t0 = time.perf_counter()
+    job.train_fn(dense, Phase("dense", 0, dense_steps, seed=job.seed * 1_000_003 + 17))
+    acc = evaluate(_cast(dense, job.dtype), job.x_eval, job.y_eval)
+    job.log(f"[seed {job.seed}] dense network: test accuracy {acc:.2f}%  ({time.perf_counter() - t0:.1f} s)")
+    return acc, {k: v.clone() for k, v in dense.state_dict().items()}
+
+
+def _run_elsa(job: _Job, dense_state: dict, freeze_shared: bool, densify_init: str) -> tuple:
+    """ELSA from the dense network, saved and served at every level; ``(result, encoded, path,
+    accuracy per level 1..T+1, how it was evaluated)``."""
+    from ...format.encode import extract
+    from ...format.file import load_file, save_file
+    from ...serving.swap import load, set_level
+    from ...training.run import embed_levels
+
+    t0 = time.perf_counter()
+    model = DigitsCNN()
+    model.load_state_dict(dense_state)
+    res = embed_levels(
+        model, job.levels, job.train_fn, steps=job.steps, densify_steps=job.densify_steps, structure=job.structure,
+        sparsifier=job.sparsifier, bn_calibration=job.calib, filter_fn=job.filter_fn, seed=job.seed,
+        progress=job.progress, freeze_shared=freeze_shared, densify_init=densify_init,
+        encode_dtype=job.dtype if job.dtype != torch.float32 else None,
+    )
+    encoded = res.encode()
+    path = os.path.join(job.out, f"elsa-seed{job.seed}.safetensors")
+    save_file(encoded, path)
+    t_elsa = time.perf_counter() - t0
+    enc = load_file(path)
+    served = load(path, DigitsCNN().to(job.dtype)).eval()
+    plain = DigitsCNN().to(job.dtype).eval()
+    acc, max_diff = [], 0.0
+    for t in range(1, res.num_levels + 2):
+        set_level(served, t)
+        acc.append(evaluate(served, job.x_eval, job.y_eval))
+        plain.load_state_dict(extract(enc, t))  # cross-check the serving layers against the plain extraction
+        with torch.no_grad():
+            max_diff = max(max_diff, float((served(job.x_eval).float() - plain(job.x_eval).float()).abs().max()))
+    how = f"elsa_codec.load + set_level (max |logit difference| vs extract(): {max_diff:.2g})"
+    job.log(f"[seed {job.seed}] ELSA: {res.num_levels} levels embedded and encoded in {t_elsa:.1f} s; evaluated via {how}")
+    return res, encoded, path, acc, how
+
+
+def _run_gmp(job: _Job, dense_state: dict, T: int, pnames: set) -> tuple:
+    """One GMP network per level, from the dense network; ``(accuracies, sparsities, file sizes,
+    compressed-size estimates)``."""
+    from ...training.bn import recalibrate_bn
+    from ...training.run import prune_gmp
+
+    t0 = time.perf_counter()
+    acc, sps, sizes, est = [], [], [], []
+    for i, (lvl, _) in enumerate(zip(job.levels, range(T))):
+        net = DigitsCNN()
+        net.load_state_dict(dense_state)
+        masks = prune_gmp(net, lvl, job.train_fn, steps=job.steps + job.densify_steps, structure=job.structure,
+                          sparsifier=job.sparsifier, filter_fn=job.filter_fn, seed=job.seed * 7 + 1000 + i,
+                          progress=job.progress)
+        recalibrate_bn(net, job.calib)
+        net = _cast(net, job.dtype)
+        acc.append(evaluate(net, job.x_eval, job.y_eval))
+        sps.append(1.0 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()))
+        sd = net.state_dict()
+        sizes.append(_save_plain(sd, os.path.join(job.out, f"gmp-level{i + 1}-seed{job.seed}.safetensors")))
+        est.append(_compressed_estimate(sd, pnames))
+    job.log(f"[seed {job.seed}] separate GMP networks: {T} trained in {time.perf_counter() - t0:.1f} s")
+    return acc, sps, sizes, est
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +391,7 @@ def summarize(runs: list[dict]) -> tuple[str, dict]:
     lines = []
     seeds = ",".join(str(r["seed"]) for r in runs)
     lines.append(
-        f"ELSA demo: digits 8x8, DigitsCNN, dtype {r0['dtype']}, distribution {r0['distribution']}, "
+        f"ELSA demo: digits 8x8, DigitsCNN, dtype {r0['dtype']}, sparsifier {r0['sparsifier']}, "
         f"k={r0['code_bits']} code bits, seed(s) {seeds}" + (" (mean ± std over seeds)" if len(runs) > 1 else "")
     )
     lines.append(f"prunable tensors: {', '.join(r0['prunable'])}")
@@ -480,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="unstructured",
                    help="unstructured (levels 90/75/50%%), N:M, e.g. 2:4 (levels 1:4,2:4; 4:8 -> 1:8,2:8,4:8), or block:RxC")
     p.add_argument("--levels", default=None, help="override the levels: e.g. 0.9,0.75,0.5 or 1:8,2:8,4:8 (sparsest first)")
-    p.add_argument("--distribution", choices=("uniform", "global", "erk"), default="erk",
+    p.add_argument("--sparsifier", choices=("uniform", "global", "erk"), default="erk",
                    help="how each level's sparsity spreads over the layers (default erk; same for ELSA and GMP)")
     p.add_argument("--dense-steps", type=int, default=None, help="SGD steps of the dense training (default 600; quick 40)")
     p.add_argument("--steps", type=int, default=None, help="steps of each ELSA sparsify phase (default 400; quick 20)")
@@ -533,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for s in seeds:
-            runs.append(run(seed=s, levels=a.levels, structure=a.structure, distribution=a.distribution, dtype=dtype,
+            runs.append(run(seed=s, levels=a.levels, structure=a.structure, sparsifier=a.sparsifier, dtype=dtype,
                             dense_steps=dense_steps, steps=steps, densify_steps=densify_steps, lr=a.lr, out=a.out,
                             progress=not a.no_progress, freeze_shared=not a.no_freeze_shared,
                             densify_init=a.densify_init))

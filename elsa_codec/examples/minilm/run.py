@@ -224,8 +224,9 @@ def run_elsa(levels, s: Settings, batches, ref: Reference, out: str, tag: str, p
 def run_separate(level, s: Settings, batches, ref: Reference, out: str, progress: bool) -> tuple[list, dict]:
     """One student pruned to ``level`` by GMP over ``steps + densify_steps``, saved as a plain
     safetensors file and evaluated after loading it into a fresh model. ``(rows, info)``."""
-    import elsa_codec as ec
     from safetensors.torch import load_file
+
+    import elsa_codec as ec
 
     from ...format.file import write_plain
     from .distill import make_train_fn

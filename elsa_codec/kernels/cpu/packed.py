@@ -23,10 +23,10 @@ import dataclasses
 
 import torch
 
-from ...format.bits import bits_view, check_code_bits
 from ...errors import ELSAError
-from ...format.structure import parse_structure
+from ...format.bits import bits_view, check_code_bits
 from ...format.pages import release_pages  # also re-exported: packing and page release go together
+from ...format.structure import parse_structure
 
 __all__ = [
     "FORMATS",

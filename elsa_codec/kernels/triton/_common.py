@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from elsa_codec.format.bits import MAX_CODE_BITS, check_code_bits
 from elsa_codec.errors import ELSAError
+from elsa_codec.format.bits import MAX_CODE_BITS, check_code_bits
 
 #: True when the Triton interpreter runs the kernels on the CPU (``TRITON_INTERPRET=1``, read once
 #: at import time, which is when the ``@triton.jit`` decorators take effect).

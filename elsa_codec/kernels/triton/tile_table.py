@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from elsa_codec.format.bits import check_code_bits
 from elsa_codec.errors import ELSAError
+from elsa_codec.format.bits import check_code_bits
 
 from ._common import INT_VIEW, check_tensor
 

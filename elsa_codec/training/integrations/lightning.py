@@ -23,10 +23,10 @@ try:
 except ImportError:  # pragma: no cover - the older package name
     from pytorch_lightning import Callback
 
-from ..config import ELSAConfig
-from ..embedder import LevelEmbedder
 from ...errors import ELSAError
 from ...format.file import save_file
+from ..config import ELSAConfig
+from ..embedder import LevelEmbedder
 
 __all__ = ["ELSALightningCallback"]
 

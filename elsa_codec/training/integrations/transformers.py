@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
-from ..config import ELSAConfig
-from ..embedder import LevelEmbedder
 from ...errors import ELSAError
 from ...format.file import save_file
+from ..config import ELSAConfig
+from ..embedder import LevelEmbedder
 
 __all__ = ["ELSATrainerCallback", "STATE_FILE"]
 

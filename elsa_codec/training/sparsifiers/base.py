@@ -29,22 +29,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..schedule import erk_densities
 from ...errors import ELSAError
 from ...format.structure import Structure, mask_structure_ok, parse_structure
 from ...oneshot.masks import magnitude_mask
+from ..schedule import erk_densities
 
-__all__ = [
-    "gmp_sparsity",
-    "GMPSchedule",
-    "erk_densities",
-    "Sparsifier",
-    "MagnitudeSparsifier",
-    "MaskFnSparsifier",
-    "as_sparsifier",
-    "check_masks",
-    "DISTRIBUTIONS",
-]
+__all__ = ["Sparsifier", "MagnitudeSparsifier", "MaskFnSparsifier", "as_sparsifier", "check_masks", "DISTRIBUTIONS"]
 
 #: Distributions of a target sparsity over the prunable tensors understood by :class:`MagnitudeSparsifier`.
 DISTRIBUTIONS = ("uniform", "global", "erk")

@@ -7,7 +7,6 @@ k2 = 1.87320, k3 = 1.48695); weights with a large ``log alpha`` are pruned.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
