@@ -19,8 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff (lint, pyproject.toml) and import-linter (the layers contract, docs/ARCHITECTURE.md)
 lint: $(STAMP)
-	$(PY) -m compileall -q elsa_codec kernels bench tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m bench

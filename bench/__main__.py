@@ -5,7 +5,7 @@ Usage::
     python -m bench [--quick] [--out DIR] [--threads N] [--only layer,codec,serving,model] ...
     python -m bench plot CSV [-o PNG]      # latency vs density per provider (PNG)
     python -m bench table CSV              # the README's markdown tables
-    python -m bench targets CSV            # DESIGN.md's performance targets, measured ratios
+    python -m bench targets CSV            # docs/DESIGN.md's performance targets, measured ratios
     python -m bench stream-memory          # peak RSS of `elsa encode` on a multi-GB synthetic checkpoint
     python -m bench static [--subset]      # compile gate for sm_90a, no GPU: registers, spills, smem, wgmma
     python -m bench roofline               # bytes / FLOPs / floor time of the GPU grid on H100 and H200

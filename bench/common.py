@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: device facts, timing, the long-format CSV, the log.
 
-Timing (DESIGN.md, "Performance targets"; the bench issue):
+Timing (docs/DESIGN.md, "Performance targets"; the bench issue):
 
 - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (its first estimation block is the
   warm-up), topped up with ``Timer.timeit`` blocks until at least ``min_blocks`` blocks exist;

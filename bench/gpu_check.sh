@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU stretch (DESIGN.md, "GPU runs"):
+# One command for a GPU stretch (docs/DESIGN.md, "GPU runs"):
 #
 #   bash bench/gpu_check.sh [--dry-run] OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
 #
@@ -9,7 +9,7 @@
 #   2. the kernel and serving tests on CUDA (not the interpreter)          -> OUT_DIR/tests.log, tests.xml
 #   3. the GPU benchmark grid, autotune choice and measured / floor per row -> OUT_DIR/grid.csv, grid.log
 #   4. the codec on the GPU: decode kernel (and encode / extract) vs copy  -> OUT_DIR/codec/results.csv, ...
-#   5. DESIGN.md's targets judged on the grid (fused GEMM) and the codec (decode) -> OUT_DIR/targets.md
+#   5. docs/DESIGN.md's targets judged on the grid (fused GEMM) and the codec (decode) -> OUT_DIR/targets.md
 #   then the sm_90a compile gate's subset with this machine's triton      -> OUT_DIR/static.csv
 # and OUT_DIR/summary.txt (each step's exit status and time). Each step has its own timeout, so a
 # hang in one still leaves the others' output. Without CUDA (or with --dry-run) every step says what

@@ -3,7 +3,7 @@
 ``bench/gpu_grid.py`` times this kernel, which is one ``tl.store`` of an int32 per program, with
 one program per SM. It uses the same timer as its other rows, with CUDA graphs and without, and
 writes the result as the ``launch-floor`` rows of ``grid.csv``. A fused level GEMM cannot be
-measured below this figure, however few tiles it reads. The block:64x64 target at M = 1 (DESIGN.md,
+measured below this figure, however few tiles it reads. The block:64x64 target at M = 1 (docs/DESIGN.md,
 "Performance targets": ``<= 1.3 x density x dense``) asks for about 1 us at density 0.1 on a
 4096x4096 weight, so this row tells whether a miss there is the kernel's fault or the launch's
 (bench/GPU_NOTES.md).

@@ -40,7 +40,7 @@ from .weights import LEVEL_SETS, make_encoded, random_weight
 SHAPES = {
     "minilm": [(384, 384), (1536, 384), (384, 1536)],
     "llama": [(4096, 4096), (11008, 4096), (4096, 11008)],
-    "llama3": [(14336, 4096), (4096, 14336)],  # DESIGN.md's K, N in {4096, 11008, 14336}
+    "llama3": [(14336, 4096), (4096, 14336)],  # docs/DESIGN.md's K, N in {4096, 11008, 14336}
 }
 
 GPU_M = [1, 16, 128, 4096]

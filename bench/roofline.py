@@ -1,6 +1,6 @@
 """Roofline floor of the GPU benchmark grid: ``python -m bench roofline``.
 
-For every configuration of the GPU grid (DESIGN.md, "Performance targets": float16 / bfloat16;
+For every configuration of the GPU grid (docs/DESIGN.md, "Performance targets": float16 / bfloat16;
 M in {1, 16, 128, 4096}; Llama-7B-class weights `[N, K]` from {4096, 11008, 14336}; every level of
 the layer benchmark's level sets, bench/weights.py: unstructured 0.9 / 0.75 / 0.5 sparsity, 1:4 /
 2:4, block:64x64 0.9 / 0.75 / 0.5) it counts what the fused kernel

@@ -1,4 +1,4 @@
-"""The performance targets of DESIGN.md, checked against one run's rows.
+"""The performance targets of docs/DESIGN.md, checked against one run's rows.
 
 ``python -m bench.targets CSV`` (or ``python -m bench targets CSV``) prints the section for
 the newest run in the CSV; ``python -m bench`` prints it at the end of a run and writes it to
@@ -266,7 +266,7 @@ def render(rows, *, title: str | None = None) -> str:
 def main(argv=None) -> int:
     from .common import csv_command, csv_rows, read_csv
 
-    p = csv_command("python -m bench targets", "Check DESIGN.md's performance targets against a results CSV.")
+    p = csv_command("python -m bench targets", "Check docs/DESIGN.md's performance targets against a results CSV.")
     p.add_argument("--grid", help="also judge this bench/gpu_grid.py grid.csv (its newest run), as op=linear rows")
     a = p.parse_args(argv)
     if a.grid and not os.path.exists(a.csv):  # the codec step of a GPU stretch failed: judge the grid alone

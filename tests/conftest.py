@@ -2,7 +2,7 @@
 
 Without a GPU the Triton kernels run under the Triton interpreter: ``TRITON_INTERPRET=1`` must be
 set before ``elsa_codec.kernels.triton`` is imported (that is when its ``@triton.jit`` decorators run), so
-it is set here, at conftest import time, before any test module is collected (DESIGN.md,
+it is set here, at conftest import time, before any test module is collected (docs/DESIGN.md,
 "Environment facts"). With CUDA present the same tests run the compiled kernels.
 
 ``ELSA_TEST_DEVICE=cuda`` (set by bench/gpu_check.sh) insists on CUDA: without a visible GPU the

@@ -1,7 +1,7 @@
 """The code rule: counter codes in the low mantissa bits of IEEE-754 weights.
 
 Source: Halvachi et al., "ELSA: Partial Weight Freezing for Overhead-Free Sparse Network
-Deployment", arXiv 2312.06872, section 2.2; the exact rule is in ../shared/DESIGN.md
+Deployment", arXiv 2312.06872, section 2.2; the exact rule is in docs/DESIGN.md
 ("The code rule") and docs/FORMAT.md.
 
 Terms: level ``t`` in ``1..T`` (``1`` the sparsest, ``T+1`` the dense network), counter ``N`` in
@@ -31,7 +31,7 @@ __all__ = [
     "sqnr_db",
 ]
 
-#: Largest usable code width ``k`` per dtype (DESIGN.md, "Terms").
+#: Largest usable code width ``k`` per dtype (docs/DESIGN.md, "Terms").
 MAX_CODE_BITS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 3}
 SUPPORTED_DTYPES = tuple(MAX_CODE_BITS)
 
@@ -110,7 +110,7 @@ def encode_tensor(
 
     For each element, the result is the finite float of the same dtype and the same sign whose
     ``k`` low bits equal the code and which is nearest to the input by value; on a tie, the smaller
-    magnitude (DESIGN.md, "The code rule"; ELSA, arXiv 2312.06872, section 2.2). The error is at
+    magnitude (docs/DESIGN.md, "The code rule"; ELSA, arXiv 2312.06872, section 2.2). The error is at
     most ``2**(k-1)`` ulp, the ulp taken ``2**(k-1)`` representable values above ``|x|`` (equal to
     ``x``'s own ulp except just below a power of two, where the upper neighbour's steps are twice
     as large). Within ``2**k`` representable values of zero or of the largest finite value only one
@@ -361,7 +361,7 @@ def level_mask(encoded: torch.Tensor, level, code_bits: int, num_levels: int | N
 
 
 def extract_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int | None = None) -> torch.Tensor:
-    """The weight of level ``t``: ``where(code < t, W, 0)`` (DESIGN.md, "The code rule").
+    """The weight of level ``t``: ``where(code < t, W, 0)`` (docs/DESIGN.md, "The code rule").
 
     Args:
         encoded: encoded float32 / float16 / bfloat16 tensor, any shape.

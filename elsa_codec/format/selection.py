@@ -1,7 +1,7 @@
 """Which tensors of a model carry levels: module kinds, the selection policy and tied weights.
 
 One generic walker over ``named_modules`` (no per-model code) classifies every weight-bearing
-module by type (DESIGN.md, "Serving"):
+module by type (docs/DESIGN.md, "Serving"):
 
 - ``"linear"``: ``nn.Linear`` (and subclasses that keep its ``forward``), weight `[out, in]`;
 - ``"conv"``: ``nn.Conv1d`` / ``nn.Conv2d``, weight `[out, in/groups, *kernel]`;

@@ -1,6 +1,6 @@
 """Structured and unstructured magnitude masks, nested on a frozen mask.
 
-A mask is a bool tensor of the weight's shape, ``True`` = kept. Structures (DESIGN.md, "Terms"):
+A mask is a bool tensor of the weight's shape, ``True`` = kept. Structures (docs/DESIGN.md, "Terms"):
 ``unstructured``; ``N:M`` (at most ``N`` kept in each group of ``M`` consecutive weights along the
 input dimension, i.e. the last dimension of a Linear weight ``[out_features, in_features]`` and the
 flattened ``[in_channels/groups * kh * kw]`` dimension of a Conv weight); ``block:RxC`` (whole

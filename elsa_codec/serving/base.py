@@ -1,6 +1,6 @@
 """Serving modules: :class:`ELSALinear`, :class:`ELSAConv2d` and per-level batch norm.
 
-ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". Each module
+ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; docs/DESIGN.md, "Serving". Each module
 holds ONE encoded weight (same name, shape and dtype as the original module's ``weight``, so
 ``state_dict()`` keys are unchanged) and the current level ``t``:
 
@@ -324,7 +324,7 @@ class ELSAModule(nn.Module):
 
     def _decode(self, t: int, backend: str) -> torch.Tensor:
         with torch.no_grad():
-            if backend == "semi-structured":  # a 2:4 level on sparse tensor cores (DESIGN.md, "Serving")
+            if backend == "semi-structured":  # a 2:4 level on sparse tensor cores (docs/DESIGN.md, "Serving")
                 fn = "decode_level"
                 base = self._decode(t, "triton" if _triton_usable(self.weight.device, fn) else "reference")
                 from ..kernels.triton.semi_structured import to_semi_structured

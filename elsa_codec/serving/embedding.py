@@ -1,6 +1,6 @@
 """``ELSAEmbedding``: an ``nn.Embedding`` whose table is one encoded weight serving every level.
 
-ELSA (Halvachi et al., arXiv 2312.06872), section 2.2; DESIGN.md, "Serving". A lookup decodes only
+ELSA (Halvachi et al., arXiv 2312.06872), section 2.2; docs/DESIGN.md, "Serving". A lookup decodes only
 the rows it gathers: ``rows = table[ids]``, then ``where(code(rows) < t, rows, 0)``, which is bit
 for bit the lookup in ``extract(encoded, t)``'s table (the gather copies bit patterns, the level
 mask is elementwise). Nothing of the level is cached: a sparse level costs one elementwise pass

@@ -1,6 +1,6 @@
 """Model-level serving API: swap encoded layers into any model, select levels, rebuild the file.
 
-ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; DESIGN.md, "Serving". One generic
+ELSA (Halvachi et al., arXiv 2312.06872), sections 2.1-2.2; docs/DESIGN.md, "Serving". One generic
 walker over ``named_modules`` serves every model (no per-model code):
 
 - :func:`swap_` replaces, in place, exactly the modules whose ``weight`` is encoded in an

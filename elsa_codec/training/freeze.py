@@ -1,4 +1,4 @@
-"""Freeze and encode (ELSA sec. 2.1-2.2; DESIGN.md "The code rule"), and the checks before a run.
+"""Freeze and encode (ELSA sec. 2.1-2.2; docs/DESIGN.md "The code rule"), and the checks before a run.
 
 A level's weights are encoded with their code ``t - 1`` the moment they are frozen, so the sparse
 network that was evaluated is bit for bit the one that ships; the dense-only weights are encoded

@@ -228,6 +228,7 @@ def prune_gmp(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     seed: int | None = None,
     progress: bool = True,
+    **removed,
 ) -> dict[str, torch.Tensor]:
     """Gradual magnitude pruning of one network (Zhu & Gupta 2017): the baseline of ELSA's
     experiments (one network per sparsity, trained and stored independently).
@@ -254,7 +255,9 @@ def prune_gmp(
     Raises:
         ELSAError: a target outside (0, 1); no prunable layer; frozen weights that already exceed
             the target (names the tensor); a ``train_fn`` that changes frozen weights.
+        ELSATypeError: ``prunable=`` (removed in 0.2: names ``select=`` / ``filter_fn=``).
     """
+    check_removed("prune_gmp", removed, _REMOVED)
     check_module(model, "model", "prune_gmp", order="prune_gmp(model, sparsity, train_fn)")
     _check_train_fn(train_fn)
     select = "blocks" if select is None else select

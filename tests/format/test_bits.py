@@ -75,7 +75,7 @@ def test_code_rule_is_nearest_same_sign_finite(c):
 @settings(max_examples=200, deadline=None)
 @given(case())
 def test_error_bound_half_the_code_span(c):
-    """Error <= 2**(k-1) ulp, the ulp taken 2**(k-1) values above |x| (DESIGN.md); edges excluded."""
+    """Error <= 2**(k-1) ulp, the ulp taken 2**(k-1) values above |x| (docs/DESIGN.md); edges excluded."""
     dtype, k, pats, codes = c
     x = from_patterns(pats, dtype)
     y = encode_tensor(x, torch.tensor(codes), k)

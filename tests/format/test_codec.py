@@ -156,27 +156,27 @@ def test_level_out_of_range_extract():
             ec.extract(enc, bad)
 
 
-def test_magnitude_counters_filter_fn_and_sparsifier_names():
-    """One selector convention (filter_fn(module, fqn), as swap_ and ELSAConfig) and one name for
-    the sparsifier (distribution= is its former name)."""
-    import warnings
-
+def test_magnitude_counters_filter_fn_and_removed_keywords():
+    """One selector convention (filter_fn(module, fqn), as swap_ and ELSAConfig), names= a list, and
+    distribution= the one-shot name; the 0.1 spellings fail naming their replacement (CHANGELOG.md)."""
     from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     c = ec.magnitude_counters(model, [0.5], filter_fn=lambda m, fqn: fqn == "2")
     assert list(c) == ["2.weight"]
-    g1 = ec.magnitude_counters(model, [0.9, 0.5], sparsifier="global")
-    g2 = ec.magnitude_counters(model, [0.9, 0.5], distribution="global")
+    g = ec.magnitude_counters(model, [0.9, 0.5], distribution="global")
     u = ec.magnitude_counters(model, [0.9, 0.5])
-    assert all(torch.equal(g1[n], g2[n]) for n in g1)
-    assert any(not torch.equal(g1[n], u[n]) for n in g1)
-    with pytest.raises(ec.ELSAError, match="disagree"):
-        ec.magnitude_counters(model, [0.5], sparsifier="global", distribution="uniform")
+    assert any(not torch.equal(g[n], u[n]) for n in g)
+    with pytest.raises(ec.ELSATypeError, match="removed in 0.2.*distribution="):
+        ec.magnitude_counters(model, [0.5], sparsifier="global")
+    with pytest.raises(ec.ELSATypeError, match="unexpected keyword argument 'distrib'"):
+        ec.magnitude_counters(model, [0.5], distrib="global")
     with pytest.raises(ec.ELSAError, match="not both"):
         ec.magnitude_counters(model, [0.5], select="all", filter_fn=lambda m, fqn: True)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        old = ec.magnitude_counters(model, [0.5], select=lambda fqn, m: fqn == "2")
-    assert list(old) == ["2.weight"] and any(issubclass(x.category, DeprecationWarning) for x in w)
+    with pytest.raises(ec.ELSATypeError, match="filter_fn=\\(module, fqn\\)"):
+        ec.magnitude_counters(model, [0.5], select=lambda fqn, m: fqn == "2")
+    sd = {"a.weight": torch.randn(8, 8), "b.weight": torch.randn(8, 8)}
+    with pytest.raises(ec.ELSATypeError, match="names= takes a list"):
+        ec.magnitude_counters(sd, [0.5], names=lambda n, t: n == "a.weight")
+    assert list(ec.magnitude_counters(sd, [0.5], names=["b.weight"])) == ["b.weight"]

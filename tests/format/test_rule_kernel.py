@@ -1,7 +1,7 @@
 """The C code-rule kernels (elsa_codec/format/elsa_rule.c) against the PyTorch reference, bit for bit.
 
 The reference is ``bits._encode_chunk`` (encode), ``bits._extract_reference`` (extract_level) and
-``bits_view(x) & (2**k - 1)`` (decode_codes); DESIGN.md, "The code rule"; ELSA arXiv 2312.06872,
+``bits_view(x) & (2**k - 1)`` (decode_codes); docs/DESIGN.md, "The code rule"; ELSA arXiv 2312.06872,
 section 2.2. Every comparison is on the raw bit patterns (``atol=0``).
 """
 import os

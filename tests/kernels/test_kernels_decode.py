@@ -1,5 +1,5 @@
 """Decode kernels (elsa_codec/kernels/triton/decode.py): bit-exact against the reference for every dtype and code
-width; the code rule of DESIGN.md / ELSA arXiv 2312.06872 sec 2.2. Runs the compiled kernels on a
+width; the code rule of docs/DESIGN.md / ELSA arXiv 2312.06872 sec 2.2. Runs the compiled kernels on a
 GPU, the Triton interpreter otherwise (conftest sets TRITON_INTERPRET=1 without CUDA)."""
 import os
 import subprocess

@@ -1,6 +1,6 @@
 """Fused level GEMM (elsa_codec/kernels/triton/linear.py) and the tile table (elsa_codec/kernels/triton/tile_table.py).
 
-``y = x @ W_t.T + bias`` with ``W_t = where(code < t, W, 0)`` (DESIGN.md "The code rule" and
+``y = x @ W_t.T + bias`` with ``W_t = where(code < t, W, 0)`` (docs/DESIGN.md "The code rule" and
 "Serving"; ELSA arXiv 2312.06872 sec 2.2), checked against a float64 reference with per-dtype
 tolerances; tile skipping checked with NaN inputs under empty tiles. Compiled kernels on a GPU, the
 Triton interpreter otherwise (conftest sets TRITON_INTERPRET=1 without CUDA).

@@ -214,16 +214,30 @@ def test_config_validation_names_the_field_and_json_roundtrip():
     assert ELSAConfig.from_json(custom.to_json(), sparsifier="global").sparsifier == "global"
 
 
-def test_filter_fn_selects_and_legacy_prunable_warns():
+def test_filter_fn_selects_and_removed_prunable_names_its_replacement():
     model = job.MLP()
     emb = LevelEmbedder(model, ELSAConfig(**job.CONFIG, filter_fn=lambda m, fqn: fqn == "fc1"))
     assert list(emb.params) == ["fc1.weight"]
     emb = LevelEmbedder(model, ELSAConfig(**job.CONFIG, select=["fc2.weight"]))
     assert list(emb.params) == ["fc2.weight"]
-    with pytest.warns(DeprecationWarning, match="filter_fn"):
-        res = ec.embed_levels(job.MLP(), [0.5], lambda m, p: None, steps=0, progress=False,
-                              prunable=lambda name, m: name == "fc2")
+    res = ec.embed_levels(job.MLP(), [0.5], lambda m, p: None, steps=0, progress=False,
+                          filter_fn=lambda m, fqn: fqn == "fc2")
     assert list(res.counters) == ["fc2.weight"]
+    with pytest.raises(ec.ELSATypeError, match="prunable= was removed in 0.2.*filter_fn="):
+        ec.embed_levels(job.MLP(), [0.5], lambda m, p: None, steps=0, progress=False,
+                        prunable=lambda name, m: name == "fc2")
+    with pytest.raises(ec.ELSATypeError, match="removed in 0.2.*filter_fn="):
+        ec.prune_gmp(job.MLP(), 0.5, lambda m, p: None, steps=0, progress=False, prunable=["fc2.weight"])
+    with pytest.raises(ec.ELSATypeError, match="unexpected keyword argument 'stepz'"):
+        ec.embed_levels(job.MLP(), [0.5], lambda m, p: None, stepz=0)
+
+
+def test_embed_levels_takes_a_config():
+    cfg = ELSAConfig(levels=[0.5], steps=0, select=["fc2.weight"])
+    res = ec.embed_levels(job.MLP(), cfg, lambda m, p: None, progress=False)
+    assert list(res.counters) == ["fc2.weight"]
+    with pytest.raises(ec.ELSATypeError, match="belong inside it"):
+        ec.embed_levels(job.MLP(), cfg, lambda m, p: None, steps=3)
 
 
 def test_zero_step_phases_and_steps_counted_only_on_the_model():

@@ -249,7 +249,7 @@ def test_train_fn_changing_frozen_weights_is_detected(when):
 
     with pytest.raises(ELSAError, match="fc2.weight"):
         embed_levels(model, [0.75, 0.5], make_train_fn(tamper=tamper), steps=4, densify_steps=4,
-                     progress=False, on_freeze=on_freeze, bn_calibration=_calib())
+                     progress=False, on_freeze=on_freeze, bn_calibration=_calib(), verify="step")
     # nothing lost: the frozen values are back
     frozen = snaps[1] != 0
     assert _same_bits(model.fc2.weight[frozen], snaps[1][frozen])

@@ -1,4 +1,4 @@
-"""Triton kernels for serving ELSA levels (DESIGN.md, "Serving"; arXiv 2312.06872, section 2.2).
+"""Triton kernels for serving ELSA levels (docs/DESIGN.md, "Serving"; arXiv 2312.06872, section 2.2).
 
 One op per module, each with its pure-PyTorch reference beside it:
 

@@ -1,6 +1,6 @@
 """Shared checks for the ELSA kernels (private).
 
-Terms follow DESIGN.md and ELSA (Halvachi et al., arXiv 2312.06872, section 2.2): level ``t`` in
+Terms follow docs/DESIGN.md and ELSA (Halvachi et al., arXiv 2312.06872, section 2.2): level ``t`` in
 ``1..T`` (``1`` the sparsest), ``T+1`` the dense level; code ``c = N - 1`` in the ``k`` low bits of
 each weight's IEEE-754 bit pattern; level ``t`` keeps the weights with ``c < t``.
 

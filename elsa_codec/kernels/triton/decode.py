@@ -1,7 +1,7 @@
 """Level decoding: ``W_t = where((bits & (2**k - 1)) < t, W, 0)`` and the counters ``N = code + 1``.
 
 ELSA (Halvachi et al., arXiv 2312.06872, section 2.2) stores each weight's code ``c = N - 1`` (``N``
-the first level containing it) in the ``k`` lowest bits of its IEEE-754 bit pattern; DESIGN.md,
+the first level containing it) in the ``k`` lowest bits of its IEEE-754 bit pattern; docs/DESIGN.md,
 "The code rule" and "Serving". The kernels move bit patterns only (no float arithmetic), so the
 result is bit-exact for float32, float16 and bfloat16, on a GPU and under the Triton interpreter.
 
@@ -159,7 +159,7 @@ def _(encoded, code_bits):
 def decode_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int | None = None) -> torch.Tensor:
     """The weight of level ``t``: ``where((bits & (2**k - 1)) < t, encoded, 0)``.
 
-    DESIGN.md, "The code rule"; ELSA, arXiv 2312.06872, section 2.2. Bit-exact: kept weights keep
+    docs/DESIGN.md, "The code rule"; ELSA, arXiv 2312.06872, section 2.2. Bit-exact: kept weights keep
     their bit pattern (code bits included), dropped ones become ``+0.0``.
 
     Args:
@@ -198,7 +198,7 @@ def decode_level(encoded: torch.Tensor, level, code_bits: int, num_levels: int |
 def decode_counters(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:
     """The counters ``N = code + 1`` of every weight (the first level containing it; ELSA's N(T)).
 
-    DESIGN.md, "Terms"; ELSA, arXiv 2312.06872, section 2.2.
+    docs/DESIGN.md, "Terms"; ELSA, arXiv 2312.06872, section 2.2.
 
     Args:
         encoded: `[*]` float32 / float16 / bfloat16 encoded tensor, any shape; non-contiguous

@@ -2,7 +2,7 @@
 
 ELSA (Halvachi et al., arXiv 2312.06872, section 2.2) keeps every level's network inside one dense
 weight: weight ``i`` belongs to level ``t`` when its code (the ``k`` low bits of its bit pattern)
-is ``< t``. DESIGN.md, "Serving": on CUDA the kernel decodes each weight tile in registers and
+is ``< t``. docs/DESIGN.md, "Serving": on CUDA the kernel decodes each weight tile in registers and
 multiplies (no decoded copy in memory); 64x64 tiles whose every code is ``>= t`` (read from
 :func:`elsa_codec.kernels.triton.tile_table`) are neither loaded nor multiplied. Unstructured, N:M and
 block levels all run through this one kernel. The dense level is the stored tensor itself and goes
@@ -422,7 +422,7 @@ def elsa_linear(x: torch.Tensor, encoded: torch.Tensor, level, code_bits: int, b
                 *, tile_table: torch.Tensor | None = None, num_levels: int | None = None) -> torch.Tensor:
     """``y = x @ W_t.T + bias`` with ``W_t = where(code < t, encoded, 0)`` decoded on the fly.
 
-    DESIGN.md, "Serving"; ELSA, arXiv 2312.06872, section 2.2. On CUDA (or under the Triton
+    docs/DESIGN.md, "Serving"; ELSA, arXiv 2312.06872, section 2.2. On CUDA (or under the Triton
     interpreter) a fused Triton GEMM decodes each weight tile in registers (no decoded copy in
     memory) and accumulates in float32; with ``tile_table`` the 64x64 tiles whose min code is
     ``>= t`` are neither loaded nor multiplied. The dense level (``T+1``, or ``2**k`` without

@@ -1,6 +1,6 @@
 """Optional: a decoded 2:4 level as a ``torch.sparse`` semi-structured tensor (sparse tensor cores).
 
-DESIGN.md, "Serving": a 2:4 level may be materialised with ``torch.sparse.to_sparse_semi_structured``
+docs/DESIGN.md, "Serving": a 2:4 level may be materialised with ``torch.sparse.to_sparse_semi_structured``
 where the device supports it. This is a guarded wrapper, not a Triton kernel: decode the level
 first (:func:`elsa_codec.kernels.triton.decode_level`, ELSA arXiv 2312.06872 section 2.2), then convert.
 """

@@ -1,6 +1,6 @@
 """Per-tile minimum-code table for skipping empty weight tiles in the fused level GEMM.
 
-DESIGN.md, "Serving": tiles whose every weight is out of the level (all codes ``>= t``) are skipped,
+docs/DESIGN.md, "Serving": tiles whose every weight is out of the level (all codes ``>= t``) are skipped,
 using a per-tile minimum-code table computed once at load (runtime only, nothing on disk). Codes
 are ELSA's ``N - 1`` in the ``k`` low bits of each weight (arXiv 2312.06872, section 2.2).
 
