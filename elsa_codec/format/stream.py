@@ -186,7 +186,6 @@ class _Plan:
     counters_path: str | None = None  # or
     counters: Mapping | None = None  # in-memory counters of the selected tensors
     transposed: set = dataclasses.field(default_factory=set)
-    results: dict | None = None  # name -> the shard workers' result, once encoded (this process only)
 
     def convert(self, code: str) -> torch.dtype | None:
         """The dtype a tensor of safetensors ``code`` is converted to (None: kept)."""
@@ -564,9 +563,8 @@ def encode_stream(
     entries = {n: _out_entry(files[s], n, dtype) for n, s in where.items()}
     plan = _make_plan(files, where, source, counters, dtype, code_bits, in_path)
     with _part_files(out_path, len(files)) as parts:
-        meta = _encode_parts(files, where, entries, plan, parts, jobs, progress)
+        meta, res = _encode_parts(files, where, entries, plan, parts, jobs, progress)
         doc = meta.to_json()
-        res = plan.results
         if max_shard_size is not None or str(out_path).endswith(".index.json"):
             index = out_path if str(out_path).endswith(".index.json") else str(out_path) + ".index.json"
             limit = check_shard_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
@@ -576,15 +574,14 @@ def encode_stream(
     return meta
 
 
-def _encode_parts(files, where, entries, plan, parts, jobs, progress) -> ELSAMeta:
-    """Encode every shard into its part file (``jobs`` workers); the results go to ``plan.results``."""
+def _encode_parts(files, where, entries, plan, parts, jobs, progress) -> tuple:
+    """Encode every shard into its part file (``jobs`` workers); ``(meta, name -> the workers' result)``."""
     order = data_order(entries)
     jobs_list = [_shard_job(s, [n for n in order if where[n] == s], part, plan) for s, part in zip(files, parts)]
     jobs_list.sort(key=lambda j: -os.path.getsize(j.shard))  # the largest shards first
     res = _run_jobs(jobs_list, jobs, progress)
-    plan.results = res
     infos = {n: res[n][4] for n in where if res[n][4] is not None}  # in checkpoint order
-    return _make_meta(plan.T, plan.k, plan.structs, infos, {})
+    return _make_meta(plan.T, plan.k, plan.structs, infos, {}), res
 
 
 def _shard_job(shard: str, names: list, part: str, plan: _Plan) -> _ShardJob:

@@ -15,8 +15,6 @@ import dataclasses
 
 import torch
 
-from ..checks import check_path
-from ..errors import ELSAError
 from ..format.document import ELSAMeta
 from ..format.encode import Counters, counter_dtype
 from ..format.stream import _FLOAT_CODES, _convert, _numel, encode_stream, limit_heap_retention
@@ -34,8 +32,9 @@ class MagnitudeLevels:
     workers get a copy).
 
     ``levels``, ``structure``, ``distribution`` and ``names`` as :func:`elsa_codec.magnitude_counters`;
-    :meth:`select` fills ``specs`` (``[(sparsity, Structure)]``) and, for ``"global"``,
-    ``thresholds`` (one per level, streamed over the selected tensors).
+    :meth:`select` (the first call the streaming encode makes, once the input is open) parses them
+    into ``specs`` (``[(sparsity, Structure)]``) and, for ``"global"``, fills ``thresholds`` (one per
+    level, streamed over the selected tensors).
     """
 
     levels: list
@@ -44,9 +43,6 @@ class MagnitudeLevels:
     names: object = None
     specs: list | None = None
     thresholds: list | None = None
-
-    def __post_init__(self):
-        self.specs = parse_levels(self.levels, self.structure, self.distribution)
 
     @property
     def num_levels(self) -> int:
@@ -60,7 +56,12 @@ class MagnitudeLevels:
 
     def select(self, files, where, dtype, in_path) -> list:
         """The selected tensor names (shape-and-dtype stand-ins: no tensor data read); global
-        thresholds streamed over them."""
+        thresholds streamed over them.
+
+        Raises:
+            ELSAError: bad levels (as :func:`elsa_codec.magnitude_counters`), nothing selected.
+        """
+        self.specs = parse_levels(self.levels, self.structure, self.distribution)
         stand_ins = {}
         for n, shard in where.items():
             kind = torch.float32 if files[shard].code(n) in _FLOAT_CODES else torch.int8
@@ -156,13 +157,6 @@ def encode_file(
         ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`; ``jobs``
             not a positive int; the output is an input file.
     """
-    order = "encode_file(in_path, out_path, levels=...)"
-    in_path = check_path(in_path, "in_path", "encode_file", order=order)
-    out_path = check_path(out_path, "out_path", "encode_file", order=order)
-    if (levels is None) == (counters is None):
-        raise ELSAError("give exactly one of levels= (magnitude levels) or counters= (a counters file)")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ELSAError(f"jobs must be a positive int, got {jobs!r}")
     source = None if levels is None else MagnitudeLevels(levels, structure, distribution, names)
     return encode_stream(in_path, out_path, counters=counters, source=source, dtype=dtype, code_bits=code_bits,
                          progress=progress, jobs=jobs, max_shard_size=max_shard_size)
