@@ -37,6 +37,7 @@ from .oneshot.masks import magnitude_mask
 from .oneshot.stream import encode_file
 from .serving.batch_norm import LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
 from .serving.conv import ELSAConv1d, ELSAConv2d
+from .serving.cpu_plan import set_packed_cache_bytes
 from .serving.embedding import ELSAEmbedding
 from .serving.linear import ELSALinear
 from .serving.swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_sparsity, swap_
@@ -89,7 +90,7 @@ __all__ = [
     "magnitude_counters", "magnitude_mask", "encode_file",
     # serving
     "ELSAEmbedding", "ELSAConv1d", "ELSAConv2d", "ELSALinear", "LevelBatchNorm1d", "LevelBatchNorm2d",
-    "LevelBatchNorm3d", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_sparsity", "swap_",
+    "LevelBatchNorm3d", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "swap_",
     *_LAZY,
 ]
 

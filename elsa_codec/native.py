@@ -53,7 +53,8 @@ import warnings
 from dataclasses import dataclass, field
 
 __all__ = [
-    "cpu_kernels", "cpu_kernels_error", "cpu_kernels_source", "cpu_flags", "cpu_isa", "ISAS",
+    "cpu_kernels", "cpu_kernels_error", "cpu_kernels_source", "cpu_kernels_build_id", "cpu_flags", "cpu_isa",
+    "cpu_model", "cache_dir", "ISAS",
     "rule_kernels", "rule_kernels_error", "rule_kernels_source", "rule_flags",
 ]
 
@@ -75,7 +76,10 @@ class _Library:
     compilers: tuple  # environment variable first, then the names tried
     signatures: dict  # exported name -> (argtypes, restype)
     abi: int  # what <stem>_abi() must return
+    extra: tuple = ()  # further translation units in the same folder, compiled into the same object
+    includes: tuple = ()  # files the sources include (part of the build's hash)
     lib: object = None
+    path: str | None = None  # the loaded shared object
     error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,11 +101,18 @@ _CPU_SIGNATURES = {
     "elsa_csr_mv": [_I64, _P, _P, _I, _P, _I, _P, _P, _P, _I],
     "elsa_bitmask_mv": [_I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_bsr_mv": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
-    "elsa_csr_mm": [_I64, _I64, _I64, _P, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
-    "elsa_bitmask_mm": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
-    "elsa_bsr_mm": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_pack_nm": [_P, _I, _I64, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P, _I],
+    "elsa_unpack_nm": [_I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
+    "elsa_nm_mv": [_I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I],
+    # elsa_cpu_mm.cpp: x as panels [P, Kp, W]; (N, M, W, Kp, <format arrays>, dt, xp, bias, y, ldy, threads)
+    "elsa_csr_mm": [_I64, _I64, _I64, _I64, _P, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_bitmask_mm": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_nm_mm": [_I64, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_bsr_mm": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
 }
-_CPU_SIGNATURES = {n: (a, ctypes.c_int if n.startswith("elsa_cpu_") else None) for n, a in _CPU_SIGNATURES.items()}
+_CPU_RESTYPE = {"elsa_pack_nm": ctypes.c_int64}
+_CPU_SIGNATURES = {n: (a, _CPU_RESTYPE.get(n, ctypes.c_int if n.startswith("elsa_cpu_") else None))
+                   for n, a in _CPU_SIGNATURES.items()}
 
 #: ctypes signatures of the code rule (see the comments in elsa_rule.c): encoders
 #: ``(x, codes, k, out, n) -> status``, extract ``(x, k, t, out, n)``, decode ``(x, k, out, n)``;
@@ -114,7 +125,8 @@ _RULE_SIGNATURES = {
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
-_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=2)
+_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=3,
+                extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc",))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 
 
@@ -193,12 +205,16 @@ def _cache_dir() -> str:
 def _build(lib: _Library) -> str:
     """Compile ``lib``'s source if its shared object is not cached yet; returns the .so path."""
     src = _source(lib)
+    folder = os.path.dirname(src)
+    srcs = [src, *(os.path.join(folder, f) for f in lib.extra)]
     cc = _compiler(lib)
     if cc is None:
         raise RuntimeError(f"no {'C++' if lib.ext == 'cpp' else 'C'} compiler found (set {lib.compilers[0]}, or install {lib.compilers[1]})")
     flags = cpu_flags() if lib is _CPU else rule_flags()
-    with open(src, "rb") as f:
-        text = f.read()
+    text = b""
+    for path in (*srcs, *(os.path.join(folder, f) for f in lib.includes)):
+        with open(path, "rb") as f:
+            text += f.read()
     key = hashlib.sha256(text + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     out = os.path.join(_cache_dir(), f"{lib.stem}_{key}.so")
     if os.path.exists(out):
@@ -206,7 +222,7 @@ def _build(lib: _Library) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{lib.stem}_", suffix=".so", dir=os.path.dirname(out))
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, src], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, "-o", tmp, *srcs], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -253,7 +269,8 @@ def _get(lib: _Library, load, warning: str, warn_when_off: bool):
                 try:
                     if off:
                         raise RuntimeError("turned off by ELSA_CPU_KERNELS=0")
-                    lib.lib = load(_build(lib))
+                    path = _build(lib)
+                    lib.lib, lib.path = load(path), path
                 except Exception as e:  # no compiler, compile error, unwritable cache...
                     lib.lib, lib.error = False, f"{type(e).__name__}: {e}"
                     if warn_when_off or not off:
@@ -309,6 +326,46 @@ def cpu_isa(cap: str | None = None) -> str | None:
             raise ValueError(f"cpu_isa: cap must be one of {ISAS}, got {cap!r}")
         lib.elsa_cpu_set_isa(ISAS.index(cap))
     return ISAS[lib.elsa_cpu_isa()]
+
+
+def cpu_kernels_build_id() -> str | None:
+    """The loaded sparse kernels' build (the shared object's name: a hash of the sources, flags and
+    compiler), None without kernels: what a cached measurement of them is keyed by."""
+    if cpu_kernels() is None:
+        return None
+    return os.path.splitext(os.path.basename(_CPU.path))[0]
+
+
+def cpu_model() -> str:
+    """This CPU's model name, family, model and stepping from ``/proc/cpuinfo`` (``platform.processor()``
+    where that cannot be read)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "cpu family", "model", "stepping") and k not in fields:
+                    fields[k] = v.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    if not fields:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return " / ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model", "stepping"))
+
+
+def cache_dir() -> str:
+    """The per-user folder of the built kernels and their measurements (``$ELSA_CPU_CACHE``, else
+    ``~/.cache/elsa_codec/cpu``), created if missing.
+
+    Raises:
+        OSError: it cannot be created.
+    """
+    return _cache_dir()
 
 
 def cpu_kernels_error() -> str | None:

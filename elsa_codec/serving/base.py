@@ -11,11 +11,13 @@ holds ONE encoded weight (same name, shape and dtype as the original module's ``
   extra weight while a sparse level is active; ``cache=False`` turns it off; dropped on a level
   change);
 - sparse level on the CPU (``backend`` ``"sparse-cpu"``, the default there for :class:`ELSALinear`
-  and ``ELSATransformersConv1D``): the level packed once per level switch (:mod:`elsa_codec.kernels.cpu.packed`: csr,
-  bitmask or bsr, only the kept weights) and multiplied by the C++ kernels; no decoded weight is
-  held. Calls with more than :attr:`~ELSAModule.cpu_max_tokens` input rows, where the dense GEMM is
-  faster, multiply the level's weight unpacked from the packed level (cached when :attr:`cache` is
-  on: fastest; ``cache=False`` unpacks per call and keeps only the packed level resident);
+  and ``ELSATransformersConv1D`` where it pays): the level packed once per level switch
+  (:mod:`elsa_codec.kernels.cpu.packed`: csr, bitmask, bsr or nm, only the kept weights) and multiplied by
+  the C++ kernels. Which format, and for which batch sizes, is measured once per distinct shape
+  (:mod:`elsa_codec.kernels.cpu.planner`; :attr:`~ELSAModule.cpu_plan`): calls in a batch-size bucket where
+  dense measured faster multiply the level's weight unpacked from the packed level (cached when
+  :attr:`cache` is on; then resident too); recently used packed levels are kept within
+  ``packed_cache_bytes`` (default: the current level only);
 - sparse level on CUDA (``backend`` ``"triton"``): :class:`ELSALinear` runs the fused Triton GEMM
   :func:`elsa_codec.kernels.triton.elsa_linear` with the per-tile minimum-code table
   (:func:`elsa_codec.kernels.triton.tile_table`, computed once, runtime only); :class:`ELSAConv2d` decodes
@@ -53,6 +55,7 @@ from ..format.bits import (
     extract_level,
 )
 from ..format.encode import _tensor_info, encode, resolve_level
+from .cpu_plan import PackedCache, module_plan, pack_for_module
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule"]
 
@@ -124,11 +127,14 @@ class ELSAModule(nn.Module):
         cache: keep the decoded weight of the current sparse level (reference path and
             :class:`ELSAConv2d` on CUDA).
         compile_mode: ``"tensor"`` or ``"static"`` (see the module docstring).
-        cpu_format: ``None`` (the rule of :func:`elsa_codec.kernels.cpu.packed.choose_format`) or the packed
-            format the ``sparse-cpu`` backend must use (``"csr"``, ``"bitmask"``, ``"bsr"``).
-        cpu_max_tokens: ``None`` (:func:`elsa_codec.kernels.cpu.packed.default_max_tokens`) or the largest
+        cpu_format: ``None`` (the planner measures the candidates) or the packed format the
+            ``sparse-cpu`` backend must use (``"csr"``, ``"bitmask"``, ``"bsr"``, ``"nm"``).
+        cpu_max_tokens: ``None`` (the planner's routes per batch-size bucket) or the largest
             number of input rows the ``sparse-cpu`` backend serves from the packed level; larger
             calls use the decoded weight (cached) and the stock op.
+        packed_cache_bytes: ``None`` (keep only the current packed level) or the bytes of
+            recently used packed levels kept besides it (:func:`elsa_codec.set_packed_cache_bytes`
+            sets a whole model).
         keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
             level is packed, the encoded weight's pages (memory-mapped from the file) are handed
             back to the OS (:func:`elsa_codec.format.pages.release_pages`); they are read again from
@@ -140,6 +146,8 @@ class ELSAModule(nn.Module):
     _cpu_format = None
     _cpu_max_tokens = None
     keep_weight_resident = True
+    packed_cache_bytes = None
+    _plan = None
 
     @property
     def cpu_format(self):
@@ -149,7 +157,8 @@ class ELSAModule(nn.Module):
     @cpu_format.setter
     def cpu_format(self, value) -> None:
         old, self._cpu_format = self._cpu_format, value
-        self._packed = None
+        if "_packed" in self.__dict__:
+            self._packed.clear()
         if "_level" in self.__dict__:
             try:
                 self._refresh_path()
@@ -212,8 +221,8 @@ class ELSAModule(nn.Module):
         self._level = T + 1
         self._triton = False
         self._sparse_cpu = False
-        self._sparse_limit = 0  # input rows the sparse-cpu backend serves packed (planned with the path)
-        self._packed = None  # (key, PackedLevel of the current sparse level), sparse-cpu backend
+        self._plan = None  # (key, Plan of the current level), sparse-cpu backend
+        self._packed = PackedCache()  # packed levels, sparse-cpu backend
         self._cached = None  # (key, decoded weight of the current sparse level)
         self._tiles = None  # (key, tile table)
         self.register_buffer("_level_t", torch.tensor(T + 1, dtype=torch.int32, device=weight.device), persistent=False)
@@ -242,7 +251,6 @@ class ELSAModule(nn.Module):
         t = resolve_level(level, self.num_levels)
         if t != self._level:
             self._cached = None
-            self._packed = None
             self._level = t
         self._refresh_path()
         lt = self._level_t
@@ -289,7 +297,8 @@ class ELSAModule(nn.Module):
             raise ELSAError(f"{type(self).__name__}: backend 'sparse-cpu' serves linear layers only (ELSALinear, ELSATransformersConv1D)")
         self.backend_request = value
         self._cached = None
-        self._packed = None
+        if "_packed" in self.__dict__:
+            self._packed.clear()
         if "_level" in self.__dict__:
             self._refresh_path()
 
@@ -301,11 +310,10 @@ class ELSAModule(nn.Module):
         self._sparse_cpu = be == "sparse-cpu"
         if self._triton:
             _kernels()  # import outside torch.compile tracing
-        if self._sparse_cpu:
-            from ..kernels.cpu.packed import module_plan
-
-            self._sparse_limit = module_plan(self, self._level)[2]  # rows served packed
+        if self._sparse_cpu and self.cpu_plan.any_packed:
             self.packed_level()  # pack at the level switch, not in the first forward
+        else:  # no packed level in use: keep only what the budget holds
+            self._packed.trim(self.packed_cache_bytes, current=False)
 
     def _kernels_for(self, fn: str):
         """The kernels module for a forced or automatic Triton run on this weight's device."""
@@ -390,51 +398,64 @@ class ELSAModule(nn.Module):
                 self._tiles = (key, _kernels("tile_table").tile_table(w2d, self.code_bits))
         return self._tiles[1]
 
+    @property
+    def cpu_plan(self):
+        """How the ``sparse-cpu`` backend serves the current sparse level at this process's thread
+        count (:class:`~elsa_codec.kernels.cpu.planner.Plan`: format, and per batch-size bucket packed or
+        dense), measured on first use (:func:`elsa_codec.serving.cpu_plan.module_plan`).
+
+        Raises:
+            ELSAError: the dense level is current; ``cpu_format`` does not fit the level.
+        """
+        t = self._level
+        if t > self.num_levels:
+            raise ELSAError(f"{type(self).__name__}: the dense level is current; there is no sparse level to plan")
+        key = (t, self.cpu_format, self.cpu_max_tokens, torch.get_num_threads())
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, module_plan(self, t))
+        return self._plan[1]
+
     def packed_level(self):
         """The current sparse level packed for the ``sparse-cpu`` kernels
-        (:class:`~elsa_codec.kernels.cpu.packed.PackedLevel`), built once per level and weight version from
-        the encoded weight (one read), runtime only (never in ``state_dict``).
+        (:class:`~elsa_codec.kernels.cpu.packed.PackedLevel`) in :attr:`cpu_plan`'s format, built once per
+        level and weight version from the encoded weight (one read), runtime only (never in
+        ``state_dict``); recently used ones are kept within ``packed_cache_bytes``.
 
         Raises:
             ELSAError: the dense level is current, ``cpu_format`` does not fit the level, the
                 kernels are unavailable.
         """
-        from ..kernels.cpu.packed import pack_for_module
-
-        t, w = self._level, self.weight
-        if t > self.num_levels:
-            raise ELSAError(f"{type(self).__name__}: the dense level is current; there is no sparse level to pack")
-        key = (t, w.data_ptr(), w._version, w.dtype, self.cpu_format)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = None  # never hold two packed levels at once
-            self._packed = (key, pack_for_module(self, t))
-        return self._packed[1]
+        plan, w = self.cpu_plan, self.weight
+        key = (self._level, w.data_ptr(), w._version, w.dtype, plan.format, plan.block, plan.group)
+        p = self._packed.get(key)
+        if p is None:
+            if self.packed_cache_bytes is None:
+                self._packed.clear()  # never hold two packed levels at once
+            p = pack_for_module(self, self._level, plan)
+            self._packed.put(key, p, self.packed_cache_bytes)
+        return p
 
     def _sparse_cpu_pays(self) -> bool:
         """Auto backend on the CPU: the sparse-cpu kernels serve this module's current level (they
-        build, and :func:`elsa_codec.kernels.cpu.packed.module_plan` expects the packed product to pay)."""
+        build, and its :attr:`cpu_plan` serves some batch sizes packed)."""
         if not self._sparse_cpu_ok or not _sparse_cpu_usable(self.weight):
             return False
-        from ..kernels.cpu.packed import module_plan
-
-        return module_plan(self, self._level)[2] > 0
+        return self.cpu_plan.any_packed
 
     def _sparse_cpu_linear(self, x: torch.Tensor):
-        """``F.linear(x, W_t, bias)`` from the packed level, or None where the reference path must
-        run instead (more than ``cpu_max_tokens`` rows, or an input of another dtype)."""
+        """``F.linear(x, W_t, bias)`` from the packed level, or None where the dense path must run
+        instead (the plan routes this many rows to dense, or an input of another dtype)."""
         from ..kernels.cpu.packed import sparse_linear
 
-        if x.numel() > self._sparse_limit * x.shape[-1] or x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype or not self.cpu_plan.serves_packed(x.numel() // max(1, x.shape[-1])):
             return None
         return sparse_linear(x, self.packed_level(), self.bias)
 
     @property
     def cached_bytes(self) -> int:
-        """Bytes held by the runtime caches (decoded weight, packed level, tile table); 0 at the
-        dense level."""
-        n = 0
-        if self._packed is not None:
-            n += self._packed[1].nbytes
+        """Bytes held by the runtime caches (decoded weight, packed levels, tile table); 0 at the
+        dense level unless ``packed_cache_bytes`` keeps packed levels."""
+        n = self._packed.nbytes
         if self._cached is not None:
             n += _nbytes(self._cached[1])
         if self._tiles is not None:
@@ -442,9 +463,9 @@ class ELSAModule(nn.Module):
         return n
 
     def clear_cache(self) -> None:
-        """Drop the decoded weight, the packed level and the tile table (recomputed when needed)."""
+        """Drop the decoded weight, the packed levels and the tile table (recomputed when needed)."""
         self._cached = None
-        self._packed = None
+        self._packed.clear()
         self._tiles = None
 
     def cast_plan(self, fn) -> tuple | None:
@@ -499,9 +520,10 @@ class ELSAModule(nn.Module):
         else:
             lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
         be = self.backend
-        if be == "sparse-cpu" and self._packed is not None:
-            p = self._packed[1]
-            be += f" ({p.format}, {p.nbytes / 2**20:.2f} MiB, max_tokens={self._sparse_limit})"
+        if be == "sparse-cpu" and self._plan is not None:
+            held = self._packed.nbytes + (0 if self._cached is None else _nbytes(self._cached[1]))
+            be += f" ({self._plan[1].describe()}; resident {held / 2**20:.2f} MiB"
+            be += f", {len(self._packed)} packed levels)" if len(self._packed) > 1 else ")"
         if self.backend_request != "auto":
             be += f" (forced {self.backend_request})"
         st = sorted(set(self.structures))

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse ke
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(63, 123), (123, 63), (64, 64), (1, 5), (17, 300)]
 FORMATS = [("csr", (0, 0)), ("bitmask", (0, 0)), ("bsr", (16, 16)), ("bsr", (8, 4)), ("bsr", (64, 64)), ("bsr", (32, 8))]
+GROUPS = [(1, 4), (2, 4), (2, 8), (3, 7)]  # nm: (n, m); 3:7 is neither a power of two nor divides 123
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -169,13 +170,79 @@ def test_leading_dims_empty_batch_and_bad_input():
         cs.pack_level(w.double(), 2, 2)
 
 
-def test_choose_format_rule():
-    assert cs.choose_format("unstructured", 0.1) == ("csr", (0, 0))
-    assert cs.choose_format("unstructured", 0.5) == ("bitmask", (0, 0))
-    assert cs.choose_format("2:4", 0.5) == ("bitmask", (0, 0))
-    assert cs.choose_format("1:4", 0.25) == ("csr", (0, 0))
-    assert cs.choose_format("block:32x16", 0.5) == ("bsr", (32, 16))
-    assert cs.choose_format("block:4x4", 0.1) == ("csr", (0, 0))  # blocks under 8 rows: csr
+def nm_encoded(n, k, dtype, group, seed=0):
+    """A weight whose level 1 keeps group[0] - 1 (at least 1) and level 2 keeps group[0] of each
+    group of group[1] columns (the last group may be shorter); code 3 elsewhere."""
+    nn_, mm_ = group
+    g = torch.Generator().manual_seed(seed)
+    G = -(-k // mm_)
+    order = torch.rand(n, G, mm_, generator=g).argsort(-1)
+    codes = torch.full((n, G, mm_), 3, dtype=torch.long)
+    first = max(1, nn_ - 1)
+    codes.scatter_(-1, order[..., :first], 0)
+    codes.scatter_(-1, order[..., first:nn_], 1)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    return encode_tensor(w, codes.view(n, G * mm_)[:, :k], 2)
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"{g[0]}:{g[1]}")
+@pytest.mark.parametrize("shape", [(63, 123), (123, 63), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_nm_pack_is_the_reference_and_the_product_the_level(group, shape, dtype):
+    w = nm_encoded(*shape, dtype, group)
+    n, k = shape
+    for t in (1, 2):
+        p = cs.pack_level(w, t, 2, "nm", group=group)
+        r = cs.pack_level_reference(w, t, 2, "nm", group=group)
+        assert p.nnz == r.nnz and p.group == group and p.tensors.keys() == r.tensors.keys() == {"idx", "val"}
+        for name in p.tensors:
+            assert torch.equal(bits(p.tensors[name]), bits(r.tensors[name])), (name, t)
+        assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, t, 2)))
+        assert torch.equal(bits(cs.unpack_reference(p)), bits(extract_level(w, t, 2)))
+        for m in (1, 3, 17, 70):
+            x = torch.randn(m, k).to(dtype)
+            b = torch.randn(n).to(dtype)
+            assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, t, 2), b, dtype)
+
+
+def test_nm_refuses_a_level_that_is_not_n_m():
+    w = encoded(16, 64, torch.float32)  # about half of each group of 4 kept at level 2
+    with pytest.raises(ec.ELSAError, match="not 1:4"):
+        cs.pack_level(w, 2, 2, "nm", group=(1, 4))
+    with pytest.raises(ec.ELSAError, match="group"):
+        cs.pack_level(w, 2, 2, "nm", group=(5, 4))
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS[:4] + [("nm", (0, 0))], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("m", [1, 3, 17, 70, 257, 512])
+def test_every_format_at_every_batch_size_and_isa(fmt, block, dtype, m):
+    """M up to 512 (several x panels), each instruction set (AVX-512 and the 8-lane kernels)."""
+    from elsa_codec.native import ISAS, cpu_isa
+
+    w = nm_encoded(123, 291, dtype, (2, 4)) if fmt == "nm" else encoded(123, 291, dtype)
+    x = torch.randn(m, 291).to(dtype)
+    b = torch.randn(123).to(dtype)
+    top = cpu_isa()
+    try:
+        for isa in ISAS[1: ISAS.index(top) + 1]:
+            cpu_isa(isa)
+            p = cs.pack_level(w, 2, 2, fmt, block, group=(2, 4))
+            assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, 2, 2), b, dtype)
+    finally:
+        cpu_isa(top)
+
+
+def test_panel_width_fits_l2_and_covers_m():
+    assert cs.panel_width(1, 4096) == cs.panel_width(8, 4096) == 8
+    for m in (9, 17, 63, 64, 65, 70, 257, 512):
+        for kp in (291, 4096, 11008):
+            w = cs.panel_width(m, kp)
+            assert w % 16 == 0 and 16 <= w <= 64 and (w == 16 or kp * w * 4 <= cs.PANEL_BYTES)
+            assert -(-m // w) * w - m < 16 * -(-m // w)  # less than 16 padded columns per panel
+    xp, w = cs.panels(torch.arange(6.0).view(2, 3), 5)
+    assert w == 8 and xp.shape == (1, 5, 8) and xp[0, :3, :2].t().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert xp[0, 3:].abs().sum() == 0 and xp[0, :, 2:].abs().sum() == 0
 
 
 # -- the module path ------------------------------------------------------------------------------
@@ -187,42 +254,63 @@ def linear_at_levels(levels, structure="unstructured", n=1031, k=520, dtype=torc
     return ec.ELSALinear.from_linear(lin, cnt)
 
 
-@pytest.mark.parametrize("levels,structure,fmts", [
-    ([0.9, 0.75, 0.5], "unstructured", ["csr", "csr", "bitmask"]),
-    (["1:4", "2:4"], "unstructured", ["csr", "bitmask"]),
-    ([0.75, 0.5], "block:16x16", ["bsr", "bsr"]),
+@pytest.mark.parametrize("levels,structure", [
+    ([0.9, 0.75, 0.5], "unstructured"),
+    (["1:4", "2:4"], "unstructured"),
+    ([0.75, 0.5], "block:16x16"),
 ], ids=["unstructured", "nm", "block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_module_auto_selects_sparse_cpu_per_structure(levels, structure, fmts, dtype):
+def test_module_serves_each_bucket_as_its_plan_says(levels, structure, dtype):
+    """The suite runs the cost model (conftest): the module follows it bucket by bucket, and every
+    route gives the level."""
+    from elsa_codec.kernels.cpu.planner import BUCKETS, cost_model
+
     m = linear_at_levels(levels, structure, dtype=dtype)
-    x = torch.randn(1, 520).to(dtype)
-    for t, fmt in enumerate(fmts, 1):
+    for t in range(1, len(levels) + 1):
         m.set_level(t)
-        assert m.backend == "sparse-cpu" and m.packed_level().format == fmt
-        assert f"backend=sparse-cpu ({fmt}" in repr(m)
-        with torch.inference_mode():
-            y = m(x)
-        assert_close_linear(y, x, extract_level(m.weight, t, m.code_bits), m.bias, dtype)
-        assert m._cached is None  # no decoded weight held
-        assert m.cached_bytes == m.packed_level().nbytes
+        want = cost_model((1031, 520), dtype, 1 - m.sparsities[t - 1], m.structures[t - 1])
+        plan = m.cpu_plan
+        assert (plan.packed, plan.source) == (want.packed, "cost-model")
+        assert m.backend == ("sparse-cpu" if any(want.packed) else "reference")
+        if any(want.packed):
+            assert plan.format == want.format and f"backend=sparse-cpu ({plan.format} [M=1:" in repr(m)
+        for rows in (1, 3, 17, 70, 257):
+            x = torch.randn(rows, 520).to(dtype)
+            m.clear_cache()
+            with torch.inference_mode():
+                y = m(x)
+            assert_close_linear(y, x, extract_level(m.weight, t, m.code_bits), m.bias, dtype)
+            packed = m.backend == "sparse-cpu" and plan.serves_packed(rows)
+            assert (m._cached is None) == packed  # a dense-routed call decodes (cached)
+    assert BUCKETS == (1, 4, 16, 64, 256)
     m.set_level("dense")
-    assert m.backend == "dense" and m.cached_bytes == 0 and m._packed is None
+    assert m.backend == "dense" and m.cached_bytes == 0 and len(m._packed) == 0
 
 
-def test_module_fallback_above_max_tokens_and_overrides():
+def test_unstructured_90_percent_is_packed_at_every_bucket_and_block_levels_use_bsr():
+    m = linear_at_levels([0.9], n=1031, k=520)
+    m.set_level(1)
+    assert m.cpu_plan.format == "csr" and all(m.cpu_plan.packed)
+    b = linear_at_levels([0.75], "block:16x16")
+    b.set_level(1)
+    assert b.packed_level().format == "bsr" and b.packed_level().block == (16, 16)
+
+
+def test_forced_rows_and_format_overrides():
     m = linear_at_levels([0.5])
     m.set_level(1)
-    assert m.packed_level().format == "bitmask" and "max_tokens=1" in repr(m)
+    m.cpu_max_tokens = 1
+    assert m.cpu_plan.source == "forced" and "packed for M<=1" in repr(m)
     x = torch.randn(4, 520)
     with torch.no_grad():
-        y = m(x)  # 4 rows > max_tokens: the decoded weight (reference path)
+        y = m(x)  # 4 rows > max_tokens: the decoded weight
     assert m._cached is not None and m._cached[0][1] == "sparse-cpu"  # unpacked from the packed level
     torch.testing.assert_close(y, F.linear(x, extract_level(m.weight, 1, m.code_bits), m.bias), rtol=0, atol=0)
     m.cache = False
     m.clear_cache()
     with torch.no_grad():
         y1 = m(x)  # cache off: unpacked per call, only the packed level stays
-    assert m._cached is None and m._packed is not None and torch.equal(y1, y)
+    assert m._cached is None and len(m._packed) == 1 and torch.equal(y1, y)
     m.cache = True
     m.clear_cache()
     m.cpu_max_tokens = 64
@@ -230,11 +318,14 @@ def test_module_fallback_above_max_tokens_and_overrides():
         y2 = m(x)
     assert m._cached is None
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
-    m.cpu_format = "csr"
-    assert m.packed_level().format == "csr"
+    for fmt in ("csr", "bitmask"):
+        m.cpu_format = fmt
+        assert m.packed_level().format == fmt
     with pytest.raises(ec.ELSAError, match="block"):
         m.cpu_format = "bsr"
-    assert m.cpu_format == "csr" and m.packed_level().format == "csr"
+    with pytest.raises(ec.ELSAError, match="N:M"):
+        m.cpu_format = "nm"
+    assert m.cpu_format == "bitmask" and m.packed_level().format == "bitmask"
     m.cpu_format = None
     m.backend = "reference"
     assert m.backend == "reference" and "forced reference" in repr(m)
@@ -242,19 +333,58 @@ def test_module_fallback_above_max_tokens_and_overrides():
         ec.ELSAConv2d.from_conv2d(nn.Conv2d(2, 2, 1), torch.ones(2, 2, 1, 1, dtype=torch.long) * 2, num_levels=1).backend = "sparse-cpu"
 
 
+def test_nm_levels_can_be_served_in_the_nm_format():
+    m = linear_at_levels(["1:4", "2:4"])
+    m.cpu_format = "nm"
+    x = torch.randn(9, 520)
+    for t in (1, 2):
+        m.set_level(t)
+        assert m.packed_level().format == "nm" and m.packed_level().group == (t, 4)
+        m.cpu_max_tokens = 16
+        with torch.no_grad():
+            assert_close_linear(m(x), x, extract_level(m.weight, t, m.code_bits), m.bias, torch.float32)
+        m.cpu_max_tokens = None
+
+
 def test_small_layers_use_the_decoded_weight_unless_very_sparse():
     m = linear_at_levels([0.9, 0.5], n=63, k=128)  # 32 KiB: its dense GEMV runs from cache
     m.set_level(1)
     assert m.backend == "sparse-cpu" and m.packed_level().format == "csr"
     m.set_level(2)
-    assert m.backend == "reference" and m._packed is None
+    assert m.backend == "reference" and len(m._packed) == 0
     m.cpu_max_tokens = 1  # the override turns it on
-    assert m.backend == "sparse-cpu" and m._packed is not None and "max_tokens=1" in repr(m)
+    assert m.backend == "sparse-cpu" and len(m._packed) == 1 and "packed for M<=1" in repr(m)
     x = torch.randn(1, 128)
     with torch.no_grad():
         assert_close_linear(m(x), x, extract_level(m.weight, 2, m.code_bits), m.bias, torch.float32)
     with pytest.raises(ec.ELSAError, match="cpu_max_tokens"):
         m.cpu_max_tokens = -1
+
+
+def test_packed_levels_lru_keeps_recent_levels_within_the_budget():
+    m = linear_at_levels([0.9, 0.75, 0.5])
+    sizes = {}
+    for t in (1, 2, 3):
+        m.set_level(t)
+        sizes[t] = m.packed_level().nbytes
+        assert m._packed.levels() == [t]  # default: the current level only
+    m.set_level("dense")
+    assert len(m._packed) == 0
+    m.packed_cache_bytes = sizes[1] + sizes[2]
+    for t in (1, 2, 3):
+        m.set_level(t)
+    assert m._packed.levels() == [1, 2, 3] or m._packed.levels() == [2, 3]
+    assert m._packed.nbytes - sizes[3] <= m.packed_cache_bytes
+    m.set_level(2)  # still held: no packing
+    p2 = m._packed.get(next(k for k in m._packed._levels if k[0] == 2))
+    assert m.packed_level() is p2 and m._packed.levels()[-1] == 2
+    assert m.cached_bytes == m._packed.nbytes
+    m.set_level("dense")  # the budget still holds what fits
+    assert 0 < m._packed.nbytes <= m.packed_cache_bytes
+    model = nn.Sequential(m)
+    assert ec.set_packed_cache_bytes(model, None) == 1 and m.packed_cache_bytes is None and len(m._packed) == 0
+    with pytest.raises(ec.ELSAError, match="nbytes"):
+        ec.set_packed_cache_bytes(model, -1)
 
 
 def test_module_gradients_flow_to_input_and_bias():
@@ -310,7 +440,7 @@ def test_load_level_packs_only_that_level_and_switches(tmp_path):
         ref.load_state_dict(ec.extract(enc, lv))
         big, small = served[0], served[2]
         assert big.level == small.level == lv and big.keep_weight_resident is False
-        assert big.backend == ("dense" if lv == 4 else "sparse-cpu") and (big._packed is None) == (lv == 4)
+        assert big.backend == ("dense" if lv == 4 else "sparse-cpu") and (len(big._packed) == 0) == (lv == 4)
         assert small.backend == {1: "sparse-cpu", 4: "dense"}.get(lv, "reference")
         with torch.no_grad():
             torch.testing.assert_close(served(x), ref(x), rtol=1e-5, atol=1e-6)

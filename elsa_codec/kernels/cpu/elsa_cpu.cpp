@@ -13,10 +13,15 @@
 //             val [nnz + 8]
 //   bsr     : browptr int64 [NBR+1], bcol int32 [nblk], bval [nblk, C, R8] (R8 = R rounded up to 8;
 //             a block of R x C weights stored column by column, zero padded at the edges)
+//   nm      : an N:M level (at most n kept in each group of m consecutive columns): idx uint8 [N, E] and
+//             val [N E + 8], E = ceil(K / m) n entries per row, n per group in column order; entry e of a
+//             row is column (e / n) m + idx[e]; a group with fewer than n kept is padded with value 0
+//             at offset 0. No row pointers: every row has E entries.
 // Values keep the weight's dtype: dt 0 = float32, 1 = bfloat16, 2 = float16 (raw 16-bit patterns).
 // Products take x as float32, accumulate in float32 and write float32: y `[M, N]` = x `[M, K]` W^T
 // (+ bias float32 `[N]`). M = 1 runs the *_mv kernels on x `[K]` (padded as each format says);
-// M > 1 runs the *_mm kernels on xt = x^T `[K, M8]` (M8 = M rounded up to 8, zero padded).
+// M > 1 runs the *_mm kernels of elsa_cpu_mm.cpp (register-blocked, AVX-512 or AVX2), which also
+// holds the nm format's M = 1 product.
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -101,84 +106,6 @@ inline void copy_val(void* dst, int64_t j, const void* w, int es, int64_t i) {
 }
 
 inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
-
-// -- products, M > 1: one row of W against xt `[K, M8]`, NV vectors of 8 columns of x at a time ----
-template <int NV>
-inline void store_rows(float* y, int64_t ldy, int64_t n, int64_t m0, int64_t M, const v8f* acc, float b) {
-    for (int u = 0; u < NV; u++)
-        for (int l = 0; l < 8; l++) {
-            int64_t m = m0 + 8 * u + l;
-            if (m < M) y[m * ldy + n] = acc[u][l] + b;
-        }
-}
-
-template <int NV>
-void csr_mm_row(int64_t n, const int64_t* rowptr, const void* col, int isz, const void* val, int dt,
-                const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias, float* y, int64_t ldy) {
-    v8f acc[NV];
-    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = rowptr[n]; i < rowptr[n + 1]; i++) {
-        int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
-        float v = load1(val, dt, i);
-        const v8f* xr = (const v8f*)(xt + c * M8 + m0);
-        for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
-    }
-    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
-}
-
-template <int NV>
-void bitmask_mm_row(int64_t n, const int64_t* rowptr, const uint8_t* mask, int64_t KB, const void* val, int dt,
-                    const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias, float* y, int64_t ldy) {
-    v8f acc[NV];
-    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = rowptr[n];
-    const uint8_t* mb = mask + n * KB;
-    for (int64_t j = 0; j < KB; j++) {
-        unsigned b = mb[j];
-        while (b) {
-            int64_t c = 8 * j + __builtin_ctz(b);
-            b &= b - 1;
-            float v = load1(val, dt, i++);
-            const v8f* xr = (const v8f*)(xt + c * M8 + m0);
-            for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
-        }
-    }
-    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
-}
-
-template <int NV>
-void bsr_mm_row(int64_t n, int64_t R, int64_t R8, int64_t C, const int64_t* browptr, const int32_t* bcol,
-                const void* bval, int dt, const float* xt, int64_t M8, int64_t m0, int64_t M, const float* bias,
-                float* y, int64_t ldy) {
-    int64_t br = n / R, r = n % R;
-    v8f acc[NV];
-    for (int u = 0; u < NV; u++) acc[u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t b = browptr[br]; b < browptr[br + 1]; b++) {
-        int64_t c0 = (int64_t)bcol[b] * C, base = b * C * R8 + r;
-        for (int64_t c = 0; c < C; c++) {
-            float v = load1(bval, dt, base + c * R8);
-            const v8f* xr = (const v8f*)(xt + (c0 + c) * M8 + m0);
-            for (int u = 0; u < NV; u++) acc[u] += v * xr[u];
-        }
-    }
-    store_rows<NV>(y, ldy, n, m0, M, acc, bias ? bias[n] : 0.f);
-}
-
-// Dispatch a row kernel over NV = 1..8 (64 columns of x per pass).
-#define ELSA_MM_DISPATCH(KERNEL, ...)                                                   \
-    for (int64_t m0 = 0; m0 < M8; m0 += 64) {                                           \
-        int nv = (int)((M8 - m0) / 8 < 8 ? (M8 - m0) / 8 : 8);                          \
-        switch (nv) {                                                                   \
-            case 1: KERNEL<1>(__VA_ARGS__); break;                                      \
-            case 2: KERNEL<2>(__VA_ARGS__); break;                                      \
-            case 3: KERNEL<3>(__VA_ARGS__); break;                                      \
-            case 4: KERNEL<4>(__VA_ARGS__); break;                                      \
-            case 5: KERNEL<5>(__VA_ARGS__); break;                                      \
-            case 6: KERNEL<6>(__VA_ARGS__); break;                                      \
-            case 7: KERNEL<7>(__VA_ARGS__); break;                                      \
-            default: KERNEL<8>(__VA_ARGS__); break;                                     \
-        }                                                                               \
-    }
 
 // csr: x `[K]`; rows padded to multiples of 8 entries: one 8-lane gather of x per 8 entries.
 template <int DT, typename IDX>
@@ -378,7 +305,7 @@ int isa = detect_isa();
 
 extern "C" {
 
-int elsa_cpu_abi() { return 2; }
+int elsa_cpu_abi() { return 3; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
 // The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
 // (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
@@ -473,6 +400,30 @@ void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int 
     }
 }
 
+// nm: idx and val (zero-filled by the caller) of an N:M level; returns the number of groups that
+// keep more than n weights (0: packed; otherwise the level is not n:m and the arrays are partial).
+int64_t elsa_pack_nm(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int n, int m, int64_t E,
+                     uint8_t* idx, void* val, int nt) {
+    uint32_t low = (1u << k) - 1;
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K)) reduction(+ : bad)
+    for (int64_t r = 0; r < N; r++) {
+        int64_t e = r * E;
+        for (int64_t g = 0; g * m < K; g++) {
+            int q = 0;
+            for (int64_t j = g * m; j < K && j < (g + 1) * m; j++) {
+                if (!kept(w, es, r * ld + j, low, (uint32_t)t)) continue;
+                if (q == n) { bad++; break; }
+                idx[e + q] = (uint8_t)(j - g * m);
+                copy_val(val, e + q, w, es, r * ld + j);
+                q++;
+            }
+            e += n;
+        }
+    }
+    return bad;
+}
+
 // -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
 // es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.
 void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const void* col, int isz, const void* val, int es,
@@ -506,6 +457,16 @@ void elsa_unpack_bsr(int64_t N, int64_t K, int64_t R, int64_t R8, int64_t C, con
             for (int64_t c = 0; c < C && bcol[b] * C + c < K; c++)
                 for (int64_t r = 0; r < R && br * R + r < N; r++)
                     copy_val(out, (br * R + r) * K + bcol[b] * C + c, bval, es, (b * C + c) * R8 + r);
+}
+
+void elsa_unpack_nm(int64_t N, int64_t K, int64_t E, int n, int m, const uint8_t* idx, const void* val, int es,
+                    void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t e = 0; e < E; e++) {
+            uint32_t u = es == 4 ? ((const uint32_t*)val)[r * E + e] : ((const uint16_t*)val)[r * E + e];
+            if (u) copy_val(out, r * K + (e / n) * m + idx[r * E + e], val, es, r * E + e);  // padding: +0.0
+        }
 }
 
 // -- products, M = 1 -------------------------------------------------------------------------------
@@ -558,33 +519,6 @@ void elsa_bitmask_mv(int64_t N, int64_t KB, const int64_t* rowptr, const uint8_t
         else if (dt == 1) bitmask_mv_rows<1>(n0, n1, KB, rowptr, mask, val, x, bias, y);
         else bitmask_mv_rows<2>(n0, n1, KB, rowptr, mask, val, x, bias, y);
     });
-}
-
-// -- products, M > 1: xt `[K(padded), M8]`, y `[M, ldy]` ---------------------------------------------
-void elsa_csr_mm(int64_t N, int64_t M, int64_t M8, const int64_t* rowptr, const void* col, int isz, const void* val,
-                 int dt, const float* xt, const float* bias, float* y, int64_t ldy, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * M8))
-    for (int64_t n = 0; n < N; n++) {
-        ELSA_MM_DISPATCH(csr_mm_row, n, rowptr, col, isz, val, dt, xt, M8, m0, M, bias, y, ldy)
-    }
-}
-
-void elsa_bitmask_mm(int64_t N, int64_t M, int64_t M8, int64_t KB, const int64_t* rowptr, const uint8_t* mask,
-                     const void* val, int dt, const float* xt, const float* bias, float* y, int64_t ldy, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * M8))
-    for (int64_t n = 0; n < N; n++) {
-        ELSA_MM_DISPATCH(bitmask_mm_row, n, rowptr, mask, KB, val, dt, xt, M8, m0, M, bias, y, ldy)
-    }
-}
-
-void elsa_bsr_mm(int64_t N, int64_t M, int64_t M8, int64_t R, int64_t R8, int64_t C, const int64_t* browptr,
-                 const int32_t* bcol, const void* bval, int dt, const float* xt, const float* bias, float* y,
-                 int64_t ldy, int nt) {
-    int64_t NBR = (N + R - 1) / R;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, browptr[NBR] * R * C * M8))
-    for (int64_t n = 0; n < N; n++) {
-        ELSA_MM_DISPATCH(bsr_mm_row, n, R, R8, C, browptr, bcol, bval, dt, xt, M8, m0, M, bias, y, ldy)
-    }
 }
 
 }  // extern "C"

@@ -11,10 +11,14 @@ layouts (kernels in ``elsa_codec/kernels/cpu/elsa_cpu.cpp``, built by :mod:`elsa
 - ``"bitmask"``: kept values + 1 bit per weight; the product compresses 8 inputs per mask byte with
   one permute. Fewest bytes above ~35% density (2:4 levels, 50% levels).
 - ``"bsr"``: ``block:RxC`` levels with ``R >= 8``: the kept blocks, dense, column by column.
+- ``"nm"``: ``N:M`` levels: ``n`` entries per group of ``m`` columns (value + 1-byte offset in the
+  group), no row pointers; groups keeping fewer are padded with value 0.
 
-:func:`choose_format` picks one by this rule (measured in ``bench/cpu_sparse.py``; the numbers are
-in bench/results/cpu-sparse/). Every format is exact for any mask; the rule only decides speed.
-:func:`sparse_linear` computes ``x @ W_t^T + b`` from the packed level, accumulating in float32.
+Every format is exact for any mask it can hold (``nm`` only N:M masks); which one serves a level,
+and for which batch sizes, is decided by :mod:`elsa_codec.kernels.cpu.planner` (by measuring).
+:func:`sparse_linear` computes ``x @ W_t^T + b`` from the packed level, accumulating in float32:
+M = 1 streams the packed weight against x; M > 1 runs register-blocked kernels on x cut into
+panels of 16-64 columns (AVX-512 where the CPU has it, AVX2 else; ``elsa_cpu_mm.cpp``).
 :func:`pack_level_reference` / :func:`sparse_linear_reference` are the pure-PyTorch references.
 """
 from __future__ import annotations
@@ -25,18 +29,14 @@ import torch
 
 from ...errors import ELSAError
 from ...format.bits import bits_view, check_code_bits
-from ...format.pages import release_pages  # also re-exported: packing and page release go together
-from ...format.structure import parse_structure
 
 __all__ = [
     "FORMATS",
     "PackedLevel",
-    "choose_format",
-    "default_max_tokens",
     "pack_level",
     "pack_level_reference",
-    "pack_for_module",
-    "module_plan",
+    "panel_width",
+    "panels",
     "sparse_linear",
     "sparse_linear_reference",
     "unpack",
@@ -44,9 +44,7 @@ __all__ = [
 ]
 
 #: The packed layouts (see the module docstring).
-FORMATS = ("csr", "bitmask", "bsr")
-#: Density at and above which unstructured and N:M levels use ``"bitmask"`` rather than ``"csr"``.
-BITMASK_DENSITY = 0.35
+FORMATS = ("csr", "bitmask", "bsr", "nm")
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PAD = 8  # values / indices read past the last entry by the 8-lane loads
 
@@ -65,7 +63,9 @@ class PackedLevel:
             ``val`` `[nnz + 8]` (csr); ``rowptr``, ``mask`` uint8 `[N, ceil(K / 8)]`, ``val``
             (bitmask); ``browptr`` int64 `[ceil(N / R) + 1]`, ``bcol`` int32 `[blocks]`, ``bval``
             `[blocks * C * R8 + 8]` (bsr, ``R8`` = R rounded up to 8).
+            ``idx`` uint8 `[N, E]`, ``val`` `[N * E + 8]` (nm, ``E = ceil(K / m) * n``).
         block: ``(R, C)`` for ``bsr``.
+        group: ``(n, m)`` for ``nm``.
     """
 
     format: str
@@ -75,12 +75,16 @@ class PackedLevel:
     nnz: int
     tensors: dict
     block: tuple = (0, 0)
+    group: tuple = (0, 0)
 
     def arrays(self) -> tuple:
         """The format's arrays as the kernels take them, after the leading sizes (``csr``: rowptr,
         col, index bytes, val; ``bitmask``: mask bytes per row, rowptr, mask, val; ``bsr``: R, R8, C,
-        browptr, bcol, bval): one list for the M = 1 and M > 1 products and for unpack."""
+        browptr, bcol, bval; ``nm``: E, n, m, idx, val): one list for the M = 1 and M > 1 products
+        and for unpack."""
         t = self.tensors
+        if self.format == "nm":
+            return t["idx"].shape[1], *self.group, t["idx"].data_ptr(), t["val"].data_ptr()
         if self.format == "csr":
             return t["rowptr"].data_ptr(), t["col"].data_ptr(), t["col"].element_size(), t["val"].data_ptr()
         if self.format == "bitmask":
@@ -108,46 +112,9 @@ class PackedLevel:
 
     def __repr__(self) -> str:
         blk = f" {self.block[0]}x{self.block[1]}" if self.format == "bsr" else ""
+        blk = f" {self.group[0]}:{self.group[1]}" if self.format == "nm" else blk
         return (f"PackedLevel({self.format}{blk}, level={self.level}, shape={tuple(self.shape)}, "
                 f"{str(self.dtype).replace('torch.', '')}, density={self.density:.3f}, {self.nbytes / 2**20:.2f} MiB)")
-
-
-def choose_format(structure, density: float) -> tuple[str, tuple]:
-    """The format for a level of ``structure`` (a string or Structure) at ``density`` (kept
-    fraction): ``("bsr", (R, C))`` for ``block:RxC`` with ``R >= 8``, else ``"csr"`` below
-    :data:`BITMASK_DENSITY` and ``"bitmask"`` from it up."""
-    s = parse_structure(structure)
-    if s.kind == "block" and s.r >= 8:
-        return "bsr", (s.r, s.c)
-    return ("bitmask" if density >= BITMASK_DENSITY else "csr"), (0, 0)
-
-
-#: Below this many weight bytes the dense GEMV runs from cache (compute-bound, tens of microseconds)
-#: and the packed product pays only at low density (:data:`SMALL_LAYER_DENSITY`).
-SMALL_LAYER_BYTES = 1 << 20
-SMALL_LAYER_DENSITY = 0.15
-
-
-def default_max_tokens(fmt: str, shape, dtype: torch.dtype, density: float) -> int:
-    """Largest number of input rows ``M`` for which the packed product of a level in format ``fmt``
-    of a weight ``shape`` `[N, K]` is expected to beat the dense ``F.linear`` (rule from bench/results/cpu-sparse/; above it the module serves the level
-    from its decoded weight, so a level is never served much slower than dense):
-
-    - a layer under :data:`SMALL_LAYER_BYTES` (MiniLM's 384x384) above
-      :data:`SMALL_LAYER_DENSITY`: 0 (always the decoded weight: its dense GEMV runs from cache);
-    - ``bitmask``: 1;
-    - float32: up to 64 at density <= 0.3 (csr, bsr), 8 otherwise;
-    - 16-bit dtypes: 1 (PyTorch's dense bf16 / fp16 GEMM uses AMX / AVX-512 where the CPU has
-      them: at M = 8 csr ran 1.09-1.17x of it even at 10% density).
-    """
-    n, k = shape
-    if n * k * dtype.itemsize < SMALL_LAYER_BYTES and density > SMALL_LAYER_DENSITY:
-        return 0
-    if fmt == "bitmask":
-        return 1
-    if dtype == torch.float32:
-        return 64 if density <= 0.3 else 8
-    return 1
 
 
 # -- packing ---------------------------------------------------------------------------------------
@@ -174,12 +141,21 @@ def _rowptr(counts: torch.Tensor) -> torch.Tensor:
 
 
 def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0), *,
-               threads: int | None = None, name: str = "weight") -> PackedLevel:
+               group=(0, 0), threads: int | None = None, name: str = "weight") -> PackedLevel:
     """Pack level ``level`` of the encoded ``weight`` `[N, K]` (float32 / bfloat16 / float16, CPU,
-    rows contiguous) in format ``fmt`` with the C++ kernels (one read of the weight).
+    rows contiguous) in format ``fmt`` with the C++ kernels (one read of the weight); ``block``
+    ``(R, C)`` for ``"bsr"``, ``group`` ``(n, m)`` for ``"nm"``.
 
     Raises:
-        ELSAError: the kernels are unavailable, bad weight / level / format (names ``name``).
+        ELSAError: the kernels are unavailable, bad weight / level / format (names ``name``), a
+            group of ``m`` columns keeping more than ``n`` weights (``"nm"``).
+
+    Example::
+
+        >>> w = ec.encode_tensor(torch.randn(64, 128), torch.randint(0, 4, (64, 128)), 2)
+        >>> p = pack_level(w, 2, 2, "bitmask")   # level 2 of 3: the weights whose code is < 2
+        >>> sparse_linear(torch.randn(5, 128), p).shape
+        torch.Size([5, 64])
     """
     from ...native import cpu_kernels, cpu_kernels_error
 
@@ -196,6 +172,8 @@ def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr
     store = torch.float32 if w.dtype == torch.float32 else torch.int16  # values move as bits
     if fmt == "bsr":
         return _pack_bsr(lib, w, args, level, block, nt, store)
+    if fmt == "nm":
+        return _pack_nm(lib, w, args, level, group, nt, store, name)
     counts = torch.empty(N, dtype=torch.int64)
     lib.elsa_count_rows(*args, counts.data_ptr(), nt)
     nnz = int(counts.sum())
@@ -238,7 +216,30 @@ def _pack_bsr(lib, w, args, level, block, nt, store) -> PackedLevel:
     return PackedLevel("bsr", (N, K), w.dtype, level, nnz, {"browptr": bp, "bcol": bcol, "bval": bval.view(w.dtype)}, (R, C))
 
 
-def pack_level_reference(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0)) -> PackedLevel:
+def _check_group(group, K: int, name: str) -> tuple:
+    n, m = (int(v) for v in group)
+    if not 1 <= n <= m <= 256:
+        raise ELSAError(f"{name}: the nm format needs a group (n, m) with 1 <= n <= m <= 256, got {group!r}")
+    return n, m
+
+
+def _pack_nm(lib, w, args, level, group, nt, store, name) -> PackedLevel:
+    N, K = w.shape
+    n, m = _check_group(group, K, name)
+    E = -(-K // m) * n
+    idx = torch.zeros(N, E, dtype=torch.uint8)
+    val = torch.zeros(N * E + _PAD, dtype=store)
+    bad = lib.elsa_pack_nm(*args, n, m, E, idx.data_ptr(), val.data_ptr(), nt)
+    if bad:
+        raise ELSAError(f"{name}: level {level} is not {n}:{m}: {bad} groups of {m} columns keep more than {n} weights")
+    counts = torch.empty(N, dtype=torch.int64)
+    lib.elsa_count_rows(*args, counts.data_ptr(), nt)
+    return PackedLevel("nm", (N, K), w.dtype, level, int(counts.sum()), {"idx": idx, "val": val.view(w.dtype)},
+                       group=(n, m))
+
+
+def pack_level_reference(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0), *,
+                         group=(0, 0)) -> PackedLevel:
     """Pure-PyTorch :func:`pack_level` (same arrays, bit for bit); the reference of the kernels."""
     _check_weight(weight, level, code_bits, "weight")
     N, K = weight.shape
@@ -247,6 +248,8 @@ def pack_level_reference(weight: torch.Tensor, level: int, code_bits: int, fmt: 
     nnz = int(keep.sum())
     if fmt == "bsr":
         return _bsr_reference(wl, keep, level, block, nnz)
+    if fmt == "nm":
+        return _nm_reference(wl, keep, level, group, nnz)
     counts = keep.sum(1)
     if fmt == "csr":
         pc = (counts + 7) // 8 * 8
@@ -288,6 +291,28 @@ def _bsr_reference(wl, keep, level, block, nnz) -> PackedLevel:
                        {"browptr": _rowptr(blocks_kept.sum(1)), "bcol": bc.to(torch.int32), "bval": flat}, (R, C))
 
 
+def _nm_reference(wl, keep, level, group, nnz) -> PackedLevel:
+    N, K = wl.shape
+    n, m = _check_group(group, K, "weight")
+    G = -(-K // m)
+    kp = torch.zeros(N, G * m, dtype=torch.bool)
+    kp[:, :K] = keep
+    kg = kp.view(N, G, m)
+    if kg.numel() and int(kg.sum(-1).max()) > n:
+        raise ELSAError(f"weight: level {level} is not {n}:{m}")
+    wp = torch.zeros(N, G * m, dtype=wl.dtype)
+    wp[:, :K] = wl
+    # the kept offsets of each group in column order, then offset 0 (value 0) as padding
+    order = torch.argsort((~kg).to(torch.int8), dim=-1, stable=True)[..., :n]  # [N, G, n]
+    took = torch.gather(kg, -1, order)
+    vals = torch.gather(wp.view(N, G, m), -1, order)
+    vals = torch.where(took, vals, torch.zeros((), dtype=wl.dtype))
+    idx = torch.where(took, order, torch.zeros((), dtype=order.dtype)).to(torch.uint8).view(N, G * n)
+    val = torch.zeros(N * G * n + _PAD, dtype=wl.dtype)
+    val[: N * G * n] = vals.reshape(-1)
+    return PackedLevel("nm", (N, K), wl.dtype, level, nnz, {"idx": idx, "val": val}, group=(n, m))
+
+
 def unpack(packed: PackedLevel, *, threads: int | None = None) -> torch.Tensor:
     """The level's weight `[N, K]` (packed dtype) rebuilt from the packed arrays (C++ kernels; the
     PyTorch reference :func:`unpack_reference` where they are unavailable): equal, bit for bit, to
@@ -320,6 +345,15 @@ def unpack_reference(packed: PackedLevel) -> torch.Tensor:
         brow = torch.repeat_interleave(torch.arange(NBR), t["browptr"].diff())
         full[brow, t["bcol"].long()] = blocks
         return full.permute(0, 2, 1, 3).reshape(NBR * R, NBC * C)[:N, :K].contiguous()
+    if packed.format == "nm":
+        n, m = packed.group
+        E = t["idx"].shape[1]
+        val = t["val"][: N * E].view(N, E)
+        cols = (torch.arange(E) // n * m).unsqueeze(0) + t["idx"].long()
+        rows = torch.arange(N).unsqueeze(1).expand(N, E)
+        nz = bits_view(val) != 0  # padding entries are +0.0 at offset 0
+        out.index_put_((rows[nz], cols[nz]), val[nz])
+        return out
     rp = t["rowptr"]
     if packed.format == "csr":
         rows = torch.repeat_interleave(torch.arange(N), rp.diff())
@@ -334,52 +368,6 @@ def unpack_reference(packed: PackedLevel) -> torch.Tensor:
     bits = ((t["mask"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(N, -1)[:, :K].bool()
     out[bits] = t["val"][: packed.nnz]
     return out
-
-
-def module_plan(module, level: int) -> tuple[str, tuple, int]:
-    """``(format, block, max_tokens)`` of the ``sparse-cpu`` backend for ``level`` of an ELSA
-    module, from its structure, recorded density, shape and dtype, and its ``cpu_format`` /
-    ``cpu_max_tokens`` overrides. ``max_tokens == 0``: the packed product never pays here.
-
-    Raises:
-        ELSAError: ``cpu_format`` unknown, or ``"bsr"`` for a level that is not ``block:RxC``.
-    """
-    structure = module.structures[level - 1]
-    density = 1.0 - module.sparsities[level - 1]
-    fmt, blk = choose_format(structure, density)
-    name = f"{type(module).__name__}.weight"
-    if module.cpu_format is not None:
-        if module.cpu_format not in FORMATS:
-            raise ELSAError(f"{name}: cpu_format must be None or one of {FORMATS}, got {module.cpu_format!r}")
-        if module.cpu_format == "bsr" and fmt != "bsr":
-            st = parse_structure(structure)
-            if st.kind != "block":
-                raise ELSAError(f"{name}: cpu_format 'bsr' needs a block:RxC level; level {level} is {structure}")
-            blk = (st.r, st.c)
-        fmt = module.cpu_format
-    w = module.weight
-    shape = (w.shape[1], w.shape[0]) if module._linear_weight() is not w else tuple(w.shape)
-    limit = module.cpu_max_tokens
-    if limit is None:
-        limit = default_max_tokens(fmt, shape, w.dtype, density)
-    return fmt, blk, int(limit)
-
-
-def pack_for_module(module, level: int) -> PackedLevel:
-    """Pack ``level`` of an ELSA module's weight for the ``sparse-cpu`` backend
-    (:func:`module_plan`); then, if ``module.keep_weight_resident`` is False,
-    :func:`release_pages` of the encoded weight.
-
-    Raises:
-        ELSAError: as :func:`module_plan`; the kernels unavailable.
-    """
-    fmt, blk, _ = module_plan(module, level)
-    with torch.no_grad():
-        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, blk,
-                            name=f"{type(module).__name__}.weight")
-    if not module.keep_weight_resident:
-        release_pages(module.weight)
-    return packed
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -479,12 +467,48 @@ def _bind_mv(lib, packed):
     return lambda x, b, y, nt: fn(*pre, x, b, y, nt)
 
 
+#: Bytes of one panel of x (``[Kp, W]`` float32) the M > 1 kernels aim to keep in L2 cache.
+PANEL_BYTES = 512 * 1024
+
+
+def panel_width(M: int, Kp: int) -> int:
+    """Columns of x per panel of the M > 1 products (8 for M <= 8, run by the 8-lane kernels; else
+    16, 32, 48 or 64): as few panels as a width of 64 allows, each as narrow as its share of ``M``
+    rounded up to 16, and no panel over :data:`PANEL_BYTES` while it is wider than 16."""
+    if M <= 8:
+        return 8
+    w_max = 64
+    while w_max > 16 and Kp * w_max * 4 > PANEL_BYTES:
+        w_max -= 16
+    panels = -(-M // w_max)
+    return -(-(-(-M // panels)) // 16) * 16
+
+
+def panels(x2: torch.Tensor, Kp: int) -> tuple[torch.Tensor, int]:
+    """x `[M, K]` (any float dtype) cut into the M > 1 kernels' panels: ``(xp, W)``, xp float32
+    `[P, Kp, W]` = x^T in ``P`` panels of ``W`` (:func:`panel_width`) columns, zero past M and K."""
+    M, K = x2.shape
+    W = panel_width(M, Kp)
+    P = -(-M // W)
+    if P * W != M:  # zero columns past M
+        x2 = torch.cat([x2, x2.new_zeros(P * W - M, K)])
+    xp = torch.empty(P, Kp, W, dtype=torch.float32)
+    if Kp > K:
+        xp[:, K:].zero_()
+    xp[:, :K].copy_(x2.view(P, W, K).transpose(1, 2))
+    return xp, W
+
+
+def panel_cost_input(packed: PackedLevel) -> int:
+    """The padded input width ``Kp`` the products of ``packed`` read (what :func:`panels` needs)."""
+    return _xpad(packed)
+
+
 def _mm(lib, packed, x2, b, y, M, nt) -> None:
     N, K = packed.shape
-    M8 = (M + 7) // 8 * 8
-    xt = torch.zeros(_xpad(packed), M8, dtype=torch.float32)
-    xt[:K, :M] = x2.t()
-    getattr(lib, f"elsa_{packed.format}_mm")(N, M, M8, *packed.arrays(), _DT[packed.dtype], xt.data_ptr(), _ptr(b),
+    Kp = _xpad(packed)
+    xp, W = panels(x2, Kp)
+    getattr(lib, f"elsa_{packed.format}_mm")(N, M, W, Kp, *packed.arrays(), _DT[packed.dtype], xp.data_ptr(), _ptr(b),
                                              y.data_ptr(), N, nt)
 
 

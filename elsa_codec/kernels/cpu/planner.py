@@ -1,0 +1,384 @@
+"""Which packed format serves a sparse level on this CPU, and at which batch sizes: measured.
+
+A sparse level pays on a CPU only where its packed product beats the dense ``F.linear`` of the
+same level, and that depends on the shape, dtype, density, structure, thread count and the CPU
+itself (AMX or AVX-512 dense GEMMs, cache sizes). So the ``sparse-cpu`` backend measures
+(:func:`plan_level`): once per distinct ``(shape, dtype, density, structure, threads)``, it times
+every candidate format (:func:`candidates`) against dense at the batch-size buckets
+:data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens) on a row slice of the real
+weight, and keeps one :class:`Plan`: the format with the largest gain, and per bucket whether the
+packed product or dense serves it. A call with ``M`` rows takes the route of its bucket
+(:func:`bucket_of`), so a level is never served slower than dense by more than the timing noise.
+
+- Cost: about :data:`BUDGET_S` (50 ms) per distinct key; buckets left when the budget is spent
+  take the last measured bucket's route. Plans are kept in memory and on disk, in the kernels'
+  cache folder (:func:`elsa_codec.native.cache_dir`), one JSON file per CPU model and kernel build
+  (written atomically; an unreadable file is ignored and rewritten).
+- ``ELSA_CPU_CALIBRATE=0`` turns measuring off: :func:`cost_model` decides instead (documented
+  there; no timing, no disk).
+- A calibration that fails, or whose packed product disagrees with dense (NaN, wrong values),
+  serves that level dense, with one warning: never a wrong result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ELSAError
+from ...format.bits import extract_level
+from ...format.structure import parse_structure
+from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
+
+__all__ = ["BUCKETS", "BUDGET_S", "Plan", "bucket_of", "candidates", "cost_model", "plan_level", "clear_plans"]
+
+#: Batch-size buckets (input rows M) a plan routes: 1 (decode), 4, 16, 64, 256 (prefill).
+BUCKETS = (1, 4, 16, 64, 256)
+#: Seconds of measuring per distinct key (shape, dtype, density, structure, threads).
+BUDGET_S = 0.05
+#: The packed product serves a bucket where it measured at most this fraction of dense.
+MARGIN = 0.95
+#: Bytes of the weight slice a measurement streams at M = 1 (past L2, so the slice is not
+#: served from the core's own cache), and the FLOPs that cap the slice at larger M.
+SLICE_BYTES = 4 << 20
+SLICE_FLOPS = 100e6
+#: Relative error of the packed product against dense that a calibration accepts, per dtype.
+_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+ENV = "ELSA_CPU_CALIBRATE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a sparse level is served on the CPU.
+
+    Attributes:
+        format: the packed format (one of ``packed.FORMATS``), None when no bucket is served packed.
+        block: ``(R, C)`` of ``bsr``; group: ``(n, m)`` of ``nm``.
+        packed: per bucket of :data:`BUCKETS`, True where the packed product serves it.
+        ratios: per bucket, packed time / dense time of the chosen format (NaN: not measured).
+        source: ``"measured"``, ``"disk"`` (an earlier measurement), ``"cost-model"``,
+            ``"forced"`` (``cpu_max_tokens`` set) or ``"fallback"`` (a failed calibration).
+        max_rows: set by a forced plan: calls with at most this many rows run packed, the rest
+            dense (the buckets are then not used).
+    """
+
+    format: str | None
+    block: tuple = (0, 0)
+    group: tuple = (0, 0)
+    packed: tuple = (False,) * len(BUCKETS)
+    ratios: tuple = (math.nan,) * len(BUCKETS)
+    source: str = "cost-model"
+    max_rows: int | None = None
+
+    def serves_packed(self, m: int) -> bool:
+        """Whether a call with ``m`` input rows runs the packed product."""
+        if self.format is None:
+            return False
+        return m <= self.max_rows if self.max_rows is not None else self.packed[bucket_of(m)]
+
+    @property
+    def any_packed(self) -> bool:
+        """Whether any call runs the packed product (the level is packed at the switch)."""
+        if self.format is None:
+            return False
+        return self.max_rows > 0 if self.max_rows is not None else any(self.packed)
+
+    def describe(self) -> str:
+        """One line: the format and, per bucket, ``M=<b>: packed|dense (<ratio>x)``."""
+        if self.max_rows is not None:
+            return f"{self.format} [packed for M<={self.max_rows}, dense above] ({self.source})"
+        parts = []
+        for b, p, r in zip(BUCKETS, self.packed, self.ratios):
+            parts.append(f"M={b}: {'packed' if p and self.format else 'dense'}" + ("" if math.isnan(r) else f" {r:.2f}x"))
+        if not self.any_packed and self.source == "fallback":
+            parts = ["every M: dense"]
+        return f"{self.format if self.any_packed else 'dense'} [{', '.join(parts)}] ({self.source})"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ratios"] = [None if math.isnan(r) else r for r in self.ratios]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        fmt = d["format"]
+        if fmt is not None and fmt not in FORMATS or len(d["packed"]) != len(BUCKETS):
+            raise ValueError(f"not a plan: {d!r}")
+        return cls(fmt, tuple(d["block"]), tuple(d["group"]), tuple(bool(p) for p in d["packed"]),
+                   tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk")
+
+
+def bucket_of(m: int) -> int:
+    """Index in :data:`BUCKETS` of a call with ``m`` input rows: 1 -> 1; 2-8 -> 4; 9-32 -> 16;
+    33-128 -> 64; more -> 256."""
+    for i, top in enumerate((1, 8, 32, 128)):
+        if m <= top:
+            return i
+    return len(BUCKETS) - 1
+
+
+def candidates(structure) -> list[tuple]:
+    """The ``(format, block, group)`` a level of ``structure`` is measured in: unstructured ->
+    csr, bitmask; ``N:M`` -> those and nm; ``block:RxC`` with ``R >= 8`` -> bsr and csr."""
+    s = parse_structure(structure)
+    out = [("csr", (0, 0), (0, 0)), ("bitmask", (0, 0), (0, 0))]
+    if s.kind == "nm" and s.m <= 256:
+        out.append(("nm", (0, 0), (s.n, s.m)))
+    if s.kind == "block" and s.r >= 8:
+        out = [("bsr", (s.r, s.c), (0, 0)), out[0]]
+    return out
+
+
+# -- the cost model (ELSA_CPU_CALIBRATE=0) --------------------------------------------------------
+#: Machine balance of the cost model: dense FLOPs per byte of weight streamed; per format, the
+#: fraction of the dense streaming rate its M = 1 product reaches (csr and nm gather their inputs)
+#: and of the dense FLOP rate its M > 1 product reaches per kept weight. Fitted by hand to
+#: 4096x4096 layers on the project's 2-core AVX-512 machines (bench/results/cpu-sparse), float32;
+#: 16-bit dtypes multiply the FLOP fraction by :data:`HALF_FLOPS` (their dense GEMMs use AMX or
+#: AVX-512 BF16 / FP16 dot products; the packed products convert to float32).
+FLOPS_PER_BYTE = 8.0
+STREAM = {"csr": 0.7, "bitmask": 1.0, "nm": 0.7, "bsr": 1.0}
+EFFICIENCY = {"csr": 0.7, "bitmask": 0.35, "nm": 0.6, "bsr": 0.9}
+HALF_FLOPS = 0.3
+#: Layers under this many weight bytes run their dense GEMV from cache; the model keeps them
+#: dense above :data:`SMALL_LAYER_DENSITY`.
+SMALL_LAYER_BYTES = 1 << 20
+SMALL_LAYER_DENSITY = 0.15
+
+
+def _packed_bytes(fmt: str, n: int, k: int, es: int, density: float, group) -> float:
+    nnz = density * n * k
+    if fmt == "csr":
+        return nnz * (es + (2 if k <= 65536 else 4)) + 8 * n
+    if fmt == "bitmask":
+        return nnz * es + n * k / 8 + 8 * n
+    if fmt == "nm":
+        return n * math.ceil(k / group[1]) * group[0] * (es + 1)
+    return nnz * es
+
+
+def _gain(ratios) -> float:
+    """How much a format saves over the buckets (sum of log ratios, dense-served buckets count 0)."""
+    return sum(math.log(min(r, 1.0)) for r in ratios)
+
+
+def cost_model(shape, dtype: torch.dtype, density: float, structure, cands=None) -> Plan:
+    """The plan without measuring. Time of a call with M rows, in units of one dense weight byte
+    streamed: dense ``max(N K es, 2 N K M / FLOPS_PER_BYTE)``; a format ``max(bytes / STREAM[f],
+    2 nnz M / (FLOPS_PER_BYTE * EFFICIENCY[f]))`` (bytes: its arrays at ``density``; the FLOP
+    fraction times :data:`HALF_FLOPS` for 16-bit dtypes). The format with the largest gain over
+    :data:`BUCKETS` wins (:func:`calibrate`'s rule); a bucket is packed where its ratio is at most
+    :data:`MARGIN`. Layers under :data:`SMALL_LAYER_BYTES` above :data:`SMALL_LAYER_DENSITY`
+    stay dense."""
+    n, k = shape
+    es = dtype.itemsize
+    if n * k * es < SMALL_LAYER_BYTES and density > SMALL_LAYER_DENSITY:
+        return Plan(None, source="cost-model")
+    best = None
+    for fmt, block, group in cands or candidates(structure):
+        eff = EFFICIENCY[fmt] * (1.0 if es == 4 else HALF_FLOPS)
+        ratios = []
+        for m in BUCKETS:
+            dense = max(n * k * es, 2 * n * k * m / FLOPS_PER_BYTE)
+            mem = _packed_bytes(fmt, n, k, es, density, group) / STREAM[fmt]
+            ratios.append(max(mem, 2 * density * n * k * m / (FLOPS_PER_BYTE * eff)) / dense)
+        if best is None or _gain(ratios) < _gain(best[3]):
+            best = (fmt, block, group, ratios)
+    fmt, block, group, ratios = best
+    return Plan(fmt, block, group, tuple(r <= MARGIN for r in ratios), tuple(ratios), "cost-model")
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def _slice_rows(n: int, k: int, es: int, m: int, align: int) -> int:
+    rows = max(128, min(SLICE_BYTES // (k * es), int(SLICE_FLOPS // (2 * k * m))))
+    rows = -(-rows // align) * align
+    return min(n, rows)
+
+
+def _best_of(fns: list, reps: int) -> list[float]:
+    """The fastest of ``reps`` interleaved rounds of each function, in seconds."""
+    best = [math.inf] * len(fns)
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    if not torch.isfinite(y).all() and torch.isfinite(ref).all():
+        return False
+    err = (y.float() - ref.float()).abs().max().item()
+    return err <= _TOL[ref.dtype] * (1.0 + ref.float().abs().max().item())
+
+
+def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs) -> list[float]:
+    """Seconds of dense and of each candidate at ``m`` rows on the first ``rows`` rows of ``w2d``
+    (packs: cache of (rows, candidate) -> packed slice). Raises ELSAError where a product
+    disagrees with dense."""
+    ws = w2d[:rows]
+    if (rows, "dense") not in packs:
+        packs[(rows, "dense")] = extract_level(ws, level, code_bits)
+    dense_w = packs[(rows, "dense")]
+    ps = []
+    for c in cands:
+        if (rows, c) not in packs:
+            packs[(rows, c)] = pack_level(ws, level, code_bits, c[0], c[1], group=c[2], threads=threads)
+        ps.append(packs[(rows, c)])
+    x = torch.randn(m, w2d.shape[1], generator=torch.Generator().manual_seed(m)).to(w2d.dtype)
+    ref = F.linear(x, dense_w)
+    for c, p in zip(cands, ps):
+        if not _agrees(sparse_linear(x, p, threads=threads), ref):
+            raise ELSAError(f"the {c[0]} product disagrees with dense at M={m}")
+    fns = [lambda: F.linear(x, dense_w)] + [lambda p=p: sparse_linear(x, p, threads=threads) for p in ps]
+    one = _best_of(fns[:1], 1)[0]
+    return _best_of(fns, 3 if one < 1e-3 else 2)
+
+
+def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[float]:
+    """Packed / dense time of each candidate at ``m`` rows for the whole weight. Where the slice
+    measured is smaller than the weight, the times are scaled to all rows, except the per-call cost
+    of cutting x into panels (M > 1), measured apart and not scaled."""
+    n, k = w2d.shape
+    align = max([c[1][0] for c in cands] + [8])
+    rows = _slice_rows(n, k, w2d.element_size(), m, align)
+    t = _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs)
+    if rows < n:
+        prep = [0.0] * len(cands)
+        if m > 1:
+            x = torch.randn(m, k).to(w2d.dtype)
+            kps = [panel_cost_input(packs[(rows, c)]) for c in cands]
+            prep = _best_of([lambda kp=kp: panels(x, kp) for kp in kps], 3)
+        scale = n / rows
+        t = [t[0] * scale] + [max(ti - pi, 0.0) * scale + pi for ti, pi in zip(t[1:], prep)]
+    return [ti / t[0] for ti in t[1:]]
+
+
+def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *,
+              threads: int | None = None, budget_s: float = BUDGET_S) -> Plan:
+    """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
+    in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
+    seconds are spent; later buckets take the last measured ratios) and return the plan.
+
+    Raises:
+        ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
+    """
+    cands = cands or candidates(structure)
+    nt = threads or torch.get_num_threads()
+    packs, rows = {}, []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for m in BUCKETS:
+            if rows and time.perf_counter() - t0 > budget_s:
+                rows.append(rows[-1])
+                continue
+            rows.append(_measure_bucket(w2d, level, code_bits, cands, m, nt, packs))
+    gains = [_gain([r[i] for r in rows]) for i in range(len(cands))]
+    i = min(range(len(cands)), key=gains.__getitem__)
+    ratios = tuple(r[i] for r in rows)
+    fmt, block, group = cands[i]
+    return Plan(fmt, block, group, tuple(r <= MARGIN for r in ratios), ratios, "measured")
+
+
+# -- the plans kept: memory, then disk ---------------------------------------------------------------
+_PLANS: dict = {}
+_LOCK = threading.Lock()
+_WARNED: set = set()
+
+
+def clear_plans() -> None:
+    """Forget the plans measured in this process (the disk file stays)."""
+    with _LOCK:
+        _PLANS.clear()
+
+
+def _plans_path() -> str | None:
+    from ...native import cache_dir, cpu_isa, cpu_kernels_build_id, cpu_model
+
+    build = cpu_kernels_build_id()
+    if build is None:
+        return None
+    tag = hashlib.sha256(f"{cpu_model()}|{build}|{cpu_isa()}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"plans_{tag}.json")
+
+
+def _read_disk(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        return doc["plans"] if isinstance(doc, dict) and isinstance(doc.get("plans"), dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def _write_disk(path: str, key: str, plan: Plan) -> None:
+    """Add ``plan`` under ``key`` to the plans file (read, merge, write to a temporary name, rename)."""
+    from ...native import cpu_model
+
+    try:
+        plans = _read_disk(path)
+        plans[key] = plan.to_json()
+        fd, tmp = tempfile.mkstemp(prefix=".plans_", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"cpu": cpu_model(), "plans": plans}, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the plan is still kept in memory
+
+
+def _key(shape, dtype, density, structure, threads, cands) -> str:
+    n, k = shape
+    forms = ",".join(c[0] for c in cands)
+    return f"{n}x{k}|{str(dtype).replace('torch.', '')}|{density:.2f}|{structure}|{threads}|{forms}"
+
+
+def calibration_on() -> bool:
+    """Whether plans are measured (``ELSA_CPU_CALIBRATE`` unset or not ``0`` / ``off`` / ``false``)."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def plan_level(w2d: torch.Tensor, level: int, code_bits: int, structure, density: float, *, cands=None,
+               name: str = "weight") -> Plan:
+    """The plan of ``level`` of the encoded weight ``w2d`` `[out_features, in_features]` at this
+    process's thread count: from memory, else from the disk file, else measured (:func:`calibrate`)
+    and stored in both; the :func:`cost_model` when ``ELSA_CPU_CALIBRATE=0``. ``cands`` restricts
+    the formats (a forced ``cpu_format``). A failed calibration gives a dense plan and one warning."""
+    cands = cands or candidates(structure)
+    if not calibration_on():
+        return cost_model(tuple(w2d.shape), w2d.dtype, density, structure, cands)
+    threads = torch.get_num_threads()
+    key = _key(tuple(w2d.shape), w2d.dtype, density, structure, threads, cands)
+    with _LOCK:
+        plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    path = _plans_path()
+    stored = _read_disk(path).get(key) if path else None
+    try:
+        plan = Plan.from_json(stored) if stored else None
+    except (ValueError, KeyError, TypeError):
+        plan = None
+    if plan is None:
+        try:
+            plan = calibrate(w2d, level, code_bits, structure, cands)
+        except (ELSAError, RuntimeError, ValueError) as e:
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(f"elsa_codec: {name}: measuring the sparse-cpu formats of level {level} failed ({e}); "
+                              "that level is served dense", RuntimeWarning, stacklevel=3)
+            plan = Plan(None, source="fallback")
+        if path and plan.source == "measured":
+            _write_disk(path, key, plan)
+    with _LOCK:
+        _PLANS[key] = plan
+    return plan

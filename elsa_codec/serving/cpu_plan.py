@@ -1,0 +1,167 @@
+"""The ``sparse-cpu`` backend of one ELSA module: its plan per level and its packed levels.
+
+:func:`module_plan` asks :func:`elsa_codec.kernels.cpu.planner.plan_level` how a level of the
+module's weight is served (which packed format, and per batch-size bucket packed or dense),
+honouring the module's ``cpu_format`` / ``cpu_max_tokens`` overrides. :class:`PackedCache` keeps
+the packed levels: the current one, plus recently used ones while their bytes fit
+``packed_cache_bytes`` (an LRU; default: the current level only), so switching back to a level
+that is still cached costs nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+
+from ..errors import ELSAError
+from ..format.pages import release_pages
+from ..format.structure import parse_structure
+from ..kernels.cpu.packed import FORMATS, PackedLevel, pack_level
+from ..kernels.cpu.planner import Plan, candidates, cost_model, plan_level
+
+__all__ = ["PackedCache", "module_plan", "pack_for_module", "set_packed_cache_bytes"]
+
+
+def _weight_name(module) -> str:
+    return f"{type(module).__name__}.weight"
+
+
+def _forced_candidates(module, level: int) -> list:
+    """The candidates of ``level``, or the one ``cpu_format`` forces (checked against the level)."""
+    structure = module.structures[level - 1]
+    cands = candidates(structure)
+    fmt = module.cpu_format
+    if fmt is None:
+        return cands
+    if fmt not in FORMATS:
+        raise ELSAError(f"{_weight_name(module)}: cpu_format must be None or one of {FORMATS}, got {fmt!r}")
+    st = parse_structure(structure)
+    if fmt == "bsr":
+        if st.kind != "block":
+            raise ELSAError(f"{_weight_name(module)}: cpu_format 'bsr' needs a block:RxC level; level {level} is {structure}")
+        return [("bsr", (st.r, st.c), (0, 0))]
+    if fmt == "nm":
+        if st.kind != "nm":
+            raise ELSAError(f"{_weight_name(module)}: cpu_format 'nm' needs an N:M level; level {level} is {structure}")
+        return [("nm", (0, 0), (st.n, st.m))]
+    return [(fmt, (0, 0), (0, 0))]
+
+
+def module_plan(module, level: int) -> Plan:
+    """How the ``sparse-cpu`` backend serves ``level`` of an ELSA module (a linear product,
+    weight `[out_features, in_features]` by ``module._linear_weight()``), at this process's thread
+    count: measured once per distinct key, or the cost model (see
+    :mod:`elsa_codec.kernels.cpu.planner`). With ``cpu_max_tokens`` set, calls with up to that many
+    rows run packed and larger ones dense (``source="forced"``).
+
+    Raises:
+        ELSAError: ``cpu_format`` unknown or not fitting the level's structure.
+    """
+    cands = _forced_candidates(module, level)
+    w = module._linear_weight().detach()
+    density = 1.0 - module.sparsities[level - 1]
+    structure = module.structures[level - 1]
+    plan = plan_level(w, level, module.code_bits, structure, density, cands=cands, name=_weight_name(module))
+    limit = module.cpu_max_tokens
+    if limit is None:
+        if plan.format is None:  # served dense; a forced backend or decoded_weight still packs in a format
+            fmt, block, group = cands[0]
+            plan = dataclasses.replace(plan, format=fmt, block=block, group=group)
+        return plan
+    if plan.format is None:  # measured dense everywhere: the cost model's format for the forced rows
+        plan = cost_model(tuple(w.shape), w.dtype, density, structure)
+        if len(cands) == 1 or plan.format is None:
+            fmt, block, group = cands[0]
+            plan = dataclasses.replace(plan, format=fmt, block=block, group=group)
+    return dataclasses.replace(plan, max_rows=int(limit), source="forced")
+
+
+def pack_for_module(module, level: int, plan: Plan) -> PackedLevel:
+    """Pack ``level`` of the module's weight in ``plan``'s format; then, if
+    ``module.keep_weight_resident`` is False, :func:`release_pages` of the encoded weight.
+
+    Raises:
+        ELSAError: the kernels are unavailable; the level does not fit the format.
+    """
+    with torch.no_grad():
+        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, plan.format, plan.block,
+                            group=plan.group, name=_weight_name(module))
+    if not module.keep_weight_resident:
+        release_pages(module.weight)
+    return packed
+
+
+class PackedCache:
+    """Packed levels of one module, most recently used last; holds at most ``budget`` bytes besides
+    the level in use (None: only the level in use)."""
+
+    def __init__(self):
+        self._levels: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        """The packed level under ``key`` (marked most recently used), or None."""
+        p = self._levels.get(key)
+        if p is not None:
+            self._levels.move_to_end(key)
+        return p
+
+    def put(self, key, packed: PackedLevel, budget: int | None) -> None:
+        """Keep ``packed`` under ``key`` as the most recent; drop the oldest others until the rest
+        fits ``budget`` bytes."""
+        self._levels[key] = packed
+        self._levels.move_to_end(key)
+        self.trim(budget)
+
+    def trim(self, budget: int | None, *, current: bool = True) -> None:
+        """Drop the oldest levels until those besides the newest (``current``: the level in use; else
+        all of them) fit ``budget`` bytes (None: 0)."""
+        keep = 0 if budget is None else int(budget)
+        while self._levels and self.nbytes - (self.newest_nbytes if current else 0) > keep:
+            if current and len(self._levels) == 1:
+                break
+            self._levels.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._levels.values())
+
+    @property
+    def newest_nbytes(self) -> int:
+        return next(reversed(self._levels.values())).nbytes if self._levels else 0
+
+    def levels(self) -> list:
+        """The packed levels held, oldest first."""
+        return [p.level for p in self._levels.values()]
+
+    def clear(self) -> None:
+        self._levels.clear()
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+
+def set_packed_cache_bytes(model: torch.nn.Module, nbytes: int | None) -> int:
+    """Let the ELSA modules of ``model`` keep recently used packed levels (``sparse-cpu``) within
+    ``nbytes`` in all (None: only the level in use, the default), shared in proportion to each
+    module's weight bytes. A switch back to a level still held costs no packing.
+
+    Returns:
+        The number of modules set.
+
+    Raises:
+        ELSAError: ``nbytes`` not None or an int >= 0.
+
+    Example::
+
+        >>> ec.set_packed_cache_bytes(model, 512 << 20)   # keep ~512 MiB of packed levels
+    """
+    if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0):
+        raise ELSAError(f"set_packed_cache_bytes: nbytes must be None or an int >= 0, got {nbytes!r}")
+    mods = [m for m in model.modules() if getattr(m, "_sparse_cpu_ok", False) and isinstance(getattr(m, "_packed", None), PackedCache)]
+    total = sum(m.weight.numel() * m.weight.element_size() for m in mods) or 1
+    for m in mods:
+        share = None if nbytes is None else nbytes * m.weight.numel() * m.weight.element_size() // total
+        m.packed_cache_bytes = share
+        m._packed.trim(share, current=m.level <= m.num_levels)
+    return len(mods)
