@@ -79,7 +79,7 @@ def worker(a) -> dict:
     from torch import nn
 
     import elsa_codec as ec
-    from elsa_codec.kernels.cpu.packed import release_pages
+    from elsa_codec.format.pages import release_pages
     from elsa_codec.native import cpu_kernels
 
     torch.set_num_threads(1)

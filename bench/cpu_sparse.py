@@ -249,25 +249,13 @@ class _Prov:
         self.fn_of_x, self.nbytes, self.fmt, self.note, self.auto = fn_of_x, nbytes, fmt, note, auto
 
 
-def _plan(mod) -> tuple[str, int]:
-    """``(format, max_tokens)`` the module's sparse-cpu path uses at its current level."""
-    try:
-        from elsa_codec.kernels.cpu.packed import module_plan
-    except ImportError:  # older API: default_max_tokens(packed)
-        from elsa_codec.kernels.cpu.packed import default_max_tokens
-
-        p = mod.packed_level()
-        return p.format, (mod.cpu_max_tokens if mod.cpu_max_tokens is not None else default_max_tokens(p))
-    fmt, _, limit = module_plan(mod, mod.level)
-    return fmt, limit
-
-
 def _auto_name(mod, m: int) -> tuple[str, str]:
-    """Provider name and format of the default module at M rows (which path its forward takes)."""
+    """Provider name and format of the default module at M rows (which path its forward takes:
+    the planner's route of M's bucket, ``mod.cpu_plan``)."""
     if mod.backend != "sparse-cpu":
         return "elsa-reference", "reference"
-    fmt, limit = _plan(mod)
-    return (f"elsa-{fmt}", fmt) if m <= limit else ("elsa-reference", "reference")
+    plan = mod.cpu_plan
+    return (f"elsa-{plan.format}", plan.format) if plan.serves_packed(m) else ("elsa-reference", "reference")
 
 
 def _count_fallbacks(mod, x) -> tuple[int, int]:
@@ -307,7 +295,7 @@ def _level_providers(ctx, enc, meta, t, wd, m_values) -> list:
     else:  # the module's rule serves this level from the decoded weight at every M
         a_nb, a_fmt = _nbytes(wd), "reference"
     provs.append(_Prov("elsa-auto", t, structure, density, lambda x, mod=auto: mod(x), a_nb, a_fmt, auto=auto))
-    fmts = ["csr", "bitmask"] + (["bsr"] if st.kind == "block" else [])
+    fmts = ["csr", "bitmask"] + (["bsr"] if st.kind == "block" else []) + (["nm"] if st.kind == "nm" else [])
     for f in fmts:
         mod = make_module(enc, meta, t, fmt=f, max_tokens=10**9)
         p = mod.packed_level()

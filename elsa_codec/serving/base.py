@@ -287,6 +287,12 @@ class ELSAModule(nn.Module):
             return "sparse-cpu" if self._sparse_cpu_pays() else "reference"
         return req
 
+    def _auto_cpu(self) -> bool:
+        """The auto backend on a CPU weight of a module the sparse-cpu kernels can serve: its route
+        is looked up per call (the plan depends on the thread count, which may change)."""
+        return (self.backend_request == "auto" and self._sparse_cpu_ok and self._level <= self.num_levels
+                and _sparse_cpu_usable(self.weight))
+
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
@@ -307,7 +313,7 @@ class ELSAModule(nn.Module):
         ``_triton`` is read by :meth:`forward` instead of re-resolving the backend per call."""
         be = self.backend
         self._triton = be == "triton"
-        self._sparse_cpu = be == "sparse-cpu"
+        self._sparse_cpu = be == "sparse-cpu" or self._auto_cpu()
         if self._triton:
             _kernels()  # import outside torch.compile tracing
         if self._sparse_cpu and self.cpu_plan.any_packed:
@@ -358,8 +364,8 @@ class ELSAModule(nn.Module):
             return self.weight
         if t == self._level and self.backend_request == "semi-structured":
             backend = "semi-structured"
-        elif self._sparse_cpu and t == self._level:
-            backend = "sparse-cpu"
+        elif self._sparse_cpu and t == self._level and (self.backend_request == "sparse-cpu" or self.cpu_plan.any_packed):
+            backend = "sparse-cpu"  # unpacked from the packed level: the file's pages stay out of memory
         else:
             backend = "triton" if self._triton and t == self._level else "reference"
         if t != self._level:
@@ -448,6 +454,8 @@ class ELSAModule(nn.Module):
         from ..kernels.cpu.packed import sparse_linear
 
         if x.dtype != self.weight.dtype or not self.cpu_plan.serves_packed(x.numel() // max(1, x.shape[-1])):
+            return None
+        if self.backend_request == "auto" and not _sparse_cpu_usable(self.weight):
             return None
         return sparse_linear(x, self.packed_level(), self.bias)
 

@@ -77,6 +77,15 @@ def extract_model(model, enc, t):
     return m
 
 
+def _same_level(got, want, model):
+    """Bit for bit where no ELSA module runs the packed sparse-cpu products, else within float32
+    summation-order tolerance (they sum in another order than F.linear)."""
+    if not any(m.backend == "sparse-cpu" for _, m in ec.elsa_modules(model)):
+        assert torch.equal(got, want), f"max abs diff {(got - want).abs().max()}"
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("select", ["blocks", "all"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_level_equals_extract(name, select):
@@ -89,7 +98,10 @@ def test_every_level_equals_extract(name, select):
         for t in (1, 2, 3):
             ec.set_level(model, t)
             got = _out(model(**x))
-            assert torch.equal(got, want[t]), f"{name} level {t}: max abs diff {(got - want[t]).abs().max()}"
+            if t == 3 or not any(m.backend == "sparse-cpu" for _, m in ec.elsa_modules(model)):
+                assert torch.equal(got, want[t]), f"{name} level {t}: max abs diff {(got - want[t]).abs().max()}"
+            else:  # the packed products sum in another order than F.linear (register-blocked partial sums)
+                torch.testing.assert_close(got, want[t], rtol=1e-5, atol=1e-5)
     assert [lv.level for lv in ec.levels(model)] == [1, 2, 3]
 
 
@@ -164,7 +176,7 @@ def test_tied_weights_stay_tied_through_swap_state_dict_and_file(tmp_path, name,
             ec.set_level(model, t)
             ec.set_level(fresh, t)
             assert torch.equal(_out(fresh(**x)), _out(model(**x)))
-            assert torch.equal(_out(fresh(**x)), _out(extract_model(build(name)[0], enc, t)(**x)))
+            _same_level(_out(fresh(**x)), _out(extract_model(build(name)[0], enc, t)(**x)), fresh)
 
 
 def test_tied_weight_errors_name_both():

@@ -1,0 +1,132 @@
+"""The sparse-cpu planner: buckets, candidates, the cost model, measuring, the plan cache on disk,
+and the dense fallback of a failed calibration. Never a timing assertion (speed is measured in
+bench/); only what a measurement decides with (routes, formats, where plans are kept).
+"""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import elsa_codec as ec
+from elsa_codec.format.bits import encode_tensor, extract_level
+from elsa_codec.kernels.cpu import planner
+from elsa_codec.native import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Measuring on, plans on disk in tmp_path, none in memory."""
+    monkeypatch.setenv(planner.ENV, "1")
+    path = tmp_path / "plans.json"
+    monkeypatch.setattr(planner, "_plans_path", lambda: str(path))
+    planner.clear_plans()
+    yield path
+    planner.clear_plans()
+
+
+def weight(n=300, k=257, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(n, k, generator=g)
+    codes = torch.where(r < 0.1, 0, torch.where(r < 0.5, 1, 2))
+    return encode_tensor(torch.randn(n, k, generator=g).to(dtype), codes, 2)
+
+
+def test_buckets_and_candidates():
+    assert [planner.bucket_of(m) for m in (1, 2, 8, 9, 32, 33, 128, 129, 512)] == [0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [c[0] for c in planner.candidates("unstructured")] == ["csr", "bitmask"]
+    assert planner.candidates("2:4")[-1] == ("nm", (0, 0), (2, 4))
+    assert planner.candidates("block:16x8")[0] == ("bsr", (16, 8), (0, 0))
+    assert [c[0] for c in planner.candidates("block:4x4")] == ["csr", "bitmask"]
+
+
+def test_cost_model_is_documented_and_monotone_in_density():
+    shape = (4096, 4096)
+    sparse = planner.cost_model(shape, torch.float32, 0.1, "unstructured")
+    half = planner.cost_model(shape, torch.float32, 0.5, "unstructured")
+    assert sparse.format == "csr" and all(sparse.packed) and sparse.source == "cost-model"
+    assert all(a < b for a, b in zip(sparse.ratios, half.ratios))
+    assert planner.cost_model((63, 128), torch.float32, 0.5, "unstructured").format is None  # small layer
+    bf = planner.cost_model(shape, torch.bfloat16, 0.5, "unstructured")
+    assert bf.packed[0] and not bf.packed[-1]  # bf16 dense GEMMs win at large M
+
+
+def test_plan_json_round_trip_and_describe():
+    p = planner.Plan("bsr", (16, 8), (0, 0), (True, True, False, False, False), (0.2, 0.5, 1.2, math.nan, 1.0), "measured")
+    q = planner.Plan.from_json(json.loads(json.dumps(p.to_json())))
+    assert (q.format, q.block, q.packed, q.source) == ("bsr", (16, 8), p.packed, "disk")
+    assert math.isnan(q.ratios[3]) and q.ratios[:3] == p.ratios[:3]
+    assert p.describe().startswith("bsr [M=1: packed 0.20x, M=4: packed 0.50x, M=16: dense 1.20x, M=64: dense,")
+    assert p.serves_packed(1) and p.serves_packed(8) and not p.serves_packed(9) and not p.serves_packed(1000)
+    with pytest.raises(ValueError):
+        planner.Plan.from_json({**p.to_json(), "format": "coo"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
+    w = weight(dtype=dtype)
+    p = planner.plan_level(w, 1, 2, "unstructured", 0.1)
+    assert p.source == "measured" and p.format in ("csr", "bitmask")
+    assert len(p.packed) == len(p.ratios) == 5 and all(r > 0 and math.isfinite(r) for r in p.ratios)
+    assert all(pk == (r <= planner.MARGIN) for pk, r in zip(p.packed, p.ratios))
+    assert planner.plan_level(w, 1, 2, "unstructured", 0.1) is p  # memory
+    doc = json.loads(measuring.read_text())
+    assert len(doc["plans"]) == 1 and "cpu" in doc
+    planner.clear_plans()
+    q = planner.plan_level(w, 1, 2, "unstructured", 0.1)
+    assert q.source == "disk" and (q.format, q.packed) == (p.format, p.packed)
+    other_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(other_threads + 1)
+        assert planner.plan_level(w, 1, 2, "unstructured", 0.1).source == "measured"  # threads are part of the key
+    finally:
+        torch.set_num_threads(other_threads)
+    assert len(json.loads(measuring.read_text())["plans"]) == 2
+
+
+def test_a_corrupt_plans_file_is_ignored_and_rewritten(measuring):
+    measuring.write_text("{not json")
+    p = planner.plan_level(weight(), 2, 2, "unstructured", 0.5)
+    assert p.source == "measured" and len(json.loads(measuring.read_text())["plans"]) == 1
+    measuring.write_text(json.dumps({"plans": {next(iter(json.loads(measuring.read_text())["plans"])): {"format": 3}}}))
+    planner.clear_plans()
+    assert planner.plan_level(weight(), 2, 2, "unstructured", 0.5).source == "measured"
+
+
+def test_a_calibration_that_disagrees_with_dense_serves_dense_with_one_warning(measuring, monkeypatch):
+    real = planner.sparse_linear
+    monkeypatch.setattr(planner, "sparse_linear", lambda x, p, **kw: real(x, p, **kw) * float("nan"))
+    w = weight()
+    with pytest.warns(RuntimeWarning, match="served dense"):
+        p = planner.plan_level(w, 1, 2, "unstructured", 0.1, name="layer.weight")
+    assert p.source == "fallback" and not p.any_packed and not measuring.exists()  # never stored
+    planner.clear_plans()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert planner.plan_level(w, 1, 2, "unstructured", 0.1).source == "fallback"  # one warning per key
+
+
+def test_module_with_a_failed_calibration_gives_the_level(measuring, monkeypatch):
+    monkeypatch.setattr(planner, "calibrate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    torch.manual_seed(0)
+    lin = nn.Linear(520, 1031)
+    m = ec.ELSALinear.from_linear(lin, ec.magnitude_counters({"weight": lin.weight.detach()}, [0.9]))
+    with pytest.warns(RuntimeWarning, match="boom"):
+        m.set_level(1)
+    assert m.backend == "reference" and m.cpu_plan.source == "fallback" and "every M: dense" in repr(m.cpu_plan.describe())
+    x = torch.randn(3, 520)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), torch.nn.functional.linear(x, extract_level(m.weight, 1, m.code_bits), m.bias),
+                                   rtol=0, atol=0)
+
+
+def test_calibration_off_uses_the_cost_model(monkeypatch, tmp_path):
+    monkeypatch.setenv(planner.ENV, "0")
+    monkeypatch.setattr(planner, "_plans_path", lambda: str(tmp_path / "plans.json"))
+    p = planner.plan_level(weight(), 1, 2, "unstructured", 0.1)
+    assert p.source == "cost-model" and not (tmp_path / "plans.json").exists()
+    assert p == planner.cost_model((300, 257), torch.float32, 0.1, "unstructured")
