@@ -170,7 +170,9 @@ def test_quick_levels_exact_and_served_bit_for_bit(quick):
     elsa = [r for r in summary["rows"] if r["method"] == "ELSA"]
     want = {("0.7", 0.7), ("0.5", 0.5), ("0.3", 0.3), ("2:4", 0.5)}
     assert {(r["target"], round(r["sparsity"], 3)) for r in elsa} >= want
-    assert all(r["served_vs_trained"] == 0.0 for r in elsa)  # the file serves the networks training evaluated
+    # the file serves the networks training evaluated: equal up to the packed sparse-cpu products'
+    # summation order (register-blocked partial sums, not F.linear's order)
+    assert all(abs(r["served_vs_trained"]) <= 1e-5 for r in elsa), [r["served_vs_trained"] for r in elsa]
     sep = {r["target"]: r["sparsity"] for r in summary["rows"] if r["method"] == "separate"}
     assert sep == pytest.approx({"0.7": 0.7, "0.5": 0.5, "0.3": 0.3, "2:4": 0.5}, abs=1e-3)
     dense = [r for r in summary["rows"] if r["method"] == "one-shot" and r["target"] == "dense"]

@@ -48,7 +48,9 @@ def test_most_levels_work_end_to_end(tmp_path, dtype):
     for t in sorted({1, 2, T // 2, T - 1, T, T + 1}):
         ec.set_level(served, t)
         ref = F.linear(x, ec.extract_level(w, t, enc.code_bits, T), enc["0.bias"])
-        assert torch.equal(served(x), ref), f"level {t}"
+        # bit for bit on the dense path; the packed sparse-cpu products sum in their own order
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(served(x), ref, rtol=0 if t > T else tol, atol=0 if t > T else tol, msg=f"level {t}")
         kept = int((ec.level_mask(w, t, enc.code_bits, T)).sum())
         assert kept == int((c.to(torch.int64) <= t).sum())
     assert ec.set_level(served, "dense") == T + 1
