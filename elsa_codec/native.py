@@ -90,18 +90,18 @@ _CPU_SIGNATURES = {
     "elsa_cpu_avx2": [],
     "elsa_cpu_isa": [],
     "elsa_cpu_set_isa": [_I],
-    "elsa_count_rows": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _I],
-    "elsa_pack_csr": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
-    "elsa_pack_bitmask": [_P, _I, _I64, _I64, _I64, _I, _I, _P, _P, _I64, _P, _I],
-    "elsa_bsr_blocks": [_P, _I, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P, _I],
-    "elsa_pack_bsr": [_P, _I, _I64, _I64, _I64, _I, _I, _I64, _I64, _I64, _P, _P, _P, _P, _I],
+    "elsa_count_rows": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _I],
+    "elsa_pack_csr": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
+    "elsa_pack_bitmask": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I64, _P, _I],
+    "elsa_bsr_blocks": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P, _I],
+    "elsa_pack_bsr": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _I64, _P, _P, _P, _P, _I],
     "elsa_unpack_csr": [_I64, _I64, _P, _P, _I, _P, _I, _P, _I],
     "elsa_unpack_bitmask": [_I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
     "elsa_unpack_bsr": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
     "elsa_csr_mv": [_I64, _P, _P, _I, _P, _I, _P, _P, _P, _I],
     "elsa_bitmask_mv": [_I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_bsr_mv": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
-    "elsa_pack_nm": [_P, _I, _I64, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P, _I],
+    "elsa_pack_nm": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P, _I],
     "elsa_unpack_nm": [_I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
     "elsa_nm_mv": [_I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I],
     # elsa_cpu_mm.cpp: x as panels [P, Kp, W]; (N, M, W, Kp, <format arrays>, dt, xp, bias, y, ldy, threads)
@@ -125,7 +125,7 @@ _RULE_SIGNATURES = {
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
-_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=3,
+_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=4,
                 extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc",))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 

@@ -76,6 +76,28 @@ def test_pack_threads_and_strided_rows_bit_exact():
     assert all(torch.equal(p.tensors[n], ref.tensors[n]) for n in p.tensors)
 
 
+@pytest.mark.parametrize("fmt,block", FORMATS[:3] + [("nm", (0, 0))], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_pack_transposed_views_and_every_isa_bit_exact(fmt, block, dtype):
+    """A transposed weight (a transformers Conv1D's) is packed in place; the AVX-512 row packer
+    (compress-stores) and the one-weight-at-a-time packer give the same arrays."""
+    from elsa_codec.native import ISAS, cpu_isa
+
+    w = nm_encoded(123, 291, dtype, (2, 4)) if fmt == "nm" else encoded(123, 291, dtype)
+    ref = cs.pack_level_reference(w, 2, 2, fmt, block, group=(2, 4))
+    wt = w.t().contiguous().t()  # same values, column-major storage
+    assert wt.stride() == (1, 123)
+    top = cpu_isa()
+    try:
+        for isa in ISAS[: ISAS.index(top) + 1]:
+            cpu_isa(isa)
+            for src in (w, wt):
+                p = cs.pack_level(src, 2, 2, fmt, block, group=(2, 4))
+                assert all(torch.equal(bits(p.tensors[n]), bits(ref.tensors[n])) for n in ref.tensors), (isa, src.stride())
+    finally:
+        cpu_isa(top)
+
+
 def test_wide_rows_use_int32_columns():
     w = encoded(3, 70000, torch.float32)
     p = cs.pack_level(w, 2, 2, "csr")

@@ -24,6 +24,7 @@
 // holds the nm format's M = 1 product.
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 
 // Software prefetch distance of the value stream, in elements (measured: 64 -> 2048 took the float32
@@ -301,11 +302,151 @@ int detect_isa() {
 }
 int isa = detect_isa();
 
+inline bool fast_rows(int64_t cs) { return ELSA_AVX2 && isa >= 2 && cs == 1; }
+
+#if ELSA_AVX2
+// 16 weights from w[i] (fewer at the row's end: `left`): their bits as epi32 and the kept mask.
+ELSA_512 inline __mmask16 kept16(const void* w, int es, int64_t i, int64_t left, uint32_t low, uint32_t t, __m512i* bits) {
+    __mmask16 tail = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    __m512i v = es == 4 ? _mm512_maskz_loadu_epi32(tail, (const uint32_t*)w + i)
+                        : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail, (const uint16_t*)w + i));
+    *bits = v;
+    return _mm512_mask_cmplt_epu32_mask(tail, _mm512_and_si512(v, _mm512_set1_epi32((int)low)), _mm512_set1_epi32((int)t));
+}
+
+ELSA_512 int64_t count_row_512(const void* w, int es, int64_t base, int64_t K, uint32_t low, uint32_t t) {
+    int64_t c = 0;
+    __m512i bits;
+    for (int64_t j = 0; j < K; j += 16) c += __builtin_popcount(kept16(w, es, base + j, K - j, low, t, &bits));
+    return c;
+}
+
+// One row's kept values from entry i on (and their columns into col, isz bytes each, or their
+// mask bits into mb, KB bytes).
+ELSA_512 void pack_row_512(const void* w, int es, int64_t base, int64_t K, uint32_t low, uint32_t t, int64_t i,
+                           void* col, int isz, void* val, uint8_t* mb, int64_t KB) {
+    __m512i bits, iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t j = 0; j < K; j += 16) {
+        __mmask16 m = kept16(w, es, base + j, K - j, low, t, &bits);
+        if (mb) {
+            mb[j >> 3] = (uint8_t)m;
+            if ((j >> 3) + 1 < KB) mb[(j >> 3) + 1] = (uint8_t)(m >> 8);
+        }
+        if (!m) continue;
+        // compress in a register, then a masked store (a compress-store to memory is microcoded
+        // and slow on some CPUs, AMD Zen 4 among them)
+        int c = __builtin_popcount(m);
+        __mmask16 first = (__mmask16)((1u << c) - 1);
+        __m512i kv = _mm512_maskz_compress_epi32(m, bits);
+        if (es == 4) _mm512_mask_storeu_epi32((uint32_t*)val + i, first, kv);
+        else _mm256_mask_storeu_epi16((uint16_t*)val + i, first, _mm512_cvtepi32_epi16(kv));
+        if (col) {
+            __m512i kc = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((int)j)));
+            if (isz == 4) _mm512_mask_storeu_epi32((int32_t*)col + i, first, kc);
+            else _mm256_mask_storeu_epi16((uint16_t*)col + i, first, _mm512_cvtepi32_epi16(kc));
+        }
+        i += c;
+    }
+}
+#endif
+
+// Rows n0 .. n0 + nb - 1 (nb <= ELSA_TBLOCK) of a weight not stored by rows (cs != 1, e.g. transposed):
+// column j of the block at once (contiguous when rs == 1: one memory page per column for 256 rows,
+// so a memory-mapped weight's 4 KiB pages are not re-walked per 16 rows), emit(r, j, i) for each
+// kept weight, in column order per row.
+#if ELSA_AVX2
+// block_kept where the block's column is contiguous (rs == 1) on an AVX-512 CPU: 16 codes compared
+// per column, then one step per kept weight (no branch per weight).
+template <typename EMIT>
+ELSA_512 void block_kept_512(const void* w, int es, int64_t n0, int nb, int64_t K, int64_t cs, uint32_t low,
+                             uint32_t t, EMIT emit) {
+    __m512i vt = _mm512_set1_epi32((int)t), vlow = _mm512_set1_epi32((int)low);
+    for (int64_t j = 0; j < K; j++)
+        for (int r0 = 0; r0 < nb; r0 += 16) {
+            int left = nb - r0;
+            __mmask16 tail = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            int64_t i0 = n0 + r0 + j * cs;
+            __m512i v = es == 4 ? _mm512_maskz_loadu_epi32(tail, (const uint32_t*)w + i0)
+                                : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail, (const uint16_t*)w + i0));
+            for (unsigned m = _mm512_mask_cmplt_epu32_mask(tail, _mm512_and_si512(v, vlow), vt); m; m &= m - 1) {
+                int r = __builtin_ctz(m);
+                emit(r0 + r, j, i0 + r);
+            }
+        }
+}
+#endif
+
+#define ELSA_TBLOCK 256  // rows per block of a column-stored weight
+#if ELSA_AVX2
+// Kept weights per row of a column-stored block (rs == 1): one masked add of 16 row counters per
+// 16 codes, no branch per weight.
+ELSA_512 void count_block_512(const void* w, int es, int64_t n0, int nb, int64_t K, int64_t cs, uint32_t low,
+                              uint32_t t, int64_t* count) {
+    __m512i vt = _mm512_set1_epi32((int)t), vlow = _mm512_set1_epi32((int)low), one = _mm512_set1_epi32(1);
+    __m512i acc[ELSA_TBLOCK / 16];
+    int nsub = (nb + 15) / 16;
+    for (int q = 0; q < nsub; q++) acc[q] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < K; j++)
+        for (int q = 0; q < nsub; q++) {
+            int left = nb - 16 * q;
+            __mmask16 tail = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            int64_t i0 = n0 + 16 * q + j * cs;
+            __m512i v = es == 4 ? _mm512_maskz_loadu_epi32(tail, (const uint32_t*)w + i0)
+                                : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail, (const uint16_t*)w + i0));
+            __mmask16 m = _mm512_mask_cmplt_epu32_mask(tail, _mm512_and_si512(v, vlow), vt);
+            acc[q] = _mm512_mask_add_epi32(acc[q], m, acc[q], one);
+        }
+    for (int q = 0; q < nsub; q++) {
+        alignas(64) int32_t c[16];
+        _mm512_store_si512((__m512i*)c, acc[q]);
+        for (int l = 0; l < 16 && 16 * q + l < nb; l++) count[n0 + 16 * q + l] = c[l];
+    }
+}
+
+// Pack a column-stored block (rs == 1): transposed into a row-major scratch (nb x K), then each row
+// by the compress-store row packer.
+ELSA_512 void pack_block_512(const void* w, int es, int64_t n0, int nb, int64_t K, int64_t cs, uint32_t low,
+                             uint32_t t, const int64_t* rowptr, void* col, int isz, void* val, uint8_t* mask,
+                             int64_t KB) {
+    std::vector<uint32_t> scratch((size_t)nb * K * es / 4 + 1);
+    void* sp = scratch.data();
+    for (int64_t j0 = 0; j0 < K; j0 += 16)  // 16 columns at a time: the lines read stay in L1
+        for (int r = 0; r < nb; r++)
+            for (int64_t j = j0; j < j0 + 16 && j < K; j++) {
+                if (es == 4) ((uint32_t*)sp)[r * K + j] = ((const uint32_t*)w)[n0 + r + j * cs];
+                else ((uint16_t*)sp)[r * K + j] = ((const uint16_t*)w)[n0 + r + j * cs];
+            }
+    for (int r = 0; r < nb; r++)
+        pack_row_512(sp, es, r * K, K, low, t, rowptr[n0 + r], col, isz, val, mask ? mask + (n0 + r) * KB : nullptr, KB);
+}
+#endif
+
+template <typename EMIT>
+inline void block_kept(const void* w, int es, int64_t n0, int nb, int64_t K, int64_t rs, int64_t cs, uint32_t low,
+                       uint32_t t, EMIT emit) {
+#if ELSA_AVX2
+    if (isa >= 2 && rs == 1) { block_kept_512(w, es, n0, nb, K, cs, low, t, emit); return; }
+#endif
+    for (int64_t j = 0; j < K; j++)
+        for (int r = 0; r < nb; r++) {
+            int64_t i = (n0 + r) * rs + j * cs;
+            if (kept(w, es, i, low, t)) emit(r, j, i);
+        }
+}
+
+// Run f(n0, nb) over blocks of ELSA_TBLOCK rows (OpenMP).
+template <typename F>
+inline void over_blocks(int64_t N, int nt, int64_t work, F f) {
+    const int64_t B = ELSA_TBLOCK, nblk = (N + B - 1) / B;
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, work))
+    for (int64_t b = 0; b < nblk; b++) f(b * B, (int)(N - b * B < B ? N - b * B : B));
+}
+
 }  // namespace
 
 extern "C" {
 
-int elsa_cpu_abi() { return 3; }
+int elsa_cpu_abi() { return 4; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
 // The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
 // (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
@@ -317,53 +458,112 @@ int elsa_cpu_set_isa(int want) {
 }
 
 // -- packers ------------------------------------------------------------------------------------
-// w: encoded bits `[N, ld]` (es = 4 or 2 bytes per element); k code bits; level t.
+// w: encoded bits, element (n, j) at w[n rs + j cs] (es = 4 or 2 bytes per element); k code bits;
+// level t. Rows stored contiguously (cs == 1) on an AVX-512 CPU compare 16 codes per step and
+// compress-store the kept values and their columns (one vectorised read per pass); other strides
+// (a transposed Conv1D weight) go one weight at a time, 16 rows per thread chunk so that
+// neighbouring rows share the cache lines they read.
+#define ELSA_AT(n, j) ((n) * rs + (j) * cs)
 
-// Kept weights per row (count[n]) for csr / bitmask.
-void elsa_count_rows(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t* count, int nt) {
+void elsa_count_rows(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t, int64_t* count,
+                     int nt) {
     uint32_t low = (1u << k) - 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    bool fast = fast_rows(cs);
+    if (cs != 1) {
+        over_blocks(N, nt, N * K, [&](int64_t n0, int nb) {
+#if ELSA_AVX2
+            if (isa >= 2 && rs == 1) { count_block_512(w, es, n0, nb, K, cs, low, (uint32_t)t, count); return; }
+#endif
+            for (int r = 0; r < nb; r++) count[n0 + r] = 0;
+            block_kept(w, es, n0, nb, K, rs, cs, low, (uint32_t)t, [&](int r, int64_t, int64_t) { count[n0 + r]++; });
+        });
+        return;
+    }
+#pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * K))
     for (int64_t n = 0; n < N; n++) {
+#if ELSA_AVX2
+        if (fast) { count[n] = count_row_512(w, es, n * rs, K, low, (uint32_t)t); continue; }
+#endif
         int64_t c = 0;
-        for (int64_t j = 0; j < K; j++) c += kept(w, es, n * ld + j, low, (uint32_t)t);
+        for (int64_t j = 0; j < K; j++) c += kept(w, es, ELSA_AT(n, j), low, (uint32_t)t);
         count[n] = c;
     }
+    (void)fast;
 }
 
 // csr: rowptr from the counts rounded up to 8 (the caller zero-fills val and col).
-void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, const int64_t* rowptr,
-                   void* col, int isz, void* val, int nt) {
+void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t,
+                   const int64_t* rowptr, void* col, int isz, void* val, int nt) {
     uint32_t low = (1u << k) - 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    bool fast = fast_rows(cs);
+    if (cs != 1) {
+        over_blocks(N, nt, N * K, [&](int64_t n0, int nb) {
+#if ELSA_AVX2
+            if (isa >= 2 && rs == 1) { pack_block_512(w, es, n0, nb, K, cs, low, (uint32_t)t, rowptr, col, isz, val, nullptr, 0); return; }
+#endif
+            int64_t cur[ELSA_TBLOCK];
+            for (int r = 0; r < nb; r++) cur[r] = rowptr[n0 + r];
+            block_kept(w, es, n0, nb, K, rs, cs, low, (uint32_t)t, [&](int r, int64_t j, int64_t i) {
+                if (isz == 2) ((uint16_t*)col)[cur[r]] = (uint16_t)j; else ((int32_t*)col)[cur[r]] = (int32_t)j;
+                copy_val(val, cur[r]++, w, es, i);
+            });
+        });
+        return;
+    }
+#pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * K))
     for (int64_t n = 0; n < N; n++) {
         int64_t i = rowptr[n];
+#if ELSA_AVX2
+        if (fast) { pack_row_512(w, es, n * rs, K, low, (uint32_t)t, i, col, isz, val, nullptr, 0); continue; }
+#endif
         for (int64_t j = 0; j < K; j++) {
-            if (!kept(w, es, n * ld + j, low, (uint32_t)t)) continue;
+            if (!kept(w, es, ELSA_AT(n, j), low, (uint32_t)t)) continue;
             if (isz == 2) ((uint16_t*)col)[i] = (uint16_t)j; else ((int32_t*)col)[i] = (int32_t)j;
-            copy_val(val, i++, w, es, n * ld + j);
+            copy_val(val, i++, w, es, ELSA_AT(n, j));
         }
     }
+    (void)fast;
 }
 
-void elsa_pack_bitmask(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, const int64_t* rowptr,
-                       uint8_t* mask, int64_t KB, void* val, int nt) {
+void elsa_pack_bitmask(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t,
+                       const int64_t* rowptr, uint8_t* mask, int64_t KB, void* val, int nt) {
     uint32_t low = (1u << k) - 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
+    bool fast = fast_rows(cs);
+    if (cs != 1) {
+        over_blocks(N, nt, N * K, [&](int64_t n0, int nb) {
+            for (int r = 0; r < nb; r++) std::memset(mask + (n0 + r) * KB, 0, KB);
+#if ELSA_AVX2
+            if (isa >= 2 && rs == 1) { pack_block_512(w, es, n0, nb, K, cs, low, (uint32_t)t, rowptr, nullptr, 0, val, mask, KB); return; }
+#endif
+            int64_t cur[ELSA_TBLOCK];
+            for (int r = 0; r < nb; r++) cur[r] = rowptr[n0 + r];
+            block_kept(w, es, n0, nb, K, rs, cs, low, (uint32_t)t, [&](int r, int64_t j, int64_t i) {
+                mask[(n0 + r) * KB + (j >> 3)] |= (uint8_t)(1u << (j & 7));
+                copy_val(val, cur[r]++, w, es, i);
+            });
+        });
+        return;
+    }
+#pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * K))
     for (int64_t n = 0; n < N; n++) {
         int64_t i = rowptr[n];
         uint8_t* mb = mask + n * KB;
         std::memset(mb, 0, KB);
+#if ELSA_AVX2
+        if (fast) { pack_row_512(w, es, n * rs, K, low, (uint32_t)t, i, nullptr, 0, val, mb, KB); continue; }
+#endif
         for (int64_t j = 0; j < K; j++) {
-            if (!kept(w, es, n * ld + j, low, (uint32_t)t)) continue;
+            if (!kept(w, es, ELSA_AT(n, j), low, (uint32_t)t)) continue;
             mb[j >> 3] |= (uint8_t)(1u << (j & 7));
-            copy_val(val, i++, w, es, n * ld + j);
+            copy_val(val, i++, w, es, ELSA_AT(n, j));
         }
     }
+    (void)fast;
 }
 
 // bsr step 1: keep[br, bc] = 1 when block (br, bc) holds a kept weight; bcount[br] = kept blocks.
-void elsa_bsr_blocks(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t R, int64_t C,
-                     uint8_t* keep, int64_t* bcount, int nt) {
+void elsa_bsr_blocks(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t, int64_t R,
+                     int64_t C, uint8_t* keep, int64_t* bcount, int nt) {
     uint32_t low = (1u << k) - 1;
     int64_t NBR = (N + R - 1) / R, NBC = (K + C - 1) / C;
 #pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
@@ -372,7 +572,7 @@ void elsa_bsr_blocks(const void* w, int es, int64_t N, int64_t K, int64_t ld, in
         std::memset(kr, 0, NBC);
         for (int64_t n = br * R; n < N && n < (br + 1) * R; n++)
             for (int64_t j = 0; j < K; j++)
-                if (!kr[j / C] && kept(w, es, n * ld + j, low, (uint32_t)t)) kr[j / C] = 1;
+                if (!kr[j / C] && kept(w, es, ELSA_AT(n, j), low, (uint32_t)t)) kr[j / C] = 1;
         int64_t c = 0;
         for (int64_t bc = 0; bc < NBC; bc++) c += kr[bc];
         bcount[br] = c;
@@ -380,19 +580,19 @@ void elsa_bsr_blocks(const void* w, int es, int64_t N, int64_t K, int64_t ld, in
 }
 
 // bsr step 2: bcol and bval (zero-filled by the caller) of the kept blocks.
-void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int64_t R, int64_t C,
-                   int64_t R8, const uint8_t* keep, const int64_t* browptr, int32_t* bcol, void* bval, int nt) {
+void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t, int64_t R,
+                   int64_t C, int64_t R8, const uint8_t* keep, const int64_t* browptr, int32_t* bcol, void* bval, int nt) {
     uint32_t low = (1u << k) - 1;
     int64_t NBR = (N + R - 1) / R, NBC = (K + C - 1) / C;
 #pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K))
     for (int64_t br = 0; br < NBR; br++) {
         int64_t b = browptr[br];
-        for (int64_t bc = 0; bc < NBC; bc++, b += 0) {
+        for (int64_t bc = 0; bc < NBC; bc++) {
             if (!keep[br * NBC + bc]) continue;
             bcol[b] = (int32_t)bc;
             for (int64_t c = 0; c < C && bc * C + c < K; c++)
                 for (int64_t r = 0; r < R && br * R + r < N; r++) {
-                    int64_t i = (br * R + r) * ld + bc * C + c;
+                    int64_t i = ELSA_AT(br * R + r, bc * C + c);
                     if (kept(w, es, i, low, (uint32_t)t)) copy_val(bval, (b * C + c) * R8 + r, w, es, i);
                 }
             b++;
@@ -402,20 +602,20 @@ void elsa_pack_bsr(const void* w, int es, int64_t N, int64_t K, int64_t ld, int 
 
 // nm: idx and val (zero-filled by the caller) of an N:M level; returns the number of groups that
 // keep more than n weights (0: packed; otherwise the level is not n:m and the arrays are partial).
-int64_t elsa_pack_nm(const void* w, int es, int64_t N, int64_t K, int64_t ld, int k, int t, int n, int m, int64_t E,
-                     uint8_t* idx, void* val, int nt) {
+int64_t elsa_pack_nm(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t, int n, int m,
+                     int64_t E, uint8_t* idx, void* val, int nt) {
     uint32_t low = (1u << k) - 1;
     int64_t bad = 0;
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, N * K)) reduction(+ : bad)
+#pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * K)) reduction(+ : bad)
     for (int64_t r = 0; r < N; r++) {
         int64_t e = r * E;
         for (int64_t g = 0; g * m < K; g++) {
             int q = 0;
             for (int64_t j = g * m; j < K && j < (g + 1) * m; j++) {
-                if (!kept(w, es, r * ld + j, low, (uint32_t)t)) continue;
+                if (!kept(w, es, ELSA_AT(r, j), low, (uint32_t)t)) continue;
                 if (q == n) { bad++; break; }
                 idx[e + q] = (uint8_t)(j - g * m);
-                copy_val(val, e + q, w, es, r * ld + j);
+                copy_val(val, e + q, w, es, ELSA_AT(r, j));
                 q++;
             }
             e += n;
@@ -423,6 +623,7 @@ int64_t elsa_pack_nm(const void* w, int es, int64_t N, int64_t K, int64_t ld, in
     }
     return bad;
 }
+#undef ELSA_AT
 
 // -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
 // es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.

@@ -143,7 +143,7 @@ def _rowptr(counts: torch.Tensor) -> torch.Tensor:
 def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0), *,
                group=(0, 0), threads: int | None = None, name: str = "weight") -> PackedLevel:
     """Pack level ``level`` of the encoded ``weight`` `[N, K]` (float32 / bfloat16 / float16, CPU,
-    rows contiguous) in format ``fmt`` with the C++ kernels (one read of the weight); ``block``
+    any strides: a transposed view is read in place) in format ``fmt`` with the C++ kernels (one read of the weight); ``block``
     ``(R, C)`` for ``"bsr"``, ``group`` ``(n, m)`` for ``"nm"``.
 
     Raises:
@@ -165,10 +165,10 @@ def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr
     lib = cpu_kernels()
     if lib is None:
         raise ELSAError(f"{name}: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
-    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    w = weight  # any strides: a transposed Conv1D weight is read in place, never copied
     N, K = w.shape
-    es, ld, nt = w.element_size(), w.stride(0), threads or torch.get_num_threads()
-    args = (w.data_ptr(), es, N, K, ld, code_bits, level)
+    es, nt = w.element_size(), threads or torch.get_num_threads()
+    args = (w.data_ptr(), es, N, K, w.stride(0), w.stride(1), code_bits, level)
     store = torch.float32 if w.dtype == torch.float32 else torch.int16  # values move as bits
     if fmt == "bsr":
         return _pack_bsr(lib, w, args, level, block, nt, store)
