@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["elsa_codec", "elsa_codec.*"]),
-    package_data={"elsa_codec": ["kernels/cpu/*.cpp", "kernels/cpu/*.inc", "format/*.c"]},
+    package_data={"elsa_codec": ["kernels/cpu/*.cpp", "kernels/cpu/*.inc", "kernels/cpu/*.h", "format/*.c"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

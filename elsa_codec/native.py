@@ -126,7 +126,7 @@ _RULE_SIGNATURES = {
 }
 
 _CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=4,
-                extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc",))
+                extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc", "elsa_cpu_common.h"))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 
 

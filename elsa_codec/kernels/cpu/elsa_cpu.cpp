@@ -27,6 +27,8 @@
 #include <vector>
 #include <omp.h>
 
+#include "elsa_cpu_common.h"
+
 // Software prefetch distance of the value stream, in elements (measured: 64 -> 2048 took the float32
 // bitmask product at 50% density from 1.04x to 0.65x of dense F.linear on a 2-core Xeon VM).
 #ifndef ELSA_PF
@@ -106,8 +108,6 @@ inline void copy_val(void* dst, int64_t j, const void* w, int es, int64_t i) {
     else ((uint16_t*)dst)[j] = ((const uint16_t*)w)[i];
 }
 
-inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
-
 // csr: x `[K]`; rows padded to multiples of 8 entries: one 8-lane gather of x per 8 entries.
 template <int DT, typename IDX>
 void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const IDX* col, const void* val, const float* x,
@@ -135,19 +135,6 @@ void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const IDX* col, 
 #endif
         for (; i < e; i++) s += load1(val, DT, i) * x[col[i]];
         y[n] = s + (bias ? bias[n] : 0.f);
-    }
-}
-
-// Run ROWS(n0, n1, ...) over nt threads in contiguous row ranges, with the dtype as a template argument.
-template <typename F>
-void over_rows(int64_t N, int nt, int64_t work, F f) {
-    int T = nthreads_for(nt, work);
-    if (T <= 1) { f(0, N); return; }
-    int64_t chunk = (N + T - 1) / T;
-#pragma omp parallel for schedule(static, 1) num_threads(T)
-    for (int p = 0; p < T; p++) {
-        int64_t n0 = p * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        if (n0 < n1) f(n0, n1);
     }
 }
 

@@ -16,6 +16,8 @@
 #include <immintrin.h>
 #endif
 
+#include "elsa_cpu_common.h"
+
 extern "C" int elsa_cpu_isa();
 
 #define ELSA_VL 8
@@ -40,21 +42,6 @@ extern "C" int elsa_cpu_isa();
 
 namespace {
 
-inline int threads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
-
-// Run f(r0, r1) over `rows` rows split in nt contiguous ranges (OpenMP, static).
-template <typename F>
-void over(int64_t rows, int nt, int64_t work, F f) {
-    int T = threads_for(nt, work);
-    if (T <= 1) { f(0, rows); return; }
-    int64_t chunk = (rows + T - 1) / T;
-#pragma omp parallel for schedule(static, 1) num_threads(T)
-    for (int q = 0; q < T; q++) {
-        int64_t r0 = q * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
-        if (r0 < r1) f(r0, r1);
-    }
-}
-
 inline bool wide(int64_t W = 16) { return ELSA_HAS_V16 && elsa_cpu_isa() >= 2 && W % 16 == 0; }
 
 // Every panel of x in turn (outer loop), all rows of the weight per panel.
@@ -78,7 +65,7 @@ extern "C" {
 void elsa_csr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, const int64_t* rowptr, const void* col, int isz,
                  const void* val, int dt, const float* xp, const float* bias, float* y, int64_t ldy, int nt) {
     over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
-        over(N, nt, rowptr[N] * W, [&](int64_t n0, int64_t n1) {
+        over_rows(N, nt, rowptr[N] * W, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::csr(n0, n1, rowptr, col, isz, val, dt, p16); return; }
 #endif
@@ -92,7 +79,7 @@ void elsa_bitmask_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t KB, co
                      const uint8_t* mask, const void* val, int dt, const float* xp, const float* bias, float* y,
                      int64_t ldy, int nt) {
     over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
-        over(N, nt, rowptr[N] * W, [&](int64_t n0, int64_t n1) {
+        over_rows(N, nt, rowptr[N] * W, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::bitmask(n0, n1, KB, rowptr, mask, val, dt, p16); return; }
 #endif
@@ -106,7 +93,7 @@ void elsa_bitmask_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t KB, co
 void elsa_nm_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t E, int n, int m, const uint8_t* idx,
                 const void* val, int dt, const float* xp, const float* bias, float* y, int64_t ldy, int nt) {
     over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
-        over(N, nt, N * E * W, [&](int64_t n0, int64_t n1) {
+        over_rows(N, nt, N * E * W, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::nm(n0, n1, E, n, m, idx, val, dt, p16); return; }
 #endif
@@ -121,7 +108,7 @@ void elsa_bsr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t R, int64_t
                  const float* bias, float* y, int64_t ldy, int nt) {
     int64_t NBR = (N + R - 1) / R;
     over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
-        over(NBR, nt, browptr[NBR] * R8 * C * W, [&](int64_t b0, int64_t b1) {
+        over_rows(NBR, nt, browptr[NBR] * R8 * C * W, [&](int64_t b0, int64_t b1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::bsr(b0, b1, N, R, R8, C, browptr, bcol, bval, dt, p16); return; }
 #endif
@@ -134,7 +121,7 @@ void elsa_bsr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t R, int64_t
 // nm, M = 1: x `[K]`, y `[N]`.
 void elsa_nm_mv(int64_t N, int64_t E, int n, int m, const uint8_t* idx, const void* val, int dt, const float* x,
                 const float* bias, float* y, int nt) {
-    over(N, nt, N * E, [&](int64_t n0, int64_t n1) {
+    over_rows(N, nt, N * E, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
         if (wide()) { v16::nm_mv(n0, n1, E, n, m, idx, val, dt, x, bias, y); return; }
 #endif

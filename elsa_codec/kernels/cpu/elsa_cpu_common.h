@@ -1,0 +1,25 @@
+// Shared by elsa_cpu.cpp and elsa_cpu_mm.cpp: the thread count of a kernel call and the split of
+// its rows over OpenMP threads.
+#pragma once
+#include <cstdint>
+#include <omp.h>
+
+namespace {
+
+// One thread below 32K units of work (the fork costs more than it saves), else nt.
+inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
+
+// Run f(n0, n1) over N rows split in nt contiguous ranges (OpenMP, static).
+template <typename F>
+void over_rows(int64_t N, int nt, int64_t work, F f) {
+    int T = nthreads_for(nt, work);
+    if (T <= 1) { f(0, N); return; }
+    int64_t chunk = (N + T - 1) / T;
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+    for (int p = 0; p < T; p++) {
+        int64_t n0 = p * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        if (n0 < n1) f(n0, n1);
+    }
+}
+
+}  // namespace
