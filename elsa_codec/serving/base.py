@@ -317,9 +317,10 @@ class ELSAModule(nn.Module):
         if self._triton:
             _kernels()  # import outside torch.compile tracing
         if self._sparse_cpu and self.cpu_plan.any_packed:
-            self.packed_level()  # pack at the level switch, not in the first forward
+            for choice in self.cpu_plan.choices:  # pack at the level switch, not in the first forward
+                self.packed_level(choice)
         else:  # no packed level in use: keep only what the budget holds
-            self._packed.trim(self.packed_cache_bytes, current=False)
+            self._packed.trim(self.packed_cache_bytes)
 
     def _kernels_for(self, fn: str):
         """The kernels module for a forced or automatic Triton run on this weight's device."""
@@ -421,23 +422,24 @@ class ELSAModule(nn.Module):
             self._plan = (key, module_plan(self, t))
         return self._plan[1]
 
-    def packed_level(self):
+    def packed_level(self, choice: tuple | None = None):
         """The current sparse level packed for the ``sparse-cpu`` kernels
-        (:class:`~elsa_codec.kernels.cpu.packed.PackedLevel`) in :attr:`cpu_plan`'s format, built once per
-        level and weight version from the encoded weight (one read), runtime only (never in
-        ``state_dict``); recently used ones are kept within ``packed_cache_bytes``.
+        (:class:`~elsa_codec.kernels.cpu.packed.PackedLevel`) in ``choice`` ``(format, block, group)``
+        (default: :attr:`cpu_plan`'s primary format), built once per level and weight version from
+        the encoded weight (one read), runtime only (never in ``state_dict``); recently used
+        ones are kept within ``packed_cache_bytes``.
 
         Raises:
             ELSAError: the dense level is current, ``cpu_format`` does not fit the level, the
                 kernels are unavailable.
         """
-        plan, w = self.cpu_plan, self.weight
-        key = (self._level, w.data_ptr(), w._version, w.dtype, plan.format, plan.block, plan.group)
+        choice = choice or self.cpu_plan.primary
+        w, t = self.weight, self._level
+        key = (t, w.data_ptr(), w._version, w.dtype, *choice)
         p = self._packed.get(key)
         if p is None:
-            if self.packed_cache_bytes is None:
-                self._packed.clear()  # never hold two packed levels at once
-            p = pack_for_module(self, self._level, plan)
+            self._packed.trim(self.packed_cache_bytes, t)  # never more than the budget besides this level
+            p = pack_for_module(self, t, choice)
             self._packed.put(key, p, self.packed_cache_bytes)
         return p
 
@@ -453,11 +455,12 @@ class ELSAModule(nn.Module):
         instead (the plan routes this many rows to dense, or an input of another dtype)."""
         from ..kernels.cpu.packed import sparse_linear
 
-        if x.dtype != self.weight.dtype or not self.cpu_plan.serves_packed(x.numel() // max(1, x.shape[-1])):
+        if x.dtype != self.weight.dtype:
             return None
-        if self.backend_request == "auto" and not _sparse_cpu_usable(self.weight):
+        choice = self.cpu_plan.choice_for(x.numel() // max(1, x.shape[-1]))
+        if choice is None or (self.backend_request == "auto" and not _sparse_cpu_usable(self.weight)):
             return None
-        return sparse_linear(x, self.packed_level(), self.bias)
+        return sparse_linear(x, self.packed_level(choice), self.bias)
 
     @property
     def cached_bytes(self) -> int:

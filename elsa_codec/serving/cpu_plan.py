@@ -77,24 +77,27 @@ def module_plan(module, level: int) -> Plan:
     return dataclasses.replace(plan, max_rows=int(limit), source="forced")
 
 
-def pack_for_module(module, level: int, plan: Plan) -> PackedLevel:
-    """Pack ``level`` of the module's weight in ``plan``'s format; then, if
-    ``module.keep_weight_resident`` is False, :func:`release_pages` of the encoded weight.
+def pack_for_module(module, level: int, choice: tuple) -> PackedLevel:
+    """Pack ``level`` of the module's weight in ``choice`` ``(format, block, group)`` (one of its
+    plan's); then, if ``module.keep_weight_resident`` is False, :func:`release_pages` of the
+    encoded weight.
 
     Raises:
         ELSAError: the kernels are unavailable; the level does not fit the format.
     """
     with torch.no_grad():
-        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, plan.format, plan.block,
-                            group=plan.group, name=_weight_name(module))
+        fmt, block, group = choice
+        packed = pack_level(module._linear_weight().detach(), level, module.code_bits, fmt, block,
+                            group=group, name=_weight_name(module))
     if not module.keep_weight_resident:
         release_pages(module.weight)
     return packed
 
 
 class PackedCache:
-    """Packed levels of one module, most recently used last; holds at most ``budget`` bytes besides
-    the level in use (None: only the level in use)."""
+    """Packed levels of one module (keyed ``(level, ...)``), most recently used last. Holds every
+    packed form of the level in use (a plan may use two formats) plus, within ``budget`` bytes,
+    recently used other levels (None: none)."""
 
     def __init__(self):
         self._levels: OrderedDict = OrderedDict()
@@ -107,32 +110,30 @@ class PackedCache:
         return p
 
     def put(self, key, packed: PackedLevel, budget: int | None) -> None:
-        """Keep ``packed`` under ``key`` as the most recent; drop the oldest others until the rest
-        fits ``budget`` bytes."""
+        """Keep ``packed`` under ``key`` (``key[0]`` its level, the level in use) as the most
+        recent; drop the oldest other levels until they fit ``budget`` bytes."""
         self._levels[key] = packed
         self._levels.move_to_end(key)
-        self.trim(budget)
+        self.trim(budget, key[0])
 
-    def trim(self, budget: int | None, *, current: bool = True) -> None:
-        """Drop the oldest levels until those besides the newest (``current``: the level in use; else
-        all of them) fit ``budget`` bytes (None: 0)."""
+    def trim(self, budget: int | None, level: int | None = None) -> None:
+        """Drop the oldest entries of levels other than ``level`` (None: of every level) until
+        those fit ``budget`` bytes (None: 0)."""
         keep = 0 if budget is None else int(budget)
-        while self._levels and self.nbytes - (self.newest_nbytes if current else 0) > keep:
-            if current and len(self._levels) == 1:
+        others = [k for k in self._levels if k[0] != level]
+        total = sum(self._levels[k].nbytes for k in others)
+        for k in others:  # oldest first
+            if total <= keep:
                 break
-            self._levels.popitem(last=False)
+            total -= self._levels.pop(k).nbytes
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self._levels.values())
 
-    @property
-    def newest_nbytes(self) -> int:
-        return next(reversed(self._levels.values())).nbytes if self._levels else 0
-
     def levels(self) -> list:
-        """The packed levels held, oldest first."""
-        return [p.level for p in self._levels.values()]
+        """The levels held, oldest first (a level packed in two formats once)."""
+        return list(dict.fromkeys(k[0] for k in self._levels))
 
     def clear(self) -> None:
         self._levels.clear()
@@ -163,5 +164,5 @@ def set_packed_cache_bytes(model: torch.nn.Module, nbytes: int | None) -> int:
     for m in mods:
         share = None if nbytes is None else nbytes * m.weight.numel() * m.weight.element_size() // total
         m.packed_cache_bytes = share
-        m._packed.trim(share, current=m.level <= m.num_levels)
+        m._packed.trim(share, m.level if m.level <= m.num_levels else None)
     return len(mods)

@@ -60,10 +60,23 @@ def test_plan_json_round_trip_and_describe():
     q = planner.Plan.from_json(json.loads(json.dumps(p.to_json())))
     assert (q.format, q.block, q.packed, q.source) == ("bsr", (16, 8), p.packed, "disk")
     assert math.isnan(q.ratios[3]) and q.ratios[:3] == p.ratios[:3]
-    assert p.describe().startswith("bsr [M=1: packed 0.20x, M=4: packed 0.50x, M=16: dense 1.20x, M=64: dense,")
+    assert p.describe().startswith("bsr [M=1: bsr 0.20x, M=4: bsr 0.50x, M=16: dense 1.20x, M=64: dense,")
     assert p.serves_packed(1) and p.serves_packed(8) and not p.serves_packed(9) and not p.serves_packed(1000)
     with pytest.raises(ValueError):
         planner.Plan.from_json({**p.to_json(), "format": "coo"})
+
+
+def test_a_second_format_serves_the_buckets_where_it_is_faster():
+    cands = planner.candidates("unstructured")  # csr, bitmask
+    rows = [[2.0, 0.5], [0.3, 0.9], [0.3, 0.9], [0.4, 0.9], [0.5, 1.2]]
+    p = planner._choose(cands, rows, "measured")
+    assert p.format == "csr" and p.second == cands[1] and p.packed == (2, 1, 1, 1, 1)
+    assert p.choice_for(1) == cands[1] and p.choice_for(100) == cands[0] and [c[0] for c in p.choices] == ["csr", "bitmask"]
+    assert p.describe().startswith("csr+bitmask [M=1: bitmask 0.50x, M=4: csr 0.30x")
+    q = planner.Plan.from_json(json.loads(json.dumps(p.to_json())))
+    assert (q.second, q.packed) == (p.second, p.packed)
+    one = planner._choose(cands, [[0.3, 0.29]] * 5, "measured")  # under 10% better: no second format
+    assert one.second is None and set(one.packed) == {1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -72,7 +85,7 @@ def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
     p = planner.plan_level(w, 1, 2, "unstructured", 0.1)
     assert p.source == "measured" and p.format in ("csr", "bitmask")
     assert len(p.packed) == len(p.ratios) == 5 and all(r > 0 and math.isfinite(r) for r in p.ratios)
-    assert all(pk == (r <= planner.MARGIN) for pk, r in zip(p.packed, p.ratios))
+    assert all((pk != 0) == (r <= planner.MARGIN) for pk, r in zip(p.packed, p.ratios))
     assert planner.plan_level(w, 1, 2, "unstructured", 0.1) is p  # memory
     doc = json.loads(measuring.read_text())
     assert len(doc["plans"]) == 1 and "cpu" in doc

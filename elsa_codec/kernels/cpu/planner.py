@@ -61,47 +61,72 @@ class Plan:
     """How a sparse level is served on the CPU.
 
     Attributes:
-        format: the packed format (one of ``packed.FORMATS``), None when no bucket is served packed.
-        block: ``(R, C)`` of ``bsr``; group: ``(n, m)`` of ``nm``.
-        packed: per bucket of :data:`BUCKETS`, True where the packed product serves it.
-        ratios: per bucket, packed time / dense time of the chosen format (NaN: not measured).
+        format: the primary packed format (one of ``packed.FORMATS``), None when no bucket is
+            served packed; block: ``(R, C)`` of ``bsr``; group: ``(n, m)`` of ``nm``.
+        packed: per bucket of :data:`BUCKETS`: 0 dense, 1 the primary format, 2 the second one.
+        ratios: per bucket, the route's time / dense time (the best packed format's where the
+            route is dense; NaN: not measured).
         source: ``"measured"``, ``"disk"`` (an earlier measurement), ``"cost-model"``,
             ``"forced"`` (``cpu_max_tokens`` set) or ``"fallback"`` (a failed calibration).
-        max_rows: set by a forced plan: calls with at most this many rows run packed, the rest
-            dense (the buckets are then not used).
+        max_rows: set by a forced plan: calls with at most this many rows run the primary
+            format, the rest dense (the buckets are then not used).
+        second: ``(format, block, group)`` of a second packed format serving some buckets (a
+            level is then packed twice; still fewer bytes than packed + decoded), or None.
     """
 
     format: str | None
     block: tuple = (0, 0)
     group: tuple = (0, 0)
-    packed: tuple = (False,) * len(BUCKETS)
+    packed: tuple = (0,) * len(BUCKETS)
     ratios: tuple = (math.nan,) * len(BUCKETS)
     source: str = "cost-model"
     max_rows: int | None = None
+    second: tuple | None = None
+
+    @property
+    def primary(self) -> tuple | None:
+        return None if self.format is None else (self.format, tuple(self.block), tuple(self.group))
+
+    def choice_for(self, m: int) -> tuple | None:
+        """``(format, block, group)`` serving a call with ``m`` input rows, None for dense."""
+        if self.format is None:
+            return None
+        if self.max_rows is not None:
+            return self.primary if m <= self.max_rows else None
+        route = self.packed[bucket_of(m)]
+        return None if not route else self.primary if route == 1 else tuple(self.second)
 
     def serves_packed(self, m: int) -> bool:
-        """Whether a call with ``m`` input rows runs the packed product."""
+        """Whether a call with ``m`` input rows runs a packed product."""
+        return self.choice_for(m) is not None
+
+    @property
+    def choices(self) -> list:
+        """The packed formats some call runs (packed at the level switch)."""
         if self.format is None:
-            return False
-        return m <= self.max_rows if self.max_rows is not None else self.packed[bucket_of(m)]
+            return []
+        if self.max_rows is not None:
+            return [self.primary] if self.max_rows > 0 else []
+        used = {r for r in self.packed if r}
+        return [c for r, c in ((1, self.primary), (2, self.second)) if r in used]
 
     @property
     def any_packed(self) -> bool:
-        """Whether any call runs the packed product (the level is packed at the switch)."""
-        if self.format is None:
-            return False
-        return self.max_rows > 0 if self.max_rows is not None else any(self.packed)
+        """Whether any call runs a packed product (the level is packed at the switch)."""
+        return bool(self.choices)
 
     def describe(self) -> str:
-        """One line: the format and, per bucket, ``M=<b>: packed|dense (<ratio>x)``."""
+        """One line: per bucket ``M=<b>: <format>|dense <ratio>x``."""
         if self.max_rows is not None:
             return f"{self.format} [packed for M<={self.max_rows}, dense above] ({self.source})"
+        if not self.any_packed and self.source == "fallback":
+            return "dense [every M: dense] (fallback)"
         parts = []
         for b, p, r in zip(BUCKETS, self.packed, self.ratios):
-            parts.append(f"M={b}: {'packed' if p and self.format else 'dense'}" + ("" if math.isnan(r) else f" {r:.2f}x"))
-        if not self.any_packed and self.source == "fallback":
-            parts = ["every M: dense"]
-        return f"{self.format if self.any_packed else 'dense'} [{', '.join(parts)}] ({self.source})"
+            name = "dense" if not p or self.format is None else self.format if p == 1 else self.second[0]
+            parts.append(f"M={b}: {name}" + ("" if math.isnan(r) else f" {r:.2f}x"))
+        head = "+".join(c[0] for c in self.choices) or "dense"
+        return f"{head} [{', '.join(parts)}] ({self.source})"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,11 +135,40 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
-        fmt = d["format"]
+        fmt, second = d["format"], d.get("second")
         if fmt is not None and fmt not in FORMATS or len(d["packed"]) != len(BUCKETS):
             raise ValueError(f"not a plan: {d!r}")
-        return cls(fmt, tuple(d["block"]), tuple(d["group"]), tuple(bool(p) for p in d["packed"]),
-                   tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk")
+        if (second is not None and second[0] not in FORMATS) or (second is None and any(int(p) == 2 for p in d["packed"])):
+            raise ValueError(f"not a plan: {d!r}")
+        sec = None if second is None else (second[0], tuple(second[1]), tuple(second[2]))
+        return cls(fmt, tuple(d["block"]), tuple(d["group"]), tuple(int(p) for p in d["packed"]),
+                   tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk", None, sec)
+
+
+def _choose(cands: list, rows: list, source: str) -> "Plan":
+    """The plan from per-bucket ratios ``rows[b][i]`` of candidate ``i``: the primary format has the
+    largest gain (:func:`_gain`); a second format is added where it saves at least 10% more in some
+    bucket; each bucket takes the fastest of them if at most :data:`MARGIN`, else dense."""
+    n = len(cands)
+    i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
+    best_j, best_extra = None, math.log(0.9)
+    for j in range(n):
+        if j == i:
+            continue
+        extra = sum(math.log(min(r[j], min(r[i], 1.0)) / min(r[i], 1.0)) for r in rows)
+        if extra < best_extra:
+            best_j, best_extra = j, extra
+    routes, ratios = [], []
+    for r in rows:
+        opts = [(r[i], 1)] + ([(r[best_j], 2)] if best_j is not None else [])
+        ratio, route = min(opts)
+        routes.append(route if ratio <= MARGIN else 0)
+        ratios.append(ratio)
+    if best_j is not None and 2 not in routes:
+        best_j = None
+    fmt, block, group = cands[i]
+    return Plan(fmt, block, group, tuple(routes), tuple(ratios), source, None,
+                None if best_j is None else tuple(cands[best_j]))
 
 
 def bucket_of(m: int) -> int:
@@ -183,18 +237,23 @@ def cost_model(shape, dtype: torch.dtype, density: float, structure, cands=None)
     es = dtype.itemsize
     if n * k * es < SMALL_LAYER_BYTES and density > SMALL_LAYER_DENSITY:
         return Plan(None, source="cost-model")
-    best = None
-    for fmt, block, group in cands or candidates(structure):
-        eff = EFFICIENCY[fmt] * (1.0 if es == 4 else HALF_FLOPS)
-        ratios = []
-        for m in BUCKETS:
-            dense = max(n * k * es, 2 * n * k * m / FLOPS_PER_BYTE)
-            mem = _packed_bytes(fmt, n, k, es, density, group) / STREAM[fmt]
-            ratios.append(max(mem, 2 * density * n * k * m / (FLOPS_PER_BYTE * eff)) / dense)
-        if best is None or _gain(ratios) < _gain(best[3]):
-            best = (fmt, block, group, ratios)
-    fmt, block, group, ratios = best
-    return Plan(fmt, block, group, tuple(r <= MARGIN for r in ratios), tuple(ratios), "cost-model")
+    cands = cands or candidates(structure)
+    rows = [[] for _ in BUCKETS]
+    for fmt, block, group in cands:
+        for b, r in enumerate(_model_ratios(fmt, n, k, es, density, group)):
+            rows[b].append(r)
+    return _choose(cands, rows, "cost-model")
+
+
+def _model_ratios(fmt: str, n: int, k: int, es: int, density: float, group) -> list:
+    """The cost model's time / dense time of ``fmt`` at each bucket."""
+    eff = EFFICIENCY[fmt] * (1.0 if es == 4 else HALF_FLOPS)
+    out = []
+    for m in BUCKETS:
+        dense = max(n * k * es, 2 * n * k * m / FLOPS_PER_BYTE)
+        mem = _packed_bytes(fmt, n, k, es, density, group) / STREAM[fmt]
+        out.append(max(mem, 2 * density * n * k * m / (FLOPS_PER_BYTE * eff)) / dense)
+    return out
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -264,11 +323,15 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[flo
     return [ti / t[0] for ti in t[1:]]
 
 
-def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *,
+def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *, density: float | None = None,
               threads: int | None = None, budget_s: float = BUDGET_S) -> Plan:
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
-    seconds are spent; later buckets take the last measured ratios) and return the plan.
+    seconds are spent; later buckets take the last measured ratios) and return the plan
+    (:func:`_choose`). At M = 1 a layer of at least :data:`SMALL_LAYER_BYTES` takes the smaller of
+    the measured ratio and the cost model's: in a model, a decode step streams every weight from
+    memory, while the slice timed here stays in cache (which favours dense; the cost model's M = 1
+    ratio is the bytes ratio, within 10% of full-size streaming measurements in bench/results).
 
     Raises:
         ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
@@ -283,11 +346,13 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
                 rows.append(rows[-1])
                 continue
             rows.append(_measure_bucket(w2d, level, code_bits, cands, m, nt, packs))
-    gains = [_gain([r[i] for r in rows]) for i in range(len(cands))]
-    i = min(range(len(cands)), key=gains.__getitem__)
-    ratios = tuple(r[i] for r in rows)
-    fmt, block, group = cands[i]
-    return Plan(fmt, block, group, tuple(r <= MARGIN for r in ratios), ratios, "measured")
+    n, k = w2d.shape
+    es = w2d.element_size()
+    if n * k * es >= SMALL_LAYER_BYTES:  # M = 1 streams the weight in a model (see the docstring)
+        if density is None:
+            density = float((extract_level(w2d[: min(n, 64)], level, code_bits) != 0).float().mean())
+        rows[0] = [min(r, _model_ratios(c[0], n, k, es, density, c[2])[0]) for r, c in zip(rows[0], cands)]
+    return _choose(cands, rows, "measured")
 
 
 # -- the plans kept: memory, then disk ---------------------------------------------------------------
@@ -370,7 +435,7 @@ def plan_level(w2d: torch.Tensor, level: int, code_bits: int, structure, density
         plan = None
     if plan is None:
         try:
-            plan = calibrate(w2d, level, code_bits, structure, cands)
+            plan = calibrate(w2d, level, code_bits, structure, cands, density=density)
         except (ELSAError, RuntimeError, ValueError) as e:
             if key not in _WARNED:
                 _WARNED.add(key)
