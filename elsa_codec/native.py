@@ -95,6 +95,7 @@ _CPU_SIGNATURES = {
     "elsa_pack_bitmask": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I64, _P, _I],
     "elsa_bsr_blocks": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P, _I],
     "elsa_pack_bsr": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _I64, _P, _P, _P, _P, _I],
+    "elsa_bitmask_to_csr": [_I64, _I64, _P, _P, _P, _I, _P, _P, _I, _P, _I],
     "elsa_unpack_csr": [_I64, _I64, _P, _P, _I, _P, _I, _P, _I],
     "elsa_unpack_bitmask": [_I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
     "elsa_unpack_bsr": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
@@ -125,7 +126,7 @@ _RULE_SIGNATURES = {
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
-_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=4,
+_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=5,
                 extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc", "elsa_cpu_common.h"))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 

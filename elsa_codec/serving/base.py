@@ -55,6 +55,7 @@ from ..format.bits import (
     extract_level,
 )
 from ..format.encode import _tensor_info, encode, resolve_level
+from ..kernels.cpu.packed import csr_from_bitmask
 from .cpu_plan import PackedCache, module_plan, pack_for_module
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule"]
@@ -317,7 +318,8 @@ class ELSAModule(nn.Module):
         if self._triton:
             _kernels()  # import outside torch.compile tracing
         if self._sparse_cpu and self.cpu_plan.any_packed:
-            for choice in self.cpu_plan.choices:  # pack at the level switch, not in the first forward
+            # pack at the level switch, not in the first forward; bitmask first (a csr form is derived from it)
+            for choice in sorted(self.cpu_plan.choices, key=lambda c: c[0] != "bitmask"):
                 self.packed_level(choice)
         else:  # no packed level in use: keep only what the budget holds
             self._packed.trim(self.packed_cache_bytes)
@@ -439,7 +441,8 @@ class ELSAModule(nn.Module):
         p = self._packed.get(key)
         if p is None:
             self._packed.trim(self.packed_cache_bytes, t)  # never more than the budget besides this level
-            p = pack_for_module(self, t, choice)
+            src = self._packed.get(key[:4] + ("bitmask", (0, 0), (0, 0))) if choice[0] == "csr" else None
+            p = csr_from_bitmask(src) if src is not None else pack_for_module(self, t, choice)
             self._packed.put(key, p, self.packed_cache_bytes)
         return p
 

@@ -98,10 +98,40 @@ def test_pack_transposed_views_and_every_isa_bit_exact(fmt, block, dtype):
         cpu_isa(top)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("n,k", [(300, 1201), (63, 123), (257, 16)], ids=str)
+def test_column_stored_sub_blocks_and_csr_from_bitmask_every_isa(dtype, n, k):
+    """A column-stored weight wide enough that a 256-row block is transposed in several sub-blocks
+    (16 x 16 register tiles, row and column tails) packs as the reference does; the csr form derived
+    from a bitmask level is the csr pack, padding included, on every ISA."""
+    from elsa_codec.native import ISAS, cpu_isa
+
+    w = encoded(n, k, dtype)
+    wt = w.t().contiguous().t()
+    top = cpu_isa()
+    try:
+        for isa in ISAS[: ISAS.index(top) + 1]:
+            cpu_isa(isa)
+            for t in (1, 2, 3):
+                for fmt in ("csr", "bitmask"):
+                    ref = cs.pack_level_reference(w, t, 2, fmt)
+                    p = cs.pack_level(wt, t, 2, fmt)
+                    assert all(torch.equal(bits(p.tensors[x]), bits(ref.tensors[x])) for x in ref.tensors), (isa, t, fmt)
+                d = cs.csr_from_bitmask(cs.pack_level(wt, t, 2, "bitmask"), threads=2)
+                c = cs.pack_level(w, t, 2, "csr")
+                assert d.nnz == c.nnz and all(torch.equal(bits(d.tensors[x]), bits(c.tensors[x])) for x in c.tensors), (isa, t)
+    finally:
+        cpu_isa(top)
+    with pytest.raises(ec.ELSAError, match="bitmask PackedLevel"):
+        cs.csr_from_bitmask(cs.pack_level(w, 1, 2, "csr"))
+
 def test_wide_rows_use_int32_columns():
     w = encoded(3, 70000, torch.float32)
     p = cs.pack_level(w, 2, 2, "csr")
     assert p.tensors["col"].dtype == torch.int32
+    d = cs.csr_from_bitmask(cs.pack_level(w, 2, 2, "bitmask"))
+    assert all(torch.equal(bits(d.tensors[n]), bits(p.tensors[n])) for n in p.tensors)
     assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, 2, 2)))
     x = torch.randn(1, 70000)
     assert_close_linear(cs.sparse_linear(x, p), x, extract_level(w, 2, 2), None, torch.float32)
@@ -319,6 +349,32 @@ def test_unstructured_90_percent_is_packed_at_every_bucket_and_block_levels_use_
     assert b.packed_level().format == "bsr" and b.packed_level().block == (16, 16)
 
 
+
+def test_a_two_format_plan_packs_the_weight_once_and_routes_each_bucket(monkeypatch):
+    """A plan serving M = 1 from bitmask and larger M from csr: the switch packs the bitmask level
+    from the encoded weight and derives the csr form from it (one read of the weight); each call
+    runs the format its bucket names, and both give the level."""
+    from elsa_codec.kernels.cpu.planner import Plan
+    from elsa_codec.serving import cpu_plan
+
+    m = linear_at_levels([0.75, 0.5])
+    plan = Plan("csr", packed=(2, 1, 1, 0, 0), source="measured", second=("bitmask", (0, 0), (0, 0)))
+    monkeypatch.setattr(type(m), "cpu_plan", property(lambda self: plan))
+    reads = []
+    real = cpu_plan.pack_for_module
+    monkeypatch.setattr("elsa_codec.serving.base.pack_for_module", lambda *a: reads.append(a[2]) or real(*a))
+    m.set_level(2)
+    assert reads == [("bitmask", (0, 0), (0, 0))] and len(m._packed) == 2
+    formats = {p.format for p in m._packed._levels.values()}
+    assert formats == {"csr", "bitmask"} and m.cached_bytes == m._packed.nbytes
+    wl = extract_level(m.weight, 2, m.code_bits)
+    for rows, fmt in ((1, "bitmask"), (3, "csr"), (17, "csr"), (70, None)):
+        assert plan.choice_for(rows) == (None if fmt is None else (fmt, (0, 0), (0, 0)))
+        x = torch.randn(rows, 520)
+        with torch.inference_mode():
+            assert_close_linear(m(x), x, wl, m.bias, torch.float32)
+    assert len(reads) == 1  # no call packed again
+
 def test_forced_rows_and_format_overrides():
     m = linear_at_levels([0.5])
     m.set_level(1)
@@ -400,7 +456,7 @@ def test_packed_levels_lru_keeps_recent_levels_within_the_budget():
     assert m._packed.levels() == [1, 2, 3] or m._packed.levels() == [2, 3]
     assert m._packed.nbytes - sizes[3] <= m.packed_cache_bytes
     m.set_level(2)  # still held: no packing
-    p2 = m._packed.get(next(k for k in m._packed._levels if k[0] == 2))
+    p2 = m._packed.get(next(k for k in m._packed._levels if k[0] == 2 and k[4] == m.cpu_plan.format))
     assert m.packed_level() is p2 and m._packed.levels()[-1] == 2
     assert m.cached_bytes == m._packed.nbytes
     m.set_level("dense")  # the budget still holds what fits

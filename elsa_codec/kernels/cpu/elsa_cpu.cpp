@@ -291,6 +291,14 @@ int isa = detect_isa();
 
 inline bool fast_rows(int64_t cs) { return ELSA_AVX2 && isa >= 2 && cs == 1; }
 
+// csr rows start at multiples of 8: zero a row's padding from entry i to the next multiple of 8.
+inline void pad_csr(void* col, int isz, void* val, int es, int64_t i) {
+    for (; i & 7; i++) {
+        if (isz == 2) ((uint16_t*)col)[i] = 0; else ((int32_t*)col)[i] = 0;
+        if (es == 4) ((uint32_t*)val)[i] = 0; else ((uint16_t*)val)[i] = 0;
+    }
+}
+
 #if ELSA_AVX2
 // 16 weights from w[i] (fewer at the row's end: `left`): their bits as epi32 and the kept mask.
 ELSA_512 inline __mmask16 kept16(const void* w, int es, int64_t i, int64_t left, uint32_t low, uint32_t t, __m512i* bits) {
@@ -309,8 +317,8 @@ ELSA_512 int64_t count_row_512(const void* w, int es, int64_t base, int64_t K, u
 }
 
 // One row's kept values from entry i on (and their columns into col, isz bytes each, or their
-// mask bits into mb, KB bytes).
-ELSA_512 void pack_row_512(const void* w, int es, int64_t base, int64_t K, uint32_t low, uint32_t t, int64_t i,
+// mask bits into mb, KB bytes); returns the entry after the row's last.
+ELSA_512 int64_t pack_row_512(const void* w, int es, int64_t base, int64_t K, uint32_t low, uint32_t t, int64_t i,
                            void* col, int isz, void* val, uint8_t* mb, int64_t KB) {
     __m512i bits, iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t j = 0; j < K; j += 16) {
@@ -319,7 +327,7 @@ ELSA_512 void pack_row_512(const void* w, int es, int64_t base, int64_t K, uint3
             mb[j >> 3] = (uint8_t)m;
             if ((j >> 3) + 1 < KB) mb[(j >> 3) + 1] = (uint8_t)(m >> 8);
         }
-        if (!m) continue;
+        // no branch on an empty group: at 10% density 1 group in 5 is empty, unpredictably
         // compress in a register, then a masked store (a compress-store to memory is microcoded
         // and slow on some CPUs, AMD Zen 4 among them)
         int c = __builtin_popcount(m);
@@ -334,6 +342,7 @@ ELSA_512 void pack_row_512(const void* w, int es, int64_t base, int64_t K, uint3
         }
         i += c;
     }
+    return i;
 }
 #endif
 
@@ -390,21 +399,73 @@ ELSA_512 void count_block_512(const void* w, int es, int64_t n0, int nb, int64_t
     }
 }
 
-// Pack a column-stored block (rs == 1): transposed into a row-major scratch (nb x K), then each row
-// by the compress-store row packer.
+// 16 x 16 transpose of 32-bit lanes in registers (unpack 32 / 64, then two 128-bit shuffles).
+ELSA_512 inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+// Rows n0 + r0 .. n0 + r0 + nr - 1 (nr <= 16) of a column-stored weight (rs == 1), columns j0 ..
+// j0 + nc - 1 (nc <= 16), into the row-major scratch sp (row r at sp + r K): one 16 x 16 tile.
+ELSA_512 inline void tile_to_rows(const void* w, int es, int64_t i0, int64_t cs, int nr, int nc, void* sp, int64_t K,
+                                  int64_t s0) {
+    __mmask16 rm = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+    __mmask16 cm = nc >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nc) - 1);
+    __m512i r[16];
+    for (int j = 0; j < 16; j++)
+        r[j] = j >= nc ? _mm512_setzero_si512()
+               : es == 4 ? _mm512_maskz_loadu_epi32(rm, (const uint32_t*)w + i0 + j * cs)
+                         : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(rm, (const uint16_t*)w + i0 + j * cs));
+    transpose16(r);
+    for (int q = 0; q < nr; q++) {
+        if (es == 4) _mm512_mask_storeu_epi32((uint32_t*)sp + s0 + q * K, cm, r[q]);
+        else _mm512_mask_cvtepi32_storeu_epi16((uint16_t*)sp + s0 + q * K, cm, r[q]);
+    }
+}
+
+#define ELSA_SCRATCH_BYTES (256 << 10)  // a sub-block's transposed rows: within L2 beside what is read
+// Pack a column-stored block (rs == 1): sub-blocks of rows that fit ELSA_SCRATCH_BYTES, each
+// transposed by 16 x 16 register tiles into a per-thread scratch (reused, never zeroed), then each
+// row by the compress-store row packer.
 ELSA_512 void pack_block_512(const void* w, int es, int64_t n0, int nb, int64_t K, int64_t cs, uint32_t low,
                              uint32_t t, const int64_t* rowptr, void* col, int isz, void* val, uint8_t* mask,
                              int64_t KB) {
-    std::vector<uint32_t> scratch((size_t)nb * K * es / 4 + 1);
+    int64_t fit = ELSA_SCRATCH_BYTES / (K * es) / 16 * 16;
+    int sub = (int)(fit < 16 ? 16 : fit > nb ? nb : fit);
+    static thread_local std::vector<uint32_t> scratch;
+    size_t need = (size_t)sub * K * es / 4 + 16;
+    if (scratch.size() < need) scratch.resize(need);
     void* sp = scratch.data();
-    for (int64_t j0 = 0; j0 < K; j0 += 16)  // 16 columns at a time: the lines read stay in L1
-        for (int r = 0; r < nb; r++)
-            for (int64_t j = j0; j < j0 + 16 && j < K; j++) {
-                if (es == 4) ((uint32_t*)sp)[r * K + j] = ((const uint32_t*)w)[n0 + r + j * cs];
-                else ((uint16_t*)sp)[r * K + j] = ((const uint16_t*)w)[n0 + r + j * cs];
-            }
-    for (int r = 0; r < nb; r++)
-        pack_row_512(sp, es, r * K, K, low, t, rowptr[n0 + r], col, isz, val, mask ? mask + (n0 + r) * KB : nullptr, KB);
+    for (int s0 = 0; s0 < nb; s0 += sub) {
+        int ns = nb - s0 < sub ? nb - s0 : sub;
+        for (int64_t j0 = 0; j0 < K; j0 += 16)
+            for (int r0 = 0; r0 < ns; r0 += 16)
+                tile_to_rows(w, es, n0 + s0 + r0 + j0 * cs, cs, ns - r0 < 16 ? ns - r0 : 16,
+                             K - j0 < 16 ? (int)(K - j0) : 16, sp, K, r0 * K + j0);
+        for (int r = 0; r < ns; r++) {
+            int64_t n = n0 + s0 + r;
+            int64_t e = pack_row_512(sp, es, r * K, K, low, t, rowptr[n], col, isz, val, mask ? mask + n * KB : nullptr, KB);
+            if (col) pad_csr(col, isz, val, es, e);
+        }
+    }
 }
 #endif
 
@@ -433,7 +494,7 @@ inline void over_blocks(int64_t N, int nt, int64_t work, F f) {
 
 extern "C" {
 
-int elsa_cpu_abi() { return 4; }
+int elsa_cpu_abi() { return 5; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
 // The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
 // (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
@@ -478,7 +539,8 @@ void elsa_count_rows(const void* w, int es, int64_t N, int64_t K, int64_t rs, in
     (void)fast;
 }
 
-// csr: rowptr from the counts rounded up to 8 (the caller zero-fills val and col).
+// csr: rowptr from the counts rounded up to 8; each row's padding is zeroed here (the caller zeroes
+// the entries past the last row).
 void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int t,
                    const int64_t* rowptr, void* col, int isz, void* val, int nt) {
     uint32_t low = (1u << k) - 1;
@@ -494,6 +556,7 @@ void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t rs, int6
                 if (isz == 2) ((uint16_t*)col)[cur[r]] = (uint16_t)j; else ((int32_t*)col)[cur[r]] = (int32_t)j;
                 copy_val(val, cur[r]++, w, es, i);
             });
+            for (int r = 0; r < nb; r++) pad_csr(col, isz, val, es, cur[r]);
         });
         return;
     }
@@ -501,13 +564,14 @@ void elsa_pack_csr(const void* w, int es, int64_t N, int64_t K, int64_t rs, int6
     for (int64_t n = 0; n < N; n++) {
         int64_t i = rowptr[n];
 #if ELSA_AVX2
-        if (fast) { pack_row_512(w, es, n * rs, K, low, (uint32_t)t, i, col, isz, val, nullptr, 0); continue; }
+        if (fast) { pad_csr(col, isz, val, es, pack_row_512(w, es, n * rs, K, low, (uint32_t)t, i, col, isz, val, nullptr, 0)); continue; }
 #endif
         for (int64_t j = 0; j < K; j++) {
             if (!kept(w, es, ELSA_AT(n, j), low, (uint32_t)t)) continue;
             if (isz == 2) ((uint16_t*)col)[i] = (uint16_t)j; else ((int32_t*)col)[i] = (int32_t)j;
             copy_val(val, i++, w, es, ELSA_AT(n, j));
         }
+        pad_csr(col, isz, val, es, i);
     }
     (void)fast;
 }
@@ -611,6 +675,47 @@ int64_t elsa_pack_nm(const void* w, int es, int64_t N, int64_t K, int64_t rs, in
     return bad;
 }
 #undef ELSA_AT
+
+// -- csr from a bitmask level (no second read of the encoded weight) ----------------------------
+#if ELSA_AVX2
+// One row's columns from its mask (16 per step: compress of the column numbers), from entry i on.
+ELSA_512 int64_t mask_cols_512(const uint8_t* mb, int64_t KB, void* col, int isz, int64_t i) {
+    __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t b = 0; b < KB; b += 2) {
+        __mmask16 m = (__mmask16)(mb[b] | (b + 1 < KB ? mb[b + 1] << 8 : 0));
+        int c = __builtin_popcount(m);
+        __mmask16 first = (__mmask16)((1u << c) - 1);
+        __m512i kc = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((int)(8 * b))));
+        if (isz == 4) _mm512_mask_storeu_epi32((int32_t*)col + i, first, kc);
+        else _mm256_mask_storeu_epi16((uint16_t*)col + i, first, _mm512_cvtepi32_epi16(kc));
+        i += c;
+    }
+    return i;
+}
+#endif
+
+// brp / mask / bval: a bitmask level (N rows, KB mask bytes per row, es-byte values); rowptr: the csr
+// row starts (the bitmask rows' counts rounded up to 8, by the caller). Writes col (isz bytes) and
+// val, each row's padding zeroed (the caller zeroes the entries past the last row).
+void elsa_bitmask_to_csr(int64_t N, int64_t KB, const int64_t* brp, const uint8_t* mask, const void* bval, int es,
+                         const int64_t* rowptr, void* col, int isz, void* val, int nt) {
+#pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * KB * 8))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t c = brp[n + 1] - brp[n], i = rowptr[n];
+        std::memcpy((char*)val + i * es, (const char*)bval + brp[n] * es, (size_t)(c * es));
+        const uint8_t* mb = mask + n * KB;
+#if ELSA_AVX2
+        if (isa >= 2) { pad_csr(col, isz, val, es, mask_cols_512(mb, KB, col, isz, i)); continue; }
+#endif
+        for (int64_t b = 0; b < KB; b++)
+            for (unsigned m = mb[b]; m; m &= m - 1) {
+                int64_t j = 8 * b + __builtin_ctz(m);
+                if (isz == 2) ((uint16_t*)col)[i] = (uint16_t)j; else ((int32_t*)col)[i] = (int32_t)j;
+                i++;
+            }
+        pad_csr(col, isz, val, es, i);
+    }
+}
 
 // -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
 // es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.

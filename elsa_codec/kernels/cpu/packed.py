@@ -33,6 +33,7 @@ from ...format.bits import bits_view, check_code_bits
 __all__ = [
     "FORMATS",
     "PackedLevel",
+    "csr_from_bitmask",
     "pack_level",
     "pack_level_reference",
     "panel_width",
@@ -181,19 +182,57 @@ def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr
         rp = _rowptr((counts + 7) // 8 * 8)
         total = int(rp[-1])
         idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
-        col = torch.zeros(total + _PAD, dtype=idx_dt)
-        val = torch.zeros(total + _PAD, dtype=store)
+        col = torch.empty(total + _PAD, dtype=idx_dt)  # the packer writes every row's entries and padding
+        val = torch.empty(total + _PAD, dtype=store)
+        col[total:].zero_()
+        val[total:].zero_()
         lib.elsa_pack_csr(*args, rp.data_ptr(), col.data_ptr(), isz, val.data_ptr(), nt)
         tensors = {"rowptr": rp, "col": col, "val": val.view(w.dtype)}
     else:
         rp = _rowptr(counts)
         KB = (K + 7) // 8
         mask = torch.empty(N, KB, dtype=torch.uint8)
-        val = torch.zeros(nnz + _PAD, dtype=store)
+        val = torch.empty(nnz + _PAD, dtype=store)  # the packer writes every entry
+        val[nnz:].zero_()
         lib.elsa_pack_bitmask(*args, rp.data_ptr(), mask.data_ptr(), KB, val.data_ptr(), nt)
         tensors = {"rowptr": rp, "mask": mask, "val": val.view(w.dtype)}
     return PackedLevel(fmt, (N, K), w.dtype, level, nnz, tensors)
 
+
+
+def csr_from_bitmask(packed: PackedLevel, *, threads: int | None = None) -> PackedLevel:
+    """The ``"csr"`` form of a ``"bitmask"`` level, from its mask and values alone (the encoded
+    weight is not read again): the same level, bit for bit, as :func:`pack_level` with ``"csr"``.
+
+    Raises:
+        ELSAError: ``packed`` is not a bitmask level; the kernels are unavailable.
+
+    Example::
+
+        >>> w = ec.encode_tensor(torch.randn(64, 128), torch.randint(0, 4, (64, 128)), 2)
+        >>> p = csr_from_bitmask(pack_level(w, 2, 2, "bitmask"))
+        >>> p.format, torch.equal(unpack(p), unpack(pack_level(w, 2, 2, "csr")))
+        ('csr', True)
+    """
+    from ...native import cpu_kernels, cpu_kernels_error
+
+    if not isinstance(packed, PackedLevel) or packed.format != "bitmask":
+        raise ELSAError(f"csr_from_bitmask needs a bitmask PackedLevel, got {getattr(packed, 'format', type(packed).__name__)!r}")
+    lib = cpu_kernels()
+    if lib is None:
+        raise ELSAError(f"csr_from_bitmask: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
+    N, K = packed.shape
+    brp, mask, bval = packed.tensors["rowptr"], packed.tensors["mask"], packed.tensors["val"]
+    rp = _rowptr((brp[1:] - brp[:-1] + 7) // 8 * 8)
+    total = int(rp[-1])
+    idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
+    col = torch.empty(total + _PAD, dtype=idx_dt)
+    val = torch.empty(total + _PAD, dtype=bval.dtype)
+    col[total:].zero_()
+    val[total:].view(torch.uint8).zero_()
+    lib.elsa_bitmask_to_csr(N, mask.shape[1], brp.data_ptr(), mask.data_ptr(), bval.data_ptr(), bval.element_size(),
+                            rp.data_ptr(), col.data_ptr(), isz, val.data_ptr(), threads or torch.get_num_threads())
+    return PackedLevel("csr", (N, K), packed.dtype, packed.level, packed.nnz, {"rowptr": rp, "col": col, "val": val})
 
 def _pack_bsr(lib, w, args, level, block, nt, store) -> PackedLevel:
     R, C = (int(b) for b in block)
