@@ -79,6 +79,19 @@ def test_a_second_format_serves_the_buckets_where_it_is_faster():
     assert one.second is None and set(one.packed) == {1}
 
 
+
+def test_the_streaming_bound_routes_m1_but_never_picks_the_format():
+    """At M = 1 the bytes model may route a bucket packed that the cached slice measured slower than
+    dense, but the format is the fastest measured one (bitmask's model is optimistic at 10%)."""
+    cands = planner.candidates("unstructured")  # csr, bitmask
+    rows = [[0.25, 0.5]] + [[0.3, 0.9]] * 4
+    p = planner._choose(cands, rows, "measured", [[0.15, 0.13]] + [None] * 4)
+    assert p.format == "csr" and p.second is None and p.choice_for(1) == cands[0] and p.ratios[0] == 0.25
+    slow = [[1.1, 1.3]] + [[1.2, 1.2]] * 4  # the slice says dense at M = 1; the stream bound says packed
+    q = planner._choose(cands, slow, "measured", [[0.5, 0.4]] + [None] * 4)
+    assert q.packed == (1, 0, 0, 0, 0) and q.choice_for(1) == cands[0] and q.ratios[0] == 1.1
+    assert planner._choose(cands, slow, "measured").packed == (0,) * 5
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
     w = weight(dtype=dtype)

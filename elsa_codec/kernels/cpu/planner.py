@@ -145,10 +145,11 @@ class Plan:
                    tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk", None, sec)
 
 
-def _choose(cands: list, rows: list, source: str) -> "Plan":
+def _choose(cands: list, rows: list, source: str, bounds: list | None = None) -> "Plan":
     """The plan from per-bucket ratios ``rows[b][i]`` of candidate ``i``: the primary format has the
     largest gain (:func:`_gain`); a second format is added where it saves at least 10% more in some
-    bucket; each bucket takes the fastest of them if at most :data:`MARGIN`, else dense."""
+    bucket; each bucket takes the fastest of them, packed if its ratio (or its ``bounds[b][i]``,
+    where given and lower) is at most :data:`MARGIN`, else dense."""
     n = len(cands)
     i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
     best_j, best_extra = None, math.log(0.9)
@@ -159,10 +160,11 @@ def _choose(cands: list, rows: list, source: str) -> "Plan":
         if extra < best_extra:
             best_j, best_extra = j, extra
     routes, ratios = [], []
-    for r in rows:
-        opts = [(r[i], 1)] + ([(r[best_j], 2)] if best_j is not None else [])
-        ratio, route = min(opts)
-        routes.append(route if ratio <= MARGIN else 0)
+    for b, r in enumerate(rows):
+        opts = [(r[i], 1, i)] + ([(r[best_j], 2, best_j)] if best_j is not None else [])
+        ratio, route, c = min(opts)
+        bound = ratio if bounds is None or bounds[b] is None else min(ratio, bounds[b][c])
+        routes.append(route if bound <= MARGIN else 0)
         ratios.append(ratio)
     if best_j is not None and 2 not in routes:
         best_j = None
@@ -328,10 +330,11 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
     seconds are spent; later buckets take the last measured ratios) and return the plan
-    (:func:`_choose`). At M = 1 a layer of at least :data:`SMALL_LAYER_BYTES` takes the smaller of
-    the measured ratio and the cost model's: in a model, a decode step streams every weight from
-    memory, while the slice timed here stays in cache (which favours dense; the cost model's M = 1
-    ratio is the bytes ratio, within 10% of full-size streaming measurements in bench/results).
+    (:func:`_choose`). At M = 1 a layer of at least :data:`SMALL_LAYER_BYTES` is served packed
+    (in the fastest measured format) when either its measured ratio or the cost model's is at most
+    :data:`MARGIN`: in a model, a decode step streams every weight from memory, while the slice
+    timed here stays in cache (which favours dense; the cost model's M = 1 ratio is the bytes
+    ratio). The model never picks the format: it is optimistic for bitmask at low density.
 
     Raises:
         ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
@@ -348,11 +351,12 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
             rows.append(_measure_bucket(w2d, level, code_bits, cands, m, nt, packs))
     n, k = w2d.shape
     es = w2d.element_size()
+    bounds = None
     if n * k * es >= SMALL_LAYER_BYTES:  # M = 1 streams the weight in a model (see the docstring)
         if density is None:
             density = float((extract_level(w2d[: min(n, 64)], level, code_bits) != 0).float().mean())
-        rows[0] = [min(r, _model_ratios(c[0], n, k, es, density, c[2])[0]) for r, c in zip(rows[0], cands)]
-    return _choose(cands, rows, "measured")
+        bounds = [[_model_ratios(c[0], n, k, es, density, c[2])[0] for c in cands]] + [None] * (len(rows) - 1)
+    return _choose(cands, rows, "measured", bounds)
 
 
 # -- the plans kept: memory, then disk ---------------------------------------------------------------
