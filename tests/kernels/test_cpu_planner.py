@@ -80,17 +80,20 @@ def test_a_second_format_serves_the_buckets_where_it_is_faster():
 
 
 
-def test_the_streaming_bound_routes_m1_but_never_picks_the_format():
-    """At M = 1 the bytes model may route a bucket packed that the cached slice measured slower than
-    dense, but the format is the fastest measured one (bitmask's model is optimistic at 10%)."""
-    cands = planner.candidates("unstructured")  # csr, bitmask
-    rows = [[0.25, 0.5]] + [[0.3, 0.9]] * 4
-    p = planner._choose(cands, rows, "measured", [[0.15, 0.13]] + [None] * 4)
-    assert p.format == "csr" and p.second is None and p.choice_for(1) == cands[0] and p.ratios[0] == 0.25
-    slow = [[1.1, 1.3]] + [[1.2, 1.2]] * 4  # the slice says dense at M = 1; the stream bound says packed
-    q = planner._choose(cands, slow, "measured", [[0.5, 0.4]] + [None] * 4)
-    assert q.packed == (1, 0, 0, 0, 0) and q.choice_for(1) == cands[0] and q.ratios[0] == 1.1
-    assert planner._choose(cands, slow, "measured").packed == (0,) * 5
+def test_m1_times_are_at_least_their_bytes_at_the_stream_bandwidth(monkeypatch):
+    """At M = 1 a slow memory (1 MB/s here) makes every time its bytes over the bandwidth: the
+    ratio is then packed bytes / dense bytes, as a decode streaming the weights would see."""
+    from elsa_codec.kernels.cpu.packed import pack_level
+
+    torch.manual_seed(0)
+    w = ec.encode_tensor(torch.randn(4096, 512), torch.randint(0, 4, (4096, 512)), 2)  # 8 MiB: a 4 MiB slice
+    monkeypatch.setattr(planner, "stream_bandwidth", lambda: 1e6)
+    cands = planner.candidates("unstructured")
+    got = planner._measure_bucket(w, 1, 2, cands, 1, 1, {})
+    want = [pack_level(w, 1, 2, c[0]).nbytes / (w.numel() * 4) for c in cands]
+    assert got == pytest.approx(want, rel=0.02)
+    monkeypatch.undo()
+    assert 1e8 < planner.stream_bandwidth() < 1e13  # bytes/s of this machine's memory
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):

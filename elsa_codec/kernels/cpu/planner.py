@@ -51,6 +51,9 @@ MARGIN = 0.95
 #: served from the core's own cache), and the FLOPs that cap the slice at larger M.
 SLICE_BYTES = 4 << 20
 SLICE_FLOPS = 100e6
+#: Bytes :func:`stream_bandwidth` reads (past a 32 MiB last-level cache).
+STREAM_PROBE_BYTES = 64 << 20
+_STREAM_BW: dict = {}
 #: Relative error of the packed product against dense that a calibration accepts, per dtype.
 _TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 ENV = "ELSA_CPU_CALIBRATE"
@@ -145,11 +148,10 @@ class Plan:
                    tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk", None, sec)
 
 
-def _choose(cands: list, rows: list, source: str, bounds: list | None = None) -> "Plan":
+def _choose(cands: list, rows: list, source: str) -> "Plan":
     """The plan from per-bucket ratios ``rows[b][i]`` of candidate ``i``: the primary format has the
     largest gain (:func:`_gain`); a second format is added where it saves at least 10% more in some
-    bucket; each bucket takes the fastest of them, packed if its ratio (or its ``bounds[b][i]``,
-    where given and lower) is at most :data:`MARGIN`, else dense."""
+    bucket; each bucket takes the fastest of them if at most :data:`MARGIN`, else dense."""
     n = len(cands)
     i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
     best_j, best_extra = None, math.log(0.9)
@@ -160,11 +162,10 @@ def _choose(cands: list, rows: list, source: str, bounds: list | None = None) ->
         if extra < best_extra:
             best_j, best_extra = j, extra
     routes, ratios = [], []
-    for b, r in enumerate(rows):
-        opts = [(r[i], 1, i)] + ([(r[best_j], 2, best_j)] if best_j is not None else [])
-        ratio, route, c = min(opts)
-        bound = ratio if bounds is None or bounds[b] is None else min(ratio, bounds[b][c])
-        routes.append(route if bound <= MARGIN else 0)
+    for r in rows:
+        opts = [(r[i], 1)] + ([(r[best_j], 2)] if best_j is not None else [])
+        ratio, route = min(opts)
+        routes.append(route if ratio <= MARGIN else 0)
         ratios.append(ratio)
     if best_j is not None and 2 not in routes:
         best_j = None
@@ -306,35 +307,52 @@ def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs) -> list[f
     return _best_of(fns, 3 if one < 1e-3 else 2)
 
 
+def stream_bandwidth() -> float:
+    """Bytes per second this process reads from memory at torch's thread count (the best of 3
+    ``tensor.sum()`` over :data:`STREAM_PROBE_BYTES`, past the last-level cache); measured once per
+    thread count."""
+    nt = torch.get_num_threads()
+    bw = _STREAM_BW.get(nt)
+    if bw is None:
+        buf = torch.ones(STREAM_PROBE_BYTES // 4)
+        bw = _STREAM_BW[nt] = buf.numel() * 4 / _best_of([buf.sum], 3)[0]
+    return bw
+
+
 def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[float]:
     """Packed / dense time of each candidate at ``m`` rows for the whole weight. Where the slice
-    measured is smaller than the weight, the times are scaled to all rows, except the per-call cost
-    of cutting x into panels (M > 1), measured apart and not scaled."""
+    measured is smaller than the weight, the times are scaled to all rows, except the per-call
+    cost: cutting x into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed
+    cost), measured apart and not scaled. At M = 1, where the slice sits in cache but a model's
+    decode streams every weight from memory, each time is at least its bytes at
+    :func:`stream_bandwidth`."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
     t = _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs)
     if rows < n:
-        prep = [0.0] * len(cands)
+        x = torch.randn(m, k).to(w2d.dtype)
         if m > 1:
-            x = torch.randn(m, k).to(w2d.dtype)
             kps = [panel_cost_input(packs[(rows, c)]) for c in cands]
-            prep = _best_of([lambda kp=kp: panels(x, kp) for kp in kps], 3)
+            fixed = [0.0] + _best_of([lambda kp=kp: panels(x, kp) for kp in kps], 3)
+        else:
+            fixed = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs)
         scale = n / rows
-        t = [t[0] * scale] + [max(ti - pi, 0.0) * scale + pi for ti, pi in zip(t[1:], prep)]
+        t = [max(ti - fi, 0.0) * scale + fi for ti, fi in zip(t, fixed)]
+    if m == 1:
+        bw = stream_bandwidth()
+        nbytes = [w2d.numel() * w2d.element_size()] + [packs[(rows, c)].nbytes * n / rows for c in cands]
+        t = [max(ti, b / bw) for ti, b in zip(t, nbytes)]
     return [ti / t[0] for ti in t[1:]]
 
 
-def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *, density: float | None = None,
+def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *,
               threads: int | None = None, budget_s: float = BUDGET_S) -> Plan:
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
     seconds are spent; later buckets take the last measured ratios) and return the plan
-    (:func:`_choose`). At M = 1 a layer of at least :data:`SMALL_LAYER_BYTES` is served packed
-    (in the fastest measured format) when either its measured ratio or the cost model's is at most
-    :data:`MARGIN`: in a model, a decode step streams every weight from memory, while the slice
-    timed here stays in cache (which favours dense; the cost model's M = 1 ratio is the bytes
-    ratio). The model never picks the format: it is optimistic for bitmask at low density.
+    (:func:`_choose`). At M = 1 each time is at least the weight's bytes (dense, or packed) at
+    the memory bandwidth of :func:`stream_bandwidth` (:func:`_measure_bucket`).
 
     Raises:
         ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
@@ -342,6 +360,7 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     cands = cands or candidates(structure)
     nt = threads or torch.get_num_threads()
     packs, rows = {}, []
+    stream_bandwidth()  # measured once per process, outside the budget
     t0 = time.perf_counter()
     with torch.no_grad():
         for m in BUCKETS:
@@ -349,14 +368,7 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
                 rows.append(rows[-1])
                 continue
             rows.append(_measure_bucket(w2d, level, code_bits, cands, m, nt, packs))
-    n, k = w2d.shape
-    es = w2d.element_size()
-    bounds = None
-    if n * k * es >= SMALL_LAYER_BYTES:  # M = 1 streams the weight in a model (see the docstring)
-        if density is None:
-            density = float((extract_level(w2d[: min(n, 64)], level, code_bits) != 0).float().mean())
-        bounds = [[_model_ratios(c[0], n, k, es, density, c[2])[0] for c in cands]] + [None] * (len(rows) - 1)
-    return _choose(cands, rows, "measured", bounds)
+    return _choose(cands, rows, "measured")
 
 
 # -- the plans kept: memory, then disk ---------------------------------------------------------------
@@ -439,7 +451,7 @@ def plan_level(w2d: torch.Tensor, level: int, code_bits: int, structure, density
         plan = None
     if plan is None:
         try:
-            plan = calibrate(w2d, level, code_bits, structure, cands, density=density)
+            plan = calibrate(w2d, level, code_bits, structure, cands)
         except (ELSAError, RuntimeError, ValueError) as e:
             if key not in _WARNED:
                 _WARNED.add(key)
