@@ -87,13 +87,14 @@ def test_m1_times_are_at_least_their_bytes_at_the_stream_bandwidth(monkeypatch):
 
     torch.manual_seed(0)
     w = ec.encode_tensor(torch.randn(4096, 512), torch.randint(0, 4, (4096, 512)), 2)  # 8 MiB: a 4 MiB slice
-    monkeypatch.setattr(planner, "stream_bandwidth", lambda: 1e6)
+    monkeypatch.setattr(planner, "stream_bandwidth", lambda dtype=None: 1e6)
     cands = planner.candidates("unstructured")
     got = planner._measure_bucket(w, 1, 2, cands, 1, 1, {})
     want = [pack_level(w, 1, 2, c[0]).nbytes / (w.numel() * 4) for c in cands]
     assert got == pytest.approx(want, rel=0.02)
     monkeypatch.undo()
-    assert 1e8 < planner.stream_bandwidth() < 1e13  # bytes/s of this machine's memory
+    for dtype in (None, torch.float32, torch.bfloat16):  # bytes/s of this machine's memory
+        assert 1e8 < planner.stream_bandwidth(dtype) < 1e13
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):

@@ -307,15 +307,24 @@ def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs) -> list[f
     return _best_of(fns, 3 if one < 1e-3 else 2)
 
 
-def stream_bandwidth() -> float:
-    """Bytes per second this process reads from memory at torch's thread count (the best of 3
-    ``tensor.sum()`` over :data:`STREAM_PROBE_BYTES`, past the last-level cache); measured once per
-    thread count."""
-    nt = torch.get_num_threads()
-    bw = _STREAM_BW.get(nt)
+def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
+    """Bytes per second this process streams from memory at torch's thread count, over
+    :data:`STREAM_PROBE_BYTES` (past the last-level cache), best of 3; measured once per thread
+    count and dtype. ``dtype`` None: ``tensor.sum()`` (what the packed kernels can reach); a dtype:
+    dense ``F.linear`` at M = 1 on a weight of that dtype (its GEMV may run below the read
+    bandwidth: bfloat16 ~8 GB/s against ~20 GB/s on this project's machine)."""
+    key = (torch.get_num_threads(), dtype)
+    bw = _STREAM_BW.get(key)
     if bw is None:
-        buf = torch.ones(STREAM_PROBE_BYTES // 4)
-        bw = _STREAM_BW[nt] = buf.numel() * 4 / _best_of([buf.sum], 3)[0]
+        if dtype is None:
+            buf = torch.ones(STREAM_PROBE_BYTES // 4)
+            bw = buf.numel() * 4 / _best_of([buf.sum], 3)[0]
+        else:
+            k = 4096
+            w = torch.ones(STREAM_PROBE_BYTES // (k * dtype.itemsize), k, dtype=dtype)
+            x = torch.ones(1, k, dtype=dtype)
+            bw = w.numel() * dtype.itemsize / _best_of([lambda: F.linear(x, w)], 3)[0]
+        _STREAM_BW[key] = bw
     return bw
 
 
@@ -325,7 +334,7 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[flo
     cost: cutting x into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed
     cost), measured apart and not scaled. At M = 1, where the slice sits in cache but a model's
     decode streams every weight from memory, each time is at least its bytes at
-    :func:`stream_bandwidth`."""
+    :func:`stream_bandwidth` (dense: its own GEMV's rate)."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
@@ -340,9 +349,9 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[flo
         scale = n / rows
         t = [max(ti - fi, 0.0) * scale + fi for ti, fi in zip(t, fixed)]
     if m == 1:
-        bw = stream_bandwidth()
-        nbytes = [w2d.numel() * w2d.element_size()] + [packs[(rows, c)].nbytes * n / rows for c in cands]
-        t = [max(ti, b / bw) for ti, b in zip(t, nbytes)]
+        dense_bytes = w2d.numel() * w2d.element_size()
+        t = [max(t[0], dense_bytes / stream_bandwidth(w2d.dtype))] + [
+            max(ti, packs[(rows, c)].nbytes * n / rows / stream_bandwidth()) for ti, c in zip(t[1:], cands)]
     return [ti / t[0] for ti in t[1:]]
 
 
@@ -360,7 +369,7 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     cands = cands or candidates(structure)
     nt = threads or torch.get_num_threads()
     packs, rows = {}, []
-    stream_bandwidth()  # measured once per process, outside the budget
+    stream_bandwidth(), stream_bandwidth(w2d.dtype)  # measured once per process, outside the budget
     t0 = time.perf_counter()
     with torch.no_grad():
         for m in BUCKETS:
