@@ -332,9 +332,9 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[flo
     """Packed / dense time of each candidate at ``m`` rows for the whole weight. Where the slice
     measured is smaller than the weight, the times are scaled to all rows, except the per-call
     cost: cutting x into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed
-    cost), measured apart and not scaled. At M = 1, where the slice sits in cache but a model's
-    decode streams every weight from memory, each time is at least its bytes at
-    :func:`stream_bandwidth` (dense: its own GEMV's rate)."""
+    cost), measured apart and not scaled. The slice sits in cache, but a model's forward streams
+    every weight from memory: each time is at least its bytes at :func:`stream_bandwidth` (dense
+    at M = 1: its own GEMV's rate)."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
@@ -348,10 +348,9 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[flo
             fixed = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs)
         scale = n / rows
         t = [max(ti - fi, 0.0) * scale + fi for ti, fi in zip(t, fixed)]
-    if m == 1:
-        dense_bytes = w2d.numel() * w2d.element_size()
-        t = [max(t[0], dense_bytes / stream_bandwidth(w2d.dtype))] + [
-            max(ti, packs[(rows, c)].nbytes * n / rows / stream_bandwidth()) for ti, c in zip(t[1:], cands)]
+    dense_bw = stream_bandwidth(w2d.dtype) if m == 1 else stream_bandwidth()
+    t = [max(t[0], w2d.numel() * w2d.element_size() / dense_bw)] + [
+        max(ti, packs[(rows, c)].nbytes * n / rows / stream_bandwidth()) for ti, c in zip(t[1:], cands)]
     return [ti / t[0] for ti in t[1:]]
 
 
@@ -360,8 +359,8 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
     seconds are spent; later buckets take the last measured ratios) and return the plan
-    (:func:`_choose`). At M = 1 each time is at least the weight's bytes (dense, or packed) at
-    the memory bandwidth of :func:`stream_bandwidth` (:func:`_measure_bucket`).
+    (:func:`_choose`). Each time is at least the weight's bytes (dense, or packed) at the memory
+    bandwidth of :func:`stream_bandwidth` (:func:`_measure_bucket`).
 
     Raises:
         ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
