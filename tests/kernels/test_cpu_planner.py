@@ -118,6 +118,21 @@ def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
     assert len(json.loads(measuring.read_text())["plans"]) == 2
 
 
+def test_buckets_past_the_budget_take_the_larger_of_the_last_ratio_and_the_model(measuring, monkeypatch):
+    """With no budget only M = 1 is measured (here: a fast 0.5x); no later bucket is more optimistic
+    than the cost model, which routes a 50% bfloat16 level dense at M > 1 (the 16-bit M > 1
+    products convert to float32)."""
+    w = weight(dtype=torch.bfloat16)
+    cands = planner.candidates("unstructured")
+    real = planner._measure_bucket
+    monkeypatch.setattr(planner, "_measure_bucket", lambda *a: [0.5 for _ in real(*a)])
+    p = planner.calibrate(w, 2, 2, "unstructured", cands, budget_s=0.0)
+    d = float((extract_level(w, 2, 2) != 0).float().mean())
+    assert p.packed[0] != 0 and p.ratios[0] == 0.5
+    for b in range(1, len(planner.BUCKETS)):
+        model = min(planner._model_ratios(c[0], *w.shape, 2, d, c[2])[b] for c in cands)
+        assert p.ratios[b] >= model > planner.MARGIN and p.packed[b] == 0, b
+
 def test_a_corrupt_plans_file_is_ignored_and_rewritten(measuring):
     measuring.write_text("{not json")
     p = planner.plan_level(weight(), 2, 2, "unstructured", 0.5)

@@ -358,7 +358,8 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
               threads: int | None = None, budget_s: float = BUDGET_S) -> Plan:
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
-    seconds are spent; later buckets take the last measured ratios) and return the plan
+    seconds are spent; a later bucket takes the larger of the last measured ratio and the cost
+    model's, so that an unmeasured bucket is never routed packed on hope) and return the plan
     (:func:`_choose`). Each time is at least the weight's bytes (dense, or packed) at the memory
     bandwidth of :func:`stream_bandwidth` (:func:`_measure_bucket`).
 
@@ -371,12 +372,20 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     stream_bandwidth(), stream_bandwidth(w2d.dtype)  # measured once per process, outside the budget
     t0 = time.perf_counter()
     with torch.no_grad():
-        for m in BUCKETS:
+        for b, m in enumerate(BUCKETS):
             if rows and time.perf_counter() - t0 > budget_s:
-                rows.append(rows[-1])
+                rows.append([max(r, _unmeasured(w2d, c, packs, b)) for r, c in zip(rows[-1], cands)])
                 continue
             rows.append(_measure_bucket(w2d, level, code_bits, cands, m, nt, packs))
     return _choose(cands, rows, "measured")
+
+
+def _unmeasured(w2d, cand, packs, b: int) -> float:
+    """The cost model's ratio of ``cand`` at bucket ``b``, at the density of its packed slice."""
+    p = next(v for k, v in packs.items() if k[1] == cand)
+    n, k = w2d.shape
+    density = p.nnz / max(1, p.shape[0] * p.shape[1])
+    return _model_ratios(cand[0], n, k, w2d.element_size(), density, cand[2])[b]
 
 
 # -- the plans kept: memory, then disk ---------------------------------------------------------------
