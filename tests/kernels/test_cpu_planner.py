@@ -133,6 +133,21 @@ def test_buckets_past_the_budget_take_the_larger_of_the_last_ratio_and_the_model
         model = min(planner._model_ratios(c[0], *w.shape, 2, d, c[2])[b] for c in cands)
         assert p.ratios[b] >= model > planner.MARGIN and p.packed[b] == 0, b
 
+def test_a_borderline_bucket_is_measured_twice_and_keeps_the_worse(measuring, monkeypatch):
+    w = weight()
+    cands = planner.candidates("unstructured")
+    calls = []
+
+    def fake(w2d, level, code_bits, cs, m, nt, packs):  # M = 1: 0.5 then 0.6; M = 4: 0.9 then 1.1; above: 0.3
+        calls.append(m)
+        seq = {1: (0.5, 0.6), 4: (0.9, 1.1)}.get(m, (0.3, 0.3))
+        return [seq[calls.count(m) - 1]] * len(cs)
+
+    monkeypatch.setattr(planner, "_measure_bucket", fake)
+    p = planner.calibrate(w, 1, 2, "unstructured", cands, budget_s=10.0)
+    assert calls == [1, 4, 4, 16, 64, 256]  # only the borderline bucket twice
+    assert p.ratios[:2] == (0.5, 1.1) and p.packed[1] == 0 and p.packed[0] != 0
+
 def test_a_corrupt_plans_file_is_ignored_and_rewritten(measuring):
     measuring.write_text("{not json")
     p = planner.plan_level(weight(), 2, 2, "unstructured", 0.5)
