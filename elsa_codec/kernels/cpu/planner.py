@@ -6,12 +6,16 @@ itself (AMX or AVX-512 dense GEMMs, cache sizes). So the ``sparse-cpu`` backend 
 (:func:`plan_level`): once per distinct ``(shape, dtype, density, structure, threads)``, it times
 every candidate format (:func:`candidates`) against dense at the batch-size buckets
 :data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens) on a row slice of the real
-weight, and keeps one :class:`Plan`: the format with the largest gain, and per bucket whether the
-packed product or dense serves it. A call with ``M`` rows takes the route of its bucket
-(:func:`bucket_of`), so a level is never served slower than dense by more than the timing noise.
+weight, and keeps one :class:`Plan`: the format with the largest gain (plus a second one where it
+saves at least 10% more in some bucket), and per bucket which of them or dense serves it. The
+slice sits in cache, a model's forward streams its weights: every time is bounded below by its
+bytes at the measured memory bandwidth (:func:`stream_bandwidth`). A call with ``M`` rows takes
+the route of its bucket (:func:`bucket_of`), so a level is never served slower than dense by more
+than the timing noise.
 
-- Cost: about :data:`BUDGET_S` (50 ms) per distinct key; buckets left when the budget is spent
-  take the last measured bucket's route. Plans are kept in memory and on disk, in the kernels'
+- Cost: about :data:`BUDGET_S` (50 ms) per distinct key, plus a second measurement of borderline
+  buckets; a bucket left when the budget is spent takes the larger of the last measured ratio and
+  the cost model's. Plans are kept in memory and on disk, in the kernels'
   cache folder (:func:`elsa_codec.native.cache_dir`), one JSON file per CPU model and kernel build
   (written atomically; an unreadable file is ignored and rewritten).
 - ``ELSA_CPU_CALIBRATE=0`` turns measuring off: :func:`cost_model` decides instead (documented
@@ -39,7 +43,7 @@ from ...format.bits import extract_level
 from ...format.structure import parse_structure
 from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
 
-__all__ = ["BUCKETS", "BUDGET_S", "Plan", "bucket_of", "candidates", "cost_model", "plan_level", "clear_plans"]
+__all__ = ["BUCKETS", "BUDGET_S", "Plan", "bucket_of", "candidates", "cost_model", "plan_level", "clear_plans", "stream_bandwidth"]
 
 #: Batch-size buckets (input rows M) a plan routes: 1 (decode), 4, 16, 64, 256 (prefill).
 BUCKETS = (1, 4, 16, 64, 256)
