@@ -141,6 +141,20 @@ def _rowptr(counts: torch.Tensor) -> torch.Tensor:
     return rp
 
 
+def _csr_arrays(counts: torch.Tensor, K: int, store: torch.dtype) -> tuple:
+    """``(rowptr, col, index bytes, val)`` of a csr level with ``counts`` kept weights per row: rows
+    padded to multiples of 8 entries, the arrays uninitialised except the entries past the last row
+    (the packer writes every row's entries and padding)."""
+    rp = _rowptr((counts + 7) // 8 * 8)
+    total = int(rp[-1])
+    idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
+    col = torch.empty(total + _PAD, dtype=idx_dt)
+    val = torch.empty(total + _PAD, dtype=store)
+    col[total:].zero_()
+    val[total:].zero_()
+    return rp, col, isz, val
+
+
 def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr", block=(0, 0), *,
                group=(0, 0), threads: int | None = None, name: str = "weight") -> PackedLevel:
     """Pack level ``level`` of the encoded ``weight`` `[N, K]` (float32 / bfloat16 / float16, CPU,
@@ -179,13 +193,7 @@ def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr
     lib.elsa_count_rows(*args, counts.data_ptr(), nt)
     nnz = int(counts.sum())
     if fmt == "csr":
-        rp = _rowptr((counts + 7) // 8 * 8)
-        total = int(rp[-1])
-        idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
-        col = torch.empty(total + _PAD, dtype=idx_dt)  # the packer writes every row's entries and padding
-        val = torch.empty(total + _PAD, dtype=store)
-        col[total:].zero_()
-        val[total:].zero_()
+        rp, col, isz, val = _csr_arrays(counts, K, store)
         lib.elsa_pack_csr(*args, rp.data_ptr(), col.data_ptr(), isz, val.data_ptr(), nt)
         tensors = {"rowptr": rp, "col": col, "val": val.view(w.dtype)}
     else:
@@ -197,7 +205,6 @@ def pack_level(weight: torch.Tensor, level: int, code_bits: int, fmt: str = "csr
         lib.elsa_pack_bitmask(*args, rp.data_ptr(), mask.data_ptr(), KB, val.data_ptr(), nt)
         tensors = {"rowptr": rp, "mask": mask, "val": val.view(w.dtype)}
     return PackedLevel(fmt, (N, K), w.dtype, level, nnz, tensors)
-
 
 
 def csr_from_bitmask(packed: PackedLevel, *, threads: int | None = None) -> PackedLevel:
@@ -223,16 +230,11 @@ def csr_from_bitmask(packed: PackedLevel, *, threads: int | None = None) -> Pack
         raise ELSAError(f"csr_from_bitmask: the CPU sparse kernels are unavailable ({cpu_kernels_error()})")
     N, K = packed.shape
     brp, mask, bval = packed.tensors["rowptr"], packed.tensors["mask"], packed.tensors["val"]
-    rp = _rowptr((brp[1:] - brp[:-1] + 7) // 8 * 8)
-    total = int(rp[-1])
-    idx_dt, isz = (torch.int16, 2) if K <= 65536 else (torch.int32, 4)
-    col = torch.empty(total + _PAD, dtype=idx_dt)
-    val = torch.empty(total + _PAD, dtype=bval.dtype)
-    col[total:].zero_()
-    val[total:].view(torch.uint8).zero_()
+    rp, col, isz, val = _csr_arrays(brp[1:] - brp[:-1], K, bval.dtype)
     lib.elsa_bitmask_to_csr(N, mask.shape[1], brp.data_ptr(), mask.data_ptr(), bval.data_ptr(), bval.element_size(),
                             rp.data_ptr(), col.data_ptr(), isz, val.data_ptr(), threads or torch.get_num_threads())
     return PackedLevel("csr", (N, K), packed.dtype, packed.level, packed.nnz, {"rowptr": rp, "col": col, "val": val})
+
 
 def _pack_bsr(lib, w, args, level, block, nt, store) -> PackedLevel:
     R, C = (int(b) for b in block)

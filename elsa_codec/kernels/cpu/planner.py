@@ -385,7 +385,8 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
                 continue
             r = _measure_bucket(w2d, level, code_bits, cands, m, nt, packs)
             if BORDERLINE < min(r) <= MARGIN:  # a near call on a shared machine: measure again, keep the worse
-                r = [max(a, b) for a, b in zip(r, _measure_bucket(w2d, level, code_bits, cands, m, nt, packs))]
+                again = _measure_bucket(w2d, level, code_bits, cands, m, nt, packs)
+                r = [max(first, second) for first, second in zip(r, again)]
             rows.append(r)
     return _choose(cands, rows, "measured")
 
