@@ -15,6 +15,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "wrapt>=1.14",
     ],
     extras_require={
         "kernels": ["triton>=3.0"],

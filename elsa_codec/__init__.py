@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 
+import wrapt
+
 from .errors import ELSAError, ELSAFormatError, ELSATypeError
 from .format.bits import (
     MAX_CODE_BITS,
@@ -69,6 +71,10 @@ _LAZY = {
     "sparsity_penalty": "training.sparsifiers",
     "zero_init_": "training.sparsifiers",
     "ELSATransformersConv1D": "serving.transformers_conv1d",
+    "ELSAQuantizationConfig": "serving.hf",
+    "convert_pretrained": "serving.hf",
+    "pretrained_config": "serving.hf",
+    "save_pretrained": "serving.hf",
 }
 
 #: Names removed in 0.2 (CHANGELOG.md), each with its replacement.
@@ -93,6 +99,18 @@ __all__ = [
     "LevelBatchNorm3d", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "swap_",
     *_LAZY,
 ]
+
+
+def _register_transformers(_module) -> None:
+    """Post-import hook of ``transformers.quantizers.auto``: register ``quant_method: "elsa"``
+    (:func:`elsa_codec.serving.hf.register`), so ``from_pretrained`` of an ELSA directory returns
+    ELSA layers whichever of the two packages is imported first."""
+    from .serving.hf import register
+
+    register()
+
+
+wrapt.register_post_import_hook(_register_transformers, "transformers.quantizers.auto")
 
 
 def __getattr__(name: str):

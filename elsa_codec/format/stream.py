@@ -600,7 +600,8 @@ def _make_plan(files, where, source, counters, dtype, code_bits, in_path) -> _Pl
                      counters=None if is_path else {n: src[n] for n in sel}, transposed=transposed)
     else:
         sel = source.select(files, where, dtype, in_path)
-        plan = _Plan(source.num_levels, 0, list(source.structures), dtype, set(sel), source=source)
+        plan = _Plan(source.num_levels, 0, list(source.structures), dtype, set(sel), source=source,
+                     transposed=set(getattr(source, "transposed", ())) & set(sel))
     plan.k = default_code_bits(plan.T) if code_bits is None else code_bits
     for n in sel:  # before any work: the output dtype of every encoded tensor holds k bits and T levels
         code = files[where[n]].code(n)

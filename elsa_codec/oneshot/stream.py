@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from ..errors import ELSAError
 from ..format.document import ELSAMeta
 from ..format.encode import Counters, counter_dtype
 from ..format.stream import _FLOAT_CODES, _convert, _numel, encode_stream, limit_heap_retention
@@ -41,6 +42,7 @@ class MagnitudeLevels:
     structure: str = "unstructured"
     distribution: str = "uniform"
     names: object = None
+    transposed: frozenset = frozenset()  # weights stored [in, out] (transformers Conv1D), unstructured levels only
     specs: list | None = None
     thresholds: list | None = None
 
@@ -118,6 +120,7 @@ def encode_file(
     progress: bool = True,
     jobs: int = 1,
     max_shard_size=None,
+    transposed=(),
 ) -> ELSAMeta:
     """Encode a safetensors checkpoint from disk, chunk by chunk, into an ELSA file.
 
@@ -149,6 +152,10 @@ def encode_file(
             output does not depend on it. Each worker has ``torch.get_num_threads() // jobs``
             threads.
         max_shard_size: bytes per output shard (int or ``"2GB"``); implies a sharded output.
+        transposed: names of weights stored `[in, out]` (transformers ``Conv1D``), recorded as such
+            in the document (:func:`elsa_codec.select_weights`'s model knows them); magnitude
+            levels only, unstructured (N:M groups and blocks along dim 0 need the model: use
+            :func:`elsa_codec.magnitude_counters` with ``model=``).
 
     Returns:
         The written :class:`ELSAMeta`.
@@ -157,6 +164,9 @@ def encode_file(
         ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`; ``jobs``
             not a positive int; the output is an input file.
     """
-    source = None if levels is None else MagnitudeLevels(levels, structure, distribution, names)
+    if transposed and (levels is None or structure != "unstructured" or any(isinstance(x, str) for x in levels)):
+        raise ELSAError("encode_file: transposed= takes unstructured magnitude levels only (N:M groups and blocks of an "
+                        "[in, out] weight need the model: elsa_codec.magnitude_counters(..., model=model))")
+    source = None if levels is None else MagnitudeLevels(levels, structure, distribution, names, frozenset(transposed))
     return encode_stream(in_path, out_path, counters=counters, source=source, dtype=dtype, code_bits=code_bits,
                          progress=progress, jobs=jobs, max_shard_size=max_shard_size)
