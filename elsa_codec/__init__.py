@@ -104,7 +104,13 @@ __all__ = [
 def _register_transformers(_module) -> None:
     """Post-import hook of ``transformers.quantizers.auto``: register ``quant_method: "elsa"``
     (:func:`elsa_codec.serving.hf.register`), so ``from_pretrained`` of an ELSA directory returns
-    ELSA layers whichever of the two packages is imported first."""
+    ELSA layers whichever of the two packages is imported first. While ``elsa_codec.serving.hf``
+    itself is being imported (it imports transformers), its own last line registers instead."""
+    import sys
+
+    hf = sys.modules.get(f"{__name__}.serving.hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return
     from .serving.hf import register
 
     register()

@@ -1,4 +1,4 @@
-"""The ``elsa`` command line: encode, inspect, extract, verify, demo, compare.
+"""The ``elsa`` command line: encode, inspect, extract, verify, demo, compare, convert, levels.
 
 Every command has ``--help``. Errors print one line ``elsa: error: ...`` and exit with status 2
 (bad input) or 1 (``verify`` found a broken invariant).
@@ -15,23 +15,8 @@ import torch
 
 from ..argparsing import Parser
 from ..errors import ELSAError
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _levels(text: str) -> list:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(part if ":" in part else float(part))
-        except ValueError:
-            raise ELSAError(f"--levels: {part!r} is neither a sparsity in (0, 1) nor an N:M pattern such as '2:4'") from None
-    if not out:
-        raise ELSAError(f"--levels {text!r} lists no level; e.g. --levels 0.9,0.75,0.5")
-    return out
+from .options import DTYPES as _DTYPES
+from .options import levels_arg as _levels
 
 
 def _fmt_db(x) -> str:
@@ -229,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
     c.set_defaults(func=_compare)
+
+    from .hf import add_parsers
+
+    add_parsers(sub)
     return p
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..checks import check_encoded, check_list, check_state_dict
 from ..errors import ELSAError, ELSATypeError
+from ..progress import progress_bar
 from .bits import (
     check_code_bits,
     default_code_bits,
@@ -138,7 +139,7 @@ def encode(
             default ``counters.structures`` or ``"unstructured"``.
         bn_stats: per-level batch-norm statistics ``{level: {module_fqn: {stat: Tensor}}}`` for
             levels ``1..T+1`` (section 2.2 of the paper), stored under :data:`BN_PREFIX`.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (one line on stderr when it is not a terminal: :mod:`elsa_codec.progress`).
 
     Returns:
         :class:`ELSAStateDict` of NEW tensors (same names, shapes and dtypes).
@@ -223,9 +224,7 @@ def _encode_tensors(state_dict: Mapping, per_name: Mapping, canon: Mapping, k: i
     done = {}  # first name of a tie group -> (encoded, info): a tie group is encoded once
     it = list(state_dict)
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="encode", unit="tensor")
+        it = progress_bar(it, desc="encode", unit="tensor")
     for name in it:
         x = state_dict[name]
         if name not in per_name:

@@ -42,6 +42,7 @@ import torch
 
 from ..checks import check_not_input, check_path, check_shard_size
 from ..errors import ELSAError, ELSAFormatError
+from ..progress import progress_bar
 from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
 from .document import ELSAMeta, TensorInfo, _make_meta
 from .encode import _STAT_CHUNK, Counters, check_counter_structures
@@ -395,11 +396,9 @@ def _encode_shard(job: _ShardJob, tick=None) -> dict:
 
 def _run_jobs(jobs: list, workers: int, progress: bool) -> dict:
     """Run the shard jobs here (``workers <= 1``) or in ``workers`` spawned processes."""
-    from tqdm.auto import tqdm
-
     out = {}
     if workers <= 1 or len(jobs) <= 1:
-        with tqdm(total=sum(len(j.names) for j in jobs), desc="encode", unit="tensor", disable=not progress) as bar:
+        with progress_bar(total=sum(len(j.names) for j in jobs), desc="encode", unit="tensor", enabled=progress) as bar:
             for job in jobs:
                 out.update(_encode_shard(job, bar.update))
         return out
@@ -407,7 +406,7 @@ def _run_jobs(jobs: list, workers: int, progress: bool) -> dict:
     ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
     try:
         futs = [ex.submit(_encode_shard, dataclasses.replace(j, threads=threads)) for j in jobs]
-        with tqdm(total=len(jobs), desc="encode", unit="shard", disable=not progress) as bar:
+        with progress_bar(total=len(jobs), desc="encode", unit="shard", enabled=progress) as bar:
             for fut in as_completed(futs):
                 out.update(fut.result())
                 bar.update()

@@ -147,7 +147,7 @@ def encode_file(
             (``distribution``: ``"uniform"`` or ``"global"``).
         dtype: convert floating tensors to this dtype first (e.g. ``torch.bfloat16``).
         code_bits: k (default from T).
-        progress: a tqdm bar (tensors; shards with ``jobs > 1``).
+        progress: a tqdm bar (tensors; shards with ``jobs > 1``; one line when stderr is not a terminal).
         jobs: worker processes, one input shard each (a single-file input runs here); the
             output does not depend on it. Each worker has ``torch.get_num_threads() // jobs``
             threads.

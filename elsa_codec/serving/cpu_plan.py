@@ -131,6 +131,10 @@ class PackedCache:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self._levels.values())
 
+    def level_nbytes(self, level: int) -> int:
+        """Bytes of the packed forms held for ``level`` (every format of it; 0: none)."""
+        return sum(p.nbytes for k, p in self._levels.items() if k[0] == level)
+
     def levels(self) -> list:
         """The levels held, oldest first (a level packed in two formats once)."""
         return list(dict.fromkeys(k[0] for k in self._levels))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ELSAError
+from ..progress import progress_bar
 
 __all__ = ["recalibrate_bn", "level_bn_stats", "bn_modules", "calibration_batches"]
 
@@ -152,7 +153,7 @@ def level_bn_stats(
         counters: ``name -> integer Tensor`` of counters ``1..T+1``.
         batches, num_batches, bn_forward: as in :func:`recalibrate_bn`.
         num_levels: T (default ``counters.num_levels``).
-        progress: a tqdm bar over the levels.
+        progress: a tqdm bar over the levels (one line on stderr when it is not a terminal: :mod:`elsa_codec.progress`).
         params: ``name -> Parameter`` for the names of ``counters`` (default: the model's
             ``named_parameters()``; give it for a wrapped model or tied weights).
 
@@ -165,10 +166,8 @@ def level_bn_stats(
     params = dict(model.named_parameters()) if params is None else params
     saved = {n: params[n].detach().clone() for n in counters}
     out = {}
-    from tqdm.auto import tqdm
-
     try:
-        for t in tqdm(range(1, T + 2), desc="batch-norm recalibration", unit="level", disable=not progress, leave=False):
+        for t in progress_bar(range(1, T + 2), desc="batch-norm recalibration", unit="level", enabled=progress, leave=False):
             with torch.no_grad():
                 for n, c in counters.items():
                     p = params[n]

@@ -301,7 +301,7 @@ class LevelEmbedder:
             bn_calibration: batches for the per-level batch-norm statistics (iterable, re-iterated
                 per level, or a callable returning one); None: none (a model with batch norm warns).
             bn_forward: ``fn(model, batch)`` for one calibration forward pass.
-            progress: a tqdm bar over the levels.
+            progress: a tqdm bar over the levels (one line when stderr is not a terminal).
 
         Raises:
             ELSAError: finalized twice; steps missing with ``on_short="raise"``; frozen weights changed.

@@ -28,6 +28,7 @@ from torch import nn
 from ..checks import check_module, check_removed
 from ..errors import ELSAError, ELSATypeError
 from ..format.structure import parse_levels
+from ..progress import progress_bar
 from .binding import OptimizerBinding, auto_attach
 from .bn import level_bn_stats, recalibrate_bn
 from .config import ELSAConfig
@@ -82,12 +83,10 @@ def _config(fn: str, levels, fields: dict) -> ELSAConfig:
 
 def _run_phases(emb: LevelEmbedder, train_fn, progress: bool) -> None:
     """Call ``train_fn(model, phase)`` for each phase of the plan; a phase ends when it returns."""
-    from tqdm.auto import tqdm
-
     emb._hold = True
     while not emb.done:
         ph = emb.phase
-        bar = tqdm(total=ph.steps, desc=ph.name, unit="step", disable=not progress, leave=False)
+        bar = progress_bar(total=ph.steps, desc=ph.name, unit="step", enabled=progress, leave=False)
         emb._ensure_started()
         try:
             with auto_attach(emb._binding, emb._model_ids, emb.attach):
@@ -161,7 +160,7 @@ def embed_levels(
         train_fn: ``train_fn(model, phase)``; it must not write to the weights other than
             through ``optimizer.step()``.
         bn_calibration, bn_forward: see :meth:`elsa_codec.LevelEmbedder.finalize`.
-        progress: tqdm bars per phase (on stderr).
+        progress: tqdm bars per phase (on stderr; one line per phase when it is not a terminal).
         on_freeze: ``fn(level, model)`` right after level ``level`` is frozen and encoded.
         on_phase_end: ``fn(phase, model)`` after each phase.
         **config: the fields of :class:`elsa_codec.ELSAConfig` (``steps=`` is required): which
@@ -247,7 +246,7 @@ def prune_gmp(
         select, filter_fn: which weights: as :class:`elsa_codec.ELSAConfig` (a policy or names;
             ``(module, fqn) -> bool``).
         seed: offered as ``phase.seed`` (the global RNG is not seeded).
-        progress: a tqdm bar.
+        progress: a tqdm bar (one line on stderr when it is not a terminal).
 
     Returns:
         ``name -> bool`` masks (``True`` = kept), the shapes of the prunable weights.
@@ -286,8 +285,6 @@ def _check_not_sharded(model, select, filter_fn) -> None:
 
 def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase, progress: bool) -> int:
     """Run ``train_fn`` under the GMP hooks; returns the optimizer steps seen."""
-    from tqdm.auto import tqdm
-
     state.set_mask(None)
     ctl.start(state, model)
     steps = [0]
@@ -304,7 +301,7 @@ def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase,
 
     binding = OptimizerBinding(pre, post)
     ids = {id(p) for p in model.parameters()}
-    bar = tqdm(total=phase.steps, desc=phase.name, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=phase.steps, desc=phase.name, unit="step", enabled=progress, leave=False)
     try:
         with auto_attach(binding, ids, lambda opt: binding.attach(opt, ids)):
             train_fn(model, phase)

@@ -42,3 +42,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(ELSAQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(ELSAHfQuantizer)
+
+
+register()

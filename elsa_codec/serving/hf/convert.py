@@ -20,7 +20,7 @@ from ...format.structure import parse_levels
 from ...oneshot.stream import encode_file
 from .checkpoint import check_out_dir, layout_path, weights_path
 from .config import ELSAQuantizationConfig
-from .pretrained import _config_json, copy_files, write_json
+from .pretrained import _config_json, copy_files, remove_stale, write_json
 
 __all__ = ["convert_pretrained"]
 
@@ -138,6 +138,7 @@ def convert_pretrained(src_dir, out_dir, *, levels, structure: str = "unstructur
     meta = encode_file(wpath, path, levels=levels, structure=structure, distribution=distribution, dtype=dtype,
                        code_bits=code_bits, names=names, progress=progress, max_shard_size=limit,
                        transposed=sorted(transposed_weights(model) & set(names)))
+    remove_stale(path)
     copy_files(src, out)
     if dtype is not None:
         config.dtype = str(dtype).replace("torch.", "")

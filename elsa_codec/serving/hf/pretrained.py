@@ -20,10 +20,10 @@ from ...format.file import _atomic, save_file
 from ...wrappers import unwrap_model
 from ..base import ELSAModule
 from ..swap import elsa_modules, elsa_state_dict
-from .checkpoint import check_out_dir, layout_path, stale_weight_files, weights_path
+from .checkpoint import check_out_dir, layout_path, stale_weight_files
 from .config import ELSAQuantizationConfig
 
-__all__ = ["save_pretrained", "pretrained_config", "dequantize_", "write_json", "copy_files"]
+__all__ = ["save_pretrained", "pretrained_config", "dequantize_", "write_json", "copy_files", "remove_stale"]
 
 #: Files ``elsa convert`` never copies from the source directory: weights and the config it rewrites.
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".h5",
@@ -67,6 +67,13 @@ def _write_weights(enc: ELSAStateDict, folder: str, max_shard_size) -> set:
     total = sum(t.numel() * t.element_size() for n, t in enc.items() if n not in enc.meta.tied)  # a tied tensor is stored once
     path, limit = layout_path(folder, total, max_shard_size)
     save_file(enc, path, max_shard_size=limit)
+    return remove_stale(path)
+
+
+def remove_stale(path: str) -> set:
+    """Remove the weight files of an earlier checkpoint beside the one just written at ``path``
+    (a ``model.safetensors`` or an index); returns the names the new one uses."""
+    folder = os.path.dirname(os.path.abspath(path))
     keep = {os.path.basename(path)}
     if path.endswith(".index.json"):
         import json

@@ -1,0 +1,115 @@
+"""``elsa convert`` and ``elsa levels``: Hugging Face model directories (``pip install elsa-codec[hf]``).
+
+``elsa convert HF_DIR -o OUT_DIR --levels 0.9,0.75,0.5`` writes the ELSA directory that
+``from_pretrained`` loads; ``elsa levels OUT_DIR`` times every level on this machine and names the
+densest one that fits a latency or memory budget (the deployment choice of arXiv 2312.06872:
+one file, each machine picks its level).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from ..errors import ELSAError
+from .options import DTYPES as _DTYPES
+from .options import levels_arg as _levels
+
+
+def cmd_convert(a) -> int:
+    from ..serving.hf import convert_pretrained
+
+    t0 = time.perf_counter()
+    meta = convert_pretrained(a.input, a.output, levels=_levels(a.levels), structure=a.structure, select=a.select,
+                              distribution=a.distribution, dtype=_DTYPES[a.dtype] if a.dtype else None,
+                              code_bits=a.code_bits, max_shard_size=a.max_shard_size,
+                              default_level=_level_arg(a.default_level), progress=not a.quiet)
+    levels = ", ".join(f"{lv.level}: {lv.structure} {lv.sparsity:.1%}" for lv in meta.levels)
+    print(f"{a.output}: {len(meta.tensors)} tensors encoded, T={meta.num_levels}, k={meta.code_bits} "
+          f"({levels}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _level_arg(text):
+    if text is None:
+        return None
+    if text.strip().lower() == "dense":
+        return "dense"
+    try:
+        return int(text)
+    except ValueError:
+        raise ELSAError(f"--default-level: {text!r} is neither a level number nor 'dense'") from None
+
+
+def _model_class(out_dir: str):
+    import transformers
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(out_dir)
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ELSAError(f"{out_dir}/config.json names no transformers architecture ({arch!r})")
+    return cls, cfg
+
+
+def cmd_levels(a) -> int:
+    import os
+
+    from ..serving.chooser import choose_level
+
+    if not os.path.isdir(a.dir):
+        raise ELSAError(f"{a.dir}: not a directory (give an ELSA model directory written by `elsa convert`)")
+    if a.tokens < 1 or a.batch < 1:
+        raise ELSAError(f"--tokens and --batch must be >= 1, got {a.tokens} and {a.batch}")
+    cls, cfg = _model_class(a.dir)
+    q = getattr(cfg, "quantization_config", None)
+    if not isinstance(q, dict) or q.get("quant_method") != "elsa":
+        raise ELSAError(f"{a.dir}: config.json has no quantization_config of quant_method 'elsa' (convert it with `elsa convert`)")
+    model = cls.from_pretrained(a.dir)
+    vocab = int(getattr(cfg.get_text_config(), "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0))
+    table = choose_level(model, {"input_ids": ids}, max_latency_ms=a.max_latency_ms, max_memory_mib=a.max_memory_mib,
+                         runs=a.runs)
+    if a.json:
+        json.dump(table.to_dict(), sys.stdout, indent=1, sort_keys=True)
+        print()
+    else:
+        print(table)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """``convert`` and ``levels`` on the ``elsa`` command's subparsers."""
+    c = sub.add_parser("convert", help="encode a Hugging Face model directory into an ELSA model directory",
+                       description="Encode a save_pretrained directory (config.json + safetensors) into an ELSA directory "
+                       "that from_pretrained loads (with elsa_codec imported): weights, config.json with its "
+                       "quantization_config, tokenizer and generation files.")
+    c.add_argument("input", help="the source model directory (save_pretrained output)")
+    c.add_argument("-o", "--output", required=True, help="the new ELSA model directory (its parent must exist)")
+    c.add_argument("--levels", required=True, help="sparsest first: sparsities '0.9,0.75,0.5' or N:M patterns '1:4,2:4'")
+    c.add_argument("--structure", default="unstructured", help="for fractional levels: 'unstructured' or 'block:RxC'")
+    c.add_argument("--select", default="blocks", choices=["blocks", "blocks+head", "all"],
+                   help="which weights carry levels: the blocks' linear layers (default), plus the output head, or all")
+    c.add_argument("--distribution", default="uniform", choices=["uniform", "global"])
+    c.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating tensors to this dtype first")
+    c.add_argument("--code-bits", type=int, help="k, default max(1, ceil(log2(T+1)))")
+    c.add_argument("--max-shard-size", help="bytes per weights file (default 5GB): one model.safetensors when they fit, "
+                   "else shards plus model.safetensors.index.json")
+    c.add_argument("--default-level", help="the level a plain from_pretrained serves (default: dense)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("levels", help="time every level of an ELSA model directory here; pick one for a budget",
+                       description="Load an ELSA model directory, time one forward of a dummy input at every level, "
+                       "and select the densest level within the budget (exit 2 naming the closest level if none fits).")
+    v.add_argument("dir", help="an ELSA model directory (elsa convert output)")
+    v.add_argument("--max-latency-ms", type=float, help="latency budget of one forward, milliseconds")
+    v.add_argument("--max-memory-mib", type=float, help="memory budget of the served weights, MiB")
+    v.add_argument("--tokens", type=int, default=16, help="dummy input length (default 16)")
+    v.add_argument("--batch", type=int, default=1, help="dummy batch size (default 1)")
+    v.add_argument("--runs", type=int, default=5, help="timed runs per level (default 5; the median is reported)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_levels)
