@@ -7,6 +7,7 @@ Usage::
     python -m bench table CSV              # the README's markdown tables
     python -m bench targets CSV            # docs/DESIGN.md's performance targets, measured ratios
     python -m bench stream-memory          # peak RSS of `elsa encode` on a multi-GB synthetic checkpoint
+    python -m bench hf-load                # peak RSS of from_pretrained of an ELSA directory vs its file
     python -m bench static [--subset]      # compile gate for sm_90a, no GPU: registers, spills, smem, wgmma
     python -m bench roofline               # bytes / FLOPs / floor time of the GPU grid on H100 and H200
     python -m bench cpu [--quick] [--out DIR]  # the sparse-cpu backend: layer grid, memory, MiniLM (bench/cpu_sparse.py)
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Latency per level (layer and model), codec throughput and serving ratios; CSV + PNG + targets. "
-                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'static', 'roofline', 'cpu', 'cpu-e2e'.",
+                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'hf-load', 'static', 'roofline', 'cpu', 'cpu-e2e'.",
     )
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: MiniLM shapes, M in {1, 16}, short timings")
     p.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         from .cpu_e2e import main as cpu_e2e_main
 
         return int(cpu_e2e_main(argv[1:]) or 0)
-    if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline"):
+    if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline", "hf-load"):
         import importlib
 
         name = argv[0].replace("-", "_")

@@ -38,6 +38,7 @@ from .oneshot.magnitude import magnitude_counters
 from .oneshot.masks import magnitude_mask
 from .oneshot.stream import encode_file
 from .serving.batch_norm import LevelBatchNorm1d, LevelBatchNorm2d, LevelBatchNorm3d
+from .serving.chooser import LevelTable, choose_level
 from .serving.conv import ELSAConv1d, ELSAConv2d
 from .serving.cpu_plan import set_packed_cache_bytes
 from .serving.embedding import ELSAEmbedding
@@ -96,7 +97,7 @@ __all__ = [
     "magnitude_counters", "magnitude_mask", "encode_file",
     # serving
     "ELSAEmbedding", "ELSAConv1d", "ELSAConv2d", "ELSALinear", "LevelBatchNorm1d", "LevelBatchNorm2d",
-    "LevelBatchNorm3d", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "swap_",
+    "LevelBatchNorm3d", "LevelTable", "choose_level", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "swap_",
     *_LAZY,
 ]
 

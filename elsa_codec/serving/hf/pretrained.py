@@ -150,6 +150,12 @@ def _encoded(model: nn.Module, counters) -> ELSAStateDict:
         raise ELSAError(f"save_pretrained: {type(model).__name__} has no ELSA layer; pass counters= (e.g. "
                         "elsa_codec.magnitude_counters(model.state_dict(), [0.9, 0.5], model=model)) to encode it")
     enc = elsa_state_dict(model) if served else encode(model.state_dict(), counters)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if served and getattr(quantizer, "meta", None) is not None:  # loaded from an ELSA directory: its order
+        pos = {n: i for i, n in enumerate(quantizer.meta.tensors)}
+        enc.meta.tensors = dict(sorted(enc.meta.tensors.items(), key=lambda kv: pos.get(kv[0], len(pos))))
+        pos = {n: i for i, n in enumerate(quantizer.stored_order())}
+        enc = ELSAStateDict(dict(sorted(enc.items(), key=lambda kv: pos.get(kv[0], len(pos)))), enc.meta, enc.bn_stats)
     # transformers' convention: a weight it ties at load (lm_head.weight to the token embedding) is not stored
     for alias, target in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
         if alias in enc and target in enc and alias not in enc.meta.tensors:

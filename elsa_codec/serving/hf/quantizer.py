@@ -23,6 +23,7 @@ ELSA: Halvachi et al., arXiv 2312.06872, sec. 2.2.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import types
 
@@ -66,6 +67,26 @@ class ELSAHfQuantizer(HfQuantizer):
         self._path = self._meta = None
         self._names: dict[str, str] = {}  # fqn -> encoded tensor name
         self._cast_to: torch.dtype | None = None
+
+    @property
+    def meta(self):
+        """The loaded checkpoint's :class:`~elsa_codec.format.document.ELSAMeta` (None before loading)."""
+        return self._meta
+
+    def stored_order(self) -> list:
+        """The loaded checkpoint's tensor names, shard by shard (in shard order), each shard's
+        largest tensor first: written in this order with the same ``max_shard_size``, the shards
+        hold the same tensors again (the greedy grouping of :func:`elsa_codec.save_file` closes a
+        shard exactly where the next shard's largest tensor does not fit)."""
+        shards, _ = _shards(self._path)
+        out = []
+        for shard, names in sorted(shards):
+            f = _open_safetensors(shard, check_header=False)
+            names = list(f.keys()) if names is None else names
+            size = {n: f.get_slice(n).get_shape() for n in names}
+            numel = {n: math.prod(s) for n, s in size.items()}
+            out += sorted(names, key=lambda n: -numel[n])
+        return out
 
     # -- transformers' hooks ----------------------------------------------------------------
     @property
@@ -208,16 +229,15 @@ class ELSAHfQuantizer(HfQuantizer):
         _check_codes(self._path, {n: sd[n].detach().cpu() for n in self._meta.tensors}, self._meta)
 
     def _select_level(self, model) -> None:
+        """The chosen level; on the CPU a sparse level is packed module by module, each module's
+        encoded weight handing its file pages back right after (the peak stays near the file's bytes)."""
         t = self.quantization_config.load_level
         T = self._meta.num_levels
         mods = elsa_modules(model)
-        on_cpu = all(m.weight.device.type == "cpu" for _, m in mods)
-        if t <= T and on_cpu:
+        if t <= T and all(m.weight.device.type == "cpu" for _, m in mods):
             for _, m in mods:
                 m.keep_weight_resident = False
-        set_level(model, t)
-        if t <= T and on_cpu:
-            for _, m in mods:
+                m.set_level(t)
                 release_pages(m.weight.detach())
+        set_level(model, t)
         logger.info("from_pretrained: %d ELSA modules from %s, level %d of %d", len(mods), self._path, t, T + 1)
-
