@@ -325,3 +325,21 @@ def test_peak_rss_of_from_pretrained(tmp_path):
         m = measure(d, warm, level)
         assert m["peak"] - m["floor"] <= 1.15 * nbytes, (level, m, nbytes)
     assert m["after"] - m["floor"] < 0.8 * nbytes  # level 1 packed, the file's pages handed back
+
+
+def test_tied_head_serves_the_embedding_level(dirs, tmp_path):
+    """--select all on GPT-2: the token embedding carries levels and the head tied to it serves the same level."""
+    src, _, auto, vocab = dirs["gpt2"]
+    d = str(tmp_path / "all")
+    ec.convert_pretrained(src, d, levels=LEVELS, select="all", progress=False)
+    model = auto.from_pretrained(d)
+    assert type(model.lm_head).__name__ == "ELSALinear" and model.lm_head.weight is model.transformer.wte.weight
+    enc = ec.load_file(weights_path(d))
+    ids = _ids(vocab)
+    for t in (1, 2, 3):
+        ec.set_level(model, t)
+        ref = _reference(src, auto, ec.extract(enc, t))
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(str(tmp_path / "rt"))
+    assert open(os.path.join(d, "model.safetensors"), "rb").read() == open(tmp_path / "rt" / "model.safetensors", "rb").read()

@@ -158,8 +158,10 @@ def _encoded(model: nn.Module, counters) -> ELSAStateDict:
         enc = ELSAStateDict(dict(sorted(enc.items(), key=lambda kv: pos.get(kv[0], len(pos)))), enc.meta, enc.bn_stats)
     # transformers' convention: a weight it ties at load (lm_head.weight to the token embedding) is not stored
     for alias, target in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
-        if alias in enc and target in enc and alias not in enc.meta.tensors:
+        if alias in enc and target in enc and (alias not in enc.meta.tensors or target in enc.meta.tensors):
             del enc[alias]
+            enc.meta.tensors.pop(alias, None)
+            enc.meta.tied.pop(alias, None)
     return enc
 
 

@@ -174,7 +174,10 @@ class ELSAHfQuantizer(HfQuantizer):
         meta = self._meta
         modules = dict(model.named_modules(remove_duplicate=False))
         params = dict(model.named_parameters(remove_duplicate=False))
-        ties = group_of(model_tie_groups(model))
+        groups = model_tie_groups(model)
+        for alias, target in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
+            groups.append([target, alias])  # transformers ties these after loading (lm_head to the embedding)
+        ties = group_of(groups)
         shared: dict[str, torch.nn.Parameter] = {}
         new = {}
         for name, info in meta.tensors.items():
@@ -192,8 +195,10 @@ class ELSAHfQuantizer(HfQuantizer):
             if key not in shared:
                 empty = torch.empty(info.shape, dtype=_DTYPES[info.dtype], device="meta")
                 shared[key] = torch.nn.Parameter(empty, requires_grad=False)
-            new[fqn] = _build(modules[fqn], kind, shared[key], meta, name)
-            self._names[fqn] = name
+            for other in [name] + [n for n in (group or []) if n != name and n not in meta.tensors]:
+                ofqn = other.rpartition(".")[0]  # a tied alias transformers ties at load (lm_head): the same level
+                new[ofqn] = _build(modules[ofqn], _servable_kind(modules, ofqn, "weight", other), shared[key], meta, name)
+                self._names[ofqn] = name
         return new
 
     def _rebuild(self, model) -> None:
