@@ -71,8 +71,14 @@ def cmd_levels(a) -> int:
     model = cls.from_pretrained(a.dir)
     vocab = int(getattr(cfg.get_text_config(), "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0))
-    table = choose_level(model, {"input_ids": ids}, max_latency_ms=a.max_latency_ms, max_memory_mib=a.max_memory_mib,
-                         runs=a.runs)
+    try:
+        table = choose_level(model, {"input_ids": ids}, max_latency_ms=a.max_latency_ms,
+                             max_memory_mib=a.max_memory_mib, runs=a.runs)
+    except ELSAError as e:  # no level fits: the measured table on stdout, the reason as the error line
+        if getattr(e, "table", None) is not None:
+            print(json.dumps(e.table.to_dict(), indent=1, sort_keys=True) if a.json else e.table)
+            raise ELSAError(str(e).split(". The model stays")[0] + " (table above)") from None
+        raise
     if a.json:
         json.dump(table.to_dict(), sys.stdout, indent=1, sort_keys=True)
         print()
