@@ -263,11 +263,14 @@ def test_trainer_fine_tunes_a_loaded_model_levels_kept(dirs, tmp_path):
     norm = model.model.norm.weight.detach().clone()
     ds = [{"input_ids": _ids(vocab, i, (8,)), "labels": _ids(vocab, i, (8,))} for i in range(6)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=2,
-                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+                                          learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=3,
+                                          use_cpu=True)
     transformers.Trainer(model=model, args=args, train_dataset=ds).train()
     for n, m in ec.elsa_modules(model):
         assert torch.equal(m.weight.view(torch.int32), before[n].view(torch.int32)), n
     assert not torch.equal(model.model.norm.weight, norm)
+    again = auto.from_pretrained(str(tmp_path / "t" / "checkpoint-3"))  # the Trainer's checkpoint is an ELSA directory
+    assert len(ec.elsa_modules(again)) == len(before) and torch.equal(again.model.norm.weight, model.model.norm.weight)
 
 
 def test_elsa_callback_trains_a_dequantized_model(dirs, tmp_path):
@@ -343,3 +346,10 @@ def test_tied_head_serves_the_embedding_level(dirs, tmp_path):
             torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     model.save_pretrained(str(tmp_path / "rt"))
     assert open(os.path.join(d, "model.safetensors"), "rb").read() == open(tmp_path / "rt" / "model.safetensors", "rb").read()
+
+
+def test_device_map_is_respected(dirs):
+    _, dst, auto, vocab = dirs["llama"]
+    model = auto.from_pretrained(dst, device_map={"": "cpu"}, config=ec.pretrained_config(dst, level=1))
+    assert ec.elsa_modules(model) and all(p.device.type == "cpu" for p in model.parameters())
+    assert {m.level for _, m in ec.elsa_modules(model)} == {1}
