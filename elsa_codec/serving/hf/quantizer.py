@@ -185,7 +185,7 @@ class ELSAHfQuantizer(HfQuantizer):
             if fqn not in modules:
                 raise ELSAError(f"from_pretrained: encoded tensor {name!r} of {self._path} names no module of "
                                 f"{type(model).__name__} (the checkpoint was made for another architecture)")
-            kind = _servable_kind(modules, fqn, attr, name)
+            _servable_kind(modules, fqn, attr, name)  # ELSAError unless an ELSA layer can serve it
             ref = params.get(name)
             if ref is not None and tuple(ref.shape) != tuple(info.shape):
                 raise ELSAError(f"from_pretrained: tensor {name!r} has shape {tuple(info.shape)} in {self._path} but "
