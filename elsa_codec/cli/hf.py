@@ -43,18 +43,6 @@ def _level_arg(text):
         raise ELSAError(f"--default-level: {text!r} is neither a level number nor 'dense'") from None
 
 
-def _model_class(out_dir: str):
-    import transformers
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(out_dir)
-    arch = (getattr(cfg, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ELSAError(f"{out_dir}/config.json names no transformers architecture ({arch!r})")
-    return cls, cfg
-
-
 def cmd_levels(a) -> int:
     import os
 
@@ -64,11 +52,11 @@ def cmd_levels(a) -> int:
         raise ELSAError(f"{a.dir}: not a directory (give an ELSA model directory written by `elsa convert`)")
     if a.tokens < 1 or a.batch < 1:
         raise ELSAError(f"--tokens and --batch must be >= 1, got {a.tokens} and {a.batch}")
-    cls, cfg = _model_class(a.dir)
-    q = getattr(cfg, "quantization_config", None)
-    if not isinstance(q, dict) or q.get("quant_method") != "elsa":
-        raise ELSAError(f"{a.dir}: config.json has no quantization_config of quant_method 'elsa' (convert it with `elsa convert`)")
-    model = cls.from_pretrained(a.dir)
+    from ..serving.hf import pretrained_config
+    from ..serving.hf.checkpoint import architecture_class
+
+    cfg = pretrained_config(a.dir)  # ELSAError unless config.json names quant_method 'elsa'
+    model = architecture_class(cfg, "levels").from_pretrained(a.dir, config=cfg)
     vocab = int(getattr(cfg.get_text_config(), "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0))
     try:

@@ -33,6 +33,7 @@ from ..errors import ELSAError, ELSATypeError
 from ..format.bits import bits_view, check_code_bits, decode_counters
 from ..format.document import LevelInfo, TensorInfo, _make_meta
 from ..format.encode import ELSAStateDict, _tensor_info, resolve_level
+from ..format.pages import release_pages
 from ..format.selection import group_of, model_tie_groups, module_kind
 from ..wrappers import unwrap_model
 from .base import ELSAModule, _dtype_name
@@ -449,7 +450,6 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
             of range.
     """
     from ..format.file import load_file
-    from ..format.pages import release_pages
 
     path = check_path(path, "path", "load", order="load(path, model)")
     check_module(model, "model", "load", order="load(path, model)")
@@ -458,12 +458,30 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
         resolve_level(level, enc.meta.num_levels)  # before anything changes
     swap_(model, enc, filter_fn=filter_fn, strict=strict, _assign=level is not None)
     if level is not None:
-        for _, m in elsa_modules(model):
-            m.keep_weight_resident = False
-        set_level(model, level)
+        set_level_released(model, level)
         for t in list(enc.values()) + [s for lv in enc.bn_stats.values() for mod in lv.values() for s in mod.values()]:
             release_pages(t)
     return model
+
+
+def set_level_released(model: nn.Module, level) -> int:
+    """:func:`set_level` for a model whose encoded weights are views of a memory-mapped file: module
+    by module, the level is packed and the module's encoded weight hands its file pages back right
+    after (:func:`elsa_codec.format.pages.release_pages`), so the file's bytes are never all
+    resident beside the packed levels; ``keep_weight_resident`` is turned off (a later
+    :func:`set_level` reads the pages again). Used by :func:`load` with ``level=`` and by
+    ``from_pretrained`` of an ELSA directory.
+
+    Returns:
+        The level as an int. Raises: as :func:`set_level`.
+    """
+    _, T, _ = _levelled(model)
+    t = resolve_level(level, T)
+    for _, m in elsa_modules(model):
+        m.keep_weight_resident = False
+        m.set_level(t)
+        release_pages(m.weight.detach())
+    return set_level(model, t)
 
 
 def elsa_modules(model: nn.Module) -> list:

@@ -16,7 +16,8 @@ from ...errors import ELSAError, ELSAFormatError
 from ...format.document import ELSAMeta
 from ...format.file import _shards, read_meta
 
-__all__ = ["WEIGHTS_NAME", "INDEX_NAME", "DEFAULT_SHARD_SIZE", "weights_path", "elsa_weights", "layout_path", "stale_weight_files"]
+__all__ = ["WEIGHTS_NAME", "INDEX_NAME", "DEFAULT_SHARD_SIZE", "weights_path", "elsa_weights", "layout_path", "stale_weight_files",
+           "architecture_class", "check_out_dir"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -81,6 +82,23 @@ def stale_weight_files(folder: str, keep: set) -> list:
         if n in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(n):
             out.append(os.path.join(folder, n))
     return out
+
+
+def architecture_class(config, what: str):
+    """The transformers model class ``config.architectures`` names (whose parameter names are the
+    checkpoint's).
+
+    Raises:
+        ELSAError: no architecture recorded, or one transformers does not have.
+    """
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None:
+        raise ELSAError(f"{what}: config.json names no transformers architecture ({arch!r}); save the model with "
+                        "save_pretrained, which records it")
+    return cls
 
 
 def check_out_dir(out_dir, what: str, *, source: str | None = None) -> str:

@@ -14,29 +14,21 @@ import torch
 
 from ...errors import ELSAError, ELSAFormatError
 from ...format.document import ELSAMeta
-from ...format.file import _open_safetensors, _shards, read_meta
+from ...format.file import _ITEM, _open_safetensors, _shards, read_meta
 from ...format.selection import DEFAULT_SELECT, check_select_arg, model_tie_groups, select_weights, transposed_weights
+from ...format.stream import _FLOAT_CODES
 from ...format.structure import parse_levels
 from ...oneshot.stream import encode_file
-from .checkpoint import check_out_dir, layout_path, weights_path
+from .checkpoint import architecture_class, check_out_dir, layout_path, weights_path
 from .config import ELSAQuantizationConfig
 from .pretrained import _config_json, copy_files, remove_stale, write_json
 
 __all__ = ["convert_pretrained"]
 
-_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def _skeleton(config):
     """The model class of ``config.architectures`` built on the ``meta`` device (its names are
     the checkpoint's)."""
-    import transformers
-
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ELSAError(f"convert: config.json names no transformers architecture ({arch!r}); save the model with "
-                        "save_pretrained, which records it")
+    cls = architecture_class(config, "convert")
     with torch.device("meta"):
         return cls(config)
 
@@ -71,7 +63,7 @@ def _total_bytes(path: str, dtype: torch.dtype | None) -> int:
             code, numel = sl.get_dtype(), 1
             for d in sl.get_shape():
                 numel *= d
-            out += numel * (size if size is not None and code in ("F32", "F16", "BF16", "F64") else _ELEMENT.get(code, 4))
+            out += numel * (size if size is not None and code in _FLOAT_CODES else _ITEM.get(code, 4))
     return out
 
 

@@ -8,6 +8,8 @@ ELSA: Halvachi et al., arXiv 2312.06872, sec. 2.2 (one file ships every level).
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 
@@ -19,7 +21,7 @@ from ...format.encode import ELSAStateDict, encode
 from ...format.file import _atomic, save_file
 from ...wrappers import unwrap_model
 from ..base import ELSAModule
-from ..swap import elsa_modules, elsa_state_dict
+from ..swap import _replace, elsa_modules, elsa_state_dict
 from .checkpoint import check_out_dir, layout_path, stale_weight_files
 from .config import ELSAQuantizationConfig
 
@@ -54,8 +56,6 @@ def copy_files(src: str, dst: str) -> list:
 def _config_json(model_config, qcfg: ELSAQuantizationConfig) -> str:
     """``config.json`` of ``model_config`` with ``qcfg`` as its ``quantization_config`` (the
     model's config object is not modified)."""
-    import copy
-
     cfg = copy.deepcopy(model_config)
     cfg.quantization_config = qcfg
     return cfg.to_json_string(use_diff=True)
@@ -76,8 +76,6 @@ def remove_stale(path: str) -> set:
     folder = os.path.dirname(os.path.abspath(path))
     keep = {os.path.basename(path)}
     if path.endswith(".index.json"):
-        import json
-
         with open(path, encoding="utf-8") as f:
             keep |= set(json.load(f)["weight_map"].values())
     for p in stale_weight_files(folder, keep):
@@ -228,15 +226,13 @@ def dequantize_(model: nn.Module) -> nn.Module:
     Raises:
         ELSAError: the model has no ELSA layer.
     """
-    from .. import swap
-
     mods = elsa_modules(model)
     if not mods:
         raise ELSAError(f"dequantize: {type(model).__name__} has no ELSA layer")
     params: dict[int, nn.Parameter] = {}
     for fqn, m in mods:
         w = params.setdefault(id(m.weight), nn.Parameter(m.weight.detach(), requires_grad=True))
-        swap._replace(model, fqn, _plain_module(m, w))
+        _replace(model, fqn, _plain_module(m, w))
     for attr in ("_apply", "save_pretrained"):
         model.__dict__.pop(attr, None)
     return model

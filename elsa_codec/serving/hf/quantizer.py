@@ -33,16 +33,14 @@ from transformers.quantizers.base import HfQuantizer
 from ...errors import ELSAError
 from ...format.bits import MAX_CODE_BITS
 from ...format.file import _check_codes, _check_crcs, _crc_table, _open_safetensors, _shards, st_dtype
-from ...format.pages import release_pages
 from ...format.selection import group_of, model_tie_groups
-from ..swap import _apply, _build, _replace, _servable_kind, elsa_modules, set_level
+from ..swap import _apply, _build, _replace, _servable_kind, elsa_modules, set_level, set_level_released
 from .checkpoint import elsa_weights
-from .config import ELSAQuantizationConfig
+from .config import _DTYPES, ELSAQuantizationConfig, _level_number
 
 __all__ = ["ELSAHfQuantizer"]
 
 logger = logging.getLogger("elsa_codec")
-_DTYPES = {str(d).replace("torch.", ""): d for d in MAX_CODE_BITS}
 
 
 class ELSAHfQuantizer(HfQuantizer):
@@ -162,10 +160,8 @@ class ELSAHfQuantizer(HfQuantizer):
                 raise ELSAError(f"from_pretrained: config.json's quantization_config has {field}={got}, the weights' "
                                 f"document {self._path} has {want} (the directory mixes two checkpoints)")
         T = meta.num_levels
-        for what, t in (("level", cfg.level), ("default_level", cfg.default_level)):
-            if t is not None and not 1 <= t <= T + 1:
-                raise ELSAError(f"from_pretrained: {what}={t} is out of range: this checkpoint has levels 1..{T + 1} "
-                                f"({T} sparse, {T + 1} = dense)")
+        for what in ("level", "default_level"):
+            _level_number(getattr(cfg, what), T, what)  # ELSAError: out of range
         if cfg.num_levels is None:
             cfg.num_levels, cfg.code_bits = T, meta.code_bits
 
@@ -240,9 +236,7 @@ class ELSAHfQuantizer(HfQuantizer):
         T = self._meta.num_levels
         mods = elsa_modules(model)
         if t <= T and all(m.weight.device.type == "cpu" for _, m in mods):
-            for _, m in mods:
-                m.keep_weight_resident = False
-                m.set_level(t)
-                release_pages(m.weight.detach())
-        set_level(model, t)
+            set_level_released(model, t)
+        else:
+            set_level(model, t)
         logger.info("from_pretrained: %d ELSA modules from %s, level %d of %d", len(mods), self._path, t, T + 1)
