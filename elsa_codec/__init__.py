@@ -51,6 +51,7 @@ __version__ = "0.1.0"
 #: (which imports transformers). ``import elsa_codec`` for serving never imports them.
 _LAZY = {
     "ELSAConfig": "training.config",
+    "DistillConfig": "training.distill",
     "LevelEmbedder": "training.embedder",
     "ELSAResult": "training.result",
     "Phase": "training.phases",

@@ -8,6 +8,8 @@
 - :mod:`.gmp`: GMP control: when the mask is recomputed inside a sparsify phase, and how;
 - :mod:`.binding`: optimizer binding: step pre/post hooks on the optimizers given to ``attach``;
 - :mod:`.bn`: per-level batch-norm statistics (section 2.2);
+- :mod:`.distill`: the distillation term toward the original network (:class:`DistillConfig`,
+  the kept copy of the original, the forward hooks that add the term);
 - :mod:`.result`: :class:`ELSAResult`.
 - :mod:`.distributed`: several processes (DDP, FSDP2 ``fully_shard``): thresholds over shards,
   agreement across ranks, the file written once (docs/SCALE.md).

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ELSAError, ELSATypeError
 from ..format.selection import SELECT_POLICIES
+from .distill import DistillConfig
 from .schedule import GMPSchedule
 from .sparsifiers.base import DISTRIBUTIONS, Sparsifier
 
@@ -79,6 +80,10 @@ class ELSAConfig:
         on_short: ``"warn"`` (default) or ``"raise"`` when a phase ran fewer optimizer steps than
             planned (the GMP ramp was cut short) or the run was finalized with steps missing.
         bn_batches: at most this many calibration batches per level (per-level batch norm).
+        distill: a :class:`elsa_codec.DistillConfig` (or its dict): a distillation term toward the
+            original network (the model as it was when the embedder was built) in the densify
+            phases and the final dense phase, so the dense level stays the model ELSA started
+            from; None: no term (the training loop's own loss only).
 
     Raises:
         ELSAError: any field out of range, naming it (levels are parsed here too).
@@ -101,6 +106,7 @@ class ELSAConfig:
     verify: str = "phase_end"
     on_short: str = "warn"
     bn_batches: int | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self):
         from ..format.structure import parse_levels
@@ -149,6 +155,13 @@ class ELSAConfig:
             self.schedule = GMPSchedule(**self.schedule)
         if self.schedule is not None and not isinstance(self.schedule, GMPSchedule):
             raise ELSAError(f"ELSAConfig.schedule must be a GMPSchedule or None, got {type(self.schedule).__name__}")
+        if isinstance(self.distill, dict):
+            try:
+                self.distill = DistillConfig(**self.distill)
+            except TypeError as e:
+                raise ELSAError(f"ELSAConfig.distill: {e}") from None
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise ELSAError(f"ELSAConfig.distill must be a DistillConfig, its dict or None, got {type(self.distill).__name__}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ELSAError(f"ELSAConfig.filter_fn must be a callable (module, fqn) -> bool, got {type(self.filter_fn).__name__}")
         if self.select is None:
@@ -196,7 +209,7 @@ class ELSAConfig:
         d = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "schedule" and v is not None:
+            if f.name in ("schedule", "distill") and v is not None:
                 v = dataclasses.asdict(v)
             elif f.name == "encode_dtype":
                 v = _dtype_name(v)

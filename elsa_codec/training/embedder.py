@@ -26,9 +26,11 @@ from ..errors import ELSAError, ELSATypeError
 from ..format.bits import default_code_bits
 from ..format.encode import Counters, counter_dtype
 from ..format.structure import parse_levels
+from ..wrappers import unwrap_model
 from .binding import OptimizerBinding
 from .bn import bn_modules, calibration_batches, level_bn_stats
 from .config import ELSAConfig
+from .distill import DistillHooks, Teacher, distill_term, select_output
 from .distributed import ShardedMagnitude, check_sharded_supported, dist_context
 from .freeze import check_encode_dtype, check_prunable, encode_dense_rest, freeze_level, round_shared
 from .gmp import GMPControl
@@ -108,6 +110,21 @@ class LevelEmbedder:
         self._binding = OptimizerBinding(self._pre_step, self._post_step)
         self._opt_steps: dict[int, int] = {}
         self._model_ids = {id(p) for p in model.parameters()}
+        self.teacher, self._distill_hooks = self._teacher()
+
+    def _teacher(self):
+        """The original network's copy and the distillation hooks (None, None without them)."""
+        d = self.config.distill
+        if d is None or d.teacher != "copy":
+            return None, None
+        if self.dist is not None and self.dist.sharded:
+            raise ELSAError("ELSAConfig.distill: teacher='copy' cannot copy sharded (FSDP2) parameters; use "
+                            "DistillConfig(teacher='given', hooks=False) and pass the original's outputs to "
+                            "LevelEmbedder.distill_loss")
+        bare = unwrap_model(self.model)
+        teacher = Teacher(bare)
+        hooks = DistillHooks(bare, teacher, d, lambda: self.distilling) if d.hooks else None
+        return teacher, hooks
 
     def _checks(self, params):
         """The checks before any change (agreed across ranks in a multi-process run); the sparsifier."""
@@ -150,6 +167,62 @@ class LevelEmbedder:
             return self.state.sparsity()
         zeros, total = self.dist.sum(self.state.zeros())
         return zeros / max(total, 1)
+
+    # ------------------------------------------------------------------ distillation
+    @property
+    def distilling(self) -> bool:
+        """True while the distillation term is on (``config.distill`` set, the current phase one of
+        ``config.distill.phases``, the run not finalized)."""
+        d = self.config.distill
+        return d is not None and not self._finalized and d.active(self.phase)
+
+    def teacher_outputs(self, *args, **kwargs):
+        """The original network's outputs for the model's inputs ``*args, **kwargs`` (no gradient,
+        eval mode; ``config.distill.teacher == "copy"``).
+
+        Raises:
+            ELSAError: no copy of the original is kept (no ``distill``, or ``teacher="given"``).
+        """
+        if self.teacher is None:
+            raise ELSAError("teacher_outputs: this run keeps no copy of the original network (set "
+                            "ELSAConfig(distill=DistillConfig(teacher='copy')))")
+        return self.teacher(*args, **kwargs)
+
+    def distill_loss(self, outputs, *args, teacher=None, **kwargs) -> torch.Tensor:
+        """The distillation term for one batch, to add to the loss (``hooks=False``)::
+
+            out = model(x)
+            loss = F.cross_entropy(out, y) + emb.distill_loss(out, x)
+
+        Args:
+            outputs: the model's outputs for the batch (a tensor, a ``ModelOutput`` or a tuple;
+                ``config.distill.output`` picks the tensor).
+            *args, **kwargs: the model's inputs for the batch; the kept copy of the original runs on
+                them (``teacher="copy"``).
+            teacher: the original's outputs for the batch instead (required with ``teacher="given"``).
+
+        Returns:
+            A float32 scalar: ``weight * loss`` in the phases the term is on, else ``0``.
+
+        Raises:
+            ELSAError: no ``distill`` config; hooks already add the term; ``teacher="given"`` and no
+                ``teacher=``; outputs without the configured field; shapes that differ.
+        """
+        d = self.config.distill
+        if d is None:
+            raise ELSAError("distill_loss: the config has no distill (ELSAConfig(distill=DistillConfig(...)))")
+        if self._distill_hooks is not None:
+            raise ELSAError("distill_loss: DistillConfig(hooks=True) already adds the term in the model's forward; "
+                            "set hooks=False to add it yourself")
+        s, _ = select_output(outputs, d.output)
+        if not self.distilling:
+            return torch.zeros((), device=s.device)
+        if teacher is None:
+            if self.teacher is None:
+                raise ELSAError("distill_loss: DistillConfig(teacher='given') needs teacher=<the original network's "
+                                "outputs for this batch>")
+            teacher = self.teacher(*args, **kwargs)
+        return distill_term(s, select_output(teacher, d.output, "original's output")[0], d)
 
     # ------------------------------------------------------------------ optimizers
     def attach(self, optimizer) -> "LevelEmbedder":
@@ -258,8 +331,20 @@ class LevelEmbedder:
             raise ELSAError(msg)
         warnings.warn(msg, stacklevel=4)
 
+    def _check_distilled(self, ph: Phase) -> None:
+        """Warn when the hooks never added the term in a phase that trained with it on."""
+        h = self._distill_hooks
+        if h is not None and self.config.distill.active(ph) and self._local > 0 and h.calls == 0:
+            warnings.warn(f"{ph.name}: the distillation term was never added: no forward of the model ran with "
+                          "gradients (does the loop call a submodule instead of the model given to ELSA, e.g. a "
+                          "LightningModule's training_step calling self.net?); give ELSA that module, or set "
+                          "DistillConfig(hooks=False) and add LevelEmbedder.distill_loss to the loss", stacklevel=4)
+        if h is not None:
+            h.calls = 0
+
     def _end(self) -> None:
         ph = self.phase
+        self._check_distilled(ph)
         if self.config.verify != "off":
             self.state.check(f"during {ph.name}")
         if ph.kind == "sparsify":
@@ -316,6 +401,8 @@ class LevelEmbedder:
         encode_dense_rest(self.state, self.num_levels, self.code_bits, self.encode_dtype)
         self._finalized = True
         self.detach()
+        if self._distill_hooks is not None:
+            self._distill_hooks.remove()
         full = dict(self.counters) if self.dist is None else self.dist.full_counters(self.counters, self.params)
         cnt = Counters(full, self.num_levels, [str(st) for _, st in self.specs], transposed=self.transposed)
         if self.dist is not None:
@@ -386,6 +473,7 @@ class LevelEmbedder:
             "before": None if self._before is None else {n: v.clone() for n, v in self._before.items()},
             "generator": self.generator.get_state(),
             "history": [dict(h) for h in self.history],
+            "teacher": None if self.teacher is None else {n: t.clone() for n, t in self.teacher.tensors.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -411,6 +499,7 @@ class LevelEmbedder:
             n: v.to(self.params[n].device) for n, v in sd["before"].items()}
         self.generator.set_state(sd["generator"])
         self.history = [dict(h) for h in sd["history"]]
+        self._load_teacher(sd.get("teacher"))
         self._gmp, self._t0 = None, time.perf_counter()
         ph = self.phase
         if self._started and ph is not None and ph.kind == "sparsify":
@@ -426,6 +515,20 @@ class LevelEmbedder:
             raise ELSAError(f"load_state_dict: the state was saved inside {ph.name} (step {local} of {ph.steps}) and "
                             f"the sparsifier {self.sparsifier!r} keeps its own bookkeeping for the phase; resume "
                             "from a state saved at a phase boundary")
+
+    def _load_teacher(self, saved) -> None:
+        """The original network's copy from the state (the model being resumed is no longer it)."""
+        if self.teacher is None:
+            return
+        mine = self.teacher.tensors
+        if saved is None or set(saved) != set(mine):
+            raise ELSAError("load_state_dict: the ELSA state holds no copy of the original network for distill "
+                            f"(teacher='copy'); missing: {sorted(set(mine) - set(saved or {}))[:3]}")
+        for n, t in mine.items():
+            if tuple(saved[n].shape) != tuple(t.shape):
+                raise ELSAError(f"{n}: the ELSA state's original has shape {tuple(saved[n].shape)}, the model "
+                                f"{tuple(t.shape)}")
+            t.copy_(saved[n])
 
     def _load_counters(self, counters: dict) -> None:
         for n, c in self.counters.items():

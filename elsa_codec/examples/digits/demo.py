@@ -216,6 +216,8 @@ def run(
     lr: float = 0.05,
     freeze_shared: bool = True,
     densify_init: str = "zero",
+    final_steps: int | None = None,
+    distill=None,
     out: str = "elsa-demo-out",
     progress: bool = True,
     log=print,
@@ -240,7 +242,8 @@ def run(
     filter_fn = (lambda m, fqn: isinstance(m, (nn.Linear, nn.Conv2d)) and fqn != "conv1") if nm else None
     pnames = list(prunable_weights(dense, filter_fn=filter_fn))
     job = _Job(seed, lv, st, sparsifier, dtype, steps, densify_steps, filter_fn, make_train_fn(data[0], data[1], lr=lr),
-               [data[0][i : i + 256] for i in range(0, len(data[0]), 256)], data[2].to(dtype), data[3], out, progress, log)
+               [data[0][i : i + 256] for i in range(0, len(data[0]), 256)], data[2].to(dtype), data[3], out, progress, log,
+               final_steps, distill)
     acc_before, dense_state = _train_dense(job, dense, dense_steps)
     res, encoded, elsa_path, acc_elsa, how = _run_elsa(job, dense_state, freeze_shared, densify_init)
     T = res.num_levels
@@ -291,6 +294,8 @@ class _Job:
     out: str
     progress: bool
     log: object
+    final_steps: int | None = None  # None: densify_steps
+    distill: object = None  # a DistillConfig, or None
 
 
 def _train_dense(job: _Job, dense: nn.Module, dense_steps: int) -> tuple:
@@ -319,7 +324,7 @@ def _run_elsa(job: _Job, dense_state: dict, freeze_shared: bool, densify_init: s
         model, job.levels, job.train_fn, steps=job.steps, densify_steps=job.densify_steps, structure=job.structure,
         sparsifier=job.sparsifier, bn_calibration=job.calib, filter_fn=job.filter_fn, seed=job.seed,
         progress=job.progress, freeze_shared=freeze_shared, densify_init=densify_init,
-        encode_dtype=job.dtype if job.dtype != torch.float32 else None,
+        final_steps=job.final_steps, distill=job.distill, encode_dtype=job.dtype if job.dtype != torch.float32 else None,
     )
     encoded = res.encode()
     path = os.path.join(job.out, f"elsa-seed{job.seed}.safetensors")
