@@ -126,6 +126,23 @@ def test_hf_trainer_resume_from_checkpoint(tmp_path):
     assert cb.result.sparsities == ref.result.sparsities
 
 
+def test_hf_trainer_distills_toward_the_original(tmp_path):
+    from elsa_codec.training.integrations.transformers import ELSATrainerCallback
+
+    snaps = {}
+    cb = ELSATrainerCallback(ELSAConfig(**CFG, distill=ec.DistillConfig(temperature=2.0)),
+                             on_freeze=lambda t, m: snaps.setdefault(t, copy.deepcopy(dict(m.named_parameters()))))
+    trainer = _trainer(tmp_path, cb, max_steps=20)
+    original = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    _check_levels(cb.result, trainer.model, snaps)
+    hooks = cb.embedder._distill_hooks
+    assert hooks.last is not None and float(hooks.last) > 0 and not trainer.model._forward_hooks
+    saved = torch.load(tmp_path / "checkpoint-8" / "elsa_state.pt", weights_only=True)["teacher"]
+    for n, p in original.items():
+        assert torch.equal(saved[n], p), n
+
+
 # ------------------------------------------------------------------ Lightning
 L = pytest.importorskip("lightning.pytorch")
 
@@ -194,3 +211,16 @@ def test_lightning_callback_full_run_and_resume(tmp_path):
     assert again.embedder.step == 20
     for n, c in cb.result.counters.items():
         assert torch.equal(c, again.result.counters[n]), n
+
+
+def test_lightning_callback_distills_toward_the_original(tmp_path):
+    from elsa_codec.training.integrations.lightning import ELSALightningCallback
+
+    snaps = {}
+    x, _ = job.data()
+    cb = ELSALightningCallback(ELSAConfig(**CFG, distill=ec.DistillConfig()), bn_calibration=[x[:64]],
+                               on_freeze=lambda t, m: snaps.setdefault(t, copy.deepcopy(dict(m.named_parameters()))))
+    module = _LitMLP()
+    _lit_trainer(tmp_path, cb).fit(module, _loader())
+    _check_levels(cb.result, module, snaps)
+    assert cb.embedder._distill_hooks.last is not None and not module._forward_hooks
