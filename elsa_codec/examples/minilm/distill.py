@@ -102,10 +102,11 @@ def distill_loss(model: nn.Module, batch, *, hidden_weight: float = 1.0) -> torc
 
 
 def make_train_fn(batches: TeacherBatches, *, lr: float = 1e-4, warmup: float = 0.05, hidden_weight: float = 1.0,
-                  on_step=None):
+                  on_step=None, final_lr: float | None = None):
     """A ``train_fn(model, phase)``: ``phase.steps`` AdamW steps (no weight decay) of
     :func:`distill_loss` on the trainable parameters, the learning rate rising linearly over the
-    first ``warmup`` share of the phase and then falling to 0 along a cosine; batches from
+    first ``warmup`` share of the phase to ``lr`` (``final_lr`` in an ELSA run's final dense phase,
+    when given) and then falling to 0 along a cosine; batches from
     ``batches.stream(phase.steps, phase.seed)``. Dropout is off (the model stays in eval mode):
     the student imitates the teacher's deterministic outputs. ``on_step(phase, step, loss)`` is
     called after each step when given."""
@@ -118,7 +119,8 @@ def make_train_fn(batches: TeacherBatches, *, lr: float = 1e-4, warmup: float = 
 
     def train_fn(model, phase):
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        peak = final_lr if final_lr is not None and getattr(phase, "final", False) else lr
+        opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, phase.steps))
         model.eval()
         for step, batch in enumerate(batches.stream(phase.steps, phase.seed)):

@@ -92,8 +92,11 @@ def markdown(summary: dict) -> str:
            f"torch {m['torch']}, transformers {m['transformers']}. Whole run: {summary['seconds'] / 60:.1f} min.  ",
            f"Training: {summary['train_sentences']} sentences of Python's documentation (pydoc_data.topics), "
            f"batch {s['batch_size']}, at most {s['max_length']} tokens; {s['steps']} sparsify + "
-           f"{s['densify_steps']} densify steps per ELSA level, {s['steps'] + s['densify_steps']} steps per "
-           f"separate student; AdamW lr {s['lr']}, hidden-state weight {s['hidden_weight']}, "
+           f"{s['densify_steps']} densify steps per ELSA level"
+           + (f" ({s['final_steps']} in the final dense phase)" if s.get("final_steps") else "")
+           + f", {s['steps'] + s['densify_steps']} steps per separate student; AdamW lr {s['lr']}"
+           + (f" ({s['final_lr']} in the final dense phase)" if s.get("final_lr") else "")
+           + f", hidden-state weight {s['hidden_weight']}, "
            f"densify_init {s.get('densify_init', 'restore')!r}"
            + (f"; first {s['layers']} blocks only" if s["layers"] else "") + ".\n",
            "Cells: mean cosine to the teacher's embedding / minimum cosine / top-1 nearest-neighbour agreement "
