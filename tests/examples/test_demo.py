@@ -33,3 +33,13 @@ def test_demo_help_and_bad_input(tmp_path, capsys):
     rc = main(["--quick", "--out", str(tmp_path), "--levels", "0.5,0.9", "--no-progress"])
     assert rc == 2
     assert "sparsest first" in capsys.readouterr().err
+
+
+def test_demo_distillation_options(tmp_path, capsys):
+    rc = main(["--quick", "--out", str(tmp_path), "--distill-weight", "-1", "--no-progress"])
+    assert rc == 2 and "DistillConfig.weight" in capsys.readouterr().err
+    rc = main(["--quick", "--out", str(tmp_path), "--distill-weight", "0", "--final-steps", "3", "--no-progress"])
+    assert rc == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["history"][-1]["steps"] == 3
+    assert "goal >= -0.1" in capsys.readouterr().out
