@@ -66,11 +66,15 @@ class LevelEmbedder:
         history: one dict per finished phase (``kind``, ``level``, ``steps``, ``steps_done``,
             ``sparsity``, ``seconds``).
         hook_seconds: wall time spent in the embedder's optimizer hooks (the step overhead).
+        teacher: with ``config.distill`` and ``teacher="copy"``, the original network
+            (:class:`elsa_codec.training.distill.Teacher`: a copy of the model's parameters and
+            buffers taken here, before any change); else None. See :meth:`distill_loss`.
 
     Raises:
         ELSAError: bad config for this model (no prunable layer, code bits that do not fit the
             dtype, N:M on a layer whose input dimension is not a multiple of M, non-finite
-            weights, an ``encode_dtype`` narrower weights cannot ship in). Nothing changes then.
+            weights, an ``encode_dtype`` narrower weights cannot ship in, ``distill`` with
+            ``teacher="copy"`` on sharded FSDP2 parameters). Nothing changes then.
     """
 
     def __init__(self, model: nn.Module, config: ELSAConfig, *, on_phase_end: Callable | None = None,
