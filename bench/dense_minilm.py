@@ -97,13 +97,42 @@ def variant(path: str, levels, batches, ref, init: str, lr: float, steps: int) -
                 nn_agree=round(s["nn_agree"], 4), seconds=round(seconds, 1))
 
 
+def plot(csv_path: str, png: str) -> None:
+    """Dense-level mean cosine against the final phase's steps, one line per (group, init, lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key in sorted({(r["group"], r["init"], r["lr"]) for r in rows}):
+        pts = sorted((int(r["final_steps"]), float(r["cos_mean"])) for r in rows if (r["group"], r["init"], r["lr"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]}, init {key[1]}, lr {key[2]}")
+    ax.axhline(0.995, color="gray", linestyle=":", label="goal 0.995")
+    ax.set_xlabel("steps of the final dense phase")
+    ax.set_ylabel("dense level: mean cosine to the original (held-out)")
+    ax.set_title("all-MiniLM-L6-v2: ELSA's dense level vs its final phase")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--group", choices=tuple(GROUPS), default="unstructured")
     p.add_argument("--variants", default="restore:5e-4:40", help="init:lr:steps,... (init restore|zero|original)")
     p.add_argument("--snapshot", default=None, help="snapshot file (made when absent)")
     p.add_argument("--out", default=os.path.join("bench", "results", "dense-fidelity", "minilm"))
+    p.add_argument("--plot-only", action="store_true", help="only redraw dense_vs_final_steps.png from results.csv")
     a = p.parse_args(argv)
+    out = os.path.join(a.out, "results.csv")
+    if a.plot_only:
+        plot(out, os.path.join(a.out, "dense_vs_final_steps.png"))
+        return 0
     levels = GROUPS[a.group]
     snap = a.snapshot or f"/tmp/minilm-final-snapshot-{a.group}.pt"
     settings = run.Settings()
@@ -113,7 +142,6 @@ def main(argv=None) -> int:
     if not os.path.exists(snap):
         snapshot(snap, levels, batches)
     os.makedirs(a.out, exist_ok=True)
-    out = os.path.join(a.out, "results.csv")
     for v in a.variants.split(","):
         init, lr, steps = v.split(":")
         row = dict(group=a.group, **variant(snap, levels, batches, ref, init, float(lr), int(steps)),
@@ -125,6 +153,7 @@ def main(argv=None) -> int:
             if new:
                 w.writeheader()
             w.writerow(row)
+        plot(out, os.path.join(a.out, "dense_vs_final_steps.png"))
     return 0
 
 

@@ -230,7 +230,10 @@ def _with_term(out, t_out, config: DistillConfig):
     if key is None:
         return s2, term.detach()
     if key == 0:
-        return type(out)((s2, *out[1:])) if isinstance(out, tuple) else [s2, *out[1:]], term.detach()
+        rest = list(out[1:])
+        if hasattr(out, "_fields"):  # a namedtuple
+            return type(out)(s2, *rest), term.detach()
+        return (tuple if isinstance(out, tuple) else list)([s2, *rest]), term.detach()
     out[key] = s2
     return out, term.detach()
 

@@ -293,3 +293,37 @@ def test_embed_levels_adds_the_term_through_the_hooks():
                           distill=DistillConfig(), progress=False, on_phase_end=lambda ph, m: seen.append(ph.name))
     assert res.sparsities == pytest.approx([0.75, 0.5], abs=0.03) and not model._forward_hooks
     assert res.config["distill"]["weight"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "namedtuple", "dict"])
+def test_hooks_inject_the_gradient_into_every_output_kind(kind):
+    import collections
+
+    Out = collections.namedtuple("Out", "logits aux")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"tensor": lambda: y, "tuple": lambda: (y, 1), "namedtuple": lambda: Out(y, 1),
+                    "dict": lambda: {"logits": y}}[kind]()
+
+    torch.manual_seed(0)
+    net = Net()
+    emb = LevelEmbedder(net, ELSAConfig(levels=[0.5], steps=0, final_steps=2, select="all", distill=DistillConfig()))
+    emb._ensure_started()
+    with torch.no_grad():
+        net.fc.weight.mul_(2.0)
+    x = torch.randn(4, 6)
+    out = net(x)
+    y = select_output(out, None)[0]
+    assert type(out).__name__ == {"tensor": "Tensor", "tuple": "tuple", "namedtuple": "Out", "dict": "dict"}[kind]
+    y.sum().backward()
+    want = torch.autograd.grad(
+        nn.functional.linear(x, net.fc.weight).sum() + net.fc.bias.sum() * 0 + _kl(
+            nn.functional.linear(x, net.fc.weight, net.fc.bias), emb.teacher_outputs(x) if kind == "tensor" else
+            select_output(emb.teacher_outputs(x), None)[0], 1.0), net.fc.weight)[0]
+    torch.testing.assert_close(net.fc.weight.grad, want, rtol=1e-5, atol=1e-6)
