@@ -94,6 +94,7 @@ def markdown(summary: dict) -> str:
            f"batch {s['batch_size']}, at most {s['max_length']} tokens; {s['steps']} sparsify + "
            f"{s['densify_steps']} densify steps per ELSA level"
            + (f" ({s['final_steps']} in the final dense phase)" if s.get("final_steps") else "")
+           + (f" ({s['nm_final_steps']} in the N:M student's)" if s.get("nm_final_steps") else "")
            + f", {s['steps'] + s['densify_steps']} steps per separate student; AdamW lr {s['lr']}"
            + (f" ({s['final_lr']} in the final dense phase)" if s.get("final_lr") else "")
            + f", hidden-state weight {s['hidden_weight']}, "

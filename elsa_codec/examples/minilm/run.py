@@ -61,6 +61,7 @@ class Settings:
         steps, densify_steps: optimizer steps of each ELSA sparsify / densify phase; a separate
             student gets ``steps + densify_steps``.
         final_steps: steps of ELSA's final dense phase (None: ``densify_steps``).
+        nm_final_steps: the same for the N:M student (None: ``final_steps``).
         final_lr: its AdamW peak learning rate (None: ``lr``).
         lr: AdamW peak learning rate; hidden_weight: weight of the hidden-state term of the loss.
         batch_size, max_length: sentences per batch, tokens per sentence at most.
@@ -77,6 +78,7 @@ class Settings:
     steps: int = 380
     densify_steps: int = 40
     final_steps: int | None = None
+    nm_final_steps: int | None = None
     final_lr: float | None = None
     lr: float = 5e-4
     hidden_weight: float = 1.0
@@ -102,9 +104,10 @@ class Settings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ELSAError(f"Settings.{name} must be a positive int, got {v!r}")
-        if self.final_steps is not None and (isinstance(self.final_steps, bool) or not isinstance(self.final_steps, int)
-                                             or self.final_steps < 1):
-            raise ELSAError(f"Settings.final_steps must be a positive int or None, got {self.final_steps!r}")
+        for name in ("final_steps", "nm_final_steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ELSAError(f"Settings.{name} must be a positive int or None, got {v!r}")
         for name in ("lr", "final_lr"):
             v = getattr(self, name)
             if not (v is None and name == "final_lr") and not (isinstance(v, (int, float)) and v > 0):
@@ -217,15 +220,17 @@ def run_elsa(levels, s: Settings, batches, ref: Reference, out: str, tag: str, p
 
     student, _ = load_encoder(s.layers)
     fn = make_train_fn(batches, lr=s.lr, hidden_weight=s.hidden_weight, final_lr=s.final_lr)
+    final = s.nm_final_steps if tag == "nm" and s.nm_final_steps is not None else s.final_steps
+    final = s.densify_steps if final is None else final
     t0 = time.perf_counter()
     res = ec.embed_levels(student, list(levels), fn, steps=s.steps, densify_steps=s.densify_steps,
-                          final_steps=s.final_steps, densify_init=s.densify_init, seed=s.seed, progress=progress)
+                          final_steps=final, densify_init=s.densify_init, seed=s.seed, progress=progress)
     seconds = time.perf_counter() - t0
     path = os.path.join(out, f"elsa-{tag}.safetensors")
     res.save(path)
     T = res.num_levels
     trained = lambda t: res.model if t > T else _level_model(res, t)  # noqa: E731
-    steps = T * s.steps + (T - 1) * s.densify_steps + (s.final_steps if s.final_steps is not None else s.densify_steps)
+    steps = T * s.steps + (T - 1) * s.densify_steps + final
     rows = _serve_file(path, s, ref, "ELSA", levels, trained, steps=steps, seconds=seconds)
     return rows, dict(file=path, bytes=os.path.getsize(path), seconds=seconds, steps=steps)
 
@@ -331,6 +336,7 @@ def build_parser(prog: str = "python -m elsa_codec.examples.minilm.run") -> argp
     p.add_argument("--steps", type=int, help=f"steps of each sparsify phase (default {d.steps})")
     p.add_argument("--densify-steps", type=int, help=f"steps of each densify phase (default {d.densify_steps})")
     p.add_argument("--final-steps", type=int, help="steps of ELSA's final dense phase (default: --densify-steps)")
+    p.add_argument("--nm-final-steps", type=int, help="the same for the N:M student (default: --final-steps)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
     p.add_argument("--final-lr", type=float, help="AdamW peak learning rate of ELSA's final dense phase (default: --lr)")
     p.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
@@ -349,7 +355,7 @@ def build_parser(prog: str = "python -m elsa_codec.examples.minilm.run") -> argp
 
 def _settings(a) -> Settings:
     kw = dict(QUICK) if a.quick else {}
-    for name in ("steps", "densify_steps", "final_steps", "final_lr", "batch_size"):
+    for name in ("steps", "densify_steps", "final_steps", "nm_final_steps", "final_lr", "batch_size"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     try:
