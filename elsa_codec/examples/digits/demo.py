@@ -66,7 +66,7 @@ GOAL_POINTS = 1.0
 #: The dense level after ELSA may trail the dense network before it by at most this many points.
 DENSE_GOAL_POINTS = 0.1
 #: The demo's distillation term toward the dense network before ELSA (``bench/dense_digits.py``).
-DISTILL = DistillConfig(weight=1.0, temperature=2.0)
+DISTILL = DistillConfig(weight=1.0, temperature=1.0)
 
 
 # --------------------------------------------------------------------------------------------
