@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import platform
 import time
@@ -47,10 +46,7 @@ def train_phase(emb, model, batches, ph, lr: float) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     emb.attach(opt)
-    warm = max(1, int(0.05 * ph.steps))
-    factor = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(s - warm, ph.steps - warm)  # noqa: E731
-                                                                          / max(ph.steps - warm, 1)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: distill.warmup_cosine(s, ph.steps))
     model.eval()
     for batch in batches.stream(ph.steps, ph.seed):
         loss = distill.distill_loss(model, batch, hidden_weight=1.0)

@@ -180,6 +180,11 @@ class Teacher:
                 self.tensors[n] = copies.setdefault(id(t), t.detach().clone())
         self.running = False  # True while the original runs (the hooks skip that forward)
 
+    def state_dict(self) -> dict:
+        """``name -> clone`` of the copy (tied names share one clone, so ``torch.save`` writes it once)."""
+        clones: dict[int, torch.Tensor] = {}
+        return {n: clones.setdefault(id(t), t.clone()) for n, t in self.tensors.items()}
+
     @property
     def nbytes(self) -> int:
         """Bytes the copy holds."""

@@ -477,7 +477,7 @@ class LevelEmbedder:
             "before": None if self._before is None else {n: v.clone() for n, v in self._before.items()},
             "generator": self.generator.get_state(),
             "history": [dict(h) for h in self.history],
-            "teacher": None if self.teacher is None else {n: t.clone() for n, t in self.teacher.tensors.items()},
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:

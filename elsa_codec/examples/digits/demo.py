@@ -572,7 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     dense_steps = a.dense_steps if a.dense_steps is not None else (40 if a.quick else 600)
     steps = a.steps if a.steps is not None else (20 if a.quick else 400)
     densify_steps = a.densify_steps if a.densify_steps is not None else (10 if a.quick else 200)
-    final_steps = a.final_steps if a.final_steps is not None or not a.quick else None
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else [a.seed]
     except ValueError:
@@ -585,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run(seed=s, levels=a.levels, structure=a.structure, sparsifier=a.sparsifier, dtype=dtype,
                             dense_steps=dense_steps, steps=steps, densify_steps=densify_steps, lr=a.lr, out=a.out,
                             progress=not a.no_progress, freeze_shared=not a.no_freeze_shared,
-                            densify_init=a.densify_init, final_steps=final_steps, distill=_distill(a)))
+                            densify_init=a.densify_init, final_steps=a.final_steps, distill=_distill(a)))
     except ELSAError as e:
         print(f"elsa demo: error: {e}", file=sys.stderr)
         return 2

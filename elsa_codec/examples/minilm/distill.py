@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TeacherBatches", "mean_pool", "distill_loss", "make_train_fn"]
+__all__ = ["TeacherBatches", "mean_pool", "distill_loss", "warmup_cosine", "make_train_fn"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,15 @@ def distill_loss(model: nn.Module, batch, *, hidden_weight: float = 1.0) -> torc
     return loss
 
 
+def warmup_cosine(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Learning-rate factor at optimizer step ``step`` of ``steps``: linear from ``1 / w`` to 1
+    over the first ``w = max(1, int(warmup * steps))`` steps, then a cosine down to 0."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - w, steps - w) / max(steps - w, 1)))
+
+
 def make_train_fn(batches: TeacherBatches, *, lr: float = 1e-4, warmup: float = 0.05, hidden_weight: float = 1.0,
                   on_step=None, final_lr: float | None = None):
     """A ``train_fn(model, phase)``: ``phase.steps`` AdamW steps (no weight decay) of
@@ -111,17 +120,11 @@ def make_train_fn(batches: TeacherBatches, *, lr: float = 1e-4, warmup: float = 
     the student imitates the teacher's deterministic outputs. ``on_step(phase, step, loss)`` is
     called after each step when given."""
 
-    def factor(step: int, steps: int) -> float:
-        w = max(1, int(warmup * steps))
-        if step < w:
-            return (step + 1) / w
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - w, steps - w) / max(steps - w, 1)))
-
     def train_fn(model, phase):
         params = [p for p in model.parameters() if p.requires_grad]
         peak = final_lr if final_lr is not None and getattr(phase, "final", False) else lr
         opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, phase.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, phase.steps, warmup))
         model.eval()
         for step, batch in enumerate(batches.stream(phase.steps, phase.seed)):
             loss = distill_loss(model, batch, hidden_weight=hidden_weight)
