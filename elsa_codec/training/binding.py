@@ -36,14 +36,19 @@ def torch_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 class OptimizerBinding:
-    """Per-optimizer hooks calling ``pre(key, ids)`` / ``post(key, ids)``.
+    """Per-optimizer hooks calling ``pre(key, ids)`` / ``post(key, ids)`` around each step,
+    ``grads(key)`` once the step's gradients exist, and ``loaded(key)`` after
+    ``optimizer.load_state_dict``.
 
     ``key`` identifies the optimizer; ``ids`` is the set of ``id()`` of the model's parameters it
-    holds (None when it holds all of them: the fast path).
+    holds (None when it holds all of them: the fast path). ``grads`` runs right after ``pre``, or,
+    when the step is given a closure (Lightning's automatic optimization, ``LBFGS``), after each
+    call of the closure (the pre-step hook wraps it), since the closure computes the gradients
+    inside ``step()``.
     """
 
-    def __init__(self, pre: Callable, post: Callable):
-        self.pre, self.post = pre, post
+    def __init__(self, pre: Callable, post: Callable, loaded: Callable | None = None, grads: Callable | None = None):
+        self.pre, self.post, self.loaded, self.grads = pre, post, loaded, grads
         self.handles: dict[int, tuple] = {}
         self.ids: dict[int, set | None] = {}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
@@ -64,17 +69,41 @@ class OptimizerBinding:
                             "after the LevelEmbedder was built, e.g. by fully_shard? shard the model first)")
         mine = held & model_ids
         self.ids[key] = None if mine == model_ids else mine
-        pre = opt.register_step_pre_hook(lambda o, a, k: self.pre(key, self.ids[key]))
+        pre = opt.register_step_pre_hook(self._pre_hook(key))
         post = opt.register_step_post_hook(lambda o, a, k: self.post(key, self.ids[key]))
-        self.handles[key] = (pre, post)
+        handles = [pre, post]
+        if self.loaded is not None:
+            handles.append(opt.register_load_state_dict_post_hook(lambda o: self.loaded(key)))
+        self.handles[key] = tuple(handles)
         self.optimizers[key] = opt
         return key
 
+    def _pre_hook(self, key: int) -> Callable:
+        def hook(opt, args, kwargs):
+            self.pre(key, self.ids[key])
+            if self.grads is None:
+                return None
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+            if closure is None:
+                self.grads(key)
+                return None
+
+            def wrapped():
+                loss = closure()
+                self.grads(key)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (args[0], wrapped, *args[2:]), kwargs
+
+        return hook
+
     def detach(self) -> None:
         """Remove every hook."""
-        for pre, post in self.handles.values():
-            pre.remove()
-            post.remove()
+        for handles in self.handles.values():
+            for h in handles:
+                h.remove()
         self.handles.clear()
         self.ids.clear()
         self.optimizers.clear()

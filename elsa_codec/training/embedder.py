@@ -34,6 +34,7 @@ from .distill import DistillHooks, Teacher, distill_term, select_output
 from .distributed import ShardedMagnitude, check_sharded_supported, dist_context
 from .freeze import check_encode_dtype, check_prunable, encode_dense_rest, freeze_level, round_shared
 from .gmp import GMPControl
+from .guard import StepGuard
 from .phases import Phase, build_plan
 from .result import ELSAResult
 from .schedule import GMPSchedule
@@ -66,6 +67,9 @@ class LevelEmbedder:
         history: one dict per finished phase (``kind``, ``level``, ``steps``, ``steps_done``,
             ``sparsity``, ``seconds``).
         hook_seconds: wall time spent in the embedder's optimizer hooks (the step overhead).
+        guard: the :class:`elsa_codec.training.guard.StepGuard` doing the per-step work (grad mode
+            for the element-wise torch optimizers without weight decay on frozen weights, else
+            restore mode); ``guard.plans`` shows which.
         teacher: with ``config.distill`` and ``teacher="copy"``, the original network
             (:class:`elsa_codec.training.distill.Teacher`: a copy of the model's parameters and
             buffers taken here, before any change); else None. See :meth:`distill_loss`.
@@ -111,7 +115,8 @@ class LevelEmbedder:
         self._before: dict | None = None
         self._hold = False  # embed_levels: a phase ends when train_fn returns, not at its step count
         self._t0 = time.perf_counter()
-        self._binding = OptimizerBinding(self._pre_step, self._post_step)
+        self._binding = OptimizerBinding(self._pre_step, self._post_step, self._loaded, self._grads)
+        self.guard = StepGuard(self.state, self._binding.optimizers)
         self._opt_steps: dict[int, int] = {}
         self._model_ids = {id(p) for p in model.parameters()}
         self.teacher, self._distill_hooks = self._teacher()
@@ -244,6 +249,7 @@ class LevelEmbedder:
                             "an optimizer made before the phase never trains; use embed_levels / prune_gmp with a "
                             "train_fn that creates its optimizer")
         key = self._binding.attach(optimizer, self._model_ids)
+        self.guard.stale.add(key)
         self._opt_steps.setdefault(key, self.step)
         self._ensure_started()
         return self
@@ -252,18 +258,26 @@ class LevelEmbedder:
         """Remove the hooks from every attached optimizer (the state stays)."""
         self._binding.detach()
         self._opt_steps.clear()
+        self.guard.plans.clear()
 
     def _pre_step(self, key, ids) -> None:
         t0 = time.perf_counter()
         self._ensure_started()
         if self.config.verify == "step":
             self.state.check("between optimizer steps")
-        self.state.mask_grads(ids)
         self.hook_seconds += time.perf_counter() - t0
+
+    def _grads(self, key) -> None:
+        t0 = time.perf_counter()
+        self.guard.grads(key)
+        self.hook_seconds += time.perf_counter() - t0
+
+    def _loaded(self, key) -> None:
+        self.guard.loaded(key)
 
     def _post_step(self, key, ids) -> None:
         t0 = time.perf_counter()
-        self.state.restore(ids)
+        self.guard.post(key)
         self._opt_steps[key] = self._opt_steps.get(key, self.step) + 1
         if min(self._opt_steps.values()) > self.step and not self.done:
             self._advance()

@@ -35,6 +35,7 @@ from .config import ELSAConfig
 from .embedder import LevelEmbedder
 from .freeze import input_dim
 from .gmp import GMPControl
+from .guard import StepGuard
 from .phases import Phase, phase_seed
 from .result import ELSAResult
 from .schedule import GMPSchedule
@@ -291,15 +292,15 @@ def _train_gmp(model, state: MaskState, ctl: GMPControl, train_fn, phase: Phase,
 
     def pre(key, ids):
         state.check("by train_fn between optimizer steps")
-        state.mask_grads(ids)
 
     def post(key, ids):
-        state.restore(ids)
+        guard.post(key)
         steps[0] += 1
         if steps[0] <= ctl.steps:
             ctl.after_step(state, steps[0])
 
-    binding = OptimizerBinding(pre, post)
+    binding = OptimizerBinding(pre, post, lambda key: guard.loaded(key), lambda key: guard.grads(key))
+    guard = StepGuard(state, binding.optimizers)
     ids = {id(p) for p in model.parameters()}
     bar = progress_bar(total=phase.steps, desc=phase.name, unit="step", enabled=progress, leave=False)
     try:

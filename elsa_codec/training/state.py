@@ -1,4 +1,4 @@
-"""Mask state of an ELSA run: pruning masks, frozen masks and values, the per-step restore.
+"""Mask state of an ELSA run: pruning masks, frozen masks and values.
 
 Per prunable weight (one entry per Parameter, tied weights once) the state holds, on the bit
 patterns of the weight (:func:`elsa_codec.format.bits.bits_view`):
@@ -8,13 +8,11 @@ patterns of the weight (:func:`elsa_codec.format.bits.bits_view`):
 - ``base``: the frozen value's bits where the weight is frozen, zero elsewhere (a pruned weight
   is +0.0).
 
-After each optimizer step the weight becomes ``(bits & keep) | base``: frozen weights come back bit
-for bit and pruned weights to zero, whatever momentum or weight decay did, with two integer passes
-(``torch.where`` and ``masked_fill`` with a bool mask are several times slower on CPU). Before a step of a
-sparsify phase the gradients of the pruned weights are zeroed (``grad & keep``), so their optimizer
-state decays as if they were absent; frozen weights need no gradient mask (element-wise optimizers
-update each weight on its own, and the restore undoes it). Shared parameters frozen whole
-(``freeze_shared``) lose their gradient (``grad = None``: the optimizer skips them).
+The per-step work on them (mask the gradients, restore the bits, zero optimizer moments) is
+:class:`elsa_codec.training.guard.StepGuard`'s; this module holds the masks and ``keep`` / ``base``,
+and restores everything at once when the masks change (``(bits & keep) | base``: frozen weights
+come back bit for bit and pruned weights to +0.0; ``torch.where`` and ``masked_fill`` with a bool
+mask are several times slower on CPU).
 """
 from __future__ import annotations
 
@@ -43,6 +41,11 @@ class MaskState:
         frozen: ``name -> bool Tensor`` (weight shape): weights of the levels already embedded.
         mask: ``name -> bool Tensor`` (pruning mask, ``True`` = kept) or None (no pruning).
         shared: ``name -> Parameter`` frozen whole (``freeze_shared``), with ``shared_ref``.
+        keep / base: ``name -> int Tensor`` (the weight's bit dtype) for the weights with entries that
+            must not move: all-ones bits where the weight trains / the frozen value's bits.
+        restore_names: those weights; ``frozen_names`` / ``pruned_names``: the ones with a frozen /
+            a pruned entry.
+        generation: bumped whenever the masks change (the guard rebuilds its plans then).
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], frozen=None):
@@ -73,7 +76,8 @@ class MaskState:
     # ---- derived per-step tensors ----
     def _derive(self) -> None:
         """Rebuild ``keep`` / ``base`` / the lists of weights the hooks touch from the masks."""
-        self.keep, self.base, self.restore_names, self.grad_names, self.frozen_names = {}, {}, [], [], set()
+        self.keep, self.base, self.restore_names, self.pruned_names, self.frozen_names = {}, {}, [], set(), set()
+        self.generation = getattr(self, "generation", 0) + 1
         for n, p in self.params.items():
             f = self.frozen[n]
             trainable = ~f if self.mask is None else self.mask[n] & ~f
@@ -86,7 +90,7 @@ class MaskState:
             if bool(f.any()):
                 self.frozen_names.add(n)  # else base is all zero: the OR pass is skipped
             if self.mask is not None and bool((~self.mask[n]).any()):
-                self.grad_names.append(n)
+                self.pruned_names.add(n)
         self.restore()
 
     def set_mask(self, mask) -> None:
@@ -109,31 +113,18 @@ class MaskState:
                 continue
             self.shared[n] = p
             self.shared_ref[n] = local_tensor(p).clone()
-
-    # ---- per step ----
-    @torch.no_grad()
-    def mask_grads(self, ids: set | None = None) -> None:
-        """Zero the gradients of pruned weights; drop those of frozen shared parameters."""
-        for n in self.grad_names:
-            p = self.params[n]
-            if p.grad is not None and (ids is None or id(p) in ids):
-                bits_view(local_tensor(p.grad) if self.sharded else p.grad).bitwise_and_(self.keep[n])
-        for p in self.shared.values():
-            if ids is None or id(p) in ids:
-                p.grad = None
+        self.generation += 1
 
     @torch.no_grad()
-    def restore(self, ids: set | None = None) -> None:
-        """Frozen weights back to their values bit for bit, pruned weights to +0.0."""
+    def restore(self) -> None:
+        """Frozen weights back to their values bit for bit, pruned weights to +0.0, frozen shared
+        parameters to their values (all at once: the per-step work is the guard's)."""
         for n in self.restore_names:
-            p = self.params[n]
-            if ids is None or id(p) in ids:
-                bits = bits_view(self._t(p)).bitwise_and_(self.keep[n])
-                if n in self.frozen_names:
-                    bits.bitwise_or_(self.base[n])
+            bits = bits_view(self.local(n)).bitwise_and_(self.keep[n])
+            if n in self.frozen_names:
+                bits.bitwise_or_(self.base[n])
         for n, p in self.shared.items():
-            if ids is None or id(p) in ids:
-                (local_tensor(p) if self.sharded else p).copy_(self.shared_ref[n])
+            (local_tensor(p) if self.sharded else p).copy_(self.shared_ref[n])
 
     def changed(self) -> tuple[str, int, bool] | None:
         """``(name, count, shared)`` of the first tensor whose frozen values differ, or None."""
