@@ -303,3 +303,19 @@ def test_stream_memory_measure():
     assert r["peak"] >= 80_000_000 and r["wall"] > 0.3
     if sys.platform.startswith("linux"):
         assert r["anon"] >= 80_000_000  # polled while the child slept holding the buffer
+
+
+def test_train_overhead_rows_name_the_optimizer_and_the_guard_mode(tmp_path):
+    from bench import train_overhead
+
+    rc = train_overhead.main(["--steps", "6", "--models", "mlp-512-1024-1024-10",
+                              "--optimizers", "adamw,adamw-decay", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "overhead-phase_end.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], r["kind"]) for r in rows] == [
+        (o, k) for o in ("adamw", "adamw-decay") for k in ("sparsify", "densify", "sparsify", "densify")]
+    modes = {(r["optimizer"], r["phase"]): r["mode"] for r in rows}
+    assert {m for (o, _), m in modes.items() if o == "adamw"} == {"grad"}
+    assert modes[("adamw-decay", "level 1 densify")] == "restore"  # decay moves frozen weights
+    assert all(0 < int(r["steady_steps"]) <= 6 and float(r["plain_ms"]) > 0 for r in rows)
