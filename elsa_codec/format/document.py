@@ -187,8 +187,10 @@ def _unique_keys(pairs: list) -> dict:
 def _document(text, source: str) -> dict:
     """The JSON object of a metadata document, with its format name, a version this library
     reads, no unknown key, no ``tied`` in version 1, the standard ``bn_prefix``."""
+    from .jsonio import loads
+
     try:
-        d = json.loads(text, object_pairs_hook=_unique_keys)
+        d = loads(text)
     except (TypeError, ValueError) as e:
         raise ELSAFormatError(f"{source}: the ELSA metadata document is not valid JSON ({e})") from None
     if not isinstance(d, dict):

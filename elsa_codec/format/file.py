@@ -7,11 +7,14 @@ every tensor, so a truncated or byte-flipped file is an error, never a silently 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
+import mmap as _mmap
 import os
 import re
+import stat
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -21,7 +24,8 @@ import torch
 
 from ..checks import check_encoded, check_path, check_shard_size
 from ..errors import ELSAError, ELSAFormatError, ELSATypeError
-from .document import _SPARSITY_TOL, BN_PREFIX, BN_STATS, ELSAMeta, _unique_keys
+from . import jsonio
+from .document import _SPARSITY_TOL, BN_PREFIX, BN_STATS, ELSAMeta
 from .encode import Counters, ELSAStateDict
 from .selection import tie_groups
 
@@ -336,27 +340,228 @@ def index_checksum(index: Mapping) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _open_safetensors(path: str, *, check_header: bool = True):
-    """``safe_open`` of ``path`` with its header checked (:func:`_check_header`); every failure is
-    an ELSAFormatError naming the file."""
-    from safetensors import safe_open
+_READ_ITEM = {**_ITEM, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_CODES = {v: k for k, v in _DTYPES.items()}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        _TORCH_CODES[_code] = getattr(torch, _name)
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the header's JSON
+_ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_SAVE_HINT = "load it with torch.load and write it with safetensors (safetensors.torch.save_file) or `elsa encode`"
 
-    if not os.path.exists(path):
-        raise ELSAFormatError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ELSAFormatError(f"{path}: is a directory, not a safetensors file")
-    size = os.path.getsize(path)
+
+def _not_regular(st: os.stat_result, what: str) -> str | None:
+    """Why a file of this ``stat`` is not readable as ``what`` (None for a regular file)."""
+    m = st.st_mode
+    if stat.S_ISREG(m):
+        return None
+    if stat.S_ISDIR(m):
+        return f"is a directory, not {what}"
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(m) else "a character device" if stat.S_ISCHR(m)
+            else "a block device" if stat.S_ISBLK(m) else "a socket" if stat.S_ISSOCK(m) else "a special file")
+    return f"is {kind}, not a regular file ({what} is read from a regular file)"
+
+
+def _os_error(path: str, e: OSError) -> ELSAFormatError:
+    """The ELSAFormatError for an OSError of opening or reading ``path``."""
+    if e.errno == errno.ELOOP:
+        return ELSAFormatError(f"{path}: symlink loop (too many levels of symbolic links)")
+    if e.errno == errno.ENOENT:
+        dangling = os.path.islink(path)
+        return ELSAFormatError(f"{path}: no such file" + (" (a dangling symlink)" if dangling else ""))
+    return ELSAFormatError(f"{path}: cannot read the file ({e.strerror or e})")
+
+
+def _open_regular(path: str, what: str = "a safetensors file") -> tuple:
+    """``(fd, fstat)`` of ``path`` opened once, read-only: refused before opening (``os.stat``:
+    never blocks on a FIFO) and again on the descriptor if it is not a regular file."""
+    try:
+        why = _not_regular(os.stat(path), what)
+        if why is not None:
+            raise ELSAFormatError(f"{path}: {why}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _os_error(path, e) from None
+    st = os.fstat(fd)
+    why = _not_regular(st, what)
+    if why is not None:
+        os.close(fd)
+        raise ELSAFormatError(f"{path}: {why}")
+    return fd, st
+
+
+def _pread(fd: int, buf, offset: int) -> int:
+    """Fill ``buf`` (a writable buffer) from ``fd`` at ``offset``; the bytes read (fewer at EOF)."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _magic(path: str, head: bytes) -> None:
+    """Refuse a torch.save file (zip or pickle) by its first bytes (only for a file that does not
+    start as a safetensors file: a header of 0x380 bytes also starts with 0x80 0x03)."""
+    if head[:4] == _ZIP_MAGIC:
+        raise ELSAFormatError(f"{path}: is a torch.save zip file, not a safetensors file: {_TORCH_SAVE_HINT}")
+    if head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise ELSAFormatError(f"{path}: is a pickle (torch.save legacy format), not a safetensors file: {_TORCH_SAVE_HINT}")
+
+
+def _header_json(path: str, fd: int, size: int) -> tuple:
+    """``(header object, data start)`` of the safetensors file open as ``fd`` (``size`` bytes)."""
     if size < 8:
         raise ELSAFormatError(f"{path}: truncated file ({size} bytes; a safetensors file starts with an 8-byte header size)")
+    head = bytearray(9)
+    _pread(fd, head, 0)
+    n = int.from_bytes(head[:8], "little")
+    if n > size - 8 or head[8:9] != b"{":  # not a safetensors header: say what the file is, if known
+        _magic(path, bytes(head))
+    if n > _MAX_HEADER:
+        raise ELSAFormatError(f"{path}: not a readable safetensors file (header size {n} bytes is over the 100 MB limit: corrupted)")
+    if n > size - 8:
+        raise ELSAFormatError(f"{path}: truncated file (header of {n} bytes, the file holds {size - 8} after its size)")
+    raw = bytearray(n)
+    if _pread(fd, raw, 8) < n:
+        raise ELSAFormatError(f"{path}: truncated file (the file shrank while it was read)")
     try:
-        f = safe_open(path, framework="pt", device="cpu")
-        if check_header:
+        header = jsonio.loads(bytes(raw))
+    except jsonio.DuplicateKeyError as e:
+        what = f"tensor {e.key!r} is named twice" if isinstance(e.value, dict) else f"key {e.key!r} is repeated"
+        raise ELSAFormatError(f"{path}: not a readable safetensors file ({what} in the header)") from None
+    except ValueError as e:
+        raise ELSAFormatError(f"{path}: not a readable safetensors file (malformed header: {e})") from None
+    if not isinstance(header, dict):
+        raise ELSAFormatError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    return header, 8 + n
+
+
+def _entry(path: str, name: str, e) -> tuple:
+    """``(dtype code, shape, start, end)`` of a header entry, each field checked."""
+    bad = f"{path}: not a readable safetensors file (tensor {name!r}"
+    if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+        raise ELSAFormatError(f"{bad}: its entry is not an object of dtype, shape, data_offsets)")
+    code, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+    if code not in _READ_ITEM:
+        raise ELSAFormatError(f"{bad}: unknown dtype {code!r})")
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)  # noqa: E731
+    if not ints(shape):
+        raise ELSAFormatError(f"{bad}: shape {shape!r} is not a list of sizes)")
+    if not ints(offs) or len(offs) != 2 or offs[1] < offs[0]:
+        raise ELSAFormatError(f"{bad}: data_offsets {offs!r} are not [start, end])")
+    if offs[1] - offs[0] != _READ_ITEM[code] * math.prod(shape):
+        raise ELSAFormatError(f"{bad}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, its {code} shape {shape} needs {_READ_ITEM[code] * math.prod(shape)})")
+    return code, [int(x) for x in shape], offs[0], offs[1]
+
+
+def _entries(path: str, header: dict, data: int) -> tuple:
+    """``(metadata or None, {name: entry})`` of a parsed header whose tensors' bytes must tile the
+    ``data`` bytes after it exactly (as safetensors requires)."""
+    md = header.pop("__metadata__", None)
+    if md is not None and not (isinstance(md, dict) and all(isinstance(v, str) for v in md.values())):
+        raise ELSAFormatError(f"{path}: not a readable safetensors file (__metadata__ is not an object of strings)")
+    entries = {n: _entry(path, n, e) for n, e in header.items()}
+    end = 0
+    for n in sorted(entries, key=lambda n: (entries[n][2], entries[n][3])):
+        if entries[n][2] != end:
+            raise ELSAFormatError(f"{path}: not a readable safetensors file (tensor {n!r}: data_offsets start at {entries[n][2]}, expected {end})")
+        end = entries[n][3]
+    if end > data:
+        raise ELSAFormatError(f"{path}: truncated file (the header describes {end} data bytes, the file holds {data})")
+    if end < data:
+        raise ELSAFormatError(f"{path}: not a readable safetensors file ({data - end} bytes after the last tensor's data)")
+    return md, entries
+
+
+class _Slice:
+    def __init__(self, entry: tuple):
+        self._e = entry
+
+    def get_dtype(self) -> str:
+        return self._e[0]
+
+    def get_shape(self) -> list:
+        return list(self._e[1])
+
+
+class _SafetensorsFile:
+    """A safetensors file opened ONCE: the header is parsed from the descriptor and every tensor is
+    read from that same descriptor (an owned copy) or, with ``mmap``, from one private mapping of
+    it; a concurrent atomic replace of the path gives the old file or the new one, never a
+    mixture. The ``safe_open`` API the readers use: ``keys``, ``metadata``, ``get_slice``,
+    ``get_tensor``; ``identity`` is ``(st_dev, st_ino, st_size, st_mtime_ns)`` at the open."""
+
+    def __init__(self, path: str, *, mmap: bool = False):
+        self.path = path
+        fd, st = _open_regular(path)
+        try:
+            header, self._base = _header_json(path, fd, st.st_size)
+            self._md, self._entries = _entries(path, header, st.st_size - self._base)
+            self._mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY) if mmap else None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self._fd = None if mmap else fd
+        if mmap:
+            os.close(fd)
+
+    def keys(self) -> list:
+        return sorted(self._entries)
+
+    def metadata(self):
+        return None if self._md is None else dict(self._md)
+
+    def get_slice(self, name: str) -> _Slice:
+        return _Slice(self._entries[name])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        code, shape, a, b = self._entries[name]
+        dt = _TORCH_CODES.get(code)
+        if dt is None:
+            raise ELSAFormatError(f"{self.path}: tensor {name!r}: dtype {code} cannot be read by this torch")
+        if b == a:
+            return torch.empty(shape, dtype=dt)
+        if self._mm is not None:
+            t = torch.frombuffer(self._mm, dtype=torch.uint8, count=b - a, offset=self._base + a)
+            t = t.clone() if t.data_ptr() % _READ_ITEM[code] else t  # a view of the map unless misaligned
+            return t.view(dt).reshape(shape)
+        if self._fd is None:
+            raise ELSAFormatError(f"{self.path}: the file was closed before tensor {name!r} was read")
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        if _pread(self._fd, buf.numpy(), self._base + a) < b - a:
+            raise ELSAFormatError(f"{self.path}: truncated file (tensor {name!r} ends past the file's end: it shrank while read)")
+        return buf.view(dt).reshape(shape)
+
+    def close(self) -> None:
+        """Close the descriptor (tensors already read, and a mapping, stay valid)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_safetensors(path: str, *, check_header: bool = True, mmap: bool = False) -> _SafetensorsFile:
+    """``path`` opened once (:class:`_SafetensorsFile`), its header checked (:func:`_check_header`);
+    every failure is an ELSAFormatError naming the file: what it is if not a safetensors file
+    (a directory, FIFO, device, symlink loop, torch.save zip or pickle), else what is wrong."""
+    f = _SafetensorsFile(path, mmap=mmap)
+    if check_header:
+        try:
             _check_header(f, path)
-        return f
-    except ELSAFormatError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for malformed headers / truncation
-        raise ELSAFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+        except BaseException:
+            f.close()
+            raise
+    return f
 
 
 def _check_header(f, path: str) -> None:
@@ -408,9 +613,14 @@ def _shards(path: str):
 def _read_index(path: str) -> dict:
     """The JSON object of an index file with an object ``weight_map`` of file names and an object
     ``metadata`` (if any); ELSAFormatError naming the file otherwise."""
+    fd, st = _open_regular(path, "an index file")
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f, object_pairs_hook=_unique_keys)
+        raw = bytearray(st.st_size)
+        _pread(fd, raw, 0)  # read once, from the descriptor checked above
+    finally:
+        os.close(fd)
+    try:
+        index = jsonio.loads(bytes(raw))
         if not isinstance(index, dict):
             raise TypeError("not a JSON object")
         wm = index["weight_map"]
@@ -418,10 +628,6 @@ def _read_index(path: str) -> dict:
             raise TypeError("weight_map is not an object of file names")
         if not isinstance(index.get("metadata", {}), dict):
             raise TypeError("metadata is not an object")
-    except FileNotFoundError:
-        raise ELSAFormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ELSAFormatError(f"{path}: is a directory, not an index file") from None
     except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise ELSAFormatError(f"{path}: malformed index file ({e})") from None
     return index
@@ -436,13 +642,20 @@ def read_meta(path: str) -> ELSAMeta:
     """
     path = check_path(path, "path", "read_meta")
     shards, imeta = _shards(path)
-    md = imeta if imeta is not None else (_open_safetensors(shards[0][0]).metadata() or {})
+    if imeta is not None:
+        return _doc_meta(path, imeta)
+    with _open_safetensors(shards[0][0]) as f:  # the header only: no tensor is read
+        return _doc_meta(path, f.metadata() or {})
+
+
+def _doc_meta(path: str, md: Mapping) -> ELSAMeta:
+    """The checked document of a file's (or index's) metadata ``md``."""
     if _META_KEY not in md:
         raise ELSAFormatError(f"{path}: not an ELSA checkpoint (no '{_META_KEY}' metadata document); make one with `elsa encode`")
     return ELSAMeta.from_json(md[_META_KEY], source=path)
 
 
-def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSAStateDict:
+def load_file(path: str, *, device="cpu", verify_checksums: bool = True, mmap: bool = False) -> ELSAStateDict:
     """Read an ELSA checkpoint (a ``.safetensors`` file or a ``.safetensors.index.json``).
 
     Every meaningful byte is checked (docs/FORMAT.md, "Readers must refuse"): the header (or
@@ -451,6 +664,20 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
     ``verify_checksums`` (the default) also each tensor's CRC-32 and, per encoded tensor, one
     count of its codes: every code ``<= T``, each level's measured sparsity equal to its record,
     each structured level's mask holding its structure (:func:`_check_codes`).
+
+    Each file is opened once (an index read once, then each shard once): its header, checks and
+    tensors all come from that one descriptor, so a file atomically replaced meanwhile gives the
+    old content or the new one, never a mixture.
+
+    Args:
+        path: the file or index.
+        device: where the tensors go (read on the CPU, checked, then moved).
+        verify_checksums: also check the CRC-32s and the codes (the default).
+        mmap: tensors are views of one private memory map of each file (pages read on demand)
+            instead of memory the result owns (the default: read and checked once, later changes
+            to the file cannot reach them). A mapped tensor reads the file again whenever its
+            pages were handed back: a file changed in place later changes it, a truncated one
+            raises SIGBUS on access.
 
     Returns:
         :class:`ELSAStateDict`: the tensors under their names (batch-norm statistics stripped into
@@ -461,9 +688,14 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
             corrupt: the tensor, the field, the level), a format version from the future.
     """
     path = check_path(path, "path", "load_file", order="load_file(path)")
-    meta = read_meta(path)
+    return _load(path, device=device, verify_checksums=verify_checksums, mmap=mmap)[0]
+
+
+def _load(path: str, *, device="cpu", verify_checksums: bool = True, mmap: bool = False) -> tuple:
+    """``(ELSAStateDict, [(file, identity)])`` of :func:`load_file` (``path`` checked): each file
+    read with its ``(st_dev, st_ino, st_size, st_mtime_ns)`` at the open."""
     shards, imeta = _shards(path)
-    tensors, crcs = _read_shards(path, shards, imeta)
+    meta, tensors, crcs, sources = _read_shards(path, shards, imeta, mmap)
     if verify_checksums:
         _check_crcs(path, tensors, crcs)
     _restore_tied(path, tensors, meta)
@@ -473,36 +705,44 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True) -> ELSA
         _check_codes(path, plain, meta)
     if device != "cpu":
         plain = {n: t.to(device) for n, t in plain.items()}
-    return ELSAStateDict(plain, meta, bn)
+    return ELSAStateDict(plain, meta, bn), sources
 
 
-def _read_shards(path: str, shards: list, imeta) -> tuple:
-    """``(tensors, crcs)`` of every shard; with an index (``imeta``), each shard must hold exactly
+def _read_shards(path: str, shards: list, imeta, mmap: bool = False) -> tuple:
+    """``(meta, tensors, crcs, [(shard, identity)])`` of every shard, each opened once; the
+    document is the index's (``imeta``) or the file's. With an index each shard must hold exactly
     the tensors the index maps to it and the index's document, and the index's total size and
     checksum table must match the shards."""
-    tensors, crcs = {}, {}
+    meta = _doc_meta(path, imeta) if imeta is not None else None
+    tensors, crcs, sources = {}, {}, []
     for shard, names in shards:
-        f = _open_safetensors(shard)
-        md = f.metadata() or {}
-        held = list(f.keys())
-        if imeta is not None:
-            if md.get(_META_KEY) != imeta.get(_META_KEY):
-                raise ELSAFormatError(f"{shard}: its metadata document differs from the one of its index {path}")
-            if sorted(held) != sorted(names):
-                odd = sorted(set(held) ^ set(names))[0]
-                raise ELSAFormatError(f"{shard}: tensor {odd!r} is in the shard or in the index {path} but not in both")
-        table = _crc_table(shard, md)
-        if table is not None and sorted(table) != sorted(held):
-            raise ELSAFormatError(f"{shard}: the checksum table lists other tensors than the file holds")
-        crcs.update(table or {})
-        for n in held:
-            try:
+        with _open_safetensors(shard, mmap=mmap) as f:
+            md = f.metadata() or {}
+            if meta is None:
+                meta = _doc_meta(path, md)
+            crcs.update(_shard_table(path, shard, f, md, names, imeta))
+            for n in f.keys():
                 tensors[n] = f.get_tensor(n)
-            except Exception as e:
-                raise ELSAFormatError(f"{shard}: cannot read tensor {n!r} (truncated or corrupted?): {e}") from None
+            sources.append((shard, f.identity))
     if imeta is not None:
         _check_index(path, imeta, tensors, crcs)
-    return tensors, crcs
+    return meta, tensors, crcs, sources
+
+
+def _shard_table(path: str, shard: str, f, md: Mapping, names, imeta) -> dict:
+    """The checksum table of one opened shard (``{}`` if none), checked against its tensors and,
+    with an index, against the index's names and document."""
+    held = f.keys()
+    if imeta is not None:
+        if md.get(_META_KEY) != imeta.get(_META_KEY):
+            raise ELSAFormatError(f"{shard}: its metadata document differs from the one of its index {path}")
+        if sorted(held) != sorted(names):
+            odd = sorted(set(held) ^ set(names))[0]
+            raise ELSAFormatError(f"{shard}: tensor {odd!r} is in the shard or in the index {path} but not in both")
+    table = _crc_table(shard, md)
+    if table is not None and sorted(table) != sorted(held):
+        raise ELSAFormatError(f"{shard}: the checksum table lists other tensors than the file holds")
+    return table or {}
 
 
 def _crc_table(path: str, md: Mapping) -> dict | None:
@@ -511,7 +751,7 @@ def _crc_table(path: str, md: Mapping) -> dict | None:
     if _CRC_KEY not in md:
         return None
     try:
-        table = json.loads(md[_CRC_KEY], object_pairs_hook=_unique_keys)
+        table = jsonio.loads(md[_CRC_KEY])
     except (TypeError, ValueError) as e:
         raise ELSAFormatError(f"{path}: malformed checksum table ({e})") from None
     if not isinstance(table, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for v in table.values()):
@@ -665,14 +905,14 @@ def load_counters(path: str) -> Counters:
         ELSAFormatError: unreadable file or no counters metadata.
     """
     path = check_path(path, "path", "load_counters")
-    f = _open_safetensors(path)
-    T, structs, transposed = _counters_header(f, path)
-    return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs, transposed)
+    with _open_safetensors(path) as f:  # opened once: header and tensors from one descriptor
+        T, structs, transposed = _counters_header(f, path)
+        return Counters({n: f.get_tensor(n) for n in f.keys()}, T, structs, transposed)
 
 
 def _counters_header(f, path: str) -> tuple:
     try:
-        d = json.loads((f.metadata() or {})["elsa_counters"])
+        d = jsonio.loads((f.metadata() or {})["elsa_counters"])
         return int(d["num_levels"]), list(d["structures"]), set(d.get("transposed", []))
     except (KeyError, ValueError, TypeError):
         raise ELSAFormatError(f"{path}: not an ELSA counters file (no 'elsa_counters' metadata)") from None

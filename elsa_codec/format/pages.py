@@ -1,9 +1,11 @@
-"""Memory-mapped weights: hand their resident pages back to the OS (``ec.load(path, model, level=t)``).
+"""Memory-mapped weights: hand their resident pages back to the OS (``ec.load(path, model, level=t, mmap=True)``).
 
-A tensor read with :func:`elsa_codec.load_file` is a view of the file, mapped privately by
-safetensors: its pages become resident as they are read (the CRC check, packing a level) and count
+A tensor read with ``elsa_codec.load_file(path, mmap=True)`` is a view of the file, mapped
+privately: its pages become resident as they are read (the CRC check, packing a level) and count
 in the process's RSS (``RssFile``). :func:`release_pages` asks the kernel to reclaim them; the bytes
-stay valid and are read again from the file on the next access.
+stay valid and are read again from the file on the next access (so a file changed in place since
+shows through, and a truncated one raises SIGBUS). Tensors read without ``mmap`` (the default) are
+in memory the process owns: :func:`release_pages` leaves them alone.
 """
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import math
 import mmap
 import multiprocessing
@@ -87,17 +86,11 @@ class _MappedFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._names = list(_open_safetensors(path).keys())
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            try:
-                header = json.loads(fh.read(n))
-            except ValueError as e:
-                raise ELSAFormatError(f"{path}: malformed safetensors header ({e})") from None
-            size = os.fstat(fh.fileno()).st_size
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        header.pop("__metadata__", None)
-        self._header, self._base = header, 8 + n
+        # opened once: the header is parsed and checked from the descriptor that is mapped
+        f = _open_safetensors(path, mmap=True)
+        self._names = f.keys()
+        self._header = {n: {"dtype": c, "shape": s, "data_offsets": [a, b]} for n, (c, s, a, b) in f._entries.items()}
+        self._mm, self._base = f._mm, f._base
 
     def keys(self) -> list:
         """Tensor names, in safetensors' order (sorted)."""

@@ -432,36 +432,95 @@ def _apply(self: nn.Module, fn, recurse: bool = True):
     return type(self)._apply(self, fn, recurse)
 
 
-def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = True) -> nn.Module:
+def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = True, mmap: bool = False) -> nn.Module:
     """Read the ELSA file ``path`` (:func:`elsa_codec.load_file`) and :func:`swap_` it into ``model``.
 
-    The file is memory-mapped (safetensors): the encoded weights the model serves are views of the
-    mapping, never copied. With ``level`` (``1..T+1``, ``"dense"``), the model serves that level at
-    once and keeps no dense copy resident: the tensors that are not encoded become views of the
-    mapping too (``load_state_dict(assign=True)``; tied or non-CPU ones are copied), each sparse
-    level is packed for the ``sparse-cpu`` kernels (only the kept weights), then every tensor of
-    the file hands its pages back to the OS
-    (:func:`elsa_codec.format.pages.release_pages`; the bytes are read again from the file when a
-    later :func:`set_level` packs another level). Resident memory measured in
-    bench/results/cpu-sparse/.
+    By default the model serves weights in memory it owns: each file is read once, checked
+    (checksums, codes) and served from that copy, so replacing, overwriting or truncating the file
+    afterwards changes nothing the model computes. With ``level`` (``1..T+1``, ``"dense"``), the
+    model serves that level at once: the tensors that are not encoded are the loaded tensors
+    themselves (``load_state_dict(assign=True)``; tied or non-CPU ones are copied) and each sparse
+    level is packed for the ``sparse-cpu`` kernels.
+
+    ``mmap=True`` (small devices) serves views of a private memory map of the file instead: the
+    encoded weights are never copied and, with ``level``, every tensor of the file hands its pages
+    back to the OS after packing (:func:`elsa_codec.format.pages.release_pages`; the bytes are read
+    again from the file when a later :func:`set_level` packs another level). Resident memory
+    measured in bench/results/cpu-sparse/. The file's identity (``st_dev``, ``st_ino``,
+    ``st_size``, ``st_mtime_ns``) is kept and checked again before every :func:`set_level`: a
+    replaced, truncated or rewritten file is refused with an ELSAError. Risks that remain only in
+    this mode: pages changed in place without changing size or mtime are served as changed, and a
+    truncation between that check and the read raises SIGBUS (the process dies).
+
+    Args:
+        path: an ELSA ``.safetensors`` file or ``.safetensors.index.json``.
+        model: the model to swap the ELSA layers into (in place; returned).
+        level: serve this level at once (``1..T+1``, ``"dense"``); None keeps the default level.
+        filter_fn, strict: as :func:`swap_`.
+        mmap: serve views of the mapped file instead of owned memory (see above).
+
+    Returns:
+        ``model``.
 
     Raises:
         ELSAFormatError: invalid file. ELSAError: as :func:`swap_` (model unchanged); a level out
-            of range.
+            of range; with ``mmap``, the file changed since the load (at a later level switch).
     """
-    from ..format.file import load_file
+    from ..format.file import _load
 
     path = check_path(path, "path", "load", order="load(path, model)")
     check_module(model, "model", "load", order="load(path, model)")
-    enc = load_file(path)
+    enc, sources = _load(path, mmap=bool(mmap))
     if level is not None:
         resolve_level(level, enc.meta.num_levels)  # before anything changes
     swap_(model, enc, filter_fn=filter_fn, strict=strict, _assign=level is not None)
+    if mmap:
+        _remember_files(model, enc, sources)
     if level is not None:
         set_level_released(model, level)
         for t in list(enc.values()) + [s for lv in enc.bn_stats.values() for mod in lv.values() for s in mod.values()]:
             release_pages(t)
     return model
+
+
+def _remember_files(model: nn.Module, enc, sources: list) -> None:
+    """Mark the ELSA modules serving views of ``enc``'s mapped files with those files' identities
+    (``[(path, (st_dev, st_ino, st_size, st_mtime_ns))]``), checked by :func:`_check_files`."""
+    ptrs = {t.data_ptr() for t in enc.values() if t.numel()}
+    for _, m in elsa_modules(model):
+        if m.weight.numel() and m.weight.data_ptr() in ptrs:
+            m._elsa_mapped_files = tuple(sources)
+
+
+def _check_files(mods: list) -> None:
+    """Before a level is packed from memory-mapped weights (``load(..., mmap=True)``): each mapped
+    file still has the identity it had at the load; else ELSAError naming it (nothing changed)."""
+    seen = set()
+    for _, m in mods:
+        for path, ident in getattr(m, "_elsa_mapped_files", ()):
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                st = os.stat(path)
+                now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError as e:
+                now = e.strerror or str(e)
+            if now != ident:
+                raise ELSAError(
+                    f"{path}: the memory-mapped file changed since elsa_codec.load(..., mmap=True) "
+                    f"({_what_changed(ident, now)}); the model serves its pages: load it again"
+                )
+
+
+def _what_changed(ident: tuple, now) -> str:
+    if isinstance(now, str):
+        return now
+    if now[:2] != ident[:2]:
+        return "replaced by another file"
+    if now[2] != ident[2]:
+        return f"size {ident[2]} -> {now[2]} bytes{': truncated' if now[2] < ident[2] else ''}"
+    return "modified in place"
 
 
 def set_level_released(model: nn.Module, level) -> int:
@@ -475,9 +534,10 @@ def set_level_released(model: nn.Module, level) -> int:
     Returns:
         The level as an int. Raises: as :func:`set_level`.
     """
-    _, T, _ = _levelled(model)
+    mods, T, _ = _levelled(model)
     t = resolve_level(level, T)
-    for _, m in elsa_modules(model):
+    _check_files(mods)
+    for _, m in mods:
         m.keep_weight_resident = False
         m.set_level(t)
         release_pages(m.weight.detach())
@@ -516,11 +576,14 @@ def set_level(model: nn.Module, level, *, semi_structured: bool = False) -> int:
     Raises:
         ELSAError: no ELSA module; modules with different ``T``; level out of range;
             ``semi_structured`` for a level that is not N:4 with N <= 2, or on a device without
-            semi-structured sparsity (nothing changed in every case).
+            semi-structured sparsity; a model loaded with ``load(..., mmap=True)`` whose file
+            was replaced, truncated or modified since (names the file; nothing changed in every
+            case).
     """
     check_module(model, "model", "set_level", order="set_level(model, level)")
     mods, T, _ = _levelled(model)
     t = resolve_level(level, T)
+    _check_files(mods)
     linears = [(n, m) for n, m in mods if isinstance(m, ELSALinear)]
     if semi_structured:
         if t > T:
