@@ -6,7 +6,7 @@ is installed), never a download. Every model is encoded with one-shot magnitude 
 (``ec.magnitude_counters(model, [0.9, 0.75, 0.5])``: the default selection, the blocks' Linear /
 transformers ``Conv1D`` weights; embeddings and the output head stay dense), ``ec.encode`` and
 ``ec.save_file`` into a temporary folder; each level is a copy of the stock model given
-``ec.load(path, model)`` then ``ec.set_level(model, t)``, ``t`` = 1 (90% sparse), 2 (75%), 3 (50%),
+``ec.load(path, model, mmap=True)`` then ``ec.set_level(model, t)``, ``t`` = 1 (90% sparse), 2 (75%), 3 (50%),
 4 (``dense``: the stored tensors, stock ops). The baseline is the stock (unencoded) model.
 
 Sections (``--only``):
@@ -307,7 +307,7 @@ def _anon() -> int:
 
 def make_variants(stock, path: str, warm_fn) -> tuple[list, dict]:
     """``[stock, level 1, 2, 3, dense]`` (:class:`Variant`) and ``{level: (cached_bytes,
-    rss_anon_delta)}``. Each level: a deep copy of ``stock``, ``ec.load(path, copy)``,
+    rss_anon_delta)}``. Each level: a deep copy of ``stock``, ``ec.load(path, copy, mmap=True)``,
     ``ec.set_level``; ``warm_fn(model)`` runs a few forwards (every path the cells take) between
     the two RSS readings."""
     import elsa_codec as ec
@@ -315,7 +315,7 @@ def make_variants(stock, path: str, warm_fn) -> tuple[list, dict]:
     out = [Variant("stock", "dense", stock)]
     mem = {}
     for t in (1, 2, 3, 4):
-        m = ec.load(path, copy.deepcopy(stock))
+        m = ec.load(path, copy.deepcopy(stock), mmap=True)
         before = _anon()
         ec.set_level(m, t)
         warm_fn(m)
@@ -550,7 +550,7 @@ def switch_round(stock, path: str, own: dict, target) -> dict:
 
     import elsa_codec as ec
 
-    m = ec.load(path, copy.deepcopy(stock))
+    m = ec.load(path, copy.deepcopy(stock), mmap=True)
     out: dict = {}
     _timed_switches(m, own, "cold", out)
     _timed_switches(m, own, "warm", out)
@@ -578,7 +578,7 @@ def switch_memory(ctx, name: str, dtype, stock, path: str) -> None:
     forward): ``cached_bytes_after_switch`` and ``rss_anon_delta_after_switch``."""
     import elsa_codec as ec
 
-    m = ec.load(path, copy.deepcopy(stock))
+    m = ec.load(path, copy.deepcopy(stock), mmap=True)
     for t in range(1, len(ec.levels(m))):
         before = _anon()
         ec.set_level(m, t)

@@ -1,4 +1,4 @@
-"""``python -m bench cpu`` section ``memory``: resident memory of ``ec.load(path, model, level=t)`` and
+"""``python -m bench cpu`` section ``memory``: resident memory of ``ec.load(path, model, level=t, mmap=True)`` and
 the level switch, one fresh subprocess per case (so RSS is clean).
 
 For one ``N x K`` layer (default 4096x4096) with a bias, float32 and bfloat16, the parent writes
@@ -9,8 +9,9 @@ skeleton (``torch.nn.utils.skip_init``: nothing resident), records ``/proc/self/
 (RssAnon / RssFile / VmRSS) as the import floor, then:
 
 - ``plain``: ``safetensors.torch.load_file`` + ``load_state_dict`` of the unencoded weights;
-- ``dense``: ``ec.load(path, model, level="dense")`` (served from the mapped file);
-- ``1..T``: ``ec.load(path, model, level=t)``;
+- ``dense``: ``ec.load(path, model, level="dense", mmap=True)`` (served from the mapped file);
+- ``1..T``: ``ec.load(path, model, level=t, mmap=True)`` (the small-device mode; the default
+  ``ec.load`` holds the encoded weights in owned memory instead);
 
 runs a few M=1 forwards and records the status again (plus ``ru_maxrss`` and the tracemalloc
 peak of Python objects). Sparse cases then time level switches: ``release_pages(weight)`` then
@@ -102,7 +103,7 @@ def worker(a) -> dict:
         del sd
     else:
         level = "dense" if a.case == "dense" else int(a.case)
-        ec.load(a.file, model, level=level)
+        ec.load(a.file, model, level=level, mmap=True)
     load_s = time.perf_counter() - t0
     gc.collect()
     _malloc_trim()

@@ -8,13 +8,15 @@ expected, one string where a list is expected) says so. Type errors raise
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 
 import torch
 
 from .errors import ELSAError, ELSATypeError
 
-__all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path", "check_not_input"]
+__all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path", "check_not_input", "check_not_meta",
+           "check_target"]
 
 
 def _kind(x) -> str:
@@ -54,7 +56,13 @@ def check_module(arg, name: str, fn: str, *, order: str = "") -> torch.nn.Module
 
 
 def check_state_dict(arg, name: str, fn: str) -> Mapping:
-    """``arg`` must be a mapping of names to tensors (a model is refused with the fix)."""
+    """``arg`` must be a mapping of names to tensors holding data (a model is refused with the fix).
+
+    Raises:
+        ELSATypeError: not a mapping (a model: pass ``model.state_dict()``), a key not a string,
+            a value not a tensor.
+        ELSAError: a meta tensor (:func:`check_not_meta`).
+    """
     if isinstance(arg, torch.nn.Module):
         raise ELSATypeError(f"{fn}: {name} must be a state dict (name -> tensor), got {_kind(arg)}; pass {name}=model.state_dict()")
     if not isinstance(arg, Mapping):
@@ -64,7 +72,23 @@ def check_state_dict(arg, name: str, fn: str) -> Mapping:
             raise ELSATypeError(f"{fn}: {name} has a key {k!r} of type {type(k).__name__}; tensor names are strings")
         if not isinstance(v, torch.Tensor):
             raise ELSATypeError(f"{fn}: {name}[{k!r}] is {_kind(v)}, expected a torch.Tensor")
+    check_not_meta(arg, name, fn)
     return arg
+
+
+def check_not_meta(tensors: Mapping, name: str, fn: str, *, fix: str = "") -> None:
+    """No tensor of ``tensors`` (``name -> value``; non-tensors are skipped) is on the meta device.
+
+    ``fix``: what to do instead (default: materialise the weights).
+
+    Raises:
+        ELSAError: names the first meta tensor; meta tensors hold no data.
+    """
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            how = fix or ("materialise the weights first: model.to_empty(device='cpu') and load the checkpoint "
+                          "into it, or load the checkpoint's state dict (safetensors.torch.load_file)")
+            raise ELSAError(f"{fn}: {name}[{k!r}] is a meta tensor (device='meta'): meta tensors hold no data; {how}")
 
 
 def check_encoded(arg, name: str, fn: str):
@@ -132,7 +156,8 @@ def check_out_path(path: str, *, what: str = "output", inputs=()) -> str:
     path = os.fspath(path)
     if not path:
         raise ELSAError(f"{what}: empty path")
-    if path.endswith(os.sep) or os.path.isdir(path):
+    check_target(path, what=what)
+    if path.endswith(os.sep) or (os.path.isdir(path) and not os.path.islink(path)):
         raise ELSAError(f"{what} {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'model.safetensors')!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -165,3 +190,30 @@ def check_not_input(path: str, inputs=(), *, what: str = "output") -> None:
     for p in inputs:
         if p and os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
             raise ELSAError(f"{what} {path!r} is the input file: refusing to overwrite it")
+
+
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file of this ``st_mode`` is (None for a regular file or a symlink)."""
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return None
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+
+
+def check_target(path: str, *, what: str = "output") -> None:
+    """An output target must be absent, a regular file, or a symlink (the link itself is replaced
+    by the new file, never followed). Every write calls this before any work.
+
+    Raises:
+        ELSAError: ``path`` is a directory, FIFO, device, socket or other special file (named,
+            with what it is). An absent or unexaminable path passes (the write reports its own error).
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # absent, or unreadable (a name too long, a folder without access): the write itself reports it
+    kind = _file_kind(st.st_mode)
+    if kind is not None:
+        raise ELSAError(f"{what} {path!r} is {kind}: an output is written as a new regular file that replaces the "
+                        f"target, and {kind} is never replaced; give the path of a regular file")

@@ -15,6 +15,7 @@ import torch
 
 from ..argparsing import Parser
 from ..errors import ELSAError
+from .messages import cli_message, one_line, safe_text
 from .options import DTYPES as _DTYPES
 from .options import levels_arg as _levels
 
@@ -90,11 +91,11 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps(d, indent=1))
         return 0
-    T = d["num_levels"]
-    print(f"{d['file']}: {d['format']} v{d['version']}, T={T} sparse levels + dense, k={d['code_bits']} code bits")
+    T, s = d["num_levels"], safe_text  # every string read from the file is printed through safe_text
+    print(f"{s(d['file'])}: {s(d['format'])} v{s(d['version'])}, T={T} sparse levels + dense, k={d['code_bits']} code bits")
     print(f"{'level':>5}  {'structure':<14} {'sparsity':>8} {'density':>8}")
     for lv in d["levels"]:
-        print(f"{lv['level']:>5}  {lv['structure']:<14} {lv['sparsity']:>8.4f} {lv['density']:>8.4f}")
+        print(f"{lv['level']:>5}  {s(lv['structure']):<14} {lv['sparsity']:>8.4f} {lv['density']:>8.4f}")
     if d["bn_modules"]:
         print(f"per-level batch-norm statistics for {len(d['bn_modules'])} modules")
     print()
@@ -105,9 +106,9 @@ def cmd_inspect(a) -> int:
         sq = ti["sqnr_db"]
         sq = sq if isinstance(sq, str) else _fmt_db(sq)
         mu = "-" if ti["max_ulp"] is None else f"{ti['max_ulp']:g}"
-        notes = ([f"tied to {ti['tied_to']} (stored once)"] if ti["tied_to"] else []) + (["[in, out]"] if ti["transposed"] else [])
+        notes = ([f"tied to {s(ti['tied_to'])} (stored once)"] if ti["tied_to"] else []) + (["[in, out]"] if ti["transposed"] else [])
         note = f"  {', '.join(notes)}" if notes else ""
-        print(f"{n:<48} {str(tuple(ti['shape'])):<18} {ti['dtype']:<9} {sp}  {mu:>7}  {sq:>7}{note}")
+        print(f"{s(n):<48} {str(tuple(ti['shape'])):<18} {s(ti['dtype']):<9} {sp}  {mu:>7}  {s(sq):>7}{note}")
     return 0
 
 
@@ -119,7 +120,7 @@ def cmd_extract(a) -> int:
     enc = load_file(a.file)
     sd = extract(enc, level)
     write_plain(sd, a.output, {"format": "pt", "elsa_level": str(level)})
-    print(f"wrote {a.output}: level {level} of {a.file} ({len(sd)} tensors)")
+    print(f"wrote {safe_text(a.output)}: level {level} of {safe_text(a.file)} ({len(sd)} tensors)")
     return 0
 
 
@@ -135,7 +136,8 @@ def verify_file(path: str) -> list:
     ``path`` (a killed process) is one more problem each.
     """
     from ..errors import ELSAFormatError
-    from ..format.file import load_file, stale_temporaries
+    from ..format.atomic import stale_temporaries
+    from ..format.file import load_file
 
     stale = [f"{p}: a temporary file left by a killed write of this file (remove it; the next write does)"
              for p in stale_temporaries(path)]
@@ -150,22 +152,34 @@ def cmd_verify(a) -> int:
     problems = verify_file(a.file)
     if problems:
         for p in problems:
-            print(f"elsa verify: {a.file}: {_one_line(p)}", file=sys.stderr)
+            print(f"elsa verify: {safe_text(a.file)}: {one_line(p)}", file=sys.stderr)
         return 1
-    print(f"{a.file}: OK")
+    print(f"{safe_text(a.file)}: OK")
     return 0
 
 
 #: Commands that write a file, and the arguments holding their input and output paths.
 _OUTPUTS = {"encode": ("input", "output"), "extract": ("file", "output")}
 
+#: Commands that write exactly one safetensors file (no shards, no index).
+_SINGLE_FILE = {"extract"}
+
 
 def _check_output(a) -> None:
-    """The output path of ``encode`` / ``extract``, checked before any input is read."""
+    """The output path of ``encode`` / ``extract``, checked before any input is read.
+
+    Raises:
+        ELSAError: the path is refused by :func:`~elsa_codec.checks.check_out_path`, or it names
+            an index (``*.index.json``) for a command that writes one safetensors file.
+    """
     from ..checks import check_out_path
 
     src, dst = _OUTPUTS[a.command]
-    check_out_path(getattr(a, dst), what="-o/--output", inputs=[getattr(a, src)])
+    out = getattr(a, dst)
+    if a.command in _SINGLE_FILE and str(out).lower().endswith(".index.json"):
+        raise ELSAError(f"-o/--output {out!r}: elsa {a.command} writes one safetensors file, not shards "
+                        "plus an index; give a name ending in .safetensors")
+    check_out_path(out, what="-o/--output", inputs=[getattr(a, src)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,20 +268,15 @@ def main(argv=None) -> int:
             _check_output(a)
         return int(a.func(a) or 0)
     except (ELSAError, ValueError, TypeError) as e:  # bad input: one line, no traceback
-        print(f"elsa: error: {_one_line(e)}", file=sys.stderr)
+        print(f"elsa: error: {cli_message(e, getattr(a, 'command', None))}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no (permissions, space, a name too long)
         where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-        print(f"elsa: error:{where} {e.strerror or e}", file=sys.stderr)
+        print(f"elsa: error:{where} {one_line(e.strerror or e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("elsa: interrupted (no output written)", file=sys.stderr)
         return 130
-
-
-def _one_line(message) -> str:
-    """An error or a problem as one line (whitespace runs, newlines included, become one space)."""
-    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":

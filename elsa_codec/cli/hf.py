@@ -14,6 +14,7 @@ import time
 import torch
 
 from ..errors import ELSAError
+from .messages import safe_lines
 from .options import DTYPES as _DTYPES
 from .options import levels_arg as _levels
 
@@ -64,14 +65,14 @@ def cmd_levels(a) -> int:
                              max_memory_mib=a.max_memory_mib, runs=a.runs)
     except ELSAError as e:  # no level fits: the measured table on stdout, the reason as the error line
         if getattr(e, "table", None) is not None:
-            print(json.dumps(e.table.to_dict(), indent=1, sort_keys=True) if a.json else e.table)
+            print(json.dumps(e.table.to_dict(), indent=1, sort_keys=True) if a.json else safe_lines(e.table))
             raise ELSAError(str(e).split(". The model stays")[0] + " (table above)") from None
         raise
     if a.json:
         json.dump(table.to_dict(), sys.stdout, indent=1, sort_keys=True)
         print()
     else:
-        print(table)
+        print(safe_lines(table))
     return 0
 
 

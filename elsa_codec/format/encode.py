@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 from typing import Iterable, Mapping
 
 import torch
 
-from ..checks import check_encoded, check_list, check_state_dict
+from ..checks import check_encoded, check_list, check_not_meta, check_state_dict
 from ..errors import ELSAError, ELSATypeError
 from ..progress import progress_bar
 from .bits import (
@@ -84,7 +85,15 @@ def counter_dtype(num_levels: int) -> torch.dtype:
 
 
 def resolve_level(level, num_levels: int) -> int:
-    """Normalise a level (``1..T+1`` or ``"dense"``) to an int; ELSAError if out of range."""
+    """Normalise a level (``1..T+1`` or ``"dense"``, any case) to an int.
+
+    Integer-like levels are accepted: a numpy integer scalar (``np.int64(2)``) or a 0-d integer
+    tensor (``torch.tensor(2)``), converted with :func:`operator.index`. Refused: ``bool``, floats
+    (even ``2.0``), float / bool / non-0-d tensors.
+
+    Raises:
+        ELSAError: not an integer (nor ``"dense"``), or out of range.
+    """
     if isinstance(level, str):
         if level.strip().lower() == "dense":
             return num_levels + 1
@@ -92,11 +101,34 @@ def resolve_level(level, num_levels: int) -> int:
             level = int(level)
         except ValueError:
             raise ELSAError(f"level {level!r} is not an integer in 1..{num_levels + 1} nor 'dense'") from None
-    if isinstance(level, bool) or not isinstance(level, int):
-        raise ELSAError(f"level {level!r} is not an integer in 1..{num_levels + 1} nor 'dense'")
-    if not 1 <= level <= num_levels + 1:
-        raise ELSAError(f"level {level} is out of range: this checkpoint has levels 1..{num_levels} and {num_levels + 1} ('dense')")
-    return level
+    t = _level_int(level)
+    if t is None:
+        raise ELSAError(f"level {_level_repr(level)} is not an integer in 1..{num_levels + 1} nor 'dense'")
+    if not 1 <= t <= num_levels + 1:
+        raise ELSAError(f"level {t} is out of range: this checkpoint has levels 1..{num_levels} and {num_levels + 1} ('dense')")
+    return t
+
+
+def _level_int(level) -> int | None:
+    """``level`` as an int if it is integer-like (int, numpy integer, 0-d integer tensor), else None."""
+    if isinstance(level, torch.Tensor):
+        if level.dim() != 0 or level.is_meta or level.dtype == torch.bool or level.is_floating_point() or level.is_complex():
+            return None
+        return int(level.item())
+    if isinstance(level, bool) or str(getattr(level, "dtype", "")) == "bool":  # numpy.bool_ too
+        return None
+    try:
+        return operator.index(level)
+    except TypeError:
+        return None
+
+
+def _level_repr(level) -> str:
+    """``level`` for an error message (a tensor by its shape and dtype, not its values)."""
+    if isinstance(level, torch.Tensor) and (level.dim() or level.is_meta):
+        return f"(a tensor of shape {tuple(level.shape)}, dtype {level.dtype})"
+    r = repr(level)
+    return r if len(r) <= 80 else f"(a {type(level).__name__})"
 
 
 def _check_counters(name: str, c, ref: torch.Tensor) -> torch.Tensor:
@@ -148,7 +180,10 @@ def encode(
         ELSAError: a counters name missing from ``state_dict``; counters of the wrong shape, not
             integer, out of ``1..T+1``, or with different T across tensors; different counters for
             two names of one tied tensor; NaN/Inf weights;
-            unsupported dtype; more levels than the dtype's code bits allow. Each names the tensor.
+            unsupported dtype; more levels than the dtype's code bits allow; a meta tensor
+            (``device="meta"``, no data) in ``state_dict`` or ``counters``. Each names the tensor.
+        ELSATypeError: ``state_dict`` or ``counters`` not a mapping of names to tensors (a model);
+            ``code_bits`` or ``num_levels`` not an int.
     """
     _check_encode_args(state_dict, counters, code_bits, num_levels)
     if structures is not None:
@@ -184,6 +219,9 @@ def _check_encode_args(state_dict, counters, code_bits, num_levels) -> None:
         )
     if not counters:
         raise ELSAError("encode: counters is empty: name at least one tensor to encode")
+    check_not_meta(counters, "counters", "encode",
+                   fix="make the counters from real weights (materialise the model first: model.to_empty(device='cpu') "
+                   "and load the checkpoint into it)")
     for arg, v in (("code_bits", code_bits), ("num_levels", num_levels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ELSATypeError(f"encode: {arg} must be an int, got {v!r}")
@@ -333,9 +371,10 @@ def _check_bn_stats(bn_stats, T: int, state_dict) -> dict:
         return {}
     out = {}
     for lvl, per in bn_stats.items():
-        t = resolve_level(lvl, T) if not isinstance(lvl, int) else lvl
-        if not isinstance(t, int) or not 1 <= t <= T + 1:
-            raise ELSAError(f"batch-norm statistics given for level {lvl!r}, outside 1..{T + 1}")
+        try:
+            t = resolve_level(lvl, T)  # an int, a numpy integer, a 0-d integer tensor or "dense"; not a bool
+        except ELSAError:
+            raise ELSAError(f"batch-norm statistics given for level {lvl!r}, outside 1..{T + 1}") from None
         out[t] = {}
         for mod, stats in per.items():
             for s, v in stats.items():

@@ -1,7 +1,8 @@
 """ELSA checkpoint files: safetensors with a versioned metadata document (docs/FORMAT.md).
 
-Writes are atomic (temp file in the same folder, then rename): a failed run leaves no partial
-file and never overwrites the input. Reads check the document, the tensor list and a CRC-32 of
+Writes are crash-safe (:mod:`elsa_codec.format.atomic`: flushed temporaries renamed over the
+target; shards under new names and the index swapped last): a failed or killed run leaves the
+previous file or checkpoint loadable and never overwrites the input. Reads check the document, the tensor list and a CRC-32 of
 every tensor, so a truncated or byte-flipped file is an error, never a silently wrong model.
 """
 from __future__ import annotations
@@ -15,16 +16,16 @@ import mmap as _mmap
 import os
 import re
 import stat
-import tempfile
 import zlib
-from contextlib import contextmanager
 from typing import Mapping
 
 import torch
 
-from ..checks import check_encoded, check_path, check_shard_size
+from ..checks import check_encoded, check_path, check_shard_size, check_target
 from ..errors import ELSAError, ELSAFormatError, ELSATypeError
 from . import jsonio
+from .atomic import atomic, commit_shards, shard_names
+from .document import _RECORD_DTYPES as _RECORD_TORCH
 from .document import _SPARSITY_TOL, BN_PREFIX, BN_STATS, ELSAMeta
 from .encode import Counters, ELSAStateDict
 from .selection import tie_groups
@@ -36,7 +37,6 @@ __all__ = [
     "save_counters",
     "load_counters",
     "write_plain",
-    "stale_temporaries",
 ]
 
 _META_KEY = "elsa"
@@ -58,92 +58,6 @@ _DTYPES = {
 def _crc(t: torch.Tensor) -> str:
     b = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
     return f"{zlib.crc32(memoryview(b)) & 0xFFFFFFFF:08x}"
-
-
-_TMP_SUFFIX = ".elsa-tmp"
-
-
-def _tmp_prefix(path: str) -> str:
-    """``.{12 hex digits of the target name's hash}-`` : temporary names stay 40 characters long
-    whatever the target's length (a legal 255-character name must stay writable) and still say
-    which target they belong to."""
-    return "." + hashlib.sha256(os.path.basename(path).encode("utf-8", "surrogateescape")).hexdigest()[:12] + "-"
-
-
-def stale_temporaries(path: str) -> list:
-    """Temporary files of earlier writes of ``path`` whose writing process is gone (killed while
-    writing): ``[paths]``. :func:`_atomic` removes them on the next write of ``path``;
-    ``elsa verify`` reports them."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    pre = _tmp_prefix(path)
-    out = []
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return []
-    for n in names:
-        if not (n.startswith(pre) and n.endswith(_TMP_SUFFIX)):
-            continue
-        pid = n[len(pre):].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue  # another process is writing this target right now
-        if pid.isdigit() and int(pid) == os.getpid() and n in _OPEN_TMPS:
-            continue
-        out.append(os.path.join(d, n))
-    return sorted(out)
-
-
-_OPEN_TMPS: set = set()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def new_temporary(path: str) -> str:
-    """A new empty file beside ``path`` named ``.{hash of path's name}-{pid}-{random}.elsa-tmp``,
-    registered as in use by this process (:func:`stale_temporaries` skips it) until
-    ``_OPEN_TMPS.discard(basename)``."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=d)
-    os.close(fd)
-    _OPEN_TMPS.add(os.path.basename(tmp))
-    return tmp
-
-
-@contextmanager
-def _atomic(path: str):
-    """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on failure.
-
-    The temporary name is ``.{hash of the target name}-{pid}-{random}.elsa-tmp`` (under 50
-    characters); stale ones of the same target left by a killed process are removed first.
-    """
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)  # the API creates missing folders; the CLI refuses them (a typo)
-    for stale in stale_temporaries(path):
-        try:
-            os.unlink(stale)
-        except OSError:
-            pass
-    tmp = new_temporary(path)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        _OPEN_TMPS.discard(os.path.basename(tmp))
 
 
 _HEADER_KEY = "elsa_header_sha256"
@@ -205,7 +119,7 @@ def header_bytes(entries: Mapping[str, tuple], metadata: Mapping[str, str]) -> b
 
 def write_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` (CPU, contiguous) and ``metadata`` as a safetensors file at ``path``
-    (not atomic: call inside :func:`_atomic`), byte-reproducible (:func:`header_bytes`)."""
+    (not atomic: call inside :func:`~elsa_codec.format.atomic.atomic`), byte-reproducible (:func:`header_bytes`)."""
     entries = {n: (st_dtype(t, n), list(t.shape)) for n, t in tensors.items()}
     with open(path, "wb") as f:
         f.write(header_bytes(entries, metadata))
@@ -221,14 +135,45 @@ def file_metadata(doc: str, crcs: Mapping[str, str]) -> dict:
     return {"format": "pt", _META_KEY: doc, _CRC_KEY: json.dumps(dict(crcs), sort_keys=True, separators=(",", ":"))}
 
 
+def _check_name(name) -> None:
+    """A tensor name a safetensors file can hold: a ``str`` that encodes as UTF-8 (a lone
+    surrogate, as Python decodes a non-UTF-8 file name, does not), without the reserved prefix."""
+    if not isinstance(name, str):
+        raise ELSAError(f"{name!r}: tensor names must be strings, got {type(name).__name__}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ELSAError(f"{name!r}: the tensor name is not valid Unicode ({e.reason} at position {e.start}: a lone "
+                        "surrogate, e.g. a non-UTF-8 file name decoded by Python); a safetensors name must be UTF-8") from None
+    if name.startswith(BN_PREFIX):
+        raise ELSAError(f"{name}: tensor names must not start with the reserved prefix {BN_PREFIX!r}")
+
+
+def _check_records(encoded: ELSAStateDict) -> None:
+    """Every encoded tensor still has the dtype and shape its record says (a tensor cast,
+    reshaped or replaced after encoding lost its codes' meaning); ELSAError naming it."""
+    for name, ti in encoded.meta.tensors.items():
+        if name in encoded.meta.tied or name not in encoded:
+            continue
+        t = encoded[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        want = _RECORD_TORCH.get(ti.dtype)
+        if t.dtype != want or list(t.shape) != list(ti.shape):
+            raise ELSAError(
+                f"{name}: the encoded tensor is {t.dtype} {list(t.shape)} but its record says {ti.dtype} {list(ti.shape)}: "
+                "it was cast, reshaped or replaced after encoding, so its low bits are no longer its codes; "
+                "encode the original weights again (elsa_codec.encode) instead of editing the encoded dict")
+
+
 def _flat_tensors(encoded: ELSAStateDict) -> dict:
     out = {}
     for name, t in encoded.items():
-        if name.startswith(BN_PREFIX):
-            raise ELSAError(f"{name}: tensor names must not start with the reserved prefix {BN_PREFIX!r}")
+        _check_name(name)
         if not isinstance(t, torch.Tensor):
             raise ELSAError(f"{name}: expected a tensor, got {type(t).__name__}")
         out[name] = t
+    _check_records(encoded)
     for lvl, per in encoded.bn_stats.items():
         for mod, stats in per.items():
             for s, v in stats.items():
@@ -254,13 +199,15 @@ def _flat_tensors(encoded: ELSAStateDict) -> dict:
 
 
 def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None:
-    """Write an :class:`ELSAStateDict` to a safetensors file (or shards plus an index), atomically.
+    """Write an :class:`ELSAStateDict` to a safetensors file (or shards plus an index), crash-safely.
 
     Args:
         encoded: from :func:`elsa_codec.encode`, :func:`load_file` or ``elsa_state_dict(model)``.
         path: ``*.safetensors``; or ``*.safetensors.index.json`` (or ``max_shard_size`` given) for
-            the usual shards ``{stem}-00001-of-0000N.safetensors`` beside an index file. Missing
-            folders are created (the ``elsa`` CLI refuses them instead: a typo).
+            shards ``{stem}-00001-of-0000N-{suffix}.safetensors`` beside an index file (the suffix
+            is derived from the content: :func:`elsa_codec.format.atomic.shard_names`). Missing
+            folders are created (the ``elsa`` CLI refuses them instead: a typo). A symlink there
+            is replaced by the new file, not followed.
         max_shard_size: bytes per shard (a positive int, or ``"2GB"``, ``"500MB"``, ``"1GiB"``);
             implies sharding.
 
@@ -271,58 +218,83 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
     The bytes depend only on the content: the same state dict gives the same file in every
     process and on every machine (sorted header, fixed JSON formatting; :func:`header_bytes`).
 
+    Crash safety (:mod:`elsa_codec.format.atomic`): a failure (disk full, an exception) or a kill
+    at any point leaves the previous file, or the previous sharded checkpoint, loadable. A
+    sharded write never renames a shard over one the current index uses: the index is swapped
+    last, then the previous index's shards are removed.
+
     Raises:
-        ELSAError: not an ELSAStateDict (``ELSATypeError``), a path that is not a path, a bad
-            ``max_shard_size``, or a tensor name using the reserved prefix.
+        ELSAError: not an ELSAStateDict (``ELSATypeError``), a path that is not a path or is a
+            directory, FIFO, device or socket, a bad ``max_shard_size``, a tensor name using the
+            reserved prefix or not encodable as UTF-8, an encoded tensor whose dtype or shape no
+            longer matches its record (cast after encoding). All before anything is written.
+
+    Example:
+        >>> import torch, tempfile, os, elsa_codec as ec
+        >>> sd = {"w": torch.randn(8, 8)}
+        >>> enc = ec.encode(sd, ec.magnitude_counters(sd, [0.5]))
+        >>> ec.save_file(enc, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
     """
     check_encoded(encoded, "encoded", "save_file")
     path = check_path(path, "path", "save_file", order="save_file(encoded, path)")
+    check_target(path, what="save_file: path")
     limit = check_shard_size(max_shard_size)
     tensors, tied = _flat_tensors(encoded)
     doc = dataclasses.replace(encoded.meta, tied=tied).to_json()  # what the file stores once
     crcs = {n: _crc(t) for n, t in tensors.items()}
     sharded = max_shard_size is not None or str(path).endswith(".index.json")
     if not sharded:
-        with _atomic(path) as tmp:
+        with atomic(path) as tmp:
             write_tensors(tmp, tensors, file_metadata(doc, crcs))
         return
-    limit = limit if limit is not None else 5 * 10**9
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    groups = shard_groups(list(tensors), sizes, limit if limit is not None else 5 * 10**9)
+    index_path = path if str(path).endswith(".index.json") else str(path) + ".index.json"
+    names = shard_names(index_stem(index_path), groups, doc + json.dumps(crcs, sort_keys=True))
+    writers = {s: (lambda tmp, g=g: write_tensors(tmp, {n: tensors[n] for n in g}, file_metadata(doc, {n: crcs[n] for n in g})))
+               for s, g in zip(names, groups)}
+    weight_map = {n: s for s, g in zip(names, groups) for n in g}
+    commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
+                  used_shards(index_path), orphan_shard(index_path))
+
+
+def shard_groups(names: list, sizes: Mapping[str, int], limit: int) -> list:
+    """``[[names]]``: consecutive ``names`` per shard while their bytes (``sizes``) stay within
+    ``limit`` (a tensor larger than ``limit`` gets a shard of its own)."""
     groups, cur, size = [], [], 0
-    for n, t in tensors.items():
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > limit:
+    for n in names:
+        if cur and size + sizes[n] > limit:
             groups.append(cur)
             cur, size = [], 0
         cur.append(n)
-        size += nb
-    if cur:
-        groups.append(cur)
-    index_path = path if str(path).endswith(".index.json") else str(path) + ".index.json"
+        size += sizes[n]
+    return groups + ([cur] if cur else [])
+
+
+def index_stem(index_path: str) -> str:
+    """The shard stem of an index: ``model`` for ``model.safetensors.index.json``."""
     base = os.path.basename(index_path)[: -len(".index.json")]
-    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
-    folder = os.path.dirname(os.path.abspath(index_path))
-    weight_map = {}
-    written = []
+    return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+
+
+def used_shards(index_path: str) -> set:
+    """The shard file names the index at ``index_path`` uses now (empty if it is absent or
+    unreadable: then no old shard is removed)."""
     try:
-        for i, names in enumerate(groups, start=1):
-            shard = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
-            sub = {n: tensors[n] for n in names}
-            with _atomic(os.path.join(folder, shard)) as tmp:
-                write_tensors(tmp, sub, file_metadata(doc, {n: crcs[n] for n in names}))
-            written.append(os.path.join(folder, shard))
-            weight_map.update({n: shard for n in names})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with _atomic(index_path) as tmp:
-            write_index(tmp, weight_map, total, doc, crcs)
-    except BaseException:
-        for p in written:
-            if os.path.exists(p):
-                os.unlink(p)
-        raise
+        return set(_read_index(index_path)["weight_map"].values())
+    except ELSAFormatError:
+        return set()
+
+
+def orphan_shard(index_path: str):
+    """Predicate: a file name is a shard this index's writer names (:func:`shard_names`), so one
+    the index does not use is left by a write killed before its commit."""
+    pat = re.compile(re.escape(index_stem(index_path)) + r"-\d{5}-of-\d{5}-[0-9a-f]{16}\.safetensors")
+    return lambda name: pat.fullmatch(name) is not None
 
 
 def write_index(path: str, weight_map: Mapping[str, str], total_size: int, doc: str, crcs: Mapping[str, str]) -> None:
-    """Write a ``*.safetensors.index.json`` (not atomic: call inside :func:`_atomic`): sorted keys,
+    """Write a ``*.safetensors.index.json`` (not atomic: call inside :func:`~elsa_codec.format.atomic.atomic`): sorted keys,
     the document, every checksum and the index's own checksum (:func:`index_checksum`)."""
     md = {"total_size": int(total_size), **file_metadata(doc, crcs)}
     del md["format"]
@@ -894,7 +866,7 @@ def save_counters(counters: Counters, path: str) -> None:
     if getattr(counters, "transposed", None):
         head["transposed"] = sorted(counters.transposed)
     md = {"elsa_counters": json.dumps(head)}
-    with _atomic(path) as tmp:
+    with atomic(path) as tmp:
         write_tensors(tmp, t, md)
 
 
@@ -921,5 +893,5 @@ def _counters_header(f, path: str) -> tuple:
 def write_plain(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Write a plain safetensors file (any loader reads it), atomically."""
     flat = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-    with _atomic(path) as tmp:
+    with atomic(path) as tmp:
         write_tensors(tmp, flat, dict(metadata or {"format": "pt"}))

@@ -19,7 +19,7 @@ same writer (:func:`elsa_codec.format.file.header_bytes`).
 Parallel shards (``jobs=N``): the shards of a sharded input are independent, so N worker processes
 (``spawn``) encode one shard each (global thresholds are computed first, in this process, and
 passed to them). Every shard's encoded tensors go to a temporary part file beside the output
-(named like :func:`elsa_codec.format.file._atomic`'s temporaries, so a killed run's parts are removed by the
+(named like :func:`elsa_codec.format.atomic.atomic`'s temporaries, so a killed run's parts are removed by the
 next write of the same output); this process then writes the header and copies the tensors from
 the parts in the file's data order (``os.copy_file_range``), and removes the parts, on success or
 error. The output does not depend on N.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import math
 import mmap
 import multiprocessing
@@ -39,24 +40,26 @@ from typing import Iterator, Mapping
 
 import torch
 
-from ..checks import check_not_input, check_path, check_shard_size
+from ..checks import check_not_input, check_path, check_shard_size, check_target
 from ..errors import ELSAError, ELSAFormatError
 from ..progress import progress_bar
+from .atomic import atomic, commit_shards, new_temporary, release_temporary, shard_names
 from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
 from .document import ELSAMeta, TensorInfo, _make_meta
 from .encode import _STAT_CHUNK, Counters, check_counter_structures
 from .file import (
     _DTYPES,
     _ITEM,
-    _OPEN_TMPS,
-    _atomic,
     _counters_header,
     _open_safetensors,
     _shards,
     data_order,
     file_metadata,
     header_bytes,
-    new_temporary,
+    index_stem,
+    orphan_shard,
+    shard_groups,
+    used_shards,
     write_index,
 )
 from .structure import parse_structure
@@ -417,7 +420,7 @@ def _run_jobs(jobs: list, workers: int, progress: bool) -> dict:
 def _part_files(out_path: str, count: int):
     """``count`` temporary files beside ``out_path``, removed on exit (success or error).
 
-    Named like :func:`elsa_codec.format.file._atomic`'s temporaries of ``out_path`` (its stale-file cleanup
+    Named like :func:`elsa_codec.format.atomic.atomic`'s temporaries of ``out_path`` (its stale-file cleanup
     removes them if this process is killed) and registered as in use meanwhile.
     """
     paths = []
@@ -427,9 +430,7 @@ def _part_files(out_path: str, count: int):
         yield paths
     finally:
         for p in paths:
-            _OPEN_TMPS.discard(os.path.basename(p))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+            release_temporary(p)
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -445,71 +446,47 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         count -= done
 
 
-def _write_file(path: str, entries: dict, doc: str, res: dict) -> None:
-    """Write one safetensors file of ``entries`` atomically: header, then the parts' tensors."""
+def _write_body(tmp: str, entries: dict, doc: str, res: dict) -> None:
+    """Write one safetensors file of ``entries`` into the temporary ``tmp``: header, then the
+    parts' tensors."""
     crcs = {n: res[n][3] for n in entries}
     fds = {}
+    dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
-        with _atomic(path) as tmp:
-            dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-            try:
-                head = header_bytes(entries, file_metadata(doc, crcs))
-                while head:
-                    head = head[os.write(dst, head):]
-                for n in data_order(entries):
-                    part, off, nbytes = res[n][:3]
-                    if part not in fds:
-                        fds[part] = os.open(part, os.O_RDONLY)
-                    _copy_range(fds[part], dst, off, nbytes)
-            finally:
-                os.close(dst)
+        head = header_bytes(entries, file_metadata(doc, crcs))
+        while head:
+            head = head[os.write(dst, head):]
+        for n in data_order(entries):
+            part, off, nbytes = res[n][:3]
+            if part not in fds:
+                fds[part] = os.open(part, os.O_RDONLY)
+            _copy_range(fds[part], dst, off, nbytes)
     finally:
+        os.close(dst)
         for fd in fds.values():
             os.close(fd)
 
 
-def _shard_groups(names: list, entries: dict, limit: int) -> list:
-    """``save_file``'s shard grouping: consecutive names while the bytes stay within ``limit``."""
-    groups, cur, size = [], [], 0
-    for n in names:
-        code, shape = entries[n]
-        nb = _ITEM[code] * _numel(shape)
-        if cur and size + nb > limit:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(n)
-        size += nb
-    return groups + ([cur] if cur else [])
-
-
-def _sharded_paths(index_path: str, count: int) -> list:
-    base = os.path.basename(index_path)[: -len(".index.json")]
-    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
-    folder = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+def _write_file(path: str, entries: dict, doc: str, res: dict) -> None:
+    """Write one safetensors file of ``entries`` crash-safely (:func:`~elsa_codec.format.atomic.atomic`)."""
+    with atomic(path) as tmp:
+        _write_body(tmp, entries, doc, res)
 
 
 def _write_sharded(index_path: str, names: list, entries: dict, doc: str, res: dict, limit: int, inputs: list) -> None:
-    """Write shards and the index as ``save_file(..., index_path, max_shard_size=limit)`` does."""
-    groups = _shard_groups(names, entries, limit)
-    paths = _sharded_paths(index_path, len(groups))
-    for p in paths:
-        check_not_input(p, inputs)
-    written = []
-    try:
-        weight_map = {}
-        for p, g in zip(paths, groups):
-            _write_file(p, {n: entries[n] for n in g}, doc, res)
-            written.append(p)
-            weight_map.update({n: os.path.basename(p) for n in g})
-        total = sum(_ITEM[entries[n][0]] * _numel(entries[n][1]) for n in names)
-        with _atomic(index_path) as tmp:
-            write_index(tmp, weight_map, total, doc, {n: res[n][3] for n in names})
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-        raise
+    """Write shards and the index as ``save_file(..., index_path, max_shard_size=limit)`` does
+    (same names, same bytes; :func:`~elsa_codec.format.atomic.commit_shards`)."""
+    sizes = {n: _ITEM[entries[n][0]] * _numel(entries[n][1]) for n in names}
+    groups = shard_groups(names, sizes, limit)
+    crcs = {n: res[n][3] for n in names}
+    files = shard_names(index_stem(index_path), groups, doc + json.dumps(crcs, sort_keys=True))
+    folder = os.path.dirname(os.path.abspath(index_path))
+    for f in files:
+        check_not_input(os.path.join(folder, f), inputs)
+    writers = {f: (lambda tmp, g=g: _write_body(tmp, {n: entries[n] for n in g}, doc, res)) for f, g in zip(files, groups)}
+    weight_map = {n: f for f, g in zip(files, groups) for n in g}
+    commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
+                  used_shards(index_path), orphan_shard(index_path))
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -547,23 +524,42 @@ def encode_stream(
     shards, _ = _shards(in_path)
     inputs = [in_path] + [s for s, _ in shards]
     check_not_input(out_path, inputs)
+    check_target(out_path, what="out_path")
     files = {s: _MappedFile(s) for s, _ in shards}
-    where = {}
-    for shard, ns in shards:
-        for n in ns if ns is not None else files[shard].keys():
-            where[n] = shard
+    where = _where(in_path, shards, files)
     entries = {n: _out_entry(files[s], n, dtype) for n, s in where.items()}
     plan = _make_plan(files, where, source, counters, dtype, code_bits, in_path)
-    with _part_files(out_path, len(files)) as parts:
+    sharded = max_shard_size is not None or str(out_path).endswith(".index.json")
+    target = out_path if not sharded or str(out_path).endswith(".index.json") else str(out_path) + ".index.json"
+    with _part_files(target, len(files)) as parts:  # named as the target's temporaries: a killed run's are removed
         meta, res = _encode_parts(files, where, entries, plan, parts, jobs, progress)
         doc = meta.to_json()
-        if max_shard_size is not None or str(out_path).endswith(".index.json"):
-            index = out_path if str(out_path).endswith(".index.json") else str(out_path) + ".index.json"
+        if sharded:
             limit = check_shard_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
-            _write_sharded(index, list(where), entries, doc, res, limit, inputs)
+            _write_sharded(target, list(where), entries, doc, res, limit, inputs)
         else:
             _write_file(out_path, entries, doc, res)
     return meta
+
+
+def _where(in_path: str, shards: list, files: dict) -> dict:
+    """``{tensor name: shard path}`` of the input; an index's ``weight_map`` must list exactly
+    the tensors of each shard (a tensor in a shard but not in the map would be dropped)."""
+    where = {}
+    for shard, ns in shards:
+        have = files[shard].keys()
+        if ns is not None:
+            extra, missing = sorted(set(have) - set(ns)), sorted(set(ns) - set(have))
+            if extra:
+                raise ELSAFormatError(f"{in_path}: shard {os.path.basename(shard)} holds tensor {extra[0]!r} that the index's "
+                                      f"weight_map does not list ({len(extra)} such): it would be dropped; fix the index "
+                                      "(list every tensor of every shard)")
+            if missing:
+                raise ELSAFormatError(f"{in_path}: the weight_map puts tensor {missing[0]!r} in shard "
+                                      f"{os.path.basename(shard)}, which does not hold it ({len(missing)} such)")
+        for n in ns if ns is not None else have:
+            where[n] = shard
+    return where
 
 
 def _encode_parts(files, where, entries, plan, parts, jobs, progress) -> tuple:

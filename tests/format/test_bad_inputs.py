@@ -11,6 +11,7 @@ import copy
 import hashlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -122,6 +123,22 @@ API_CASES = [
     ("too-many-levels-float32", _too_many(torch.float32, 256), ELSAError, r"at most 255 levels"),
     ("too-many-levels-float16", _too_many(torch.float16, 16), ELSAError, r"at most 15 levels"),
     ("too-many-levels-bfloat16", _too_many(torch.bfloat16, 8), ELSAError, r"at most 7 levels"),
+    ("encode-meta-weights", lambda e: ec.encode(_meta_model().state_dict(), e["counters"]), ELSAError,
+     r"encode: state_dict\['0.weight'\] is a meta tensor.*hold no data.*to_empty"),
+    ("encode-meta-counters", lambda e: ec.encode(e["sd"], {k: v.to("meta") for k, v in e["counters"].items()}), ELSAError,
+     r"encode: counters\['0.weight'\] is a meta tensor.*hold no data"),
+    ("magnitude-counters-meta-model", lambda e: ec.magnitude_counters(_meta_model(), [0.5]), ELSAError,
+     r"magnitude_counters: state_dict\['0.weight'\] is a meta tensor.*hold no data"),
+    ("set-level-bool", lambda e: ec.set_level(e["served"], True), ELSAError, r"level True is not an integer"),
+    ("set-level-float", lambda e: ec.set_level(e["served"], 2.0), ELSAError, r"level 2.0 is not an integer"),
+    ("set-level-numpy-float", lambda e: ec.set_level(e["served"], np.float64(2.0)), ELSAError, r"is not an integer"),
+    ("set-level-numpy-bool", lambda e: ec.set_level(e["served"], np.bool_(True)), ELSAError, r"is not an integer"),
+    ("set-level-float-tensor", lambda e: ec.set_level(e["served"], torch.tensor(2.0)), ELSAError, r"level tensor\(2.\) is not an integer"),
+    ("set-level-bool-tensor", lambda e: ec.set_level(e["served"], torch.tensor(True)), ELSAError, r"is not an integer"),
+    ("set-level-1d-tensor", lambda e: ec.set_level(e["served"], torch.tensor([2])), ELSAError, r"a tensor of shape \(1,\).*is not an integer"),
+    ("set-level-numpy-out-of-range", lambda e: ec.set_level(e["served"], np.int64(9)), ELSAError, r"level 9 is out of range"),
+    ("extract-level-tensor-out-of-range", lambda e: ec.extract(e["enc"], torch.tensor(0)), ELSAError, r"level 0 is out of range"),
+    ("load-level-float", lambda e: ec.load(e["path"], make_model(), level=2.0), ELSAError, r"level 2.0 is not an integer"),
 ]
 
 
@@ -144,6 +161,23 @@ def test_api_bad_input(env, call, exc, pattern):
     mods, sd = _snapshot(env["model"])
     assert mods == before_model[0], "the model was (half-)swapped"
     assert all(torch.equal(sd[k], before_model[1][k]) for k in sd), "the model's tensors changed"
+
+
+INTEGER_LIKE = [np.int64(2), np.int32(2), np.uint8(2), torch.tensor(2), torch.tensor(2, dtype=torch.uint8)]
+
+
+@pytest.mark.parametrize("level", INTEGER_LIKE, ids=lambda v: f"{type(v).__module__}.{type(v).__name__}-{getattr(v, 'dtype', '')}")
+def test_integer_like_levels_are_accepted(env, level):
+    """A numpy integer scalar or a 0-d integer tensor is a level (operator.index), as an int is."""
+    assert ec.set_level(env["served"], level) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ec.extract(env["enc"], level).values(), ec.extract(env["enc"], 2).values()))
+    m = ec.load(env["path"], make_model(), level=level)
+    ref = ec.load(env["path"], make_model(), level=2)
+    x = torch.randn(3, 16)
+    assert torch.equal(m(x), ref(x))
+    from elsa_codec.format.encode import resolve_level
+
+    assert type(resolve_level(level, 2)) is int
 
 
 def test_type_errors_are_both_elsa_and_type_errors(env):
@@ -280,7 +314,8 @@ def test_meta_model_with_tied_weights(tmp_path):
 
 
 def test_stale_temporary_is_removed_by_the_next_write(env):
-    from elsa_codec.format.file import _tmp_prefix, stale_temporaries
+    from elsa_codec.format.atomic import stale_temporaries
+    from elsa_codec.format.atomic import tmp_prefix as _tmp_prefix
 
     out = str(env["tmp"] / "o.safetensors")
     stale = os.path.join(env["tmp"], f"{_tmp_prefix(out)}999999999-abcdefgh.elsa-tmp")  # no such pid
@@ -304,7 +339,7 @@ def test_temporary_removed_on_error(env, monkeypatch):
 
 
 def test_verify_reports_a_stale_temporary(env, capsys):
-    from elsa_codec.format.file import _tmp_prefix
+    from elsa_codec.format.atomic import tmp_prefix as _tmp_prefix
 
     stale = os.path.join(env["tmp"], f"{_tmp_prefix(env['path'])}999999999-abcdefgh.elsa-tmp")
     with open(stale, "wb") as f:

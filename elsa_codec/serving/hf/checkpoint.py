@@ -23,7 +23,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 #: Bytes a shard may hold before the weights are split (``max_shard_size`` default).
 DEFAULT_SHARD_SIZE = "5GB"
-_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}(?:-[0-9a-f]{16})?\.safetensors")
 
 
 def weights_path(folder: str) -> str | None:

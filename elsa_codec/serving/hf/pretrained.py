@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ...errors import ELSAError, ELSATypeError
+from ...format.atomic import atomic
 from ...format.encode import ELSAStateDict, encode
-from ...format.file import _atomic, save_file
+from ...format.file import save_file
 from ...wrappers import unwrap_model
 from ..base import ELSAModule
 from ..swap import _replace, elsa_modules, elsa_state_dict
@@ -34,7 +35,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.ind
 
 def write_json(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    with _atomic(path) as tmp:
+    with atomic(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
@@ -47,7 +48,7 @@ def copy_files(src: str, dst: str) -> list:
         p = os.path.join(src, n)
         if n == "config.json" or n.endswith(_WEIGHT_SUFFIXES) or n.startswith(".") or not os.path.isfile(p):
             continue
-        with _atomic(os.path.join(dst, n)) as tmp:
+        with atomic(os.path.join(dst, n)) as tmp:
             shutil.copyfile(p, tmp)
         out.append(n)
     return out
