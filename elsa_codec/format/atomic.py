@@ -9,7 +9,7 @@ write of the same target); a failed write (disk full, an exception) removes its 
 Sharded checkpoints (:func:`commit_shards`) never rename a new shard over a file the current
 index uses: shard names carry a content-derived suffix (:func:`shard_names`), every shard is
 written and flushed first, the index is swapped last, and only then are the old shards that the
-new index does not use removed. Until the index swap the previous checkpoint is loadable; after
+new index does not use removed (under a lock of the folder, so concurrent writers take turns). Until the index swap the previous checkpoint is loadable; after
 it the new one is.
 
 Targets are checked before any work (:func:`elsa_codec.checks.check_target`): a directory, FIFO,
@@ -196,30 +196,46 @@ def shard_names(stem: str, groups: list, identity: str) -> list:
     return [f"{stem}-{i:05d}-of-{n:05d}-{suffix}.safetensors" for i in range(1, n + 1)]
 
 
-def commit_shards(index_path: str, shards: dict, write_index: Callable[[str], None], old_shards: Iterable[str],
+@contextmanager
+def _folder_lock(folder: str):
+    """An exclusive ``flock`` of ``folder`` itself (no lock file): commits of sharded checkpoints
+    into one folder, from any process, run one at a time (a no-op where flock is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def commit_shards(index_path: str, shards: dict, write_index: Callable[[str], None], used_shards: Callable[[], Iterable[str]],
                   orphan: Callable[[str], bool] = lambda name: False) -> None:
     """Write a sharded checkpoint crash-safely: ``shards`` (``{file name: writer(path)}``, names in
     ``index_path``'s folder) and then the index (``write_index(path)``).
 
-    Steps: every shard into its own flushed temporary, the index into one; the shards renamed to
-    their names (new names: :func:`shard_names`); the folder flushed; the index renamed over
-    ``index_path`` (the commit); the folder flushed; then the files of ``old_shards`` (the names
-    the previous index used) and files for which ``orphan(name)`` holds (shards of an earlier
-    write killed before its commit) that the new index does not use are removed. A failure
-    before the commit removes every temporary and every renamed shard the previous index does
-    not use, so the previous checkpoint stays loadable; a failure after it leaves at most unused
-    old shards (removed by the next write).
+    Steps: every shard into its own flushed temporary, the index into one; then, holding the
+    folder's lock (:func:`_folder_lock`): the shards renamed to their names (new names:
+    :func:`shard_names`); the folder flushed; the index renamed over ``index_path`` (the commit);
+    the folder flushed; then the files the previous index used (``used_shards()``, read under the
+    lock) and files for which ``orphan(name)`` holds (shards of an earlier write killed before
+    its commit) that the new index does not use are removed. A failure before the commit removes
+    every temporary and every renamed shard the previous index does not use, so the previous
+    checkpoint stays loadable; a failure after it leaves at most unused old shards (removed by
+    the next write). Two processes committing into one folder take turns; the last commit wins.
 
     Raises:
         ELSAError: a target is a directory, FIFO, device or socket (before any work).
     """
     folder = _folder(index_path)
-    targets = [index_path] + [os.path.join(folder, n) for n in shards]
-    for t in targets:
+    for t in [index_path] + [os.path.join(folder, n) for n in shards]:
         check_target(t)
-    old = {n for n in old_shards if os.path.basename(n) == n and n not in ("", ".", "..")}
     _remove_stale(index_path)
-    tmps, renamed = {}, []
+    tmps = {}
     try:
         for name, write in shards.items():
             tmps[name] = new_temporary(index_path)
@@ -230,9 +246,27 @@ def commit_shards(index_path: str, shards: dict, write_index: Callable[[str], No
         _step(f"write {os.path.basename(index_path)}")
         write_index(tmps[None])
         fsync_file(tmps[None], index_path)
-        for name in shards:
+        with _folder_lock(folder):
+            old = {n for n in used_shards() if os.path.basename(n) == n and n not in ("", ".", "..")}
+            _swap(index_path, folder, tmps, old)
+            fsync_dir(folder)
+            _remove_unused(folder, old, set(shards), orphan)
+    finally:
+        for tmp in tmps.values():
+            release_temporary(tmp)
+
+
+def _swap(index_path: str, folder: str, tmps: dict, old: set) -> None:
+    """Rename the shards' temporaries (``tmps``, the index's under None) to their names, flush
+    the folder, rename the index's over ``index_path``; on failure remove the renamed shards
+    that ``old`` (the previous index's) does not hold."""
+    renamed = []
+    try:
+        for name, tmp in tmps.items():
+            if name is None:
+                continue
             _step(f"rename {name}")
-            os.replace(tmps[name], os.path.join(folder, name))
+            os.replace(tmp, os.path.join(folder, name))
             renamed.append(name)
         fsync_dir(folder)
         _step(f"replace {os.path.basename(index_path)}")
@@ -243,11 +277,6 @@ def commit_shards(index_path: str, shards: dict, write_index: Callable[[str], No
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
         raise
-    finally:
-        for tmp in tmps.values():
-            release_temporary(tmp)
-    fsync_dir(folder)
-    _remove_unused(folder, old, set(shards), orphan)
 
 
 def _remove_unused(folder: str, old: set, keep: set, orphan: Callable[[str], bool]) -> None:

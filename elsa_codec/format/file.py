@@ -255,7 +255,7 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
                for s, g in zip(names, groups)}
     weight_map = {n: s for s, g in zip(names, groups) for n in g}
     commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
-                  used_shards(index_path), orphan_shard(index_path))
+                  lambda: used_shards(index_path), orphan_shard(index_path))
 
 
 def shard_groups(names: list, sizes: Mapping[str, int], limit: int) -> list:
@@ -666,8 +666,7 @@ def load_file(path: str, *, device="cpu", verify_checksums: bool = True, mmap: b
 def _load(path: str, *, device="cpu", verify_checksums: bool = True, mmap: bool = False) -> tuple:
     """``(ELSAStateDict, [(file, identity)])`` of :func:`load_file` (``path`` checked): each file
     read with its ``(st_dev, st_ino, st_size, st_mtime_ns)`` at the open."""
-    shards, imeta = _shards(path)
-    meta, tensors, crcs, sources = _read_shards(path, shards, imeta, mmap)
+    meta, tensors, crcs, sources = _read_consistent(path, mmap)
     if verify_checksums:
         _check_crcs(path, tensors, crcs)
     _restore_tied(path, tensors, meta)
@@ -678,6 +677,33 @@ def _load(path: str, *, device="cpu", verify_checksums: bool = True, mmap: bool 
     if device != "cpu":
         plain = {n: t.to(device) for n, t in plain.items()}
     return ELSAStateDict(plain, meta, bn), sources
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+#: Reads of a sharded checkpoint retried when its index was replaced while they ran.
+_INDEX_RETRIES = 5
+
+
+def _read_consistent(path: str, mmap: bool) -> tuple:
+    """:func:`_read_shards` of ``path``. Shards are never replaced by a commit
+    (:func:`elsa_codec.format.atomic.commit_shards`), but an index swapped while its shards are
+    read may have had its old shards removed: a read that fails while the index's identity changed
+    is retried on the new index, so a concurrent re-encode gives the old checkpoint or the new one."""
+    for attempt in range(_INDEX_RETRIES + 1):
+        before = _identity(path) if str(path).endswith(".index.json") else None
+        try:
+            shards, imeta = _shards(path)
+            return _read_shards(path, shards, imeta, mmap)
+        except ELSAFormatError:
+            if before is None or attempt == _INDEX_RETRIES or _identity(path) == before:
+                raise
 
 
 def _read_shards(path: str, shards: list, imeta, mmap: bool = False) -> tuple:

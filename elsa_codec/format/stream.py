@@ -486,7 +486,7 @@ def _write_sharded(index_path: str, names: list, entries: dict, doc: str, res: d
     writers = {f: (lambda tmp, g=g: _write_body(tmp, {n: entries[n] for n in g}, doc, res)) for f, g in zip(files, groups)}
     weight_map = {n: f for f, g in zip(files, groups) for n in g}
     commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
-                  used_shards(index_path), orphan_shard(index_path))
+                  lambda: used_shards(index_path), orphan_shard(index_path))
 
 
 # ----------------------------------------------------------------------------- the entry point

@@ -128,3 +128,89 @@ def test_sharded_load_during_shard_replace(tmp_path, loads):
     assert min(counts) > 5
     assert not failures, f"{len(failures)} of {loads} loads failed, e.g. {failures[0]}"
     assert unmatched == 0
+
+
+#: a process that re-encodes ``index`` as a sharded checkpoint, alternating two contents, until ``stop`` exists.
+REENCODER = r"""
+import os, sys, torch
+from torch import nn
+import elsa_codec as ec
+index, stop = sys.argv[1:]
+encs = []
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sd = m.state_dict()
+    encs.append(ec.encode(sd, ec.magnitude_counters(sd, [0.75, 0.5])))
+n = 0
+open(stop + ".ready", "w").close()
+while not os.path.exists(stop):
+    ec.save_file(encs[n % 2], index, max_shard_size=300)
+    n += 1
+print(n)
+"""
+
+
+def test_sharded_load_during_reencode_is_old_or_new(tmp_path):
+    """A sharded checkpoint re-encoded (new shards, index swapped, old shards removed) while it
+    is loaded: every load gives one of the two checkpoints (a read whose index was swapped under
+    it is retried on the new index)."""
+    refs = [_encoded(0), _encoded(1)]
+    index = str(tmp_path / "m.safetensors.index.json")
+    ec.save_file(refs[0], index, max_shard_size=300)
+    stop = str(tmp_path / "stop")
+    w = subprocess.Popen([sys.executable, "-c", REENCODER, index, stop], stdout=subprocess.PIPE, text=True)
+    failures, unmatched, loads = [], 0, max(LOADS // 4, 50)
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(stop + ".ready") and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(loads):
+            try:
+                got = ec.load_file(index)
+            except ec.ELSAError as e:
+                failures.append(str(e))
+                continue
+            unmatched += not any(_same(got, r) for r in refs)
+    finally:
+        open(stop, "w").close()
+        count = int(w.communicate(timeout=60)[0] or 0)
+    assert count > 5, "the writer hardly ran: the test proves nothing"
+    assert not failures, f"{len(failures)} of {loads} loads failed, e.g. {failures[0]}"
+    assert unmatched == 0
+
+
+def test_two_writers_of_one_sharded_checkpoint_take_turns(tmp_path):
+    """Two processes re-encoding one sharded checkpoint at once (and a reader): every load gives
+    one of the two checkpoints, and once both stop the folder holds exactly one whole checkpoint
+    (no shard of the other, no temporary)."""
+    refs = [_encoded(0), _encoded(1)]
+    index = str(tmp_path / "m.safetensors.index.json")
+    ec.save_file(refs[0], index, max_shard_size=300)
+    stops = [str(tmp_path / f"stop{i}") for i in range(2)]
+    ws = [subprocess.Popen([sys.executable, "-c", REENCODER, index, s], stdout=subprocess.PIPE, text=True) for s in stops]
+    failures, unmatched = [], 0
+    try:
+        deadline = time.time() + 60
+        while not all(os.path.exists(s + ".ready") for s in stops) and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(max(LOADS // 8, 50)):
+            try:
+                got = ec.load_file(index)
+            except ec.ELSAError as e:
+                failures.append(str(e))
+                continue
+            unmatched += not any(_same(got, r) for r in refs)
+    finally:
+        for s in stops:
+            open(s, "w").close()
+        counts = [int(w.communicate(timeout=60)[0] or 0) for w in ws]
+    assert min(counts) > 3, counts
+    assert not failures, f"{len(failures)} loads failed, e.g. {failures[0]}"
+    assert unmatched == 0
+    got = ec.load_file(index)
+    assert any(_same(got, r) for r in refs)
+    from elsa_codec.format.file import used_shards
+
+    left = {n for n in os.listdir(tmp_path) if not n.startswith("stop")}
+    assert left == {"m.safetensors.index.json", *used_shards(index)}
