@@ -126,7 +126,8 @@ class StepGuard:
 
     Attributes:
         plans: ``key -> StepPlan``.
-        stale: keys whose plan is rebuilt at their next step (their state was loaded).
+        stale: keys whose plan is rebuilt at their next step (the optimizer was just attached, or its
+            state was loaded: its moments are zeroed again at the frozen and pruned entries).
     """
 
     def __init__(self, state: MaskState, optimizers: dict):
@@ -174,15 +175,8 @@ class StepGuard:
     @torch.no_grad()
     def post(self, key: int) -> None:
         """After ``optimizer.step()``: restore the weights in restore mode."""
-        st, plan = self.state, self.plans.get(key) or self.plan(key)
-        for n in plan.restore:
-            bits = bits_view(st.local(n)).bitwise_and_(st.keep[n])
-            if n in st.frozen_names:
-                bits.bitwise_or_(st.base[n])
-        if plan.copy_shared:
-            for n in plan.shared:
-                p = st.shared[n]
-                (local_tensor(p) if st.sharded else p).copy_(st.shared_ref[n])
+        plan = self.plans.get(key) or self.plan(key)
+        self.state.restore(plan.restore, plan.shared if plan.copy_shared else ())
 
     def loaded(self, key: int) -> None:
         """The optimizer's state was loaded: rebuild its plan (and zero its moments) at its next step."""

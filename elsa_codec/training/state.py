@@ -116,14 +116,21 @@ class MaskState:
         self.generation += 1
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Frozen weights back to their values bit for bit, pruned weights to +0.0, frozen shared
-        parameters to their values (all at once: the per-step work is the guard's)."""
-        for n in self.restore_names:
+    def restore(self, names=None, shared=None) -> None:
+        """Frozen weights back to their values bit for bit (``(bits & keep) | base``), pruned
+        weights to +0.0, frozen shared parameters to their values.
+
+        Args:
+            names: the weights to restore (default: every one with a frozen or pruned entry,
+                ``restore_names``); the step guard passes its plan's restore-mode weights.
+            shared: the shared parameters to copy back (default: all of them).
+        """
+        for n in self.restore_names if names is None else names:
             bits = bits_view(self.local(n)).bitwise_and_(self.keep[n])
             if n in self.frozen_names:
                 bits.bitwise_or_(self.base[n])
-        for n, p in self.shared.items():
+        for n in self.shared if shared is None else shared:
+            p = self.shared[n]
             (local_tensor(p) if self.sharded else p).copy_(self.shared_ref[n])
 
     def changed(self) -> tuple[str, int, bool] | None:
