@@ -17,6 +17,12 @@ choices; one argument (``select=``) changes it.
 Tied weights (one ``nn.Parameter`` used by several modules, e.g. a Llama ``lm_head`` and the token
 embedding) are found by storage: :func:`tie_groups` on a state dict, :func:`model_tie_groups` on
 a model. A tie group is selected, encoded and served as ONE tensor.
+
+Modules pruned with ``torch.nn.utils.prune`` (``weight_orig`` Parameter, ``weight_mask`` buffer,
+``weight`` recomputed by a forward pre-hook: :func:`pruned_tensors`) are refused, never skipped:
+:func:`select_weights` / :func:`transposed_weights` on such a model and :func:`tie_groups` on
+its state dict (which :func:`elsa_codec.encode` and ``magnitude_counters`` call) raise an
+ELSAError naming the module and the fix, ``torch.nn.utils.prune.remove(module, "weight")``.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ __all__ = [
     "transposed_weights",
     "check_select_arg",
     "group_of",
+    "pruned_tensors",
+    "check_not_pruned",
 ]
 
 logger = logging.getLogger("elsa_codec")
@@ -101,6 +109,57 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+def pruned_tensors(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(module fqn, tensor name)]`` of the tensors reparametrised by ``torch.nn.utils.prune``:
+    a pruning forward pre-hook (:class:`~torch.nn.utils.prune.BasePruningMethod`) names it, or the
+    module holds a ``<name>_orig`` Parameter beside a ``<name>_mask`` buffer. Never imports
+    ``torch.nn.utils.prune`` (no pruning hook exists before it is imported)."""
+    prune = sys.modules.get("torch.nn.utils.prune")
+    base = getattr(prune, "BasePruningMethod", None)
+    out = []
+    for fqn, m in model.named_modules():
+        names = {p[: -len("_orig")] for p in m._parameters if p.endswith("_orig") and f"{p[: -len('_orig')]}_mask" in m._buffers}
+        if base is not None:
+            names.update(h._tensor_name for h in m._forward_pre_hooks.values()
+                         if isinstance(h, base) and isinstance(getattr(h, "_tensor_name", None), str))
+        out.extend((fqn, n) for n in sorted(names))
+    return out
+
+
+def _pruned_error(fqn: str, tname: str, how: str) -> ELSAError:
+    where = f"module {fqn!r}" if fqn else "the model itself"
+    call = f"model.get_submodule({fqn!r})" if fqn else "model"
+    return ELSAError(
+        f"{where} is pruned with torch.nn.utils.prune ({how}): ELSA would silently skip it (no levels). Fold the "
+        f"pruning into the weight first: torch.nn.utils.prune.remove({call}, {tname!r}), then encode / train "
+        "(elsa_codec.encode, magnitude_counters, LevelEmbedder) on the model or its new state_dict()"
+    )
+
+
+def check_not_pruned(model: nn.Module) -> None:
+    """ELSAError unless no module of ``model`` is pruned with ``torch.nn.utils.prune`` (:func:`pruned_tensors`).
+
+    Raises:
+        ELSAError: the first pruned module, named, with the fix (``torch.nn.utils.prune.remove``).
+    """
+    found = pruned_tensors(model)
+    if found:
+        fqn, tname = found[0]
+        raise _pruned_error(fqn, tname, f"{tname!r} is recomputed from {tname}_orig * {tname}_mask by a forward pre-hook")
+
+
+def _check_state_dict_not_pruned(state_dict: Mapping) -> None:
+    """ELSAError for a state dict of a pruned model: ``<p>_orig`` beside a ``<p>_mask`` of its shape."""
+    for name, t in state_dict.items():
+        if not name.endswith("_orig"):
+            continue
+        stem = name[: -len("_orig")]
+        mask = state_dict.get(f"{stem}_mask")
+        if isinstance(mask, torch.Tensor) and isinstance(t, torch.Tensor) and tuple(mask.shape) == tuple(t.shape):
+            fqn, _, tname = stem.rpartition(".")
+            raise _pruned_error(fqn, tname, f"the state dict holds {name!r} and {stem + '_mask'!r} instead of {stem!r}")
+
+
 def _storage_key(t: torch.Tensor):
     if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.layout != torch.strided:
         return None
@@ -113,7 +172,13 @@ def _storage_key(t: torch.Tensor):
 
 def tie_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Groups (2+ names, in state-dict order) of tensors that are the same tensor: same storage,
-    offset, shape, strides and dtype, as ``model.state_dict()`` gives for tied parameters."""
+    offset, shape, strides and dtype, as ``model.state_dict()`` gives for tied parameters.
+
+    Raises:
+        ELSAError: the state dict of a model pruned with ``torch.nn.utils.prune`` (``x.weight_orig``
+            beside ``x.weight_mask``): names the module and the fix (``prune.remove``).
+    """
+    _check_state_dict_not_pruned(state_dict)
     by_key: dict = {}
     for name, t in state_dict.items():
         key = _storage_key(t)
@@ -131,7 +196,9 @@ def model_tie_groups(model: nn.Module) -> list[list[str]]:
 
 
 def _weighted_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
-    """``fqn -> (module, kind)`` for every module with a ``weight`` Parameter (duplicates kept)."""
+    """``fqn -> (module, kind)`` for every module with a ``weight`` Parameter (duplicates kept);
+    ELSAError for a module pruned with ``torch.nn.utils.prune`` (:func:`check_not_pruned`)."""
+    check_not_pruned(model)
     mods = dict(model.named_modules(remove_duplicate=False))
     out = {}
     for fqn, m in mods.items():
@@ -147,7 +214,11 @@ def _wname(fqn: str) -> str:
 
 def transposed_weights(model: nn.Module) -> set[str]:
     """Names of the weights stored `[in, out]` (transformers ``Conv1D``): their input dimension,
-    along which N:M groups and block tiles are laid, is dim 0."""
+    along which N:M groups and block tiles are laid, is dim 0.
+
+    Raises:
+        ELSAError: a module pruned with ``torch.nn.utils.prune`` (:func:`check_not_pruned`).
+    """
     return {_wname(fqn) for fqn, (_, kind) in _weighted_modules(model).items() if kind == "conv1d_t"}
 
 
@@ -168,7 +239,8 @@ def select_weights(model: nn.Module, select=DEFAULT_SELECT) -> list[str]:
         ``["layer.0.fc.weight", ...]``.
 
     Raises:
-        ELSAError: unknown policy; nothing selected.
+        ELSAError: unknown policy; nothing selected; a module pruned with ``torch.nn.utils.prune``
+            (named, with the fix: ``torch.nn.utils.prune.remove(module, "weight")``).
     """
     check_select_arg(select)
     mods = _weighted_modules(model)

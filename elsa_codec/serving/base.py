@@ -38,6 +38,7 @@ graph is then exactly the stock model's; one compile per distinct level visited)
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -54,11 +55,12 @@ from ..format.bits import (
     encode_tensor,
     extract_level,
 )
+from ..format.document import _SPARSITY_TOL
 from ..format.encode import _tensor_info, encode, resolve_level
 from ..kernels.cpu.packed import csr_from_bitmask
 from .cpu_plan import PackedCache, module_plan, pack_for_module
 
-__all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule"]
+__all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule", "check_state_codes"]
 
 #: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
 BACKENDS = ("auto", "reference", "triton", "semi-structured", "sparse-cpu")
@@ -140,6 +142,25 @@ class ELSAModule(nn.Module):
             level is packed, the encoded weight's pages (memory-mapped from the file) are handed
             back to the OS (:func:`elsa_codec.format.pages.release_pages`); they are read again from
             the file at the next level switch.
+
+    Loading state: ``load_state_dict`` (``strict=True`` or ``False``, ``assign`` or not) accepts
+    for this layer's ``weight`` only a tensor holding the same level codes: of the weight's shape
+    and dtype, every code ``<= T``, and at each level ``1..T`` the kept fraction decoded from it
+    equal to the one this module serves (:attr:`sparsities`, within the tolerance the file check
+    uses) -- e.g. ``model.state_dict()`` or :func:`elsa_codec.elsa_state_dict` of a served model.
+    Anything else (plain float weights: their low mantissa bits are no codes; another encoding;
+    another dtype) raises :class:`~elsa_codec.errors.ELSAError` naming the layer's state-dict key
+    and the fix (``elsa_codec.load`` a re-encoded file, or re-encode with ``elsa_codec.encode``),
+    before this module changes; ``strict=False`` raises the same error (it only tolerates missing
+    or unexpected keys, never foreign codes). A model given to :func:`elsa_codec.swap_` /
+    :func:`elsa_codec.load` checks every ELSA layer before any tensor of the model is loaded
+    (:func:`check_state_codes`), so a refused load changes no tensor. A module built by the bare
+    constructor (zero weight, no record) takes the first encoded weight loaded into it (codes
+    ``<= T``) and re-measures its sparsities from it. One integer pass (the codes, one
+    ``bincount``) per loaded weight.
+
+    Pickling and ``copy.deepcopy`` keep the module's state and level; the model-level checks
+    installed by :func:`elsa_codec.swap_` (casts, loads) are picklable and survive both.
     """
 
     _kernel_fn = "decode_level"  # the kernel the triton backend needs
@@ -149,6 +170,7 @@ class ELSAModule(nn.Module):
     keep_weight_resident = True
     packed_cache_bytes = None
     _plan = None
+    _elsa_blank = False  # built by the bare constructor: no record yet (the first weight loaded sets it)
 
     @property
     def cpu_format(self):
@@ -187,7 +209,7 @@ class ELSAModule(nn.Module):
         return self.weight
 
     def _elsa_init(self, weight, bias, *, num_levels, code_bits, structures, sparsities, tensor_info,
-                   level, backend, cache, compile_mode) -> None:
+                   level, backend, cache, compile_mode, blank=False) -> None:
         if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
             raise ELSAError(f"num_levels (T) must be a positive int, got {num_levels!r}")
         T = num_levels
@@ -214,6 +236,7 @@ class ELSAModule(nn.Module):
         self.sparsities = [float(s) for s in sparsities]
         if len(self.sparsities) != T:
             raise ELSAError(f"{type(self).__name__}: {len(self.sparsities)} sparsities given for T={T} levels")
+        self._elsa_blank = bool(blank)
         self.cache = bool(cache)
         self.backend = backend  # validated by the setter
         if compile_mode not in COMPILE_MODES:
@@ -265,6 +288,74 @@ class ELSAModule(nn.Module):
     def _measure_sparsities(self) -> list:
         w = self.weight.detach()
         return _tensor_info(w, None, decode_counters(w, self.code_bits), self.num_levels).sparsity
+
+    # -- loading state ------------------------------------------------------------------------
+    def check_state_weight(self, weight, key: str = "weight") -> list | None:
+        """Check that ``weight`` (a state dict's tensor for this layer's ``weight``, state-dict key
+        ``key``) holds this layer's level codes; see "Loading state" in the class docstring.
+
+        Returns:
+            The sparsities of levels ``1..T`` decoded from ``weight``; None for what
+            ``load_state_dict`` reports itself (not a tensor, another shape, a meta tensor).
+
+        Raises:
+            ELSAError: another dtype, a code above ``T``, or a level whose kept fraction differs
+                from the one this module serves (names ``key`` and the fix; nothing changed).
+        """
+        mine = self.weight
+        if not isinstance(weight, torch.Tensor) or weight.is_meta or tuple(weight.shape) != tuple(mine.shape):
+            return None
+        if weight.dtype != mine.dtype:
+            raise ELSAError(
+                f"{type(self).__name__} {key!r}: the state dict's weight is {_dtype_name(weight.dtype)}, this ELSA layer "
+                f"serves {_dtype_name(mine.dtype)} codes (copying would round them away). {_FOREIGN_FIX}"
+            )
+        T = self.num_levels
+        codes = decode_codes(weight.detach(), self.code_bits).reshape(-1)
+        kept = torch.cumsum(torch.bincount(codes, minlength=T + 1), 0).tolist()
+        if kept[T] != codes.numel():
+            raise ELSAError(
+                f"{type(self).__name__} {key!r}: the state dict's weight holds codes above T={T} in its "
+                f"k={self.code_bits} low mantissa bits: a plain float weight or another encoding, not this layer's "
+                f"level codes. {_FOREIGN_FIX}"
+            )
+        n = max(codes.numel(), 1)
+        got = [1.0 - float(kv) / n for kv in kept[:T]]  # as encode measures it
+        self._check_sparsities(got, key)
+        return got
+
+    def _check_sparsities(self, got: list, key: str) -> None:
+        """ELSAError unless the sparsities ``got`` (decoded from an incoming weight) are this
+        module's within the file check's tolerance (a bare module takes any)."""
+        if self._elsa_blank:
+            return
+        for t, (rec, g) in enumerate(zip(self.sparsities, got), start=1):
+            if abs(rec - g) > _SPARSITY_TOL:
+                raise ELSAError(
+                    f"{type(self).__name__} {key!r}: the state dict's weight does not hold this layer's level codes: "
+                    f"level {t} would keep {100 * (1 - g):.2f}% of the weights, the layer serves {100 * (1 - rec):.2f}% "
+                    f"(sparsity {rec:.4f}, as elsa_codec.levels reports); its low mantissa bits are a plain float "
+                    f"weight's or another encoding's. {_FOREIGN_FIX}"
+                )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """``Module._load_from_state_dict`` after :meth:`check_state_weight` of the incoming weight
+        (ELSAError before anything of this module changes, with ``strict`` True or False)."""
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        got = _prechecked(self, w)
+        if got is not None:
+            self._check_sparsities(got, key)  # T floats: the codes were decoded by check_state_codes
+        elif w is not None:
+            got = self.check_state_weight(w, key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if got is None:
+            return
+        if self._elsa_blank:  # the first encoded weight of a bare module: its record
+            self.sparsities, self.tensor_info, self._elsa_blank = got, None, False
+            self._plan = None  # planned for the zero weight
+        self.clear_cache()
+        self._refresh_path()
 
     # -- backend ------------------------------------------------------------------------------
     @property
@@ -542,6 +633,57 @@ class ELSAModule(nn.Module):
             be += f" (forced {self.backend_request})"
         st = sorted(set(self.structures))
         return f"T={T}, k={self.code_bits}, structure={st[0] if len(st) == 1 else st}, {lv}, backend={be}"
+
+
+_FOREIGN_FIX = (
+    "Load a re-encoded file with elsa_codec.load(path, model), or re-encode the weights "
+    "(elsa_codec.encode(state_dict, counters)) and serve them with elsa_codec.swap_(model, encoded). Nothing was loaded"
+)
+
+#: module -> (weakref to the weight tensor, (its version, k, dtype), decoded sparsities) checked by
+#: :func:`check_state_codes` for the load in progress: the module's own load does not decode it again.
+_PRECHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prechecked(module: ELSAModule, w) -> list | None:
+    """The sparsities :func:`check_state_codes` decoded from ``w`` for ``module`` (consumed), or None."""
+    rec = _PRECHECKED.pop(module, None)
+    if rec is None or not isinstance(w, torch.Tensor) or rec[0]() is not w:
+        return None
+    return rec[2] if rec[1] == (w._version, module.code_bits, module.weight.dtype) else None
+
+
+def check_state_codes(model: nn.Module, state_dict: Mapping, prefix: str = "") -> None:
+    """:meth:`ELSAModule.check_state_weight` of every ELSA layer of ``model`` whose weight
+    ``state_dict`` holds (keys under ``prefix``), before anything is loaded.
+
+    Raises:
+        ELSAError: the first layer whose incoming weight does not hold its level codes (nothing changed).
+    """
+    done = []
+    try:
+        for fqn, m in model.named_modules(prefix=prefix.rstrip(".")):
+            key = f"{fqn}.weight" if fqn else "weight"
+            w = state_dict.get(key) if isinstance(m, ELSAModule) else None
+            got = None if w is None else m.check_state_weight(w, key)
+            if got is not None:
+                _PRECHECKED[m] = (weakref.ref(w), (w._version, m.code_bits, m.weight.dtype), got)
+                done.append(m)
+    except ELSAError:
+        for m in done:  # the load stops here: no module loads what was checked for it
+            _PRECHECKED.pop(m, None)
+        raise
+
+
+def refuse_foreign_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook (``register_load_state_dict_pre_hook``) that
+    :func:`elsa_codec.swap_` registers on the model: :func:`check_state_codes` of the whole model
+    before its first tensor is loaded. A module-level function: the hook pickles with the model.
+
+    Raises:
+        ELSAError: as :func:`check_state_codes`.
+    """
+    check_state_codes(module, state_dict, prefix)
 
 
 def _pick_counters(counters, name: str):

@@ -29,7 +29,8 @@ class _ELSAConvNd(ELSAModule):
                                 padding_mode, device="meta", dtype=dtype)
         dtype = dtype or torch.get_default_dtype()
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        if _weight is None:
+        blank = _weight is None  # no encoded weight yet: the first one loaded sets the record
+        if blank:
             _weight = torch.zeros(shape, device=device, dtype=dtype)
         if bias and _bias is None:
             _bias = torch.zeros(out_channels, device=_weight.device, dtype=_weight.dtype)
@@ -37,7 +38,7 @@ class _ELSAConvNd(ELSAModule):
             raise ELSAError(f"{type(self).__name__}: weight has shape {tuple(_weight.shape)}, expected {shape}")
         self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
                         structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
-                        backend=backend, cache=cache, compile_mode=compile_mode)
+                        backend=backend, cache=cache, compile_mode=compile_mode, blank=blank)
 
     @classmethod
     def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, like: nn.Module,

@@ -55,13 +55,14 @@ class ELSAEmbedding(ELSAModule, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx, None, norm_type, scale_grad_by_freq,
                               sparse, device="meta", dtype=dtype)
         dtype = dtype or torch.get_default_dtype()
-        if _weight is None:
+        blank = _weight is None  # no encoded weight yet: the first one loaded sets the record
+        if blank:
             _weight = torch.zeros(num_embeddings, embedding_dim, device=device, dtype=dtype)
         if tuple(_weight.shape) != (num_embeddings, embedding_dim):
             raise ELSAError(f"ELSAEmbedding: weight has shape {tuple(_weight.shape)}, expected ({num_embeddings}, {embedding_dim})")
         self._elsa_init(_weight, None, num_levels=num_levels, code_bits=code_bits, structures=structures,
                         sparsities=_sparsities, tensor_info=_tensor_info, level=level, backend=backend,
-                        cache=cache, compile_mode=compile_mode)
+                        cache=cache, compile_mode=compile_mode, blank=blank)
 
     @classmethod
     def from_encoded(cls, weight: torch.Tensor, *, like: nn.Embedding, num_levels: int, code_bits: int | None = None,

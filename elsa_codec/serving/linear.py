@@ -50,7 +50,8 @@ class ELSALinear(ELSAModule, nn.Linear):
                  _weight=None, _bias=None, _sparsities=None, _tensor_info=None):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device="meta", dtype=dtype)
         dtype = dtype or torch.get_default_dtype()
-        if _weight is None:
+        blank = _weight is None  # no encoded weight yet: the first one loaded sets the record
+        if blank:
             _weight = torch.zeros(out_features, in_features, device=device, dtype=dtype)
         if bias and _bias is None:
             _bias = torch.zeros(out_features, device=_weight.device, dtype=_weight.dtype)
@@ -58,7 +59,7 @@ class ELSALinear(ELSAModule, nn.Linear):
             raise ELSAError(f"ELSALinear: weight has shape {tuple(_weight.shape)}, expected ({out_features}, {in_features})")
         self._elsa_init(_weight, _bias if bias else None, num_levels=num_levels, code_bits=code_bits,
                         structures=structures, sparsities=_sparsities, tensor_info=_tensor_info, level=level,
-                        backend=backend, cache=cache, compile_mode=compile_mode)
+                        backend=backend, cache=cache, compile_mode=compile_mode, blank=blank)
 
     @classmethod
     def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, num_levels: int,

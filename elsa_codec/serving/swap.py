@@ -34,9 +34,9 @@ from ..format.bits import bits_view, check_code_bits, decode_counters
 from ..format.document import LevelInfo, TensorInfo, _make_meta
 from ..format.encode import ELSAStateDict, _tensor_info, resolve_level
 from ..format.pages import release_pages
-from ..format.selection import group_of, model_tie_groups, module_kind
+from ..format.selection import group_of, model_tie_groups, module_kind, pruned_tensors
 from ..wrappers import unwrap_model
-from .base import ELSAModule, _dtype_name
+from .base import ELSAModule, _dtype_name, refuse_foreign_state
 from .batch_norm import LevelBatchNormMixin, level_batch_norm
 from .conv import ELSAConv1d, ELSAConv2d
 from .embedding import ELSAEmbedding
@@ -102,16 +102,38 @@ def _plan(model: nn.Module, enc: ELSAStateDict, filter_fn, strict: bool):
     meta = enc.meta
     T, k = meta.num_levels, meta.code_bits
     modules = dict(model.named_modules(remove_duplicate=False))
+    _check_pruned(model, enc)
     _check_tensors(model, enc, modules, strict)
     new_modules = _new_modules(model, enc, modules, filter_fn)
-    # ELSA modules already in the model and not replaced must agree on T and k.
+    # ELSA modules already in the model and not replaced must agree on T and k, and a weight the
+    # checkpoint holds for one must hold its codes (it is copied in as it is).
     for fqn, mod in modules.items():
-        if isinstance(mod, ELSAModule) and fqn not in new_modules and (mod.num_levels, mod.code_bits) != (T, k):
+        if not isinstance(mod, ELSAModule) or fqn in new_modules:
+            continue
+        if (mod.num_levels, mod.code_bits) != (T, k):
             raise ELSAError(
                 f"{_where(fqn)} already serves an ELSA weight with T={mod.num_levels}, k={mod.code_bits}; "
                 f"the checkpoint has T={T}, k={k}"
             )
+        name = f"{fqn}.weight" if fqn else "weight"
+        if name in enc:
+            mod.check_state_weight(enc[name], name)
     return new_modules, _level_bn_modules(enc, modules, T), T
+
+
+def _check_pruned(model: nn.Module, enc) -> None:
+    """A module reparametrised by ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``)
+    whose tensor the checkpoint encodes cannot be served: ELSAError naming it and the fix."""
+    encoded = set(enc.meta.tensors)
+    for fqn, tname in pruned_tensors(model):
+        hit = [n for n in encoded if n.rpartition(".")[0] == fqn]
+        if hit:
+            raise ELSAError(
+                f"{_where(fqn)} is pruned with torch.nn.utils.prune ({tname!r} is recomputed from {tname}_orig * "
+                f"{tname}_mask by a forward pre-hook) and the checkpoint encodes {hit[0]!r}: an ELSA layer cannot serve a "
+                f"pruned module. Fold the pruning first: torch.nn.utils.prune.remove(model.get_submodule({fqn!r}), "
+                f"{tname!r})"
+            )
 
 
 def _check_tensors(model: nn.Module, enc, modules: dict, strict: bool) -> None:
@@ -367,8 +389,10 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     ``Parameter`` shared by every module that uses it. Copies every other tensor of the checkpoint
     into the model, turns the batch-norm layers with per-level statistics into per-level ones
     (:class:`~elsa_codec.serving.batch_norm.LevelBatchNormMixin`), selects the dense level ``T+1``, and installs
-    on ``model`` the check that makes a later cast (``.half()``, ``.to(dtype)``) keep every level
-    or raise before any tensor changes.
+    on ``model`` (:func:`install_guards`; both survive ``pickle`` and ``copy.deepcopy``) the check
+    that makes a later cast (``.half()``, ``.to(dtype)``) keep every level or raise before any
+    tensor changes, and the check that makes a later ``load_state_dict`` of weights without the
+    ELSA layers' level codes (plain float weights) raise before any tensor is loaded.
 
     Args:
         model: any ``nn.Module`` whose ``state_dict()`` the checkpoint was made from; a model
@@ -390,7 +414,9 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
             tensor that is not the weight of a servable module (``MultiheadAttention.out_proj``,
             an ``Embedding`` with ``max_norm``, a bias...); a tied parameter encoded under only
             some of its names, with different tensors, or kept by ``filter_fn`` in only some of
-            its modules; no module to swap; ELSA modules already present with another ``T`` / ``k``; batch-norm statistics
+            its modules; no module to swap; ELSA modules already present with another ``T`` / ``k``, or
+            whose weight the checkpoint holds without their level codes; an encoded weight of a
+            module pruned with ``torch.nn.utils.prune`` (fold it: ``prune.remove``); batch-norm statistics
             for another number of levels, for a missing or non-batch-norm module, or of another
             shape or dtype. Each names the module and the problem.
         ELSAFormatError: ``encoded`` is a path to an invalid file.
@@ -411,8 +437,7 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     for mod in model.modules():
         if isinstance(mod, (ELSAModule, LevelBatchNormMixin)) and mod.num_levels == T:
             mod.set_level(T + 1)
-    if "_apply" not in model.__dict__:
-        object.__setattr__(model, "_apply", types.MethodType(_apply, model))
+    install_guards(model)
     try:
         enc._served_by = weakref.ref(model)
     except AttributeError:  # a mapping type that takes no attributes: nothing to remember
@@ -421,8 +446,54 @@ def swap_(model: nn.Module, encoded, *, filter_fn: Callable[[nn.Module, str], bo
     return outer
 
 
+class CastGuard:
+    """The model-level cast check of a served model, installed as its instance attribute
+    ``_apply`` (:func:`install_guards`): a plain picklable object (not a bound method, which
+    pickle turns back into the class's ``Module._apply``), so ``pickle`` / ``torch.save`` and
+    ``copy.deepcopy`` of the model keep it. Calling it runs :func:`_apply` on its model."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, fn, recurse: bool = True):
+        return _apply(self.model, fn, recurse)
+
+    def __reduce__(self):
+        return (CastGuard, (self.model,))
+
+    def __repr__(self) -> str:
+        return f"<elsa_codec cast guard of a {type(self.model).__name__}>"
+
+
+def _guard_missing(model: nn.Module) -> bool:
+    """No cast guard on ``model``: no instance ``_apply``, or one that is the class's own
+    ``Module._apply`` or an old bound :func:`_apply` (what pickle made of it)."""
+    cur = model.__dict__.get("_apply")
+    if cur is None:
+        return True
+    if isinstance(cur, CastGuard):
+        return cur.model is not model  # a shallow copy's guard points at the original
+    return isinstance(cur, types.MethodType) and cur.__func__ in (_apply, nn.Module._apply, type(model)._apply)
+
+
+def install_guards(model: nn.Module) -> None:
+    """Install on ``model`` (once) the checks of a served model: the cast guard
+    (:class:`CastGuard`: a cast that cannot keep every level raises before any tensor is
+    converted) and the ``load_state_dict`` pre-hook
+    :func:`~elsa_codec.serving.base.refuse_foreign_state` (weights without the ELSA layers' codes
+    raise before any tensor is loaded). Both survive ``pickle`` and ``copy.deepcopy``. Used by
+    :func:`swap_`; call it on a model assembled from ELSA modules by hand."""
+    if _guard_missing(model):
+        object.__setattr__(model, "_apply", CastGuard(model))
+    hooks = getattr(model, "_load_state_dict_pre_hooks", {})
+    if not any(getattr(h, "hook", None) is refuse_foreign_state for h in hooks.values()):
+        model.register_load_state_dict_pre_hook(refuse_foreign_state)
+
+
 def _apply(self: nn.Module, fn, recurse: bool = True):
-    """``Module._apply`` of a model given to :func:`swap_` (installed on that instance): before any
+    """``Module._apply`` of a model given to :func:`swap_` (its :class:`CastGuard` calls it): before any
     tensor is converted (``.half()``, ``.to(torch.bfloat16)``...), check that every ELSA weight can
     keep its level codes in the new dtype (:meth:`~elsa_codec.serving.base.ELSAModule.cast_plan`); if one
     cannot, raise :class:`ELSAError` with nothing converted. Each ELSA module then re-encodes its

@@ -53,7 +53,8 @@ class ELSATransformersConv1D(ELSAModule, Conv1D):
         nn.Module.__init__(self)  # Conv1D.__init__ would allocate and initialise a weight we replace
         self.nf, self.nx = nf, nx
         dtype = dtype or torch.get_default_dtype()
-        if _weight is None:
+        blank = _weight is None  # no encoded weight yet: the first one loaded sets the record
+        if blank:
             _weight = torch.zeros(nx, nf, device=device, dtype=dtype)
         if _bias is None:
             _bias = torch.zeros(nf, device=_weight.device, dtype=_weight.dtype)
@@ -63,7 +64,7 @@ class ELSATransformersConv1D(ELSAModule, Conv1D):
             raise ELSAError(f"ELSATransformersConv1D: bias has shape {tuple(_bias.shape)}, expected ({nf},)")
         self._elsa_init(_weight, _bias, num_levels=num_levels, code_bits=code_bits, structures=structures,
                         sparsities=_sparsities, tensor_info=_tensor_info, level=level, backend=backend,
-                        cache=cache, compile_mode=compile_mode)
+                        cache=cache, compile_mode=compile_mode, blank=blank)
 
     @classmethod
     def from_encoded(cls, weight: torch.Tensor, bias: torch.Tensor, *, num_levels: int, code_bits: int | None = None,

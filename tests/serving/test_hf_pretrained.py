@@ -353,3 +353,21 @@ def test_device_map_is_respected(dirs):
     model = auto.from_pretrained(dst, device_map={"": "cpu"}, config=ec.pretrained_config(dst, level=1))
     assert ec.elsa_modules(model) and all(p.device.type == "cpu" for p in model.parameters())
     assert {m.level for _, m in ec.elsa_modules(model)} == {1}
+
+
+def test_pickled_pretrained_model_keeps_the_cast_guard_and_load_check(dirs):
+    """A from_pretrained ELSA model (the quantizer installs the guards) pickled and restored: a
+    cast that cannot keep the levels and plain weights given to load_state_dict are refused, no
+    tensor changed."""
+    import pickle
+
+    src, dst, auto, _ = dirs["llama"]
+    model = pickle.loads(pickle.dumps(auto.from_pretrained(dst)))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ELSAError, match="Nothing was converted"):
+        model.double()
+    plain = auto.from_pretrained(src).state_dict()
+    with pytest.raises(ELSAError, match="Nothing was loaded"):
+        model.load_state_dict(plain, strict=False)
+    after = model.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())

@@ -34,7 +34,7 @@ from ...errors import ELSAError
 from ...format.bits import MAX_CODE_BITS
 from ...format.file import _check_codes, _check_crcs, _crc_table, _open_safetensors, _shards, st_dtype
 from ...format.selection import group_of, model_tie_groups
-from ..swap import _apply, _build, _replace, _servable_kind, elsa_modules, set_level, set_level_released
+from ..swap import _build, _replace, _servable_kind, elsa_modules, install_guards, set_level, set_level_released
 from .checkpoint import elsa_weights
 from .config import _DTYPES, ELSAQuantizationConfig, _level_number
 
@@ -138,8 +138,7 @@ class ELSAHfQuantizer(HfQuantizer):
         if self._cast_to is not None:
             for _, m in elsa_modules(model):
                 m.to(self._cast_to)  # re-encodes the codes in the new dtype (ELSAModule._apply)
-        if "_apply" not in model.__dict__:
-            object.__setattr__(model, "_apply", types.MethodType(_apply, model))
+        install_guards(model)  # the cast guard and the load check, both kept by pickle
         from .pretrained import save_pretrained
 
         object.__setattr__(model, "save_pretrained", types.MethodType(save_pretrained, model))
