@@ -84,7 +84,7 @@ class Spec:
     ``aligned`` names the arguments carrying ``tt.divisibility = 16``.
     """
 
-    kernel: str  # "linear", "decode_level", "decode_counters"
+    kernel: str  # "linear", "decode_level", "decode_counters", "packed_linear", "unpack_level"
     config: str  # launch config label, e.g. "bm128-bn64-bk64-g8-w4-s4"
     dtype: str  # "float32" / "float16" / "bfloat16"
     spec: str  # specialisation label, e.g. "bias-table-evenk-i32-k3"
@@ -271,11 +271,64 @@ def linear_specs(dtype: str) -> list[Spec]:
     return out
 
 
+def packed_spec(dtype: str, block_m: int, tile_n: int, warps: int, stages: int, *, has_bias: bool = True,
+                split: bool = False, aligned_k: bool = True, ieee: bool | None = None) -> Spec:
+    """The :class:`Spec` of one ``_packed_linear_kernel`` compilation (the packed level GEMM,
+    ``elsa_codec/kernels/triton/packed_linear.py``): ``split``: split K (float32 partials, the bias
+    added after); ``aligned_k``: ``K`` and ``x``'s row stride a multiple of 16."""
+    if ieee is None:
+        ieee = dtype == "float32"
+    fty, ity = _TRITON_TY[dtype], _INT_TY[dtype]
+    yty = "*fp32" if split else f"*{fty}"
+    sig = [("x_ptr", f"*{fty}"), ("vals_ptr", f"*{ity}"), ("bm_ptr", "*i32"), ("base_ptr", "*i32"),
+           ("b_ptr", f"*{fty}" if has_bias else yty), ("y_ptr", yty),
+           ("M", "i32"), ("N", "i32"), ("K", "i32"), ("KT", "i32"), ("TILES_PER_SPLIT", "i32"),
+           ("stride_xm", "i32"), ("stride_ys", "i32"), ("stride_ym", "i32")]
+    const = dict(stride_xk=1, stride_yn=1, HAS_BIAS=has_bias, SPLIT=split, UPCAST=False, IEEE=ieee, ROUND_BF16=False,
+                 BLOCK_M=block_m, BLOCK_N=tile_n)
+    aligned = ["x_ptr", "vals_ptr", "bm_ptr", "base_ptr", "b_ptr", "y_ptr", "N", "stride_ys", "stride_ym"]
+    if aligned_k:
+        aligned += ["K", "stride_xm"]
+    parts = ["bias" if has_bias else "nobias", "split" if split else "nosplit", "alignedk" if aligned_k else "unalignedk"]
+    if dtype == "float32":
+        parts.append("ieee" if ieee else "tf32")
+    return Spec("packed_linear", f"bm{block_m}-tn{tile_n}-w{warps}-s{stages}", dtype, "-".join(parts), warps, stages,
+                tuple(sig), tuple(const.items()), tuple(aligned), block_m=block_m)
+
+
+def unpack_spec(dtype: str, tile_n: int) -> Spec:
+    """``_unpack_kernel`` (``packed_unpack.py``) for ``tile_n`` rows per tile, 4 warps."""
+    ity = _INT_TY[dtype]
+    sig = [("vals_ptr", f"*{ity}"), ("bm_ptr", "*i32"), ("base_ptr", "*i32"), ("out_ptr", f"*{ity}"),
+           ("N", "i32"), ("K", "i32"), ("KT", "i32")]
+    return Spec("unpack_level", f"tn{tile_n}-w4", dtype, "i32", 4, 3, tuple(sig), (("BLOCK_N", tile_n),),
+                ("vals_ptr", "bm_ptr", "base_ptr", "out_ptr"))
+
+
+def packed_specs(dtype: str) -> list[Spec]:
+    """Every packed-level compilation the launchers can make for ``dtype``: each of
+    ``PACKED_CONFIGS`` x HAS_BIAS x split K x aligned / unaligned K (float32: IEEE and TF32), and
+    the unpack kernel per tile height."""
+    from elsa_codec.kernels.triton.packed_linear import PACKED_CONFIGS
+
+    configs = PACKED_CONFIGS["float32" if dtype == "float32" else "16-bit"]
+    out = []
+    for ieee in ((True, False) if dtype == "float32" else (None,)):
+        for bm, tn, warps, stages in configs:
+            for has_bias in (True, False):
+                for split in (False, True):
+                    for aligned_k in (True, False):
+                        out.append(packed_spec(dtype, bm, tn, warps, stages, has_bias=has_bias, split=split,
+                                               aligned_k=aligned_k, ieee=ieee))
+    tiles = sorted({tn for _, tn, _, _ in configs})
+    return out + [unpack_spec(dtype, tn) for tn in tiles]
+
+
 def all_specs(dtypes=DTYPES) -> list[Spec]:
     """The full sweep of ``python -m bench static``."""
     out = []
     for dt in dtypes:
-        out += linear_specs(dt) + decode_specs(dt)
+        out += linear_specs(dt) + decode_specs(dt) + packed_specs(dt)
     return out
 
 
@@ -312,6 +365,12 @@ def subset_specs(dtypes=DTYPES) -> list[Spec]:
                 out.append(linear_spec(dt, label, kw, w, s, use_table=t, even_k=even_k, aligned_k=aligned_k, ieee=ieee,
                                        w_transposed=wt))
         out += [s for s in decode_specs(dt, full=False) if s.kernel == "decode_level" and "i32" in s.spec]
+        if dt == "float32":
+            out += [packed_spec(dt, 16, 32, 8, 2), packed_spec(dt, 32, 32, 8, 2, split=True, aligned_k=False, ieee=False),
+                    unpack_spec(dt, 32)]
+        else:
+            out += [packed_spec(dt, 16, 64, 4, 2), packed_spec(dt, 32, 128, 4, 2, split=True, aligned_k=False),
+                    unpack_spec(dt, 64)]
     return out
 
 
@@ -333,6 +392,10 @@ def _jit_function(kernel: str):
         from elsa_codec.kernels.triton.decode import _decode_level_kernel as fn
     elif kernel == "decode_counters":
         from elsa_codec.kernels.triton.decode import _decode_counters_kernel as fn
+    elif kernel == "packed_linear":
+        from elsa_codec.kernels.triton.packed_linear import _packed_linear_kernel as fn
+    elif kernel == "unpack_level":
+        from elsa_codec.kernels.triton.packed_unpack import _unpack_kernel as fn
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     while not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -628,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", action="store_true", help="the test suite's representative subset only")
     p.add_argument("--jobs", type=int, help="worker processes (default: the CPUs this process may use)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of float32, float16, bfloat16")
-    p.add_argument("--kernels", default="linear,decode_level,decode_counters", help="comma list of kernels")
+    p.add_argument("--kernels", default="linear,decode_level,decode_counters,packed_linear,unpack_level",
+                   help="comma list of kernels")
     a = p.parse_args(argv)
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     for d in dtypes:

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import ELSAError
 from . import base as _base
 from .base import ELSAModule, _encode_weight
+from .gpu_plan import gpu_packed_for, refresh_gpu_packed
 
 __all__ = ["ELSALinear"]
 
@@ -33,7 +34,13 @@ class ELSALinear(ELSAModule, nn.Linear):
     :meth:`from_linear` (encodes a ``nn.Linear``) or :meth:`from_encoded`, or let
     :func:`elsa_codec.swap_` do it.
 
-    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype.
+    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype. On CUDA (backend
+    ``"triton"``) a sparse level runs the fused decode-in-GEMM; when the roofline router
+    (:func:`elsa_codec.kernels.triton.cuda_route`) predicts fewer bytes from the packed level, the
+    level is also packed at the level switch (:func:`elsa_codec.kernels.triton.pack_level`, its
+    resident bytes in ``repr``) and calls of at most 32 rows that need no gradient run
+    :func:`elsa_codec.kernels.triton.packed_linear`. ``module.gpu_packed = False`` (then
+    ``set_level`` again) keeps the fused kernel only: no memory beside the encoded weight.
 
     Raises:
         ELSAError: bad ``num_levels`` / ``code_bits`` for the dtype, ``structures`` of the wrong
@@ -43,6 +50,10 @@ class ELSALinear(ELSAModule, nn.Linear):
     _kernel_fn = "elsa_linear"
     _sparse_cpu_ok = True
     elsa_kind = "linear"
+    #: On CUDA, pack a sparse level at the level switch for calls of at most 32 rows when the
+    #: roofline router picks it (serving/gpu_plan.py); False: the fused kernel only (no extra memory).
+    gpu_packed = True
+    _gpu_packed = None  # (key, PackedLevel) of the current level
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
                  code_bits: int | None = None, structures=None, level=None, backend: str = "auto",
@@ -112,6 +123,9 @@ class ELSALinear(ELSAModule, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self._triton:
             k = self._kernels_for("elsa_linear")
+            packed = gpu_packed_for(self, x, k)
+            if packed is not None:  # decode-sized call: read the packed level only (serving/gpu_plan.py)
+                return k.packed_linear(x, packed, self.bias)
             return k.elsa_linear(x, self.weight, t, self.code_bits, self.bias, tile_table=self.tile_table())
         if self._sparse_cpu:
             y = self._sparse_cpu_linear(x)
@@ -125,5 +139,16 @@ class ELSALinear(ELSAModule, nn.Linear):
         :func:`elsa_codec.kernels.triton.tile_table` and kept at runtime only (never in ``state_dict``)."""
         return self._cached_tile_table(self.weight)
 
+    def _refresh_path(self) -> None:
+        super()._refresh_path()
+        if self._triton:
+            refresh_gpu_packed(self, self._kernels_for("pack_level"))
+        else:
+            self._gpu_packed = None
+
     def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"
+        text = f"{nn.Linear.extra_repr(self)}, {self._elsa_repr()}"
+        if getattr(self, "_gpu_packed", None) is not None:
+            p = self._gpu_packed[1]
+            text += f", gpu packed level for M <= 32 ({p.tile_n}x64 tiles, {p.nbytes / 2**20:.2f} MiB resident)"
+        return text
