@@ -141,9 +141,10 @@ class ELSALinear(ELSAModule, nn.Linear):
 
     def _refresh_path(self) -> None:
         super()._refresh_path()
-        if self._triton:
-            refresh_gpu_packed(self, self._kernels_for("pack_level"))
-        else:
+        k = _base._kernels() if self._triton else None
+        if k is not None and k.kernels_available(self.weight.device):
+            refresh_gpu_packed(self, k)
+        else:  # not on the triton path, or forced there without a device (forward raises)
             self._gpu_packed = None
 
     def extra_repr(self) -> str:
