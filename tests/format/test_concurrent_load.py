@@ -49,22 +49,29 @@ def _same(got, ref) -> bool:
             and got.meta.to_json() == ref.meta.to_json())
 
 
+def _load_many(target: str, refs: list, loads: int) -> tuple:
+    """``(failures, unmatched)`` of ``loads`` loads of ``target``: the errors, and the loads equal
+    to none of ``refs`` (a mixture)."""
+    failures, unmatched = [], 0
+    for _ in range(loads):
+        try:
+            got = ec.load_file(target)
+        except ec.ELSAError as e:
+            failures.append(str(e))
+            continue
+        unmatched += not any(_same(got, r) for r in refs)
+    return failures, unmatched
+
+
 def _run_race(tmp_path, target: str, files: list, refs: list, loads: int) -> tuple:
     """``(failures, unmatched, replacements)`` of ``loads`` loads of ``target`` while a writer
     process replaces each file of ``files`` (pairs of sources) over and over."""
     stop = str(tmp_path / "stop")
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, a, b, dst, stop], stdout=subprocess.PIPE, text=True)
                for a, b, dst in files]
-    failures, unmatched = [], 0
     try:
         time.sleep(0.2)
-        for _ in range(loads):
-            try:
-                got = ec.load_file(target)
-            except ec.ELSAError as e:
-                failures.append(str(e))
-                continue
-            unmatched += not any(_same(got, r) for r in refs)
+        failures, unmatched = _load_many(target, refs, loads)
     finally:
         open(stop, "w").close()
         counts = [int(w.communicate(timeout=30)[0] or 0) for w in writers]
@@ -151,6 +158,13 @@ print(n)
 """
 
 
+def _wait_ready(stops: list) -> None:
+    """Until every re-encoding writer has started (its ``stop + ".ready"`` file), at most 60 s."""
+    deadline = time.time() + 60
+    while not all(os.path.exists(s + ".ready") for s in stops) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def test_sharded_load_during_reencode_is_old_or_new(tmp_path):
     """A sharded checkpoint re-encoded (new shards, index swapped, old shards removed) while it
     is loaded: every load gives one of the two checkpoints (a read whose index was swapped under
@@ -160,18 +174,10 @@ def test_sharded_load_during_reencode_is_old_or_new(tmp_path):
     ec.save_file(refs[0], index, max_shard_size=300)
     stop = str(tmp_path / "stop")
     w = subprocess.Popen([sys.executable, "-c", REENCODER, index, stop], stdout=subprocess.PIPE, text=True)
-    failures, unmatched, loads = [], 0, max(LOADS // 4, 50)
+    loads = max(LOADS // 4, 50)
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(stop + ".ready") and time.time() < deadline:
-            time.sleep(0.05)
-        for _ in range(loads):
-            try:
-                got = ec.load_file(index)
-            except ec.ELSAError as e:
-                failures.append(str(e))
-                continue
-            unmatched += not any(_same(got, r) for r in refs)
+        _wait_ready([stop])
+        failures, unmatched = _load_many(index, refs, loads)
     finally:
         open(stop, "w").close()
         count = int(w.communicate(timeout=60)[0] or 0)
@@ -189,18 +195,9 @@ def test_two_writers_of_one_sharded_checkpoint_take_turns(tmp_path):
     ec.save_file(refs[0], index, max_shard_size=300)
     stops = [str(tmp_path / f"stop{i}") for i in range(2)]
     ws = [subprocess.Popen([sys.executable, "-c", REENCODER, index, s], stdout=subprocess.PIPE, text=True) for s in stops]
-    failures, unmatched = [], 0
     try:
-        deadline = time.time() + 60
-        while not all(os.path.exists(s + ".ready") for s in stops) and time.time() < deadline:
-            time.sleep(0.05)
-        for _ in range(max(LOADS // 8, 50)):
-            try:
-                got = ec.load_file(index)
-            except ec.ELSAError as e:
-                failures.append(str(e))
-                continue
-            unmatched += not any(_same(got, r) for r in refs)
+        _wait_ready(stops)
+        failures, unmatched = _load_many(index, refs, max(LOADS // 8, 50))
     finally:
         for s in stops:
             open(s, "w").close()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import make_codes  # noqa: E402  (tests/kernels/kernel_cases.py)
 
 import elsa_codec as ec
 from elsa_codec import ELSAError, encode_tensor
@@ -41,24 +42,10 @@ T, K_BITS = 3, 2
 SHAPES = [(63, 123), (123, 63), (64, 128), (1, 1), (130, 65)]
 
 
-def codes_for(structure, n, k, g):
-    if structure == "unstructured":
-        return torch.randint(0, T + 1, (n, k), generator=g)
-    if structure == "2:4":
-        kp = -(-k // 4) * 4
-        order = torch.rand(n, kp // 4, 4, generator=g).argsort(-1)
-        c = torch.randint(1, T + 1, (n, kp // 4, 4), generator=g)
-        c.scatter_(-1, order[..., :2], 0)
-        return c.reshape(n, kp)[:, :k]
-    tn, tk = -(-n // 64), -(-k // 64)
-    block = torch.randint(0, T + 1, (tn, tk), generator=g)
-    return block.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :k]
-
-
 def make(n, k, dtype, structure="unstructured", seed=0):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype)
-    return encode_tensor(w, codes_for(structure, n, k, g), K_BITS).to(DEVICE)
+    return encode_tensor(w, make_codes(structure, n, k, T, g), K_BITS).to(DEVICE)
 
 
 def bits(t):

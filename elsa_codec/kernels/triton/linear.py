@@ -32,6 +32,7 @@ from ._common import (
     kernels_available,
     needs_autograd,
 )
+from ._dot import dot_acc
 from .decode import decode_level_reference
 from .tile_table import TILE_K, TILE_N, check_tile_table
 
@@ -54,14 +55,7 @@ def _accumulate_tile(acc, x_ptrs, w_ptrs, offs_m, offs_n, offs_k, k_left, M, N, 
         bits = tl.load(w_ptrs, mask=(offs_k < k_left)[:, None] & (offs_n < N)[None, :], other=0)
     # Decode in registers: keep the bit pattern where code < level, +0.0 elsewhere.
     w = tl.where((bits & CODE_MASK) < level, bits, tl.zeros_like(bits)).to(x.dtype, bitcast=True)
-    if UPCAST:  # Triton interpreter: no bf16 arithmetic there, multiply in float32
-        x = x.to(tl.float32)
-        w = w.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, w, acc)
-    return acc
+    return dot_acc(acc, x, w, UPCAST, IEEE)
 
 
 @triton.heuristics({

@@ -28,6 +28,7 @@ import triton.language as tl
 from elsa_codec.errors import ELSAError
 
 from ._common import INT_VIEW, INTERPRET, device_guard, kernels_available
+from ._dot import dot_acc
 from ._packed_tile import expand_tile
 from .packed import PackedLevel, unpack_level_reference
 from .packed_unpack import check_packed
@@ -97,13 +98,7 @@ def _packed_linear_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
         w = expand_tile(vals_ptr, bm_ptr, base_ptr, offs_n, kt, KT, pid_n, BLOCK_N).to(x.dtype, bitcast=True)
-        if UPCAST:  # Triton interpreter: no bf16 arithmetic there
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = dot_acc(acc, x, w, UPCAST, IEEE)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT:
         tl.store(y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc, mask=mask)
