@@ -139,7 +139,7 @@ class ELSAModule(nn.Module):
             recently used packed levels kept besides it (:func:`elsa_codec.set_packed_cache_bytes`
             sets a whole model).
         keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
-            level is packed, the encoded weight's pages (memory-mapped from the file) are handed
+            level is packed, the encoded weight's pages (with ``mmap=True``: mapped from the file) are handed
             back to the OS (:func:`elsa_codec.format.pages.release_pages`); they are read again from
             the file at the next level switch.
 

@@ -332,7 +332,8 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def _load_plain(model: nn.Module, enc, encoded_names: set, *, assign: bool) -> None:
     """Put the checkpoint's tensors that are not encoded weights into ``model``: copied into the
     model's own tensors, or with ``assign`` (``load(..., level=)``) the checkpoint's tensors
-    themselves (views of the memory-mapped file: nothing copied, pages read on demand; as
+    themselves (the loaded tensors: owned memory, or with ``load(..., mmap=True)`` views of the
+    memory-mapped file, nothing copied, pages read on demand; as
     ``load_state_dict(assign=True)``). Tensors shared by several names in the model and tensors
     off the CPU are always copied (an assign would untie them or leave them on the CPU)."""
     sd = model.state_dict(keep_vars=True)
