@@ -369,7 +369,7 @@ def subset_specs(dtypes=DTYPES) -> list[Spec]:
             out += [packed_spec(dt, 16, 32, 8, 2), packed_spec(dt, 32, 32, 8, 2, split=True, aligned_k=False, ieee=False),
                     unpack_spec(dt, 32)]
         else:
-            out += [packed_spec(dt, 16, 64, 4, 2), packed_spec(dt, 32, 128, 4, 2, split=True, aligned_k=False),
+            out += [packed_spec(dt, 16, 64, 4, 2), packed_spec(dt, 32, 128, 8, 2, split=True, aligned_k=False),
                     unpack_spec(dt, 64)]
     return out
 
