@@ -18,6 +18,7 @@ fused kernel).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,9 +116,15 @@ def _packed_linear_kernel(
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, out, mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off CUDA: the interpreter), looked up once."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 1
 
 
