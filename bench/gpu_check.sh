@@ -8,8 +8,9 @@
 #   1. environment (nvidia-smi, torch / triton / CUDA versions, GPU)      -> OUT_DIR/env.txt
 #   2. the kernel and serving tests on CUDA (not the interpreter)          -> OUT_DIR/tests.log, tests.xml
 #   3. the GPU benchmark grid, autotune choice and measured / floor per row -> OUT_DIR/grid.csv, grid.log
+#      (first its packed stage, issue 33: packed_linear beside cuBLAS and the fused kernel, M <= 16)
 #   4. the codec on the GPU: decode kernel (and encode / extract) vs copy  -> OUT_DIR/codec/results.csv, ...
-#   5. docs/DESIGN.md's targets judged on the grid (fused GEMM) and the codec (decode) -> OUT_DIR/targets.md
+#   5. docs/DESIGN.md's targets judged on the grid (fused and packed GEMM) and the codec (decode) -> OUT_DIR/targets.md
 #   then the sm_90a compile gate's subset with this machine's triton      -> OUT_DIR/static.csv
 # and OUT_DIR/summary.txt (each step's exit status and time). Each step has its own timeout, so a
 # hang in one still leaves the others' output. Without CUDA (or with --dry-run) every step says what
@@ -17,10 +18,12 @@
 # with no timing.
 #
 # Time budget (worst case 10 + 180 + 210 + 90 + 5 + 45 = 540 s): environment; tests killed at 180 s;
-# the grid starts no new (dtype, shape) group after 150 s and is killed at 210 s; codec 90 s;
-# targets seconds; gate 45 s.
+# the grid starts no new (dtype, shape) group after 150 s and is killed at 210 s (its packed stage
+# runs first and starts no new group after 60 s of its own; its time counts in the 150 s, so it
+# only shortens the fused grid that follows); codec 90 s; targets seconds; gate 45 s.
 # Environment: PYTHON (default python3), GPU_CHECK_TEST_TIMEOUT (s, default 180),
-# GPU_CHECK_GRID_BUDGET (s, default 150), GPU_CHECK_JOBS (pytest-xdist workers, default 8).
+# GPU_CHECK_GRID_BUDGET (s, default 150), GPU_CHECK_PACKED_BUDGET (s, default 60; 0: no packed
+# stage), GPU_CHECK_JOBS (pytest-xdist workers, default 8).
 set -u -o pipefail
 
 DRY=0
@@ -35,6 +38,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-180}
 GRID_BUDGET=${GPU_CHECK_GRID_BUDGET:-150}
+PACKED_BUDGET=${GPU_CHECK_PACKED_BUDGET:-60}
 JOBS=${GPU_CHECK_JOBS:-8}
 export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
@@ -118,7 +122,7 @@ record env 0 "$(( $(date +%s) - T_START ))"
 
 # --- 2. kernel and serving tests on CUDA ------------------------------------------------------------
 TESTS=()
-for t in test_kernels_decode test_kernels_linear test_semi_structured_level test_compile test_nn test_layers_more test_swap \
+for t in test_kernels_decode test_kernels_linear test_kernels_packed test_semi_structured_level test_compile test_nn test_layers_more test_swap \
          test_hf_models test_cast test_minilm_serving test_compile_gate test_roofline; do
     f=$(find "$REPO/tests" -name "$t.py" | head -n 1)
     [ -n "$f" ] && TESTS+=("$f")
@@ -135,7 +139,8 @@ rm -f "$OUT/grid.csv" "$OUT/grid.log"
 if [ "$DRY" = 1 ]; then
     run_step grid 120 "$PY" -m bench.gpu_grid --dry-run --out "$OUT"
 else
-    run_step grid $(( GRID_BUDGET + 60 )) "$PY" -m bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET"
+    run_step grid $(( GRID_BUDGET + 60 )) "$PY" -m bench.gpu_grid --out "$OUT" --budget-s "$GRID_BUDGET" \
+        --packed-budget-s "$PACKED_BUDGET"
 fi
 
 # --- 4. the codec on the GPU (the decode target) ------------------------------------------------------

@@ -15,7 +15,11 @@ CPU targets (this 2-core machine):
 GPU targets (H100/H200, bf16, Llama-sized weights: N and K >= 4096; M in {1, 16, 128, 4096}):
 - elsa-fused >= 0.9x the throughput of dense at every level: ``p50(dense) / p50(elsa-fused) >= 0.9``;
 - block:64x64 levels at M = 1: ``p50(elsa-fused) <= 1.3 x density x p50(dense)``;
-- decode >= 80% of copy bandwidth: ``gbps(decode triton) / gbps(clone) >= 0.8``.
+- decode >= 80% of copy bandwidth: ``gbps(decode triton) / gbps(clone) >= 0.8``;
+- the packed level GEMM (issue 33; the grid's packed stage, ``elsa-packed`` rows), bf16, weights
+  4096x4096 and 11008x4096, M = 1..16, unstructured levels: ``p50(elsa-packed) / p50(dense)`` at
+  most 0.35 at 90% sparsity, 0.6 at 70%, 0.9 at 50% (:data:`PACKED_TARGETS`); "not measured"
+  without packed rows. Each packed row is paired with the dense row of its own stage and group.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ import os
 import sys
 
 TOL_DENSE = 0.05
+#: Issue 33: (sparsity, latency of elsa-packed / cuBLAS at most), unstructured levels.
+PACKED_TARGETS = ((0.9, 0.35), (0.7, 0.6), (0.5, 0.9))
+#: The weights `[N, K]` and the M range the packed targets are judged on (bfloat16).
+PACKED_TARGET_SHAPES = ((4096, 4096), (11008, 4096))
+PACKED_TARGET_M = (1, 16)
 
 
 @dataclasses.dataclass
@@ -91,9 +100,50 @@ def cpu_targets(rows) -> list:
     return out
 
 
+def _stage(r) -> str:
+    return r.get("stage", "")
+
+
+def packed_targets(rows, dense) -> list:
+    """Issue 33's packed targets (:data:`PACKED_TARGETS`); other packed rows as info lines."""
+    def key(r):  # the level sets share level numbers: the density tells them apart
+        return (_stage(r), r["shape"], r["dtype"], r["structure"], r["level"], r["density"])
+
+    fused = {key(r): r for r in _index(rows, "linear", "elsa-fused")}
+    per = {sp: ([], None) for sp, _ in PACKED_TARGETS}
+    info = []
+    for r in _index(rows, "linear", "elsa-packed"):
+        d = dense.get((_stage(r), r["shape"], r["dtype"]))
+        if d is None:
+            continue
+        ratio = _f(r, "p50_us") / _f(d, "p50_us")
+        fu = fused.get(key(r))
+        line = (f"{r['shape']} {r['dtype']} level {r['level']} ({r['structure']}, density {_f(r, 'density'):.3f}): "
+                f"{ratio:.2f}x cuBLAS latency ({_f(r, 'p50_us'):.1f} vs {_f(d, 'p50_us'):.1f} us"
+                + (f"; elsa-fused {_f(fu, 'p50_us'):.1f} us, packed / fused {_f(r, 'p50_us') / _f(fu, 'p50_us'):.2f})"
+                   if fu else ")"))
+        sp = next((sp for sp, _ in PACKED_TARGETS if abs(1.0 - _f(r, "density") - sp) < 0.005), None)
+        m, nk = _m(r["shape"]), _nk(r["shape"])
+        target = (sp is not None and r["structure"] == "unstructured" and r["dtype"] == "bfloat16"
+                  and nk in PACKED_TARGET_SHAPES and PACKED_TARGET_M[0] <= m <= PACKED_TARGET_M[1])
+        if target:
+            det, worst = per[sp]
+            det.append(line)
+            per[sp] = (det, ratio if worst is None else max(worst, ratio))
+        else:
+            info.append(line + " (no packed target)")
+    out = []
+    for i, (sp, limit) in enumerate(PACKED_TARGETS):
+        det, worst = per[sp]
+        out.append(Target(f"GPU: elsa-packed at {sp:.0%} sparsity <= {limit:g}x cuBLAS latency (bf16, 4096x4096 and "
+                          f"11008x4096, M = 1..16)", f"<= {limit:g}x", "-" if worst is None else f"{worst:.2f}x (worst)",
+                          None if worst is None else worst <= limit, det + (info if i == len(PACKED_TARGETS) - 1 else [])))
+    return out
+
+
 def gpu_targets(rows) -> list:
     out = []
-    dense = {(r["shape"], r["dtype"]): r for r in _index(rows, "linear", "dense")}
+    dense = {(_stage(r), r["shape"], r["dtype"]): r for r in _index(rows, "linear", "dense")}
     fused = _index(rows, "linear", "elsa-fused")
 
     def big(shape):
@@ -102,7 +152,7 @@ def gpu_targets(rows) -> list:
 
     det, worst, info = [], None, []
     for r in fused:
-        d = dense.get((r["shape"], r["dtype"]))
+        d = dense.get((_stage(r), r["shape"], r["dtype"]))
         if d is None:
             continue
         ratio = _f(d, "p50_us") / _f(r, "p50_us")
@@ -119,7 +169,7 @@ def gpu_targets(rows) -> list:
     for r in fused:
         if not r["structure"].startswith("block") or _m(r["shape"]) != 1:
             continue
-        d = dense.get((r["shape"], r["dtype"]))
+        d = dense.get((_stage(r), r["shape"], r["dtype"]))
         if d is None:
             continue
         ratio = _f(r, "p50_us") / (_f(r, "density") * _f(d, "p50_us"))
@@ -146,7 +196,7 @@ def gpu_targets(rows) -> list:
         worst = ratio if worst is None else min(worst, ratio)
     out.append(Target("GPU: decode kernel >= 80% of copy bandwidth", ">= 80%",
                       "-" if worst is None else f"{worst:.0%} (worst)", None if worst is None else worst >= 0.8, det))
-    return out
+    return out + packed_targets(rows, dense)
 
 
 def grid_as_results(grid_rows) -> list:
@@ -157,7 +207,8 @@ def grid_as_results(grid_rows) -> list:
     for r in grid_rows:
         if not r.get("p50_us"):
             continue
-        out.append(dict(op="linear", provider=r["provider"], shape=r["shape"], dtype=r["dtype"], level=r["level"],
+        out.append(dict(op="linear", provider=r["provider"], stage=r.get("stage", ""), shape=r["shape"],
+                        dtype=r["dtype"], level=r["level"],
                         structure=r["structure"], density=r["density"], p20_us=r["p20_us"], p50_us=r["p50_us"],
                         p80_us=r["p80_us"], timing=r.get("timing", ""), gbps="", tflops="", device=r["device"],
                         torch=r["torch"], triton=r["triton"], git_sha=r.get("git_sha", ""), timestamp=r["timestamp"]))
@@ -167,10 +218,11 @@ def grid_as_results(grid_rows) -> list:
 def semi_structured_lines(rows) -> list:
     """The N:M levels served by the fused kernel beside ``to_sparse_semi_structured`` (cuSPARSELt or
     CUTLASS through PyTorch) on the same shape and level: the issue's 2:4 comparison, no threshold."""
-    semi = {(r["shape"], r["dtype"], r["level"], r["structure"]): r for r in _index(rows, "linear", "semi-structured")}
+    semi = {(_stage(r), r["shape"], r["dtype"], r["level"], r["structure"]): r
+            for r in _index(rows, "linear", "semi-structured")}
     lines = []
     for r in _index(rows, "linear", "elsa-fused"):
-        s = semi.get((r["shape"], r["dtype"], r["level"], r["structure"]))
+        s = semi.get((_stage(r), r["shape"], r["dtype"], r["level"], r["structure"]))
         if s:
             lines.append(f"{r['structure']} level {r['level']} {r['shape']} {r['dtype']}: elsa-fused {_f(r, 'p50_us'):.1f} us "
                          f"vs semi-structured {_f(s, 'p50_us'):.1f} us ({_f(r, 'p50_us') / _f(s, 'p50_us'):.2f}x "
@@ -219,7 +271,8 @@ def info_lines(rows) -> list:
 
 def evaluate(rows) -> tuple[list, list, str]:
     """``(cpu_targets, gpu_targets, device kind)``; the other kind's targets are marked not measured."""
-    gpu = any(r["provider"] == "elsa-fused" or (r["op"] == "decode" and r["provider"] == "triton") for r in rows)
+    gpu = any(r["provider"] in ("elsa-fused", "elsa-packed") or (r["op"] == "decode" and r["provider"] == "triton")
+              for r in rows)
     cpu_t, gpu_t = cpu_targets(rows), gpu_targets(rows)
     if gpu:  # the CPU targets' ratios, measured on the GPU: shown, not judged
         for t in cpu_t:

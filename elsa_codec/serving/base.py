@@ -63,7 +63,7 @@ from .cpu_plan import PackedCache, module_plan, pack_for_module
 __all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule", "check_state_codes"]
 
 #: Accepted values of the ``backend`` request of :class:`ELSALinear` / :class:`ELSAConv2d`.
-BACKENDS = ("auto", "reference", "triton", "semi-structured", "sparse-cpu")
+BACKENDS = ("auto", "reference", "triton", "triton-packed", "semi-structured", "sparse-cpu")
 #: Accepted values of ``compile_mode`` (how the level enters a ``torch.compile`` graph).
 COMPILE_MODES = ("tensor", "static")
 
@@ -361,8 +361,9 @@ class ELSAModule(nn.Module):
     @property
     def backend(self) -> str:
         """The path the current level runs on the weight's device: ``"dense"`` (stock op on the
-        stored tensor), ``"reference"`` (PyTorch decode, cached), ``"triton"`` (Triton kernels) or
-        ``"sparse-cpu"`` (packed level, C++ kernels).
+        stored tensor), ``"reference"`` (PyTorch decode, cached), ``"triton"`` (Triton kernels),
+        ``"triton-packed"`` (:class:`ELSALinear` only: the packed GPU level for calls of at most 32
+        rows, the fused kernel above) or ``"sparse-cpu"`` (packed level, C++ kernels).
 
         Assign ``"auto"`` (Triton on CUDA when available; on the CPU ``"sparse-cpu"`` for
         :class:`ELSALinear` / ``ELSATransformersConv1D`` when its kernels build; else reference),
@@ -391,6 +392,8 @@ class ELSAModule(nn.Module):
             raise ELSAError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {value!r}")
         if value == "semi-structured" and not isinstance(self, nn.Linear):
             raise ELSAError(f"{type(self).__name__}: backend 'semi-structured' (2:4 sparse tensor cores) is for ELSALinear only")
+        if value == "triton-packed" and getattr(type(self), "elsa_kind", None) != "linear":
+            raise ELSAError(f"{type(self).__name__}: backend 'triton-packed' (the packed GPU level) is for ELSALinear only")
         if value == "sparse-cpu" and not self._sparse_cpu_ok:
             raise ELSAError(f"{type(self).__name__}: backend 'sparse-cpu' serves linear layers only (ELSALinear, ELSATransformersConv1D)")
         self.backend_request = value
@@ -404,7 +407,7 @@ class ELSAModule(nn.Module):
         """Resolve the path of the current level once (eagerly, outside any compiled region):
         ``_triton`` is read by :meth:`forward` instead of re-resolving the backend per call."""
         be = self.backend
-        self._triton = be == "triton"
+        self._triton = be in ("triton", "triton-packed")
         self._sparse_cpu = be == "sparse-cpu" or self._auto_cpu()
         if self._triton:
             _kernels()  # import outside torch.compile tracing

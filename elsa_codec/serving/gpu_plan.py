@@ -1,13 +1,15 @@
 """The packed GPU level of an :class:`~elsa_codec.serving.linear.ELSALinear` (issue 33; docs/DESIGN.md, "Serving").
 
-On CUDA (or under the Triton interpreter with ``backend = "triton"``) a sparse level is served by
-the fused decode-in-GEMM, which reads every byte of the encoded weight. At a level switch,
-:func:`refresh_gpu_packed` asks the roofline router (:func:`elsa_codec.kernels.triton.cuda_route`)
-whether decode-sized calls (``M <= 32`` rows) read fewer bytes from the packed level
-(:func:`elsa_codec.kernels.triton.pack_level`: kept values + a bitmap per tile); if so it packs the
-level once and keeps it beside the weight (its bytes in ``extra_repr``). :func:`gpu_packed_for`
-then gives the packed level to calls of at most 32 rows that need no gradient; every other call,
-and every module with ``gpu_packed = False`` (the zero-extra-memory mode), runs the fused kernel.
+On CUDA (or under the Triton interpreter with a forced ``"triton"`` backend) a sparse level is
+served by the fused decode-in-GEMM, which reads every byte of the encoded weight. At a level
+switch, :func:`refresh_gpu_packed` packs the level for the packed GEMM
+(:func:`elsa_codec.kernels.triton.pack_level`: kept values + a bitmap per tile, kept beside the
+weight, its bytes in ``extra_repr``) when the backend is ``"triton-packed"``, or when it is
+``"auto"`` and the router (:func:`elsa_codec.kernels.triton.cuda_route`: bytes and the expansion's
+instructions) predicts the packed kernel faster for decode-sized calls (``M <= 32``).
+``"triton"`` forced keeps the fused kernel only (no memory beside the encoded weight).
+:func:`gpu_packed_for` then gives the packed level to calls of at most 32 rows that need no
+gradient; every other call runs the fused kernel.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ def _key(module) -> tuple:
 
 
 def refresh_gpu_packed(module, kernels) -> None:
-    """At a level switch: pack the current level for the packed GEMM when the router picks it for
-    ``M = 1``; else drop any packed level (``module._gpu_packed``)."""
+    """At a level switch: pack the current level for the packed GEMM when the backend is
+    ``"triton-packed"`` or the auto router picks it for ``M = 1``; else drop any packed level
+    (``module._gpu_packed``)."""
     t, w = module.level, module.weight
-    if not module.gpu_packed or t > module.num_levels or w.dim() != 2:
+    request = module.backend_request
+    if request not in ("auto", "triton-packed") or t > module.num_levels or w.dim() != 2:
         module._gpu_packed = None
         return
     key = _key(module)
@@ -34,7 +38,7 @@ def refresh_gpu_packed(module, kernels) -> None:
     n, k = w.shape
     density = 1.0 - float(module.sparsities[t - 1])
     fused = kernels.tile_density(module.tile_table(), t)
-    if kernels.cuda_route(n, k, 1, density, w.dtype, fused_fraction=fused) != "packed":
+    if request == "auto" and kernels.cuda_route(n, k, 1, density, w.dtype, fused_fraction=fused) != "packed":
         module._gpu_packed = None
         return
     with torch.no_grad():

@@ -24,7 +24,8 @@ class ELSALinear(ELSAModule, nn.Linear):
         code_bits: ``k``; default ``max(1, ceil(log2(T+1)))``.
         structures: structures of levels ``1..T``.
         level: initial level (default dense, ``T+1``).
-        backend: ``"auto"`` | ``"reference"`` | ``"triton"``.
+        backend: ``"auto"`` | ``"reference"`` | ``"triton"`` | ``"triton-packed"`` | ``"sparse-cpu"``
+            | ``"semi-structured"``.
         cache: cache the decoded weight of the current sparse level (reference path).
         compile_mode: ``"tensor"`` (default) | ``"static"``.
         device, dtype: of the (zero-initialised) weight; float32 / float16 / bfloat16.
@@ -34,13 +35,13 @@ class ELSALinear(ELSAModule, nn.Linear):
     :meth:`from_linear` (encodes a ``nn.Linear``) or :meth:`from_encoded`, or let
     :func:`elsa_codec.swap_` do it.
 
-    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype. On CUDA (backend
-    ``"triton"``) a sparse level runs the fused decode-in-GEMM; when the roofline router
-    (:func:`elsa_codec.kernels.triton.cuda_route`) predicts fewer bytes from the packed level, the
-    level is also packed at the level switch (:func:`elsa_codec.kernels.triton.pack_level`, its
-    resident bytes in ``repr``) and calls of at most 32 rows that need no gradient run
-    :func:`elsa_codec.kernels.triton.packed_linear`. ``module.gpu_packed = False`` (then
-    ``set_level`` again) keeps the fused kernel only: no memory beside the encoded weight.
+    Forward: `[*, in_features]` -> `[*, out_features]`, in the weight's dtype. On CUDA a sparse
+    level runs the fused decode-in-GEMM. With ``backend = "triton-packed"`` (or ``"auto"`` when
+    the router :func:`elsa_codec.kernels.triton.cuda_route` predicts it faster: with today's
+    model, never) the level is also packed at the level switch
+    (:func:`elsa_codec.kernels.triton.pack_level`, its resident bytes in ``repr``) and calls of at
+    most 32 rows that need no gradient run :func:`elsa_codec.kernels.triton.packed_linear`.
+    ``backend = "triton"`` keeps the fused kernel only: no memory beside the encoded weight.
 
     Raises:
         ELSAError: bad ``num_levels`` / ``code_bits`` for the dtype, ``structures`` of the wrong
@@ -50,10 +51,7 @@ class ELSALinear(ELSAModule, nn.Linear):
     _kernel_fn = "elsa_linear"
     _sparse_cpu_ok = True
     elsa_kind = "linear"
-    #: On CUDA, pack a sparse level at the level switch for calls of at most 32 rows when the
-    #: roofline router picks it (serving/gpu_plan.py); False: the fused kernel only (no extra memory).
-    gpu_packed = True
-    _gpu_packed = None  # (key, PackedLevel) of the current level
+    _gpu_packed = None  # (key, PackedLevel) of the current level on CUDA (serving/gpu_plan.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_levels: int,
                  code_bits: int | None = None, structures=None, level=None, backend: str = "auto",

@@ -48,7 +48,7 @@ def test_dry_run_grid_has_floors_and_no_timing(dry_run):
         rows = list(csv.DictReader(f))
     (floor_row,) = [r for r in rows if r["provider"] == "launch-floor"]  # one untimed launch in a dry run
     assert floor_row["max_rel_err"] == "0" and floor_row["timing"] == "none (dry run)" and floor_row["p50_us"] == ""
-    rows = [r for r in rows if r is not floor_row]
+    rows = [r for r in rows if r is not floor_row and r["stage"] == "grid"]
     assert len(rows) == len(roofline.GRID_DTYPES) * len(gpu_grid.DRY_M) * 9
     floors = roofline.lookup(roofline.grid_rows(roofline.GRID_DTYPES, gpu_grid.DRY_M, gpu_grid.DRY_SHAPES))
     for r in rows:
@@ -59,6 +59,39 @@ def test_dry_run_grid_has_floors_and_no_timing(dry_run):
         assert float(r["max_rel_err"]) < 2e-2, r
         assert r["provider"] == ("dense" if r["level"] == "dense" else "elsa-fused")
         assert r["table"] == ("yes" if r["level_set"] == "block:64x64" else "no")
+
+
+def test_dry_run_packed_stage_rows(dry_run):
+    """The packed stage ran in the dry run (issue 33): per dtype and M, dense, then for every
+    sparse level of the packed level sets (the grid's and the 70% level) elsa-fused and
+    elsa-packed; every packed row checked against F.linear, with its packed floor and no timing."""
+    out, _ = dry_run
+    with open(out / "grid.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] == "packed"]
+    n_levels = len(roofline.packed_levels(*gpu_grid.DRY_SHAPES[0]))
+    assert n_levels == 9
+    assert len(rows) == len(roofline.GRID_DTYPES) * len(gpu_grid.DRY_PACKED_M) * (1 + 2 * n_levels)
+    packed = [r for r in rows if r["provider"] == "elsa-packed"]
+    assert len(packed) == len(roofline.GRID_DTYPES) * len(gpu_grid.DRY_PACKED_M) * n_levels
+    assert {r["dtype"] for r in packed} == set(roofline.GRID_DTYPES)
+    assert {r["level_set"] for r in packed} == {s[0] for s in roofline.packed_level_sets()}
+    floors = roofline.lookup(roofline.packed_rows(roofline.GRID_DTYPES, gpu_grid.DRY_PACKED_M, gpu_grid.DRY_SHAPES))
+    for r in packed:
+        assert r["timing"] == "none (dry run)" and r["p50_us"] == "" and r["measured_vs_floor"] == ""
+        assert r["latency_vs_dense"] == "" and r["latency_vs_fused"] == ""
+        want = floors[(r["dtype"], int(r["m"]), int(r["n"]), int(r["k"]), r["level_set"], r["level"])]
+        assert r["floor_gpu"] == "H200" and r["floor_us"] == want["h200_packed_floor_us"] and float(r["floor_us"]) > 0
+        assert r["floor_vs_dense"] == want["h200_packed_vs_dense"]
+        assert float(r["max_rel_err"]) < 2e-2, r
+        assert r["autotune_config"] == f"tile_n=64; route={want['route']}"
+    fused = {(r["dtype"], r["m"], r["level_set"], r["level"]): r for r in rows if r["provider"] == "elsa-fused"}
+    for r in packed:  # each packed row beside the fused row of the same level
+        f = fused[(r["dtype"], r["m"], r["level_set"], r["level"])]
+        assert float(f["max_rel_err"]) < 2e-2 and f["floor_us"] and f["timing"] == "none (dry run)"
+        if r["structure"] == "unstructured":  # the packed level reads less than the whole encoded weight
+            assert float(r["floor_us"]) < float(f["floor_us"])
+    log = (out / "grid.log").read_text()
+    assert "-- packed stage bfloat16 128x256" in log and "elsa-packed" in log
 
 
 def test_grid_refuses_to_time_without_cuda(tmp_path):
@@ -158,6 +191,33 @@ def test_timed_path_rows_carry_measured_over_floor(tmp_path):
     assert grid.timer.calls[2] is False and all(grid.timer.calls[3:])  # plain dense first, then graphs
 
 
+def test_timed_packed_stage_rows(tmp_path):
+    """The packed stage's GPU path with a fake timer: packed rows carry p50, the packed floor,
+    latency vs dense and vs the fused row of the same level; a 1 ms packed budget still runs the
+    first group and skips the rest."""
+    grid = gpu_grid.Grid(str(tmp_path), dry_run=True, budget_s=0, rep_ms=1)
+    grid.dry, grid.gpu, grid.timer = False, "H200", FakeTimer()
+    try:
+        grid.run(["bfloat16", "float16"], gpu_grid.DRY_SHAPES, (1,), packed_shapes=gpu_grid.DRY_SHAPES,
+                 packed_ms=(4,), packed_budget_s=1e-3)
+    finally:
+        grid.close()
+    with open(tmp_path / "grid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    log = (tmp_path / "grid.log").read_text()
+    assert "packed stage: budget of 0 s spent" in log and "skipping float16 128x256" in log
+    assert "skipping bfloat16 128x256 and the rest" in log  # the grid's own budget (0 s) is spent too
+    packed = [r for r in rows if r["provider"] == "elsa-packed"]
+    assert len(packed) == 9 and {r["stage"] for r in rows[2:]} == {"packed"} and {r["m"] for r in packed} == {"4"}
+    floors = roofline.lookup(roofline.packed_rows(("bfloat16",), (4,), gpu_grid.DRY_SHAPES))
+    for r in packed:
+        want = floors[(r["dtype"], 4, int(r["n"]), int(r["k"]), r["level_set"], r["level"])]
+        assert r["floor_us"] == want["h200_packed_floor_us"] and r["p50_us"] == "20.000"
+        assert float(r["measured_vs_floor"]) == pytest.approx(20.0 / float(r["floor_us"]), rel=1e-3)
+        assert r["latency_vs_dense"] == "1.000" and r["fused_p50_us"] == "20.000" and r["latency_vs_fused"] == "1.000"
+        assert float(r["max_rel_err"]) < 2e-2
+
+
 def _grid_row(m, level, structure, density, provider, p50, dtype="bfloat16", n=4096, k=4096):
     r = {c: "" for c in gpu_grid.COLUMNS}
     r.update(dtype=dtype, m=m, n=n, k=k, shape=f"{m}x{n}x{k}", level_set=structure, level=level, structure=structure,
@@ -200,7 +260,8 @@ def test_targets_judge_grid_and_codec(tmp_path, capsys):
 
     assert targets.main([str(tmp_path / "results.csv"), "--grid", str(tmp_path / "grid.csv")]) == 0
     md = capsys.readouterr().out
-    fused, block, decode = (ln for ln in md.splitlines() if ln.startswith("| GPU:"))
+    fused, block, decode, *packed = (ln for ln in md.splitlines() if ln.startswith("| GPU:"))
+    assert len(packed) == 3 and all(ln.endswith("| not measured |") for ln in packed)  # no elsa-packed rows
     assert "0.95x (worst)" in fused and fused.endswith("| MET |")
     assert "2.00 (worst)" in block and block.endswith("| NOT MET |")
     assert "75% (worst)" in decode and decode.endswith("| NOT MET |")
@@ -212,6 +273,31 @@ def test_targets_judge_grid_and_codec(tmp_path, capsys):
     out = capsys.readouterr()
     assert "decode target not measured" in out.err
     assert [ln for ln in out.out.splitlines() if ln.startswith("| GPU: decode")][0].endswith("| not measured |")
+
+    # packed rows (issue 33), each paired with the dense row of its own stage
+    n2 = 11008
+    prow = [
+        dict(_grid_row(1, "dense", "dense", 1.0, "dense", 20.0), stage="packed"),  # the grid's dense is 10 us
+        dict(_grid_row(1, "1", "unstructured", 0.1, "elsa-fused", 21.0), stage="packed"),
+        dict(_grid_row(1, "1", "unstructured", 0.1, "elsa-packed", 6.0), stage="packed"),  # 0.30x: met
+        dict(_grid_row(1, "1", "unstructured", 0.3, "elsa-packed", 13.0), stage="packed"),  # 0.65x: not met
+        dict(_grid_row(16, "dense", "dense", 1.0, "dense", 30.0, n=n2), stage="packed"),
+        dict(_grid_row(16, "3", "unstructured", 0.5, "elsa-packed", 24.0, n=n2), stage="packed"),  # 0.80x: met
+        dict(_grid_row(1, "2", "2:4", 0.5, "elsa-packed", 12.0), stage="packed"),  # no target: info
+    ]
+    _write_csv(tmp_path / "grid2.csv", gpu_grid.COLUMNS, grid_rows + prow)
+    assert targets.main([str(tmp_path / "results.csv"), "--grid", str(tmp_path / "grid2.csv")]) == 0
+    md = capsys.readouterr().out
+    lines = [ln for ln in md.splitlines() if ln.startswith("| GPU: elsa-packed")]
+    assert len(lines) == 3
+    assert "90% sparsity" in lines[0] and "0.30x (worst)" in lines[0] and lines[0].endswith("| MET |")
+    assert "70% sparsity" in lines[1] and "0.65x (worst)" in lines[1] and lines[1].endswith("| NOT MET |")
+    assert "50% sparsity" in lines[2] and "0.80x (worst)" in lines[2] and lines[2].endswith("| MET |")
+    assert "1x4096x4096 bfloat16 level 1 (unstructured, density 0.100): 0.30x cuBLAS latency (6.0 vs 20.0 us; " \
+           "elsa-fused 21.0 us, packed / fused 0.29)" in md
+    assert "2:4, density 0.500): 0.60x cuBLAS latency" in md and "(no packed target)" in md
+    fused = [ln for ln in md.splitlines() if ln.startswith("| GPU: elsa-fused")][0]
+    assert "0.95x (worst)" in fused  # the packed stage's fused row (20/21) paired with its own dense
 
     # a dry-run grid has no timed row
     _write_csv(tmp_path / "dry.csv", gpu_grid.COLUMNS, [grid_rows[-1]])

@@ -98,3 +98,67 @@ def test_cli_writes_csv_and_markdown(tmp_path):
     assert "## H200, bfloat16" in text and "| 4096x4096 | 1 | block:64x64 | 0.100 |" in text
     with open(tmp_path / "roofline.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 5 * 9
+    with open(tmp_path / "packed.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 5 * 9  # M = 1 only: 8 sparse levels + the 70% level
+    assert "## Packed, H200, bfloat16" in text and "| 4096x4096 | unstructured-0.7 | 1 | unstructured | 0.300 | fused |" in text
+
+
+# ------------------------------------------------------------------ packed levels (issue 33)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("set_name", ["unstructured", "2:4", "unstructured-0.7"])
+def test_packed_bytes_match_pack_level(dtype, set_name):
+    """The roofline's packed weight bytes (``packed_nbytes`` at ``default_tile_rows``) equal the
+    resident bytes of ``pack_level`` on a synthetic weight of the benchmark's own method, on a
+    shape that is not a whole number of tiles."""
+    import elsa_codec as ec
+    from elsa_codec.kernels.triton import default_tile_rows, pack_level
+
+    n, k = 200, 320
+    _, levels, structure = next(s for s in roofline.packed_level_sets() if s[0] == set_name)
+    c, structs = nested_counters((n, k), levels, structure, generator=torch.Generator().manual_seed(3))
+    kb = ec.default_code_bits(len(structs))
+    w = torch.randn((n, k), generator=torch.Generator().manual_seed(4)).to(dtype)
+    enc = ec.encode_tensor(w, c - 1, kb, name="roofline.packed")
+    dname = str(dtype).replace("torch.", "")
+    for lv in roofline.set_levels(n, k, set_name, levels, structure):
+        p = pack_level(enc, int(lv.level), kb, tile_n=default_tile_rows(dtype))
+        assert p.density == pytest.approx(lv.density, abs=1e-12)
+        cost = roofline.packed_cost(16, n, k, dname, lv)
+        assert cost["tile_n"] == p.tile_n and cost["packed_weight_bytes"] == p.nbytes
+        assert cost["bytes"] == p.nbytes + 16 * (n + k) * p.values.element_size()
+
+
+def test_packed_floors_vs_dense():
+    """bf16 4096x4096: the packed floor is ~0.16x / 0.36x / 0.56x dense at 90 / 70 / 50% sparsity
+    (M = 1 and 16, both GPUs); the router keeps every level on the fused kernel (the expansion's
+    instructions, not its bytes, bound the packed kernel with the H200 model: route_times)."""
+    rows = roofline.packed_rows(("bfloat16",), (1, 16), ((4096, 4096),))
+    by = {(r["m"], r["level_set"], r["level"]): r for r in rows}
+    for m in (1, 16):
+        for key, want in ((("unstructured", "1"), 0.16), (("unstructured-0.7", "1"), 0.36), (("unstructured", "3"), 0.56)):
+            r = by[(m, *key)]
+            for g in ("h100", "h200"):
+                assert float(r[f"{g}_packed_vs_dense"]) == pytest.approx(want, abs=0.01), (m, key, g)
+                assert r[f"{g}_packed_bound"] == "memory"
+            assert r["route"] == "fused"
+        assert by[(m, "2:4", "2")]["route"] == "fused"
+        assert all(by[(m, "block:64x64", t)]["route"] == "fused" for t in ("1", "2", "3"))
+    r = by[(1, "unstructured", "1")]
+    assert r["packed_weight_bytes"] == round(0.1 * 4096 * 4096) * 2 + 4096 * 64 * 8 + 64 * 64 * 4  # values, bitmap, bases
+    assert float(r["flops"]) == 2.0 * 4096 * 4096
+
+
+def test_packed_grid_size():
+    rows = roofline.packed_rows()
+    # 2 dtypes x 5 shapes x 4 M (1, 4, 16, 32) x (8 sparse levels + the 70% level); M > 32 left out
+    assert len(rows) == 2 * 5 * 4 * 9
+    assert {r["m"] for r in rows} == set(roofline.PACKED_M)
+    assert roofline.packed_rows(("bfloat16",), (16, 128), ((4096, 4096),)) == roofline.packed_rows(
+        ("bfloat16",), (16,), ((4096, 4096),))
+
+
+def test_committed_packed_is_current():
+    """bench/results/roofline/packed.csv is what `python -m bench roofline` computes today."""
+    with open(os.path.join(roofline.RESULTS_DIR, "packed.csv"), newline="", encoding="utf-8") as f:
+        committed = list(csv.DictReader(f))
+    assert committed == [{k: str(v) for k, v in r.items()} for r in roofline.packed_rows()]

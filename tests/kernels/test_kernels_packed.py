@@ -18,6 +18,7 @@ import elsa_codec as ec
 from elsa_codec import ELSAError, encode_tensor
 from elsa_codec.format.bits import extract_level
 from elsa_codec.kernels.triton import (
+    GpuModel,
     PackedLevel,
     cuda_route,
     default_tile_rows,
@@ -179,17 +180,27 @@ def test_float32_tile_rows_the_kernel_lacks_are_refused():
 
 
 # ----------------------------------------------------------------------------- routing
-def test_route_follows_the_roofline():
+def test_route_follows_the_model():
     bf = torch.bfloat16
     assert cuda_route(4096, 4096, 1, 1.0, bf) == "cublas"
+    # the H200 model: the expansion (~7.8 us at 4096 x 4096, whatever the density) is not below the
+    # fused kernel's byte floor (7.8 us), so every level stays fused
+    t = route_mod.route_times(4096, 4096, 0.1, bf)
+    assert t["packed_expand_s"] == pytest.approx(4096 * 500 / (132 * 1.98e9)) and t["packed_bytes_s"] < 0.2 * t["fused"]
+    for density in (0.1, 0.3, 0.5, 0.9):
+        assert cuda_route(4096, 4096, 16, density, bf) == "fused", density
+    # a model in which the expansion is 10x cheaper (what a GPU might measure): bytes decide
+    fast = GpuModel(4.3e12, 132, 1.98e9, expand_clocks_per_tile=50)
     for density, want in [(0.1, "packed"), (0.3, "packed"), (0.5, "packed"), (0.7, "packed"), (0.75, "fused"), (0.9, "fused")]:
-        assert cuda_route(4096, 4096, 16, density, bf) == want, density
-    assert cuda_route(4096, 4096, 33, 0.1, bf) == "fused"  # compute bound: the fused GEMM
-    assert cuda_route(4096, 4096, 1, 0.1, bf, requires_grad=True) == "fused"
-    assert cuda_route(4096, 4096, 1, 0.1, bf, allow_packed=False) == "fused"
-    assert cuda_route(4096, 4096, 1, 0.1, bf, fused_fraction=0.1) == "fused"  # a block level skips its tiles
+        assert cuda_route(4096, 4096, 16, density, bf, model=fast) == want, density
+    assert cuda_route(4096, 4096, 33, 0.1, bf, model=fast) == "fused"  # compute bound: the fused GEMM
+    assert cuda_route(4096, 4096, 1, 0.1, bf, requires_grad=True, model=fast) == "fused"
+    assert cuda_route(4096, 4096, 1, 0.1, bf, allow_packed=False, model=fast) == "fused"
+    assert cuda_route(4096, 4096, 1, 0.1, bf, fused_fraction=0.1, model=fast) == "fused"  # a block level skips its tiles
     b = route_mod.route_bytes(4096, 4096, 0.1, bf)
     assert b["packed"] / b["cublas"] == pytest.approx(0.1 + 1 / 16, abs=1e-3)
+    with pytest.raises(ValueError, match="GpuModel.sms must be a positive number"):
+        GpuModel(4.3e12, 0, 1.98e9)
 
 
 @pytest.mark.skipif(not kernels_available(DEVICE), reason="the Triton kernels need CUDA or the interpreter")
@@ -198,7 +209,7 @@ def test_elsa_linear_serves_decode_from_the_packed_level():
     lin = torch.nn.Linear(70, 130).bfloat16()
     counters = ec.magnitude_counters({"weight": lin.weight.data}, [0.9, 0.5])
     m = ec.ELSALinear.from_linear(lin, counters["weight"], num_levels=2).to(DEVICE)
-    m.backend = "triton"
+    m.backend = "triton-packed"
     m.set_level(1)
     assert m._gpu_packed is not None and "gpu packed level for M <= 32" in repr(m)
     calls = []
@@ -214,13 +225,44 @@ def test_elsa_linear_serves_decode_from_the_packed_level():
     w = extract_level(m.weight, 1, m.code_bits).double()
     torch.testing.assert_close(y1.double(), F.linear(x1.double(), w, m.bias.double()), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(y40.double(), F.linear(x40.double(), w, m.bias.double()), rtol=1e-2, atol=1e-2)
-    m.set_level(2)  # 50%: still packed; the dense level drops it
+    m.set_level(2)  # repacked at the switch; the dense level drops it
     assert m._gpu_packed is not None and m._gpu_packed[1].level == 2
     m.set_level("dense")
     assert m._gpu_packed is None
-    m.gpu_packed = False
+    m.backend = "triton"  # the fused kernel only: no memory beside the weight
     m.set_level(1)
     assert m._gpu_packed is None and "gpu packed" not in repr(m)
+
+
+def test_auto_backend_follows_the_router(monkeypatch):
+    """On the auto path the module packs exactly when cuda_route says "packed" (the H200 model:
+    never); forced packing is for ELSALinear only."""
+    from elsa_codec.serving import gpu_plan
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(70, 130).bfloat16()
+    m = ec.ELSALinear.from_linear(lin, ec.magnitude_counters({"weight": lin.weight.data}, [0.9])["weight"], num_levels=1)
+
+    class Kernels:  # the kernels module as refresh_gpu_packed sees it, with the router's answer stubbed
+        def __init__(self, answer):
+            import elsa_codec.kernels.triton as k
+
+            self._k, self.answer = k, answer
+
+        def __getattr__(self, name):
+            return getattr(self._k, name)
+
+        def cuda_route(self, *a, **kw):
+            return self.answer
+
+    m.set_level(1)
+    assert m.backend_request == "auto"
+    for answer, packed in (("fused", False), ("packed", True)):
+        gpu_plan.refresh_gpu_packed(m, Kernels(answer))
+        assert (m._gpu_packed is not None) == packed, answer
+    with pytest.raises(ELSAError, match="'triton-packed' .* is for ELSALinear only"):
+        ec.ELSAConv2d.from_conv2d(torch.nn.Conv2d(3, 4, 3), torch.full((4, 3, 3, 3), 2, dtype=torch.uint8),
+                                  num_levels=1).backend = "triton-packed"
 
 
 @pytest.mark.isolated  # its own process: tests/conftest.py, "process isolation"

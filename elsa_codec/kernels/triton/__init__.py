@@ -25,7 +25,7 @@ from .linear import elsa_linear, elsa_linear_reference
 from .packed import PackedLevel, pack_level, packed_nbytes, unpack_level_reference
 from .packed_linear import PACKED_MAX_M, default_tile_rows, packed_linear, packed_linear_reference
 from .packed_unpack import unpack_level
-from .route import cuda_route
+from .route import GpuModel, cuda_route
 from .semi_structured import semi_structured_supported, to_semi_structured
 from .tile_table import TILE_K, TILE_N, tile_density, tile_table, tile_table_reference, tile_table_shape
 
@@ -56,4 +56,5 @@ __all__ = [
     "packed_linear_reference",
     "default_tile_rows",
     "cuda_route",
+    "GpuModel",
 ]
