@@ -253,29 +253,27 @@ def packed_row(m: int, n: int, k: int, dtype: str, lv: Level) -> dict:
     return r
 
 
+def _rows(make, levels_of, dtypes, ms, shapes) -> list[dict]:
+    """``make(m, n, k, dtype, level)`` for every dtype, shape, M and level of ``levels_of(n, k)``, in that order."""
+    out = []
+    for dt in dtypes:
+        for n, k in shapes:
+            levels = levels_of(n, k)
+            for m in ms:
+                out += [make(m, n, k, dt, lv) for lv in levels]
+    return out
+
+
 def packed_rows(dtypes=GRID_DTYPES, ms=PACKED_M, shapes=GRID_SHAPES) -> list[dict]:
     """Every packed row, in the order dtype, shape, M, level (M above ``PACKED_MAX_M`` left out)."""
     from elsa_codec.kernels.triton import PACKED_MAX_M
 
-    out = []
-    for dt in dtypes:
-        for n, k in shapes:
-            levels = packed_levels(n, k)
-            for m in ms:
-                if m <= PACKED_MAX_M:
-                    out += [packed_row(m, n, k, dt, lv) for lv in levels]
-    return out
+    return _rows(packed_row, packed_levels, dtypes, [m for m in ms if m <= PACKED_MAX_M], shapes)
 
 
 def grid_rows(dtypes=GRID_DTYPES, ms=GRID_M, shapes=GRID_SHAPES) -> list[dict]:
     """Every row of the grid, in the order dtype, shape, M, level."""
-    out = []
-    for dt in dtypes:
-        for n, k in shapes:
-            levels = grid_levels(n, k)
-            for m in ms:
-                out += [row(m, n, k, dt, lv) for lv in levels]
-    return out
+    return _rows(row, grid_levels, dtypes, ms, shapes)
 
 
 def lookup(rows: list[dict]) -> dict:
