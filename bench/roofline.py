@@ -290,6 +290,27 @@ def write_csv(rows: list[dict], path: str, columns=None) -> None:
         w.writerows(rows)
 
 
+def _by_level(rows: list[dict], dtype: str) -> dict:
+    """``{(n, k, level_set, level): {m: row}}`` of the rows of ``dtype``, in row order."""
+    by = {}
+    for r in rows:
+        if r["dtype"] == dtype:
+            by.setdefault((int(r["n"]), int(r["k"]), r["level_set"], r["level"]), {})[int(r["m"])] = r
+    return by
+
+
+def _floor_cells(per_m: dict, ms: list, floor: str, ratio: str, bound: str) -> list:
+    """One table cell per M: ``floor (ratio x)``, `` c`` when compute-bound, ``-`` when absent."""
+    cells = []
+    for m in ms:
+        r = per_m.get(m)
+        if r is None:
+            cells.append("-")
+            continue
+        cells.append(f"{fmt_us(float(r[floor]))} ({float(r[ratio]):.2f}x)" + ("" if r[bound] == "memory" else " c"))
+    return cells
+
+
 def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
     """``roofline.md``: per GPU, one table (weight shape x level) with the floor per M and its
     ratio to the dense cuBLAS floor of the same shape."""
@@ -312,22 +333,9 @@ def render_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
         lines += ["", f"## {gpu}, {dtype}", "",
                   "| weight N x K | level | structure | density | " + " | ".join(f"M={m}" for m in ms) + " |",
                   "|---|---|---|---|" + "---|" * len(ms)]
-        by = {}
-        for r in rows:
-            if r["dtype"] != dtype:
-                continue
-            by.setdefault((int(r["n"]), int(r["k"]), r["level_set"], r["level"]), {})[int(r["m"])] = r
-        for (n, k, _, level), per_m in by.items():
+        for (n, k, _, level), per_m in _by_level(rows, dtype).items():
             any_r = next(iter(per_m.values()))
-            cells = []
-            for m in ms:
-                r = per_m.get(m)
-                if r is None:
-                    cells.append("-")
-                    continue
-                f = float(r[f"{g}_floor_us"])
-                ratio = float(r[f"{g}_floor_vs_dense"])
-                cells.append(f"{fmt_us(f)} ({ratio:.2f}x)" + ("" if r[f"{g}_bound"] == "memory" else " c"))
+            cells = _floor_cells(per_m, ms, f"{g}_floor_us", f"{g}_floor_vs_dense", f"{g}_bound")
             lines.append(f"| {n}x{k} | {level} | {any_r['structure']} | {float(any_r['density']):.3f} | "
                          + " | ".join(cells) + " |")
         lines.append("")
@@ -360,20 +368,9 @@ def render_packed_markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
                   "| weight N x K | level set | level | structure | density | route | "
                   + " | ".join(f"M={m}" for m in ms) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(ms)]
-        by = {}
-        for r in rows:
-            if r["dtype"] == dtype:
-                by.setdefault((int(r["n"]), int(r["k"]), r["level_set"], r["level"]), {})[int(r["m"])] = r
-        for (n, k, set_name, level), per_m in by.items():
+        for (n, k, set_name, level), per_m in _by_level(rows, dtype).items():
             any_r = next(iter(per_m.values()))
-            cells = []
-            for m in ms:
-                r = per_m.get(m)
-                if r is None:
-                    cells.append("-")
-                    continue
-                cells.append(f"{fmt_us(float(r[f'{g}_packed_floor_us']))} ({float(r[f'{g}_packed_vs_dense']):.2f}x)"
-                             + ("" if r[f"{g}_packed_bound"] == "memory" else " c"))
+            cells = _floor_cells(per_m, ms, f"{g}_packed_floor_us", f"{g}_packed_vs_dense", f"{g}_packed_bound")
             routes = "/".join(sorted({r["route"] for r in per_m.values()}))
             lines.append(f"| {n}x{k} | {set_name} | {level} | {any_r['structure']} | {float(any_r['density']):.3f} | "
                          f"{routes} | " + " | ".join(cells) + " |")
