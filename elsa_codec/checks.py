@@ -16,7 +16,7 @@ import torch
 from .errors import ELSAError, ELSATypeError
 
 __all__ = ["check_path", "check_state_dict", "check_list", "check_module", "check_encoded", "check_shard_size", "check_out_path", "check_not_input", "check_not_meta",
-           "check_target"]
+           "check_target", "file_kind"]
 
 
 def _kind(x) -> str:
@@ -192,7 +192,7 @@ def check_not_input(path: str, inputs=(), *, what: str = "output") -> None:
             raise ELSAError(f"{what} {path!r} is the input file: refusing to overwrite it")
 
 
-def _file_kind(mode: int) -> str | None:
+def file_kind(mode: int) -> str | None:
     """What a non-regular file of this ``st_mode`` is (None for a regular file or a symlink)."""
     if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return None
@@ -213,7 +213,7 @@ def check_target(path: str, *, what: str = "output") -> None:
         st = os.lstat(path)
     except OSError:
         return  # absent, or unreadable (a name too long, a folder without access): the write itself reports it
-    kind = _file_kind(st.st_mode)
+    kind = file_kind(st.st_mode)
     if kind is not None:
         raise ELSAError(f"{what} {path!r} is {kind}: an output is written as a new regular file that replaces the "
                         f"target, and {kind} is never replaced; give the path of a regular file")

@@ -15,13 +15,12 @@ import math
 import mmap as _mmap
 import os
 import re
-import stat
 import zlib
 from typing import Mapping
 
 import torch
 
-from ..checks import check_encoded, check_path, check_shard_size, check_target
+from ..checks import check_encoded, check_path, check_shard_size, check_target, file_kind
 from ..errors import ELSAError, ELSAFormatError, ELSATypeError
 from . import jsonio
 from .atomic import atomic, commit_shards, shard_names
@@ -324,14 +323,18 @@ _TORCH_SAVE_HINT = "load it with torch.load and write it with safetensors (safet
 
 def _not_regular(st: os.stat_result, what: str) -> str | None:
     """Why a file of this ``stat`` is not readable as ``what`` (None for a regular file)."""
-    m = st.st_mode
-    if stat.S_ISREG(m):
+    kind = file_kind(st.st_mode)
+    if kind is None:
         return None
-    if stat.S_ISDIR(m):
+    if kind == "a directory":
         return f"is a directory, not {what}"
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(m) else "a character device" if stat.S_ISCHR(m)
-            else "a block device" if stat.S_ISBLK(m) else "a socket" if stat.S_ISSOCK(m) else "a special file")
     return f"is {kind}, not a regular file ({what} is read from a regular file)"
+
+
+def stat_identity(st: os.stat_result) -> tuple:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)``: what tells a file from its replacement or a
+    rewrite (:class:`_SafetensorsFile`, ``elsa_codec.load(..., mmap=True)``)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _os_error(path: str, e: OSError) -> ELSAFormatError:
@@ -475,7 +478,7 @@ class _SafetensorsFile:
         except BaseException:
             os.close(fd)
             raise
-        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.identity = stat_identity(st)
         self._fd = None if mmap else fd
         if mmap:
             os.close(fd)
@@ -681,10 +684,9 @@ def _load(path: str, *, device="cpu", verify_checksums: bool = True, mmap: bool 
 
 def _identity(path: str):
     try:
-        st = os.stat(path)
+        return stat_identity(os.stat(path))
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 #: Reads of a sharded checkpoint retried when its index was replaced while they ran.

@@ -567,6 +567,8 @@ def _remember_files(model: nn.Module, enc, sources: list) -> None:
 def _check_files(mods: list) -> None:
     """Before a level is packed from memory-mapped weights (``load(..., mmap=True)``): each mapped
     file still has the identity it had at the load; else ELSAError naming it (nothing changed)."""
+    from ..format.file import stat_identity
+
     seen = set()
     for _, m in mods:
         for path, ident in getattr(m, "_elsa_mapped_files", ()):
@@ -574,8 +576,7 @@ def _check_files(mods: list) -> None:
                 continue
             seen.add(path)
             try:
-                st = os.stat(path)
-                now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                now = stat_identity(os.stat(path))
             except OSError as e:
                 now = e.strerror or str(e)
             if now != ident:
