@@ -49,6 +49,7 @@ __all__ = [
     "group_of",
     "pruned_tensors",
     "check_not_pruned",
+    "pruned_error",
 ]
 
 logger = logging.getLogger("elsa_codec")
@@ -126,14 +127,17 @@ def pruned_tensors(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _pruned_error(fqn: str, tname: str, how: str) -> ELSAError:
+def pruned_error(fqn: str, tname: str, how: str | None = None, *, why: str = "ELSA would silently skip it (no levels)",
+                 then: str = ", then encode / train (elsa_codec.encode, magnitude_counters, LevelEmbedder) on the model "
+                             "or its new state_dict()") -> ELSAError:
+    """The ELSAError for tensor ``tname`` of module ``fqn`` pruned with ``torch.nn.utils.prune``:
+    ``how`` it is pruned (default: the module's forward pre-hook), ``why`` that is refused, and the
+    fix (``prune.remove``) followed by ``then``."""
+    how = how or f"{tname!r} is recomputed from {tname}_orig * {tname}_mask by a forward pre-hook"
     where = f"module {fqn!r}" if fqn else "the model itself"
     call = f"model.get_submodule({fqn!r})" if fqn else "model"
-    return ELSAError(
-        f"{where} is pruned with torch.nn.utils.prune ({how}): ELSA would silently skip it (no levels). Fold the "
-        f"pruning into the weight first: torch.nn.utils.prune.remove({call}, {tname!r}), then encode / train "
-        "(elsa_codec.encode, magnitude_counters, LevelEmbedder) on the model or its new state_dict()"
-    )
+    return ELSAError(f"{where} is pruned with torch.nn.utils.prune ({how}): {why}. Fold the pruning into the weight "
+                     f"first: torch.nn.utils.prune.remove({call}, {tname!r}){then}")
 
 
 def check_not_pruned(model: nn.Module) -> None:
@@ -145,7 +149,7 @@ def check_not_pruned(model: nn.Module) -> None:
     found = pruned_tensors(model)
     if found:
         fqn, tname = found[0]
-        raise _pruned_error(fqn, tname, f"{tname!r} is recomputed from {tname}_orig * {tname}_mask by a forward pre-hook")
+        raise pruned_error(fqn, tname)
 
 
 def _check_state_dict_not_pruned(state_dict: Mapping) -> None:
@@ -157,7 +161,7 @@ def _check_state_dict_not_pruned(state_dict: Mapping) -> None:
         mask = state_dict.get(f"{stem}_mask")
         if isinstance(mask, torch.Tensor) and isinstance(t, torch.Tensor) and tuple(mask.shape) == tuple(t.shape):
             fqn, _, tname = stem.rpartition(".")
-            raise _pruned_error(fqn, tname, f"the state dict holds {name!r} and {stem + '_mask'!r} instead of {stem!r}")
+            raise pruned_error(fqn, tname, f"the state dict holds {name!r} and {stem + '_mask'!r} instead of {stem!r}")
 
 
 def _storage_key(t: torch.Tensor):

@@ -34,7 +34,7 @@ from ..format.bits import bits_view, check_code_bits, decode_counters
 from ..format.document import LevelInfo, TensorInfo, _make_meta
 from ..format.encode import ELSAStateDict, _tensor_info, resolve_level
 from ..format.pages import release_pages
-from ..format.selection import group_of, model_tie_groups, module_kind, pruned_tensors
+from ..format.selection import group_of, model_tie_groups, module_kind, pruned_error, pruned_tensors
 from ..wrappers import unwrap_model
 from .base import ELSAModule, _dtype_name, refuse_foreign_state
 from .batch_norm import LevelBatchNormMixin, level_batch_norm
@@ -128,12 +128,8 @@ def _check_pruned(model: nn.Module, enc) -> None:
     for fqn, tname in pruned_tensors(model):
         hit = [n for n in encoded if n.rpartition(".")[0] == fqn]
         if hit:
-            raise ELSAError(
-                f"{_where(fqn)} is pruned with torch.nn.utils.prune ({tname!r} is recomputed from {tname}_orig * "
-                f"{tname}_mask by a forward pre-hook) and the checkpoint encodes {hit[0]!r}: an ELSA layer cannot serve a "
-                f"pruned module. Fold the pruning first: torch.nn.utils.prune.remove(model.get_submodule({fqn!r}), "
-                f"{tname!r})"
-            )
+            raise pruned_error(fqn, tname, why=f"the checkpoint encodes {hit[0]!r} and an ELSA layer cannot serve a pruned module",
+                               then="")
 
 
 def _check_tensors(model: nn.Module, enc, modules: dict, strict: bool) -> None:
