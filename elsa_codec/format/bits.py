@@ -24,6 +24,7 @@ __all__ = [
     "bits_view",
     "encode_tensor",
     "decode_codes",
+    "kept_counts",
     "decode_counters",
     "level_mask",
     "extract_level",
@@ -284,6 +285,23 @@ def _float32_of(mag_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.bfloat16:  # bfloat16 is the upper half of a float32
         return (mag_bits << 16).view(torch.float32)
     return _unbits32(mag_bits, dtype).to(torch.float32)
+
+
+def kept_counts(codes: torch.Tensor, num_levels: int, code_bits: int) -> list:
+    """``[number of codes < t for t in 1..T+1]`` of a uint8 code tensor (:func:`decode_codes` with
+    ``code_bits``): the weights each level keeps, and last the codes ``<= T`` (fewer than
+    ``codes.numel()`` when some code is out of range; not counted when ``k`` bits hold no code
+    above ``T``). On the CPU with few levels a vectorised compare-and-count per level (several
+    times faster than a bincount); else one bincount."""
+    flat = codes.reshape(-1)
+    T = num_levels
+    if T > 15 or flat.device.type != "cpu":
+        return torch.cumsum(torch.bincount(flat, minlength=T + 2), 0)[: T + 1].tolist()
+    import numpy as np
+
+    a = flat.numpy()
+    kept = [int(np.count_nonzero(a < t)) for t in range(1, T + 1)]
+    return kept + [int(np.count_nonzero(a <= T)) if T + 1 < (1 << code_bits) else a.size]
 
 
 def decode_codes(encoded: torch.Tensor, code_bits: int) -> torch.Tensor:

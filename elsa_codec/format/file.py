@@ -843,7 +843,7 @@ def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
     structured level's mask (``code < t``; its transpose for a ``transposed`` weight) holds the
     structure (:func:`elsa_codec.format.structure.mask_structure_ok`). A lie about ``k``, a sparsity or a
     structure changes what the file serves, so it is refused here."""
-    from .bits import decode_codes
+    from .bits import decode_codes, kept_counts
     from .structure import mask_structure_ok
 
     T, k = meta.num_levels, meta.code_bits
@@ -852,7 +852,7 @@ def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
             continue  # its target's tensor and record, checked under the target's name
         codes = decode_codes(plain[n], k)
         flat = codes.reshape(-1).numpy()
-        kept = _kept_counts(flat, T, T + 1 < (1 << k))
+        kept = kept_counts(codes, T, k)
         if kept[T] != flat.size:
             raise ELSAFormatError(f"{path}: {n}: code {int(flat.max())} is out of range 0..{T} (T={T}): corrupted tensor or wrong code_bits")
         size = max(flat.size, 1)
@@ -866,19 +866,6 @@ def _check_codes(path: str, plain: Mapping, meta: ELSAMeta) -> None:
                 # an empty weight has no group to break; Conv1D is stored [in, out]
                 if mask.numel() and not mask_structure_ok(mask.t() if ti.transposed else mask, lv.structure):
                     raise ELSAFormatError(f"{path}: {n}: level {t}'s mask breaks its structure {lv.structure}")
-
-
-def _kept_counts(codes, T: int, above: bool) -> list:
-    """``[number of codes < t for t in 1..T+1]`` of a flat uint8 numpy array; the last one is
-    counted only if codes above ``T`` can occur (``above``), else it is the size. A vectorised
-    compare-and-count per level for a few levels (several times faster than a bincount), one
-    bincount for many."""
-    import numpy as np
-
-    if T > 15:
-        return torch.cumsum(torch.bincount(torch.from_numpy(codes), minlength=T + 2), 0)[: T + 1].tolist()
-    kept = [int(np.count_nonzero(codes < t)) for t in range(1, T + 1)]
-    return kept + [int(np.count_nonzero(codes <= T)) if above else codes.size]
 
 
 def save_counters(counters: Counters, path: str) -> None:

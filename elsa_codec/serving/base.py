@@ -54,6 +54,7 @@ from ..format.bits import (
     default_code_bits,
     encode_tensor,
     extract_level,
+    kept_counts,
 )
 from ..format.document import _SPARSITY_TOL
 from ..format.encode import _tensor_info, encode, resolve_level
@@ -311,8 +312,8 @@ class ELSAModule(nn.Module):
                 f"serves {_dtype_name(mine.dtype)} codes (copying would round them away). {_FOREIGN_FIX}"
             )
         T = self.num_levels
-        codes = decode_codes(weight.detach(), self.code_bits).reshape(-1)
-        kept = torch.cumsum(torch.bincount(codes, minlength=T + 1), 0).tolist()
+        codes = decode_codes(weight.detach(), self.code_bits)
+        kept = kept_counts(codes, T, self.code_bits)
         if kept[T] != codes.numel():
             raise ELSAError(
                 f"{type(self).__name__} {key!r}: the state dict's weight holds codes above T={T} in its "
