@@ -247,12 +247,25 @@ def save_file(encoded: ELSAStateDict, path: str, *, max_shard_size=None) -> None
             write_tensors(tmp, tensors, file_metadata(doc, crcs))
         return
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-    groups = shard_groups(list(tensors), sizes, limit if limit is not None else 5 * 10**9)
     index_path = path if str(path).endswith(".index.json") else str(path) + ".index.json"
-    names = shard_names(index_stem(index_path), groups, doc + json.dumps(crcs, sort_keys=True))
-    writers = {s: (lambda tmp, g=g: write_tensors(tmp, {n: tensors[n] for n in g}, file_metadata(doc, {n: crcs[n] for n in g})))
-               for s, g in zip(names, groups)}
-    weight_map = {n: s for s, g in zip(names, groups) for n in g}
+    write_sharded(index_path, list(tensors), sizes, limit if limit is not None else 5 * 10**9, doc, crcs,
+                  lambda tmp, g: write_tensors(tmp, {n: tensors[n] for n in g}, file_metadata(doc, {n: crcs[n] for n in g})))
+
+
+def write_sharded(index_path: str, names: list, sizes: Mapping[str, int], limit: int, doc: str, crcs: Mapping[str, str],
+                  write_shard, check_name=None) -> None:
+    """Write ``names`` as shards of at most ``limit`` bytes (:func:`shard_groups`, named by
+    :func:`~elsa_codec.format.atomic.shard_names`) and the index at ``index_path``, crash-safely
+    (:func:`~elsa_codec.format.atomic.commit_shards`). ``write_shard(tmp, [names])`` writes one
+    shard's file; ``check_name(path)`` (optional) vets each shard path before any work."""
+    groups = shard_groups(names, sizes, limit)
+    files = shard_names(index_stem(index_path), groups, doc + json.dumps(dict(crcs), sort_keys=True))
+    if check_name is not None:
+        folder = os.path.dirname(os.path.abspath(index_path))
+        for f in files:
+            check_name(os.path.join(folder, f))
+    writers = {f: (lambda tmp, g=g: write_shard(tmp, g)) for f, g in zip(files, groups)}
+    weight_map = {n: f for f, g in zip(files, groups) for n in g}
     commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
                   lambda: used_shards(index_path), orphan_shard(index_path))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import math
 import mmap
 import multiprocessing
@@ -43,7 +42,7 @@ import torch
 from ..checks import check_not_input, check_path, check_shard_size, check_target
 from ..errors import ELSAError, ELSAFormatError
 from ..progress import progress_bar
-from .atomic import atomic, commit_shards, new_temporary, release_temporary, shard_names
+from .atomic import atomic, new_temporary, release_temporary
 from .bits import check_code_bits, default_code_bits, encode_tensor, ulp_error
 from .document import ELSAMeta, TensorInfo, _make_meta
 from .encode import _STAT_CHUNK, Counters, check_counter_structures
@@ -56,11 +55,7 @@ from .file import (
     data_order,
     file_metadata,
     header_bytes,
-    index_stem,
-    orphan_shard,
-    shard_groups,
-    used_shards,
-    write_index,
+    write_sharded,
 )
 from .structure import parse_structure
 
@@ -475,18 +470,11 @@ def _write_file(path: str, entries: dict, doc: str, res: dict) -> None:
 
 def _write_sharded(index_path: str, names: list, entries: dict, doc: str, res: dict, limit: int, inputs: list) -> None:
     """Write shards and the index as ``save_file(..., index_path, max_shard_size=limit)`` does
-    (same names, same bytes; :func:`~elsa_codec.format.atomic.commit_shards`)."""
+    (same names, same bytes: :func:`elsa_codec.format.file.write_sharded`)."""
     sizes = {n: _ITEM[entries[n][0]] * _numel(entries[n][1]) for n in names}
-    groups = shard_groups(names, sizes, limit)
-    crcs = {n: res[n][3] for n in names}
-    files = shard_names(index_stem(index_path), groups, doc + json.dumps(crcs, sort_keys=True))
-    folder = os.path.dirname(os.path.abspath(index_path))
-    for f in files:
-        check_not_input(os.path.join(folder, f), inputs)
-    writers = {f: (lambda tmp, g=g: _write_body(tmp, {n: entries[n] for n in g}, doc, res)) for f, g in zip(files, groups)}
-    weight_map = {n: f for f, g in zip(files, groups) for n in g}
-    commit_shards(index_path, writers, lambda tmp: write_index(tmp, weight_map, sum(sizes.values()), doc, crcs),
-                  lambda: used_shards(index_path), orphan_shard(index_path))
+    write_sharded(index_path, names, sizes, limit, doc, {n: res[n][3] for n in names},
+                  lambda tmp, g: _write_body(tmp, {n: entries[n] for n in g}, doc, res),
+                  check_name=lambda p: check_not_input(p, inputs))
 
 
 # ----------------------------------------------------------------------------- the entry point
