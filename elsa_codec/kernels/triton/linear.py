@@ -32,7 +32,7 @@ from ._common import (
     kernels_available,
     needs_autograd,
 )
-from ._dot import dot_acc
+from ._dot import cast_out, dot_acc
 from .decode import decode_level_reference
 from .tile_table import TILE_K, TILE_N, check_tile_table
 
@@ -130,13 +130,7 @@ def _elsa_linear_kernel(
         b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += b.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if ROUND_BF16:
-        # The interpreter truncates float32 -> bfloat16; round to nearest even on the bit pattern.
-        ub = acc.to(tl.int32, bitcast=True)
-        ub = ub + 0x7FFF + ((ub >> 16) & 1)
-        out = (ub >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = acc.to(y_ptr.dtype.element_ty)
+    out = cast_out(acc, y_ptr.dtype.element_ty, ROUND_BF16)
     tl.store(y_ptrs, out, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from elsa_codec.errors import ELSAError
 
 from ._common import INT_VIEW, INTERPRET, device_guard, kernels_available
-from ._dot import dot_acc
+from ._dot import cast_out, dot_acc
 from ._packed_tile import expand_tile
 from .packed import PackedLevel, unpack_level_reference
 from .packed_unpack import check_packed
@@ -107,12 +107,7 @@ def _packed_linear_kernel(
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if ROUND_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even
-            ub = acc.to(tl.int32, bitcast=True)
-            ub = ub + 0x7FFF + ((ub >> 16) & 1)
-            out = (ub >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = acc.to(y_ptr.dtype.element_ty)
+        out = cast_out(acc, y_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, out, mask=mask)
 
 
