@@ -366,11 +366,16 @@ def subset_specs(dtypes=DTYPES) -> list[Spec]:
                                        w_transposed=wt))
         out += [s for s in decode_specs(dt, full=False) if s.kernel == "decode_level" and "i32" in s.spec]
         if dt == "float32":
-            out += [packed_spec(dt, 16, 32, 8, 2), packed_spec(dt, 32, 32, 8, 2, split=True, aligned_k=False, ieee=False),
-                    unpack_spec(dt, 32)]
+            packed = [packed_spec(dt, 16, 32, 8, 2), packed_spec(dt, 32, 16, 8, 2, split=True, aligned_k=False, ieee=False),
+                      unpack_spec(dt, 32)]
         else:
-            out += [packed_spec(dt, 16, 64, 4, 2), packed_spec(dt, 32, 128, 8, 2, split=True, aligned_k=False),
-                    unpack_spec(dt, 64)]
+            packed = [packed_spec(dt, 16, 64, 4, 2), packed_spec(dt, 32, 128, 8, 2, split=True, aligned_k=False),
+                      unpack_spec(dt, 64)]
+        pickable = {s.id for s in packed_specs(dt)}
+        for s in packed:
+            if s.id not in pickable:
+                raise ValueError(f"subset spec {s.id} is not one the packed launchers can pick")
+        out += packed
     return out
 
 
