@@ -114,9 +114,9 @@ def _remove_stale(path: str) -> None:
             os.unlink(stale)
 
 
-def fsync_file(path: str, target: str) -> None:
-    """Flush the temporary ``path``'s data to disk (for the file named ``target``) and give it
-    the usual permissions (``mkstemp`` makes 0600)."""
+def seal_temporary(path: str, target: str) -> None:
+    """Finish the temporary ``path`` of the file named ``target`` before its rename: the usual
+    permissions (``mkstemp`` makes 0600), then its data flushed to disk (``fsync``)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -174,7 +174,7 @@ def atomic(path: str):
     try:
         _step(f"write {os.path.basename(path)}")
         yield tmp
-        fsync_file(tmp, path)
+        seal_temporary(tmp, path)
         _step(f"replace {os.path.basename(path)}")
         os.replace(tmp, path)
         fsync_dir(d)
@@ -241,11 +241,11 @@ def commit_shards(index_path: str, shards: dict, write_index: Callable[[str], No
             tmps[name] = new_temporary(index_path)
             _step(f"write {name}")
             write(tmps[name])
-            fsync_file(tmps[name], name)
+            seal_temporary(tmps[name], name)
         tmps[None] = new_temporary(index_path)
         _step(f"write {os.path.basename(index_path)}")
         write_index(tmps[None])
-        fsync_file(tmps[None], index_path)
+        seal_temporary(tmps[None], index_path)
         with _folder_lock(folder):
             old = {n for n in used_shards() if os.path.basename(n) == n and n not in ("", ".", "..")}
             _swap(index_path, folder, tmps, old)
