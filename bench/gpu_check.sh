@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU stretch (docs/DESIGN.md, "GPU runs"):
 #
-#   bash bench/gpu_check.sh [--dry-run] OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
+#   bash bench/gpu_check.sh [--dry-run] [--archive FILE.tar.gz] OUT_DIR   (or: make gpu-check OUT=OUT_DIR)
+#
+# On the device tool, which returns at most 8 files from $OUT, pass --archive "$OUT/gpu-check.tar.gz"
+# with OUT_DIR outside $OUT (bench/GPU_NOTES.md, "The next GPU stretch").
 #
 # On a CUDA machine with its own preinstalled torch and triton and no package index, from the source
 # tree (no pip install), in under 9 minutes, printing progress as it goes:
@@ -27,13 +30,32 @@
 set -u -o pipefail
 
 DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ $# -ne 1 ]; then
-    echo "usage: bash bench/gpu_check.sh [--dry-run] OUT_DIR" >&2
+ARCHIVE=
+USAGE="usage: bash bench/gpu_check.sh [--dry-run] [--archive FILE.tar.gz] OUT_DIR"
+while [ $# -gt 1 ]; do
+    case $1 in
+        --dry-run) DRY=1; shift ;;
+        --archive) ARCHIVE=$2; shift 2
+            case $ARCHIVE in
+                *.tar.gz) ;;
+                *) echo "gpu_check: --archive needs a FILE.tar.gz, got '$ARCHIVE'" >&2; echo "$USAGE" >&2; exit 2 ;;
+            esac ;;
+        *) break ;;
+    esac
+done
+if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
+    echo "$USAGE" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
+if [ -n "$ARCHIVE" ]; then
+    mkdir -p "$(dirname "$ARCHIVE")" || exit 2
+    ARCHIVE="$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")"
+    case $ARCHIVE in
+        "$OUT"/*) echo "gpu_check: --archive '$ARCHIVE' is inside OUT_DIR '$OUT'; put it beside it" >&2; exit 2 ;;
+    esac
+fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-180}
@@ -62,8 +84,19 @@ else
 fi
 
 : > "$OUT/summary.txt"
+# --archive: OUT_DIR as one .tar.gz, rewritten (atomically) after every step and on exit, so a run
+# killed at the device tool's limit still returns what the finished steps wrote. The device tool
+# returns at most 8 files, and a full run writes 12 (4 of them under codec/).
+archive() {
+    [ -n "$ARCHIVE" ] || return 0
+    tar -czf "$ARCHIVE.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv -f "$ARCHIVE.tmp" "$ARCHIVE"
+}
+trap 'archive' EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 record() {  # step, exit status, seconds
     echo "$1: rc=$2 (${3}s)$([ "$2" = 124 ] && echo ' TIMED OUT')" | tee -a "$OUT/summary.txt"
+    archive
 }
 run_step() {  # name, timeout seconds, command...
     local name=$1 limit=$2

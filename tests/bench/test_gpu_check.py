@@ -4,8 +4,11 @@ the GPU run relies on (source-tree shim, floor lookup, synthetic counters, the t
 the hypothesis stand-in) are checked here."""
 import csv
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 
 import pytest
 import torch
@@ -21,7 +24,8 @@ SCRIPT = os.path.join(REPO_DIR, "bench", "gpu_check.sh")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     env = dict(os.environ, PYTHON=sys.executable)
-    res = subprocess.run(["bash", SCRIPT, "--dry-run", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(["bash", SCRIPT, "--dry-run", "--archive", f"{out}.tar.gz", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
     return out, res
 
 
@@ -40,6 +44,60 @@ def test_dry_run_succeeds_and_reports_each_step(dry_run):
     # the package came from the checkout itself (no install on a GPU machine)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert f"elsa_codec from {os.path.join(repo, 'elsa_codec', '__init__.py')}" in env
+
+
+def _archived(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_archive_holds_the_whole_out_dir(dry_run):
+    """--archive: the device tool returns at most 8 files, so OUT_DIR travels back as one .tar.gz
+    whose files are byte-for-byte those of OUT_DIR, under OUT_DIR's own name."""
+    out, res = dry_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = _archived(f"{out}.tar.gz")
+    assert files == {f"{out.name}/{n}": (out / n).read_bytes() for n in os.listdir(out)}
+    assert not os.path.exists(f"{out}.tar.gz.tmp")
+
+
+def test_archive_survives_a_kill_mid_run(tmp_path):
+    """A run killed (SIGKILL to its process group, as at the device tool's limit) while the grid runs
+    still leaves an archive with the steps finished before it (here the environment)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\ncase " $* " in *" bench.gpu_grid "*) exec sleep 60 ;; esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out, archive = tmp_path / "gpu-check", tmp_path / "back" / "gpu-check.tar.gz"
+    proc = subprocess.Popen(["bash", SCRIPT, "--dry-run", "--archive", str(archive), str(out)],
+                            env=dict(os.environ, PYTHON=str(fake)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        summary = out / "summary.txt"  # the tests step is the last one before the grid
+        while (proc.poll() is None and time.monotonic() < deadline
+               and not (summary.exists() and "tests: would run" in summary.read_text())):
+            time.sleep(0.1)
+        time.sleep(1.0)  # the grid's (fake, sleeping) python has started
+        assert proc.poll() is None, "the run ended before the grid step"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    files = _archived(archive)
+    assert b"env: rc=0" in files["gpu-check/summary.txt"] and b"grid" not in files["gpu-check/summary.txt"]
+    assert b"torch " in files["gpu-check/env.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--archive", "x.zip", "OUT"], "--archive needs a FILE.tar.gz"),
+    (["--archive", "OUT/a.tar.gz", "OUT"], "is inside OUT_DIR"),
+    (["--bogus"], "usage:"),
+    (["--dry-run", "OUT", "extra"], "usage:"),
+])
+def test_bad_arguments_exit_2_before_any_step(tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
+    res = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "o" / "summary.txt").exists()
 
 
 def test_dry_run_grid_has_floors_and_no_timing(dry_run):
