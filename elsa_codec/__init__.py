@@ -34,6 +34,7 @@ from .format.encode import Counters, ELSAStateDict, counters_from_masks, encode,
 from .format.file import load_counters, load_file, read_meta, save_counters, save_file
 from .format.selection import SELECT_POLICIES, select_weights
 from .format.structure import parse_structure
+from .kernels.cpu.plans import clear_plans, refresh_plans, stored_plans
 from .oneshot.magnitude import magnitude_counters
 from .oneshot.masks import magnitude_mask
 from .oneshot.stream import encode_file
@@ -98,7 +99,7 @@ __all__ = [
     "magnitude_counters", "magnitude_mask", "encode_file",
     # serving
     "ELSAEmbedding", "ELSAConv1d", "ELSAConv2d", "ELSALinear", "LevelBatchNorm1d", "LevelBatchNorm2d",
-    "LevelBatchNorm3d", "LevelTable", "choose_level", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "swap_",
+    "LevelBatchNorm3d", "LevelTable", "choose_level", "clear_plans", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "stored_plans", "refresh_plans", "swap_",
     *_LAZY,
 ]
 

@@ -230,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
 
     from .hf import add_parsers
+    from .plans import add_parser as add_plans
 
     add_parsers(sub)
+    add_plans(sub)
     return p
 
 

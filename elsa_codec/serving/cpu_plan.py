@@ -18,7 +18,8 @@ from ..errors import ELSAError
 from ..format.pages import release_pages
 from ..format.structure import parse_structure
 from ..kernels.cpu.packed import FORMATS, PackedLevel, pack_level
-from ..kernels.cpu.planner import Plan, candidates, cost_model, plan_level
+from ..kernels.cpu.planner import Plan, candidates, cost_model
+from ..kernels.cpu.plans import plan_level
 
 __all__ = ["PackedCache", "module_plan", "pack_for_module", "set_packed_cache_bytes"]
 

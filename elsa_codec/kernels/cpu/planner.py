@@ -3,21 +3,26 @@
 A sparse level pays on a CPU only where its packed product beats the dense ``F.linear`` of the
 same level, and that depends on the shape, dtype, density, structure, thread count and the CPU
 itself (AMX or AVX-512 dense GEMMs, cache sizes). So the ``sparse-cpu`` backend measures
-(:func:`plan_level`): once per distinct ``(shape, dtype, density, structure, threads)``, it times
+(:func:`calibrate`): once per distinct ``(shape, dtype, density, structure, threads)``, it times
 every candidate format (:func:`candidates`) against dense at the batch-size buckets
 :data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens) on a row slice of the real
-weight, and keeps one :class:`Plan`: the format with the largest gain (plus a second one where it
-saves at least 10% more in some bucket), and per bucket which of them or dense serves it. The
-slice sits in cache, a model's forward streams its weights: every time is bounded below by its
-bytes at the measured memory bandwidth (:func:`stream_bandwidth`). A call with ``M`` rows takes
-the route of its bucket (:func:`bucket_of`), so a level is never served slower than dense by more
-than the timing noise.
+weight, in :data:`ROUNDS` interleaved rounds, and keeps one :class:`Plan`: the format with the
+largest gain (plus a second one where it saves at least 10% more in some bucket), and per bucket
+which of them or dense serves it. A bucket is served packed only where its ratio (the median of
+the rounds' packed / dense times) plus :data:`SPREAD_Z` times its spread (half the trimmed range
+of the rounds' ratios) is at most :data:`MARGIN`: a noisy measurement serves dense, never a
+single lucky sample. A bucket whose decision the spread leaves open is measured again and its
+rounds pooled. The slice sits in cache, a model's forward streams its weights: every time is
+bounded below by its bytes at the measured memory bandwidth (:func:`stream_bandwidth`). A call
+with ``M`` rows takes the route of its bucket (:func:`bucket_of`).
 
-- Cost: about :data:`BUDGET_S` (50 ms) per distinct key, plus a second measurement of borderline
-  buckets; a bucket left when the budget is spent takes the larger of the last measured ratio and
-  the cost model's. Plans are kept in memory and on disk, in the kernels'
-  cache folder (:func:`elsa_codec.native.cache_dir`), one JSON file per CPU model and kernel build
-  (written atomically; an unreadable file is ignored and rewritten).
+- Each plan records the conditions it was measured under (:func:`conditions`: threads, load
+  average, CPU model, instruction set); :func:`check_plan` times a kept plan's packed routes
+  against dense again (a short interleaved timing) and names the buckets that disagree beyond
+  noise. Keeping plans (memory, disk, the re-measuring rules) is :mod:`.plans`'s job.
+- Cost: about :data:`BUDGET_S` (50 ms) per distinct key, plus a second measurement of the
+  buckets left open; a bucket left when the budget is spent takes the larger of the last measured
+  ratio and the cost model's.
 - ``ELSA_CPU_CALIBRATE=0`` turns measuring off: :func:`cost_model` decides instead (documented
   there; no timing, no disk).
 - A calibration that fails, or whose packed product disagrees with dense (NaN, wrong values),
@@ -26,14 +31,9 @@ than the timing noise.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import tempfile
-import threading
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ from ...format.bits import extract_level
 from ...format.structure import parse_structure
 from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
 
-__all__ = ["BUCKETS", "BUDGET_S", "Plan", "bucket_of", "candidates", "cost_model", "plan_level", "clear_plans", "stream_bandwidth"]
+__all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "Plan", "bucket_of", "calibrate", "candidates", "check_plan", "conditions",
+           "cost_model", "machine_busy", "stream_bandwidth"]
 
 #: Batch-size buckets (input rows M) a plan routes: 1 (decode), 4, 16, 64, 256 (prefill).
 BUCKETS = (1, 4, 16, 64, 256)
@@ -51,8 +52,20 @@ BUCKETS = (1, 4, 16, 64, 256)
 BUDGET_S = 0.05
 #: The packed product serves a bucket where it measured at most this fraction of dense.
 MARGIN = 0.95
-#: Above this ratio (and up to MARGIN) a bucket is measured twice (noise on a shared machine).
-BORDERLINE = 0.75
+#: A bucket is packed only where ratio + SPREAD_Z * spread <= MARGIN (spread: :func:`ratio_stats`).
+SPREAD_Z = 2.0
+#: Interleaved rounds of one measurement (dense and every candidate once per round).
+ROUNDS = 5
+#: Seconds one timing sample lasts at least (short calls are repeated within a sample).
+MIN_SAMPLE_S = 50e-6
+#: Rounds of the short timing with which :func:`check_plan` checks a kept plan's routes.
+CHECK_ROUNDS = 3
+#: A kept ratio and a new one disagree beyond noise when they differ by more than this fraction
+#: of the kept one and by more than SPREAD_Z times their spreads together.
+CHECK_TOLERANCE = 0.15
+#: Load of other processes (runnable threads beyond the measurement's own, :func:`conditions`)
+#: at or above which a machine counts as busy.
+BUSY_LOAD = 0.5
 #: Bytes of the weight slice a measurement streams at M = 1 (past L2, so the slice is not
 #: served from the core's own cache), and the FLOPs that cap the slice at larger M.
 SLICE_BYTES = 4 << 20
@@ -75,12 +88,17 @@ class Plan:
         packed: per bucket of :data:`BUCKETS`: 0 dense, 1 the primary format, 2 the second one.
         ratios: per bucket, the route's time / dense time (the best packed format's where the
             route is dense; NaN: not measured).
-        source: ``"measured"``, ``"disk"`` (an earlier measurement), ``"cost-model"``,
+        source: ``"measured"``, ``"disk"`` (an earlier measurement, checked), ``"cost-model"``,
             ``"forced"`` (``cpu_max_tokens`` set) or ``"fallback"`` (a failed calibration).
         max_rows: set by a forced plan: calls with at most this many rows run the primary
             format, the rest dense (the buckets are then not used).
         second: ``(format, block, group)`` of a second packed format serving some buckets (a
             level is then packed twice; still fewer bytes than packed + decoded), or None.
+        spreads: per bucket, the spread of ``ratios`` (:func:`ratio_stats`; 0 for the cost model).
+        cands: the ``(format, block, group)`` candidates measured (empty for the cost model).
+        table: per bucket, per candidate of ``cands``: ``(ratio, spread)``; what :func:`rechoose`
+            decides from when one bucket is measured again.
+        conditions: what the measurement ran under (:func:`conditions`), None: not recorded.
     """
 
     format: str | None
@@ -91,6 +109,10 @@ class Plan:
     source: str = "cost-model"
     max_rows: int | None = None
     second: tuple | None = None
+    spreads: tuple = (0.0,) * len(BUCKETS)
+    cands: tuple = ()
+    table: tuple = ()
+    conditions: dict | None = None
 
     @property
     def primary(self) -> tuple | None:
@@ -124,41 +146,62 @@ class Plan:
         """Whether any call runs a packed product (the level is packed at the switch)."""
         return bool(self.choices)
 
+    def route_names(self) -> list:
+        """Per bucket, the name of what serves it: a format or ``"dense"``."""
+        return ["dense" if not p or self.format is None else self.format if p == 1 else self.second[0]
+                for p in self.packed]
+
     def describe(self) -> str:
-        """One line: per bucket ``M=<b>: <format>|dense <ratio>x``."""
+        """One line: per bucket ``M=<b>: <format>|dense <ratio>x`` (``±<spread>`` where measured)."""
         if self.max_rows is not None:
             return f"{self.format} [packed for M<={self.max_rows}, dense above] ({self.source})"
         if not self.any_packed and self.source == "fallback":
             return "dense [every M: dense] (fallback)"
         parts = []
-        for b, p, r in zip(BUCKETS, self.packed, self.ratios):
-            name = "dense" if not p or self.format is None else self.format if p == 1 else self.second[0]
-            parts.append(f"M={b}: {name}" + ("" if math.isnan(r) else f" {r:.2f}x"))
+        for b, name, r, sp in zip(BUCKETS, self.route_names(), self.ratios, self.spreads):
+            parts.append(f"M={b}: {name}" + ("" if math.isnan(r) else f" {r:.2f}x") + (f"±{sp:.2f}" if sp > 0 else ""))
         head = "+".join(c[0] for c in self.choices) or "dense"
         return f"{head} [{', '.join(parts)}] ({self.source})"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["ratios"] = [None if math.isnan(r) else r for r in self.ratios]
+        d["table"] = [[[None if math.isnan(v) else v for v in cell] for cell in row] for row in self.table]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
+        """The plan of :meth:`to_json` (``source="disk"``). Raises ValueError / KeyError / TypeError
+        on a document that is not a plan."""
         fmt, second = d["format"], d.get("second")
         if fmt is not None and fmt not in FORMATS or len(d["packed"]) != len(BUCKETS):
             raise ValueError(f"not a plan: {d!r}")
         if (second is not None and second[0] not in FORMATS) or (second is None and any(int(p) == 2 for p in d["packed"])):
             raise ValueError(f"not a plan: {d!r}")
         sec = None if second is None else (second[0], tuple(second[1]), tuple(second[2]))
+        cands = tuple((c[0], tuple(c[1]), tuple(c[2])) for c in d.get("cands", ()))
+        table = tuple(tuple((_num(c[0]), float(c[1])) for c in row) for row in d.get("table", ()))
+        if any(c[0] not in FORMATS for c in cands) or (table and (len(table) != len(BUCKETS) or any(len(r) != len(cands) for r in table))):
+            raise ValueError(f"not a plan: {d!r}")
+        spreads = tuple(float(v) for v in d.get("spreads", (0.0,) * len(BUCKETS)))
+        cond = d.get("conditions")
+        if len(spreads) != len(BUCKETS) or (cond is not None and not isinstance(cond, dict)):
+            raise ValueError(f"not a plan: {d!r}")
         return cls(fmt, tuple(d["block"]), tuple(d["group"]), tuple(int(p) for p in d["packed"]),
-                   tuple(math.nan if r is None else float(r) for r in d["ratios"]), "disk", None, sec)
+                   tuple(_num(r) for r in d["ratios"]), "disk", None, sec, spreads, cands, table, cond)
 
 
-def _choose(cands: list, rows: list, source: str) -> "Plan":
-    """The plan from per-bucket ratios ``rows[b][i]`` of candidate ``i``: the primary format has the
-    largest gain (:func:`_gain`); a second format is added where it saves at least 10% more in some
-    bucket; each bucket takes the fastest of them if at most :data:`MARGIN`, else dense."""
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _choose(cands: list, rows: list, source: str, spreads: list | None = None, cond: dict | None = None) -> "Plan":
+    """The plan from per-bucket ratios ``rows[b][i]`` (and spreads ``spreads[b][i]``, default 0) of
+    candidate ``i``: the primary format has the largest gain (:func:`_gain`); a second format is
+    added where it saves at least 10% more in some bucket; each bucket takes the fastest of them
+    where its ratio + :data:`SPREAD_Z` x spread is at most :data:`MARGIN`, else dense."""
     n = len(cands)
+    spreads = spreads or [[0.0] * n for _ in rows]
     i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
     best_j, best_extra = None, math.log(0.9)
     for j in range(n):
@@ -167,17 +210,30 @@ def _choose(cands: list, rows: list, source: str) -> "Plan":
         extra = sum(math.log(min(r[j], min(r[i], 1.0)) / min(r[i], 1.0)) for r in rows)
         if extra < best_extra:
             best_j, best_extra = j, extra
-    routes, ratios = [], []
-    for r in rows:
-        opts = [(r[i], 1)] + ([(r[best_j], 2)] if best_j is not None else [])
-        ratio, route = min(opts)
-        routes.append(route if ratio <= MARGIN else 0)
+    routes, ratios, sps = [], [], []
+    for r, sp in zip(rows, spreads):
+        opts = [(r[i], sp[i], 1)] + ([(r[best_j], sp[best_j], 2)] if best_j is not None else [])
+        ratio, spread, route = min(opts)
+        routes.append(route if ratio + SPREAD_Z * spread <= MARGIN else 0)
         ratios.append(ratio)
+        sps.append(spread)
     if best_j is not None and 2 not in routes:
         best_j = None
     fmt, block, group = cands[i]
+    table = tuple(tuple((r[c], sp[c]) for c in range(n)) for r, sp in zip(rows, spreads))
     return Plan(fmt, block, group, tuple(routes), tuple(ratios), source, None,
-                None if best_j is None else tuple(cands[best_j]))
+                None if best_j is None else tuple(cands[best_j]), tuple(sps),
+                tuple(tuple(c) for c in cands), table, cond)
+
+
+def rechoose(plan: Plan, bucket_rows: dict, source: str) -> Plan:
+    """``plan`` decided again after some buckets were measured again: ``bucket_rows`` maps a
+    bucket index to its new ``(ratios, spreads)`` per candidate of ``plan.cands``."""
+    rows = [[c[0] for c in row] for row in plan.table]
+    spreads = [[c[1] for c in row] for row in plan.table]
+    for b, (r, sp) in bucket_rows.items():
+        rows[b], spreads[b] = list(r), list(sp)
+    return _choose(list(plan.cands), rows, source, spreads, plan.conditions)
 
 
 def bucket_of(m: int) -> int:
@@ -274,13 +330,32 @@ def _slice_rows(n: int, k: int, es: int, m: int, align: int) -> int:
 
 def _best_of(fns: list, reps: int) -> list[float]:
     """The fastest of ``reps`` interleaved rounds of each function, in seconds."""
-    best = [math.inf] * len(fns)
+    return [min(col) for col in zip(*_rounds(fns, reps))]
+
+
+def _rounds(fns: list, reps: int, inner: int = 1) -> list[list[float]]:
+    """Seconds of one call of each function in each of ``reps`` interleaved rounds (the mean of
+    ``inner`` calls in a row): ``[round][function]``."""
+    out = []
     for _ in range(reps):
-        for i, f in enumerate(fns):
+        row = []
+        for f in fns:
             t0 = time.perf_counter()
-            f()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            for _ in range(inner):
+                f()
+            row.append((time.perf_counter() - t0) / inner)
+        out.append(row)
+    return out
+
+
+def ratio_stats(samples) -> tuple[float, float]:
+    """``(ratio, spread)`` of the per-round ratios ``samples``: their median, and half their range
+    after dropping the lowest and highest fifth (``n // 5`` each side; the whole range below 5)."""
+    s = sorted(samples)
+    n = len(s)
+    j = n // 5
+    mid = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    return mid, 0.5 * (s[n - 1 - j] - s[j])
 
 
 def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -290,10 +365,10 @@ def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
     return err <= _TOL[ref.dtype] * (1.0 + ref.float().abs().max().item())
 
 
-def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs) -> list[float]:
-    """Seconds of dense and of each candidate at ``m`` rows on the first ``rows`` rows of ``w2d``
-    (packs: cache of (rows, candidate) -> packed slice). Raises ELSAError where a product
-    disagrees with dense."""
+def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs, reps) -> list[list[float]]:
+    """Seconds of dense and of each candidate at ``m`` rows on the first ``rows`` rows of ``w2d``,
+    per interleaved round: ``[round][0 dense, 1.. candidates]`` (packs: cache of (rows, candidate)
+    -> packed slice). Raises ELSAError where a product disagrees with dense."""
     ws = w2d[:rows]
     if (rows, "dense") not in packs:
         packs[(rows, "dense")] = extract_level(ws, level, code_bits)
@@ -309,8 +384,9 @@ def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs) -> list[f
         if not _agrees(sparse_linear(x, p, threads=threads), ref):
             raise ELSAError(f"the {c[0]} product disagrees with dense at M={m}")
     fns = [lambda: F.linear(x, dense_w)] + [lambda p=p: sparse_linear(x, p, threads=threads) for p in ps]
-    one = _best_of(fns[:1], 1)[0]
-    return _best_of(fns, 3 if one < 1e-3 else 2)
+    warm = _rounds(fns, 1)[0]  # first calls touch the packed slice and x
+    inner = max(1, min(64, math.ceil(MIN_SAMPLE_S / max(1e-9, min(warm)))))
+    return _rounds(fns, reps, inner)
 
 
 def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
@@ -334,61 +410,153 @@ def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
     return bw
 
 
-def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs) -> list[float]:
-    """Packed / dense time of each candidate at ``m`` rows for the whole weight. Where the slice
-    measured is smaller than the weight, the times are scaled to all rows, except the per-call
-    cost: cutting x into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed
-    cost), measured apart and not scaled. The slice sits in cache, but a model's forward streams
-    every weight from memory: each time is at least its bytes at :func:`stream_bandwidth` (dense
-    at M = 1: its own GEMV's rate)."""
+def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs, reps: int = ROUNDS) -> list[list[float]]:
+    """Per candidate, its packed / dense time ratio in each of ``reps`` interleaved rounds at ``m``
+    rows for the whole weight (summarised by :func:`ratio_stats`). Where the slice measured is
+    smaller than the weight, the times are scaled to all rows, except the per-call cost: cutting x
+    into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed cost), measured
+    apart and not scaled. The slice sits in cache, but a model's forward streams every weight from
+    memory: each time is at least its bytes at :func:`stream_bandwidth` (dense at M = 1: its own
+    GEMV's rate)."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
-    t = _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs)
+    t = _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs, reps)
     if rows < n:
         x = torch.randn(m, k).to(w2d.dtype)
         if m > 1:
             kps = [panel_cost_input(packs[(rows, c)]) for c in cands]
             fixed = [0.0] + _best_of([lambda kp=kp: panels(x, kp) for kp in kps], 3)
         else:
-            fixed = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs)
+            small = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs, 3)
+            fixed = [min(col) for col in zip(*small)]
         scale = n / rows
-        t = [max(ti - fi, 0.0) * scale + fi for ti, fi in zip(t, fixed)]
+        t = [[max(ti - fi, 0.0) * scale + fi for ti, fi in zip(r, fixed)] for r in t]
     dense_bw = stream_bandwidth(w2d.dtype) if m == 1 else stream_bandwidth()
-    t = [max(t[0], w2d.numel() * w2d.element_size() / dense_bw)] + [
-        max(ti, packs[(rows, c)].nbytes * n / rows / stream_bandwidth()) for ti, c in zip(t[1:], cands)]
-    return [ti / t[0] for ti in t[1:]]
+    floors = [w2d.numel() * w2d.element_size() / dense_bw] + [
+        packs[(rows, c)].nbytes * n / rows / stream_bandwidth() for c in cands]
+    t = [[max(ti, fl) for ti, fl in zip(r, floors)] for r in t]
+    return [[r[1 + i] / r[0] for r in t] for i in range(len(cands))]
+
+
+def _summary(samples: list) -> tuple[list, list]:
+    """``(ratios, spreads)`` per candidate of :func:`_measure_bucket`'s samples."""
+    stats = [ratio_stats(s) for s in samples]
+    return [r for r, _ in stats], [sp for _, sp in stats]
+
+
+def _open(ratios: list, spreads: list) -> bool:
+    """Whether the best candidate's decision is left open by the spread: its ratio is at most
+    :data:`MARGIN` but its ratio + :data:`SPREAD_Z` x spread is above."""
+    r, sp = min(zip(ratios, spreads))
+    return r <= MARGIN < r + SPREAD_Z * sp
+
+
+def measure_bucket(w2d, level, code_bits, cands, b: int, threads, packs) -> tuple[list, list]:
+    """``(ratios, spreads)`` per candidate at bucket ``b``: :data:`ROUNDS` rounds, and where the
+    decision is left open (:func:`_open`) as many again, pooled."""
+    samples = _measure_bucket(w2d, level, code_bits, cands, BUCKETS[b], threads, packs)
+    r, sp = _summary(samples)
+    if _open(r, sp):  # a near call on a shared machine: measure again, decide on the pooled rounds
+        more = _measure_bucket(w2d, level, code_bits, cands, BUCKETS[b], threads, packs)
+        r, sp = _summary([a + m for a, m in zip(samples, more)])
+    return r, sp
 
 
 def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=None, *,
               threads: int | None = None, budget_s: float = BUDGET_S) -> Plan:
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
-    seconds are spent; a bucket whose best ratio lies in (:data:`BORDERLINE`, :data:`MARGIN`] is
-    measured twice and keeps the worse; a later bucket takes the larger of the last measured ratio and the cost
+    seconds are spent; :func:`measure_bucket`: interleaved rounds, a bucket left open by its spread
+    measured again; a later bucket takes the larger of the last measured ratio and the cost
     model's, so that an unmeasured bucket is never routed packed on hope) and return the plan
-    (:func:`_choose`). Each time is at least the weight's bytes (dense, or packed) at the memory
-    bandwidth of :func:`stream_bandwidth` (:func:`_measure_bucket`).
+    (:func:`_choose`), with the :func:`conditions` it was measured under. Each time is at least
+    the weight's bytes (dense, or packed) at the memory bandwidth of :func:`stream_bandwidth`.
 
     Raises:
         ELSAError: a product disagrees with dense; RuntimeError / ELSAError from the kernels.
     """
     cands = cands or candidates(structure)
     nt = threads or torch.get_num_threads()
-    packs, rows = {}, []
+    packs, rows, spreads = {}, [], []
     stream_bandwidth(), stream_bandwidth(w2d.dtype)  # measured once per process, outside the budget
+    cond = conditions(nt)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for b, m in enumerate(BUCKETS):
+        for b in range(len(BUCKETS)):
             if rows and time.perf_counter() - t0 > budget_s:
                 rows.append([max(r, _unmeasured(w2d, c, packs, b)) for r, c in zip(rows[-1], cands)])
+                spreads.append(list(spreads[-1]))
                 continue
-            r = _measure_bucket(w2d, level, code_bits, cands, m, nt, packs)
-            if BORDERLINE < min(r) <= MARGIN:  # a near call on a shared machine: measure again, keep the worse
-                again = _measure_bucket(w2d, level, code_bits, cands, m, nt, packs)
-                r = [max(first, second) for first, second in zip(r, again)]
+            r, sp = measure_bucket(w2d, level, code_bits, cands, b, nt, packs)
             rows.append(r)
-    return _choose(cands, rows, "measured")
+            spreads.append(sp)
+    return _choose(cands, rows, "measured", spreads, cond)
+
+
+def check_plan(plan: Plan, w2d: torch.Tensor, level: int, code_bits: int, *, threads: int | None = None) -> list[int]:
+    """The buckets whose packed route ``plan`` (a kept one) no longer holds: each bucket it serves
+    packed is timed again, route against dense, :data:`CHECK_ROUNDS` interleaved rounds on the
+    slice; it disagrees where the new ratio differs from the kept one by more than
+    :data:`CHECK_TOLERANCE` of it and by more than :data:`SPREAD_Z` x both spreads, or where the
+    route no longer clears :data:`MARGIN` by its spread. Costs a few ms per packed bucket.
+
+    Raises:
+        ELSAError / RuntimeError: from the kernels (the caller re-measures).
+    """
+    nt = threads or torch.get_num_threads()
+    packs, bad = {}, []
+    with torch.no_grad():
+        for b, route in enumerate(plan.packed):
+            if not route or plan.max_rows is not None:
+                continue
+            choice = plan.primary if route == 1 else tuple(plan.second)
+            r, sp = ratio_stats(_measure_bucket(w2d, level, code_bits, [choice], BUCKETS[b], nt, packs, CHECK_ROUNDS)[0])
+            kept, kept_sp = plan.ratios[b], plan.spreads[b]
+            moved = abs(r - kept) > max(CHECK_TOLERANCE * kept, SPREAD_Z * (sp + kept_sp))
+            if moved or r + SPREAD_Z * sp > MARGIN:
+                bad.append(b)
+    return bad
+
+
+def machine_busy(cond: dict | None) -> bool:
+    """Whether conditions recorded by :func:`conditions` describe a busy machine: other
+    processes' load at least :data:`BUSY_LOAD` (None, an unrecorded plan: True)."""
+    return cond is None or float(cond.get("other_load", math.inf)) >= BUSY_LOAD
+
+
+def conditions(threads: int) -> dict:
+    """What a measurement runs under: ``threads``, the 1-minute load average ``load``, the
+    runnable threads of other processes now ``others_running`` (``/proc/loadavg`` less this
+    process's own), ``other_load`` = the larger of load - threads and others_running (what other
+    processes add; at least 0), ``cpu`` (model), ``isa`` (the kernels' instruction set), ``time``
+    (UTC, ISO 8601). A plan measured with ``other_load`` >= :data:`BUSY_LOAD` counts as measured
+    on a busy machine (:func:`machine_busy`)."""
+    from ...native import cpu_isa, cpu_model
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    others = _others_running()
+    other = max(0.0, load - threads, float(others))
+    return {"threads": int(threads), "load": round(load, 2), "others_running": others, "other_load": round(other, 2),
+            "cpu": cpu_model(), "isa": cpu_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _others_running() -> int:
+    """Runnable threads of other processes now: ``/proc/loadavg``'s running count less this
+    process's threads in state R (its OpenMP workers spin after a parallel region); 0 if unknown."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            total = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                own += f.read().rpartition(")")[2].split()[0] == "R"
+        return max(0, total - own)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _unmeasured(w2d, cand, packs, b: int) -> float:
@@ -399,95 +567,6 @@ def _unmeasured(w2d, cand, packs, b: int) -> float:
     return _model_ratios(cand[0], n, k, w2d.element_size(), density, cand[2])[b]
 
 
-# -- the plans kept: memory, then disk ---------------------------------------------------------------
-_PLANS: dict = {}
-_LOCK = threading.Lock()
-_WARNED: set = set()
-
-
-def clear_plans() -> None:
-    """Forget the plans measured in this process (the disk file stays)."""
-    with _LOCK:
-        _PLANS.clear()
-
-
-def _plans_path() -> str | None:
-    from ...native import cache_dir, cpu_isa, cpu_kernels_build_id, cpu_model
-
-    build = cpu_kernels_build_id()
-    if build is None:
-        return None
-    tag = hashlib.sha256(f"{cpu_model()}|{build}|{cpu_isa()}".encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), f"plans_{tag}.json")
-
-
-def _read_disk(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        return doc["plans"] if isinstance(doc, dict) and isinstance(doc.get("plans"), dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-
-
-def _write_disk(path: str, key: str, plan: Plan) -> None:
-    """Add ``plan`` under ``key`` to the plans file (read, merge, write to a temporary name, rename)."""
-    from ...native import cpu_model
-
-    try:
-        plans = _read_disk(path)
-        plans[key] = plan.to_json()
-        fd, tmp = tempfile.mkstemp(prefix=".plans_", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"cpu": cpu_model(), "plans": plans}, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache: the plan is still kept in memory
-
-
-def _key(shape, dtype, density, structure, threads, cands) -> str:
-    n, k = shape
-    forms = ",".join(c[0] for c in cands)
-    return f"{n}x{k}|{str(dtype).replace('torch.', '')}|{density:.2f}|{structure}|{threads}|{forms}"
-
-
 def calibration_on() -> bool:
     """Whether plans are measured (``ELSA_CPU_CALIBRATE`` unset or not ``0`` / ``off`` / ``false``)."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def plan_level(w2d: torch.Tensor, level: int, code_bits: int, structure, density: float, *, cands=None,
-               name: str = "weight") -> Plan:
-    """The plan of ``level`` of the encoded weight ``w2d`` `[out_features, in_features]` at this
-    process's thread count: from memory, else from the disk file, else measured (:func:`calibrate`)
-    and stored in both; the :func:`cost_model` when ``ELSA_CPU_CALIBRATE=0``. ``cands`` restricts
-    the formats (a forced ``cpu_format``). A failed calibration gives a dense plan and one warning."""
-    cands = cands or candidates(structure)
-    if not calibration_on():
-        return cost_model(tuple(w2d.shape), w2d.dtype, density, structure, cands)
-    threads = torch.get_num_threads()
-    key = _key(tuple(w2d.shape), w2d.dtype, density, structure, threads, cands)
-    with _LOCK:
-        plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    path = _plans_path()
-    stored = _read_disk(path).get(key) if path else None
-    try:
-        plan = Plan.from_json(stored) if stored else None
-    except (ValueError, KeyError, TypeError):
-        plan = None
-    if plan is None:
-        try:
-            plan = calibrate(w2d, level, code_bits, structure, cands)
-        except (ELSAError, RuntimeError, ValueError) as e:
-            if key not in _WARNED:
-                _WARNED.add(key)
-                warnings.warn(f"elsa_codec: {name}: measuring the sparse-cpu formats of level {level} failed ({e}); "
-                              "that level is served dense", RuntimeWarning, stacklevel=3)
-            plan = Plan(None, source="fallback")
-        if path and plan.source == "measured":
-            _write_disk(path, key, plan)
-    with _LOCK:
-        _PLANS[key] = plan
-    return plan
