@@ -35,11 +35,12 @@ Sections (``--only``):
 
 - ``minilm``: ``BertModel`` 6 layers, hidden 384, intermediate 1536, op ``forward`` of
   ``batch x 128`` random tokens (batch 1, 8, 32).
-- ``switch``: the GPT-2-shaped model: ``ec.set_level(model, t)`` on a freshly loaded model (op
+- ``switch``: each causal LM (GPT-2-shaped, Llama-style): ``ec.set_level(model, t)`` on a freshly loaded model (op
   ``switch``, provider ``set_level-cold``: the first switch to ``t``, dense -> 1 -> 2 -> 3) and back
   to a recently used level (``set_level-warm``: 3 -> 1 -> 2 -> 3 again, the default cache holding
   the current packed level only; ``set_level-lru``: the same once ``ec.set_packed_cache_bytes``
-  keeps every level packed), against
+  keeps every level packed; ``set_level-all``: 3 -> 1 -> 2 -> 3 on a model loaded with
+  ``resident="all"``, every level packed once at load, after one untimed pass), against
   ``own-file-load`` (``safetensors.torch.load_file`` of a plain dense file holding only that level's
   encoded tensors, made with ``ec.extract``, + ``model.load_state_dict(strict=False)`` into a stock
   model; the file is read once before timing: page cache) and ``encoded-copy_`` (every ELSA
@@ -558,11 +559,17 @@ def switch_round(stock, path: str, own: dict, target) -> dict:
         ec.set_packed_cache_bytes(m, 4 * sum(mod.weight.numel() * mod.weight.element_size() for _, mod in ec.elsa_modules(m)))
         _timed_switches(m, own, "fill", {})
         _timed_switches(m, own, "lru", out)
+    del m
+    if hasattr(ec, "set_resident"):  # every level resident (nested): a switch changes row ends only
+        a = ec.load(path, copy.deepcopy(stock), mmap=True, resident="all")
+        _timed_switches(a, own, "fill", {})  # first use of each level: its plan
+        _timed_switches(a, own, "all", out)  # 3 -> 1 -> 2 -> 3
+        del a
     for t, p in own.items():
         t0 = time.perf_counter()
         target.load_state_dict(safetensors.torch.load_file(p), strict=False)
         out[("own-file-load", str(t))] = time.perf_counter() - t0
-    ws = [mod.weight for _, mod in ec.elsa_modules(m)]
+    ws = [mod.weight for _, mod in ec.elsa_modules(ec.load(path, copy.deepcopy(stock), mmap=True))]
     dst = [torch.empty_like(w) for w in ws]
     for d, w in zip(dst, ws):  # warm: the encoded weights in memory, the destination touched
         d.copy_(w)
@@ -578,17 +585,21 @@ def switch_memory(ctx, name: str, dtype, stock, path: str) -> None:
     forward): ``cached_bytes_after_switch`` and ``rss_anon_delta_after_switch``."""
     import elsa_codec as ec
 
-    m = ec.load(path, copy.deepcopy(stock), mmap=True)
-    for t in range(1, len(ec.levels(m))):
+    for resident in ("one", "all") if hasattr(ec, "set_resident") else ("one",):
+        gc.collect()
         before = _anon()
-        ec.set_level(m, t)
-        delta = _anon() - before
-        lv = ec.levels(m)[t - 1]
-        f = dict(level=str(t), sparsity=lv.sparsity, structure=lv.structure, density=1.0 - lv.sparsity)
-        for metric, value in (("cached_bytes_after_switch", sum(mod.cached_bytes for _, mod in ec.elsa_modules(m))),
-                              ("rss_anon_delta_after_switch", delta)):
-            ctx.rows.add("resident", "elsa", model=name, dtype=common.dtype_name(dtype), threads=torch.get_num_threads(),
-                         metric=metric, value=value, unit="B", note="after set_level only (switch section)", **f)
+        m = ec.load(path, copy.deepcopy(stock), mmap=True, **({"resident": resident} if resident == "all" else {}))
+        prov = "elsa" if resident == "one" else "elsa-resident-all"
+        for t in [*range(1, len(ec.levels(m))), 1]:
+            ec.set_level(m, t)
+            delta = _anon() - before
+            lv = ec.levels(m)[t - 1]
+            f = dict(level=str(t), sparsity=lv.sparsity, structure=lv.structure, density=1.0 - lv.sparsity)
+            for metric, value in (("cached_bytes_after_switch", sum(mod.cached_bytes for _, mod in ec.elsa_modules(m))),
+                                  ("rss_anon_delta_after_switch", delta)):
+                ctx.rows.add("resident", prov, model=name, dtype=common.dtype_name(dtype), threads=torch.get_num_threads(),
+                             metric=metric, value=value, unit="B", note="after load + set_level (switch section)", **f)
+        del m
 
 
 def switch_rows(ctx, name: str, dtype, threads: int, samples: dict, sizes: dict, sparsity: dict) -> None:
@@ -610,8 +621,13 @@ def switch_rows(ctx, name: str, dtype, threads: int, samples: dict, sizes: dict,
 
 
 def run_switch(ctx) -> None:
-    """The ``switch`` section on the GPT-2-shaped model: one warm-up round, then ``switch_rounds``."""
-    name, (cls, cfg) = next(iter(lm_specs(ctx.quick).items()))
+    """The ``switch`` section on each causal LM (GPT-2-shaped, Llama-style): one warm-up round, then
+    ``switch_rounds``."""
+    for name, (cls, cfg) in lm_specs(ctx.quick).items():
+        _run_switch_model(ctx, name, cls, cfg)
+
+
+def _run_switch_model(ctx, name, cls, cfg) -> None:
     for dtype in ctx.dtypes:
         t0 = time.perf_counter()
         stock = build(cls, cfg, dtype)

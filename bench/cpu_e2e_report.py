@@ -185,14 +185,15 @@ def table_minilm(rows: list, commands: dict) -> str:
 
 
 def _switch_line(sel: list, res: list, lvl: str, copy_ms: float) -> str:
-    provs = ("set_level-cold", "set_level-warm", "set_level-lru", "own-file-load")
+    provs = ("set_level-cold", "set_level-warm", "set_level-lru", "set_level-all", "own-file-load")
     g = {p: _find(sel, provider=p, level=lvl) for p in provs}
     ms = {p: _f(r, "value") if r else float("nan") for p, r in g.items()}
-    cold, warm, lru, own = (ms[p] for p in provs)
+    cold, warm, lru, every, own = (ms[p] for p in provs)
     sp = g["own-file-load"]["sparsity"] if g["own-file-load"] else ""
-    mem = [_find(res, level=lvl, metric=m) for m in ("cached_bytes_after_switch", "rss_anon_delta_after_switch")]
-    return (f"| {_level_name('elsa', lvl, sp)} | {cold:.1f} | {warm:.1f} | {lru:.1f} | {own:.1f} | {cold / own:.2f}x | "
-            f"{warm / own:.2f}x | {lru / own:.2f}x | {cold / copy_ms:.2f}x | "
+    mem = [_find(res, level=lvl, metric=m, provider=p) for p in ("elsa", "elsa-resident-all")
+           for m in ("cached_bytes_after_switch", "rss_anon_delta_after_switch")]
+    return (f"| {_level_name('elsa', lvl, sp)} | {cold:.1f} | {warm:.1f} | {lru:.1f} | {every:.2f} | {own:.1f} | "
+            f"{cold / own:.2f}x | {warm / own:.2f}x | {lru / own:.2f}x | {every / own:.3f}x | {cold / copy_ms:.2f}x | "
             + " | ".join(_mib(m["value"]) if m else "-" for m in mem) + " |")
 
 
@@ -210,13 +211,15 @@ def table_switch(rows: list, commands: dict) -> str:
         out = [_header(sel, f"Level switch, {model}, {dtype}, {th} thread(s)", commands),
                "`set_level` cold: the first switch to the level on a freshly loaded model (dense -> 1 -> 2 -> 3); warm: "
                "back to a recently used level (3 -> 1 -> 2 -> 3; the default keeps only the current packed level); LRU: "
-               "the same with `ec.set_packed_cache_bytes` keeping every level packed. Own-file load: `safetensors.torch.load_file` of a plain "
+               "the same with `ec.set_packed_cache_bytes` keeping every level packed; all: the same on a model loaded with "
+               "`resident=\"all\"` (every level packed once at load, nested). Own-file load: `safetensors.torch.load_file` of a plain "
                "dense file of that level's encoded tensors (page cache) + `load_state_dict`. "
                f"Encoded copy_ (all ELSA weights into preallocated tensors): **{copy_ms:.1f} ms**"
                + (f" ({cp['note'].split('; ', 1)[-1]})" if cp else "") + ". p50 of the rounds, ms; resident after the "
-               "switch (before any forward), MiB.\n",
-               "| level | set_level cold | set_level warm | set_level LRU | own-file load | cold / own | warm / own | "
-               "LRU / own | cold / copy_ | cached MiB | RSS delta MiB |", "|---" * 11 + "|"]
+               "load and the switch (before any forward; the RSS delta counts from before the load), MiB.\n",
+               "| level | set_level cold | set_level warm | set_level LRU | set_level all | own-file load | cold / own | "
+               "warm / own | LRU / own | all / own | cold / copy_ | cached MiB | RSS delta MiB | cached MiB (all) | "
+               "RSS delta MiB (all) |", "|---" * 15 + "|"]
         out += [_switch_line(sel, res, lvl, copy_ms) for lvl in sorted({r["level"] for r in sel if r["level"] != "-"})]
         parts.append("\n".join(out) + "\n")
     return "\n".join(parts)

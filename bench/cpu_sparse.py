@@ -30,6 +30,9 @@ Three sections, each writing long-format rows to ``<out>/results.csv`` (default
   level switch, one subprocess per case.
 - ``minilm`` (:mod:`.cpu_minilm`): the real all-MiniLM-L6-v2 served at each level, one subprocess
   per level.
+- ``serving`` (:mod:`.cpu_serving`): one 4096x4096 layer through ``ec.swap_`` at M = 1 / 16 / 64 /
+  256, as a ratio to dense in one process: plans measured quiet, plans written under load then
+  served quiet, and ``resident="all"``.
 
 Then (separate steps, also ``python -m bench cpu plot|tables CSV``) :mod:`.cpu_report` writes
 ``latency_vs_density.png`` and ``tables.md``.
@@ -56,7 +59,7 @@ COLUMNS = common.COLUMNS + [
 ]
 CSV_NAME = "results.csv"
 OUT_DEFAULT = os.path.join(common.BENCH_DIR, "results", "cpu-sparse")
-SECTIONS = ("grid", "memory", "minilm")
+SECTIONS = ("grid", "memory", "minilm", "serving")
 
 SHAPES = [(4096, 4096), (384, 384), (1536, 384), (384, 1536)]
 #: (name, levels sparsest first, structure for magnitude_counters)
@@ -534,6 +537,11 @@ def run(argv) -> int:
                 from .cpu_memory import run_memory
 
                 run_memory(ctx)
+            elif s == "serving":
+                from .cpu_serving import run_serving
+
+                ctx.out, ctx.command, ctx.machine = out, cmd, mline
+                run_serving(ctx)
             else:
                 from .cpu_minilm import run_minilm
 

@@ -44,7 +44,7 @@ from .serving.conv import ELSAConv1d, ELSAConv2d
 from .serving.cpu_plan import set_packed_cache_bytes
 from .serving.embedding import ELSAEmbedding
 from .serving.linear import ELSALinear
-from .serving.swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_sparsity, swap_
+from .serving.swap import elsa_modules, elsa_state_dict, levels, load, set_level, set_resident, set_sparsity, swap_
 
 __version__ = "0.1.0"
 
@@ -99,7 +99,7 @@ __all__ = [
     "magnitude_counters", "magnitude_mask", "encode_file",
     # serving
     "ELSAEmbedding", "ELSAConv1d", "ELSAConv2d", "ELSALinear", "LevelBatchNorm1d", "LevelBatchNorm2d",
-    "LevelBatchNorm3d", "LevelTable", "choose_level", "clear_plans", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_sparsity", "stored_plans", "refresh_plans", "swap_",
+    "LevelBatchNorm3d", "LevelTable", "choose_level", "clear_plans", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_resident", "set_sparsity", "stored_plans", "refresh_plans", "swap_",
     *_LAZY,
 ]
 

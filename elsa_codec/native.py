@@ -1,4 +1,5 @@
-"""Build and load the CPU kernels: ``elsa_codec/kernels/cpu/elsa_cpu.cpp`` (the ``sparse-cpu`` backend) and
+"""Build and load the CPU kernels: ``elsa_codec/kernels/cpu/elsa_cpu.cpp`` (the ``sparse-cpu`` backend, with
+``elsa_cpu_mm.cpp`` and ``elsa_cpu_nested.cpp`` in the same shared object) and
 ``elsa_codec/format/elsa_rule.c`` (the code rule: encode, extract a level, decode codes; used by
 :mod:`elsa_codec.format.bits`). Two separate shared objects: the code rule never waits for the big C++
 source.
@@ -96,20 +97,24 @@ _CPU_SIGNATURES = {
     "elsa_bsr_blocks": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P, _I],
     "elsa_pack_bsr": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _I64, _P, _P, _P, _P, _I],
     "elsa_bitmask_to_csr": [_I64, _I64, _P, _P, _P, _I, _P, _P, _I, _P, _I],
-    "elsa_unpack_csr": [_I64, _I64, _P, _P, _I, _P, _I, _P, _I],
+    # csr kernels: (..., rowptr, rowend, col, ...): row n's entries [rowptr[n], rowend[n]) (plain csr: rowptr + 1)
+    "elsa_unpack_csr": [_I64, _I64, _P, _P, _P, _I, _P, _I, _P, _I],
     "elsa_unpack_bitmask": [_I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
     "elsa_unpack_bsr": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
-    "elsa_csr_mv": [_I64, _P, _P, _I, _P, _I, _P, _P, _P, _I],
+    "elsa_csr_mv": [_I64, _P, _P, _P, _I, _P, _I, _P, _P, _P, _I],
     "elsa_bitmask_mv": [_I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_bsr_mv": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_pack_nm": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P, _I],
     "elsa_unpack_nm": [_I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
     "elsa_nm_mv": [_I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I],
     # elsa_cpu_mm.cpp: x as panels [P, Kp, W]; (N, M, W, Kp, <format arrays>, dt, xp, bias, y, ldy, threads)
-    "elsa_csr_mm": [_I64, _I64, _I64, _I64, _P, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_csr_mm": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_bitmask_mm": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_nm_mm": [_I64, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_bsr_mm": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
+    # elsa_cpu_nested.cpp: every sparse level in one nested csr (w, es, N, K, rs, cs, k, T, ...)
+    "elsa_count_codes": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _I],
+    "elsa_pack_csr_nested": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I64, _P, _I, _P, _I],
 }
 _CPU_RESTYPE = {"elsa_pack_nm": ctypes.c_int64}
 _CPU_SIGNATURES = {n: (a, _CPU_RESTYPE.get(n, ctypes.c_int if n.startswith("elsa_cpu_") else None))
@@ -126,8 +131,8 @@ _RULE_SIGNATURES = {
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
-_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=5,
-                extra=("elsa_cpu_mm.cpp",), includes=("elsa_cpu_mm.inc", "elsa_cpu_common.h"))
+_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=6,
+                extra=("elsa_cpu_mm.cpp", "elsa_cpu_nested.cpp"), includes=("elsa_cpu_mm.inc", "elsa_cpu_common.h"))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 
 

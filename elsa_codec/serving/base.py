@@ -59,7 +59,7 @@ from ..format.bits import (
 from ..format.document import _SPARSITY_TOL
 from ..format.encode import _tensor_info, encode, resolve_level
 from ..kernels.cpu.packed import csr_from_bitmask
-from .cpu_plan import PackedCache, module_plan, pack_for_module
+from .cpu_plan import RESIDENT_MODES, PackedCache, module_plan, nested_for_module, pack_for_module
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "ELSAModule", "check_state_codes"]
 
@@ -139,6 +139,11 @@ class ELSAModule(nn.Module):
         packed_cache_bytes: ``None`` (keep only the current packed level) or the bytes of
             recently used packed levels kept besides it (:func:`elsa_codec.set_packed_cache_bytes`
             sets a whole model).
+        resident: ``"one"`` (default: the ``sparse-cpu`` backend packs the current level at each
+            switch and keeps only it) or ``"all"`` (every sparse level ``1..T`` packed once into
+            one nested csr form, each row's kept weights ordered by level, so a switch only
+            changes which row ends the kernels read; :mod:`elsa_codec.kernels.cpu.nested`). Set
+            a whole model with :func:`elsa_codec.set_resident` or ``load(..., resident=)``.
         keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
             level is packed, the encoded weight's pages (with ``mmap=True``: mapped from the file) are handed
             back to the OS (:func:`elsa_codec.format.pages.release_pages`); they are read again from
@@ -171,6 +176,8 @@ class ELSAModule(nn.Module):
     keep_weight_resident = True
     packed_cache_bytes = None
     _plan = None
+    _resident = "one"
+    _nested = None  # (key, NestedLevels): every sparse level, resident="all"
     _elsa_blank = False  # built by the bare constructor: no record yet (the first weight loaded sets it)
 
     @property
@@ -204,6 +211,31 @@ class ELSAModule(nn.Module):
         self._cpu_max_tokens = value
         if "_level" in self.__dict__:
             self._refresh_path()
+
+    @property
+    def resident(self) -> str:
+        """``"one"`` or ``"all"`` (see the class docstring); assigning re-plans the current level."""
+        return self._resident
+
+    @resident.setter
+    def resident(self, value) -> None:
+        if value not in RESIDENT_MODES:
+            raise ELSAError(f"{type(self).__name__}: resident must be one of {RESIDENT_MODES}, got {value!r}")
+        if value == "all" and not self._sparse_cpu_ok:
+            raise ELSAError(f"{type(self).__name__}: resident='all' is for the sparse-cpu layers (ELSALinear, ELSATransformersConv1D)")
+        if value == self._resident:
+            return
+        old, self._resident = self._resident, value
+        self._nested, self._cached, self._plan = None, None, None
+        if "_packed" in self.__dict__:
+            self._packed.clear()
+        if "_level" in self.__dict__:
+            try:
+                self._refresh_path()
+            except ELSAError:  # e.g. a cpu_format the nested csr form cannot serve: keep the old mode
+                self._resident = old
+                self._refresh_path()
+                raise
 
     def _linear_weight(self) -> torch.Tensor:
         """The weight as `[out_features, in_features]` (a view of :attr:`weight`)."""
@@ -532,6 +564,8 @@ class ELSAModule(nn.Module):
         """
         choice = choice or self.cpu_plan.primary
         w, t = self.weight, self._level
+        if self._resident == "all" and choice[0] == "csr":
+            return nested_for_module(self).level(t)  # a view: the row ends of level t
         key = (t, w.data_ptr(), w._version, w.dtype, *choice)
         p = self._packed.get(key)
         if p is None:
@@ -564,7 +598,7 @@ class ELSAModule(nn.Module):
     def cached_bytes(self) -> int:
         """Bytes held by the runtime caches (decoded weight, packed levels, tile table); 0 at the
         dense level unless ``packed_cache_bytes`` keeps packed levels."""
-        n = self._packed.nbytes
+        n = self._packed.nbytes + (0 if self._nested is None else self._nested[1].nbytes)
         if self._cached is not None:
             n += _nbytes(self._cached[1])
         if self._tiles is not None:
@@ -575,6 +609,7 @@ class ELSAModule(nn.Module):
         """Drop the decoded weight, the packed levels and the tile table (recomputed when needed)."""
         self._cached = None
         self._packed.clear()
+        self._nested = None
         self._tiles = None
 
     def cast_plan(self, fn) -> tuple | None:
@@ -630,11 +665,13 @@ class ELSAModule(nn.Module):
             lv = f"level={t} ({self.structures[t - 1]}, sparsity={self.sparsities[t - 1]:.3f})"
         be = self.backend
         if be == "sparse-cpu" and self._plan is not None:
-            held = self._packed.nbytes + (0 if self._cached is None else _nbytes(self._cached[1]))
+            held = self.cached_bytes - (0 if self._tiles is None else _nbytes(self._tiles[1]))
             be += f" ({self._plan[1].describe()}; resident {held / 2**20:.2f} MiB"
             be += f", {len(self._packed)} packed levels)" if len(self._packed) > 1 else ")"
         if self.backend_request != "auto":
             be += f" (forced {self.backend_request})"
+        if self._resident == "all":
+            be += ", resident=all"
         st = sorted(set(self.structures))
         return f"T={T}, k={self.code_bits}, structure={st[0] if len(st) == 1 else st}, {lv}, backend={be}"
 

@@ -5,7 +5,8 @@ module's weight is served (which packed format, and per batch-size bucket packed
 honouring the module's ``cpu_format`` / ``cpu_max_tokens`` overrides. :class:`PackedCache` keeps
 the packed levels: the current one, plus recently used ones while their bytes fit
 ``packed_cache_bytes`` (an LRU; default: the current level only), so switching back to a level
-that is still cached costs nothing.
+that is still cached costs nothing. With ``resident="all"`` a module instead holds one nested csr
+form of every sparse level (:func:`nested_for_module`), and its plans measure csr only.
 """
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ import torch
 from ..errors import ELSAError
 from ..format.pages import release_pages
 from ..format.structure import parse_structure
+from ..kernels.cpu.nested import NestedLevels, pack_nested
 from ..kernels.cpu.packed import FORMATS, PackedLevel, pack_level
 from ..kernels.cpu.planner import Plan, candidates, cost_model
 from ..kernels.cpu.plans import plan_level
 
-__all__ = ["PackedCache", "module_plan", "pack_for_module", "set_packed_cache_bytes"]
+__all__ = ["RESIDENT_MODES", "PackedCache", "module_plan", "nested_for_module", "pack_for_module", "set_packed_cache_bytes"]
+
+#: What a sparse-cpu module keeps packed: the current level ("one") or every level, nested ("all").
+RESIDENT_MODES = ("one", "all")
 
 
 def _weight_name(module) -> str:
@@ -33,6 +38,11 @@ def _forced_candidates(module, level: int) -> list:
     structure = module.structures[level - 1]
     cands = candidates(structure)
     fmt = module.cpu_format
+    if module.resident == "all":  # the nested form is csr: every level is a prefix of each row
+        if fmt not in (None, "csr"):
+            raise ELSAError(f"{_weight_name(module)}: resident='all' serves the nested csr form; cpu_format {fmt!r} "
+                            "needs resident='one'")
+        return [("csr", (0, 0), (0, 0))]
     if fmt is None:
         return cands
     if fmt not in FORMATS:
@@ -93,6 +103,30 @@ def pack_for_module(module, level: int, choice: tuple) -> PackedLevel:
     if not module.keep_weight_resident:
         release_pages(module.weight)
     return packed
+
+
+def nested_for_module(module) -> NestedLevels:
+    """The nested csr form of every sparse level of the module's weight
+    (:func:`~elsa_codec.kernels.cpu.nested.pack_nested`, one read of the encoded weight), built
+    once per weight version and kept as ``module._nested``; then, if ``module.keep_weight_resident``
+    is False, :func:`release_pages` of the encoded weight.
+
+    Raises:
+        ELSAError: the kernels are unavailable.
+    """
+    w = module.weight
+    key = (w.data_ptr(), w._version, w.dtype)
+    held = module._nested
+    if held is not None and held[0] == key:
+        return held[1]
+    module._nested = None  # the old form goes before the new one is built
+    with torch.no_grad():
+        nested = pack_nested(module._linear_weight().detach(), module.num_levels, module.code_bits,
+                             name=_weight_name(module))
+    module._nested = (key, nested)
+    if not module.keep_weight_resident:
+        release_pages(module.weight)
+    return nested
 
 
 class PackedCache:

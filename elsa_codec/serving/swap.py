@@ -500,7 +500,8 @@ def _apply(self: nn.Module, fn, recurse: bool = True):
     return type(self)._apply(self, fn, recurse)
 
 
-def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = True, mmap: bool = False) -> nn.Module:
+def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = True, mmap: bool = False,
+         resident: str = "one") -> nn.Module:
     """Read the ELSA file ``path`` (:func:`elsa_codec.load_file`) and :func:`swap_` it into ``model``.
 
     By default the model serves weights in memory it owns: each file is read once, checked
@@ -526,6 +527,10 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
         level: serve this level at once (``1..T+1``, ``"dense"``); None keeps the default level.
         filter_fn, strict: as :func:`swap_`.
         mmap: serve views of the mapped file instead of owned memory (see above).
+        resident: ``"one"`` (default: a CPU layer packs the level it serves at each switch, and
+            only that one) or ``"all"`` (every sparse level packed at load into one nested form per
+            layer, one pass over each encoded weight; :func:`set_level` then costs almost nothing;
+            see :func:`set_resident`).
 
     Returns:
         ``model``.
@@ -538,12 +543,15 @@ def load(path, model: nn.Module, *, level=None, filter_fn=None, strict: bool = T
 
     path = check_path(path, "path", "load", order="load(path, model)")
     check_module(model, "model", "load", order="load(path, model)")
+    _check_resident(resident, "load")
     enc, sources = _load(path, mmap=bool(mmap))
     if level is not None:
         resolve_level(level, enc.meta.num_levels)  # before anything changes
     swap_(model, enc, filter_fn=filter_fn, strict=strict, _assign=level is not None)
     if mmap:
         _remember_files(model, enc, sources)
+    if resident == "all":
+        set_resident(model, "all", release=level is not None or bool(mmap))
     if level is not None:
         set_level_released(model, level)
         for t in list(enc.values()) + [s for lv in enc.bn_stats.values() for mod in lv.values() for s in mod.values()]:
@@ -611,6 +619,60 @@ def set_level_released(model: nn.Module, level) -> int:
         m.set_level(t)
         release_pages(m.weight.detach())
     return set_level(model, t)
+
+
+def _check_resident(resident, fn: str) -> None:
+    from .cpu_plan import RESIDENT_MODES
+
+    if resident not in RESIDENT_MODES:
+        raise ELSAError(f"{fn}: resident must be one of {RESIDENT_MODES}, got {resident!r}")
+
+
+def set_resident(model: nn.Module, resident: str, *, release: bool = False) -> int:
+    """What the CPU layers of ``model`` keep packed: ``"one"`` (the level in use, packed at each
+    :func:`set_level`; the default) or ``"all"``: every sparse level ``1..T`` of each layer packed
+    now into one nested csr form (each row's kept weights ordered by level, so level ``t`` is a
+    prefix of every row; :mod:`elsa_codec.kernels.cpu.nested`), one read of each encoded weight;
+    a later :func:`set_level` only changes which row ends the kernels read. Levels are then served
+    by csr or, per batch-size bucket, dense (a dense route decodes the level on its first call).
+    Layers the sparse-cpu kernels cannot serve (convolutions, embeddings, GPU weights) are left as
+    they are.
+
+    Args:
+        release: after packing, hand each encoded weight's pages back to the OS
+            (:func:`elsa_codec.format.pages.release_pages`; useful with ``load(..., mmap=True)``:
+            the file's bytes are then read again only for the dense level).
+
+    Returns:
+        The number of layers set.
+
+    Raises:
+        ELSAError: ``resident`` not ``"one"`` / ``"all"``; the model has no ELSA layer; the
+            kernels are unavailable (``"all"``); a file served with ``mmap=True`` changed.
+
+    Example::
+
+        >>> ec.load("model.elsa.safetensors", model, resident="all")   # or ec.set_resident(model, "all")
+        >>> ec.set_level(model, 1); ec.set_level(model, 3)              # microseconds per layer
+    """
+    _check_resident(resident, "set_resident")
+    mods, _, _ = _levelled(model)
+    _check_files(mods)
+    todo = [m for _, m in mods if m._sparse_cpu_ok and m.weight.device.type == "cpu"]
+    if resident == "all":
+        from ..native import cpu_kernels, cpu_kernels_error
+
+        if todo and cpu_kernels() is None:
+            raise ELSAError(f"set_resident: resident='all' needs the CPU sparse kernels ({cpu_kernels_error()})")
+    from .cpu_plan import nested_for_module
+
+    for m in todo:
+        if release:
+            m.keep_weight_resident = False
+        m.resident = resident
+        if resident == "all":
+            nested_for_module(m)
+    return len(todo)
 
 
 def elsa_modules(model: nn.Module) -> list:

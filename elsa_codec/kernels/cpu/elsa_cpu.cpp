@@ -8,7 +8,10 @@
 //
 // Packed formats of one level of a weight W `[N, K]` (row n = output feature n):
 //   csr     : rowptr int64 [N+1] (each row's entry count padded to a multiple of 8 with value 0 at
-//             column 0), col uint16 or int32 [nnz], val [nnz + 8]
+//             column 0), col uint16 or int32 [nnz], val [nnz + 8]; every csr kernel reads row n's
+//             entries [rowptr[n], rowend[n]): a plain csr level passes rowend = rowptr + 1, a level
+//             of the nested csr of elsa_cpu_nested.cpp (every sparse level in one packed form) its
+//             own row ends
 //   bitmask : rowptr int64 [N+1] (unpadded), mask uint8 [N, KB] (bit j of byte b = column 8b+j kept),
 //             val [nnz + 8]
 //   bsr     : browptr int64 [NBR+1], bcol int32 [nblk], bval [nblk, C, R8] (R8 = R rounded up to 8;
@@ -110,10 +113,10 @@ inline void copy_val(void* dst, int64_t j, const void* w, int es, int64_t i) {
 
 // csr: x `[K]`; rows padded to multiples of 8 entries: one 8-lane gather of x per 8 entries.
 template <int DT, typename IDX>
-void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const IDX* col, const void* val, const float* x,
-                 const float* bias, float* y) {
+void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const int64_t* rowend, const IDX* col, const void* val,
+                 const float* x, const float* bias, float* y) {
     for (int64_t n = n0; n < n1; n++) {
-        int64_t i = rowptr[n], e = rowptr[n + 1];
+        int64_t i = rowptr[n], e = rowend[n];
         float s = 0.f;
 #if ELSA_AVX2
         auto cols = [&](int64_t o) {
@@ -494,7 +497,7 @@ inline void over_blocks(int64_t N, int nt, int64_t work, F f) {
 
 extern "C" {
 
-int elsa_cpu_abi() { return 5; }
+int elsa_cpu_abi() { return 6; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
 // The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
 // (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
@@ -719,11 +722,11 @@ void elsa_bitmask_to_csr(int64_t N, int64_t KB, const int64_t* brp, const uint8_
 
 // -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
 // es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.
-void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const void* col, int isz, const void* val, int es,
-                     void* out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, rowptr[N] * 4))
+void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const int64_t* rowend, const void* col, int isz,
+                     const void* val, int es, void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, csr_entries(N, rowptr, rowend) * 4))
     for (int64_t n = 0; n < N; n++)
-        for (int64_t i = rowptr[n]; i < rowptr[n + 1]; i++) {
+        for (int64_t i = rowptr[n]; i < rowend[n]; i++) {
             int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
             uint32_t u = es == 4 ? ((const uint32_t*)val)[i] : ((const uint16_t*)val)[i];
             if (u) copy_val(out, n * K + c, val, es, i);  // padding entries: +0.0 at column 0
@@ -779,19 +782,19 @@ void elsa_bsr_mv(int64_t N, int64_t R, int64_t R8, int64_t C, const int64_t* bro
     });
 }
 
-void elsa_csr_mv(int64_t N, const int64_t* rowptr, const void* col, int isz, const void* val, int dt,
-                 const float* x, const float* bias, float* y, int nt) {
-    over_rows(N, nt, rowptr[N] * 4, [&](int64_t n0, int64_t n1) {
+void elsa_csr_mv(int64_t N, const int64_t* rowptr, const int64_t* rowend, const void* col, int isz, const void* val,
+                 int dt, const float* x, const float* bias, float* y, int nt) {
+    over_rows(N, nt, csr_entries(N, rowptr, rowend) * 4, [&](int64_t n0, int64_t n1) {
         if (isz == 2) {
             const uint16_t* c = (const uint16_t*)col;
-            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, c, val, x, bias, y);
-            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, c, val, x, bias, y);
-            else csr_mv_rows<2>(n0, n1, rowptr, c, val, x, bias, y);
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, rowend, c, val, x, bias, y);
         } else {
             const int32_t* c = (const int32_t*)col;
-            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, c, val, x, bias, y);
-            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, c, val, x, bias, y);
-            else csr_mv_rows<2>(n0, n1, rowptr, c, val, x, bias, y);
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, rowend, c, val, x, bias, y);
         }
     });
 }

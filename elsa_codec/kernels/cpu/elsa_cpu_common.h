@@ -1,4 +1,4 @@
-// Shared by elsa_cpu.cpp and elsa_cpu_mm.cpp: the thread count of a kernel call and the split of
+// Shared by elsa_cpu.cpp, elsa_cpu_mm.cpp and elsa_cpu_nested.cpp: the thread count of a kernel call and the split of
 // its rows over OpenMP threads.
 #pragma once
 #include <cstdint>
@@ -8,6 +8,15 @@ namespace {
 
 // One thread below 32K units of work (the fork costs more than it saves), else nt.
 inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt; }
+
+// Entries the csr kernels read (rows [rowptr[n], rowend[n])): rowptr[N] for a plain csr level
+// (rowend = rowptr + 1: no pass over the rows), the sum of the row lengths for a nested level's.
+inline int64_t csr_entries(int64_t N, const int64_t* rowptr, const int64_t* rowend) {
+    if (rowend == rowptr + 1) return rowptr[N] - rowptr[0];
+    int64_t s = 0;
+    for (int64_t n = 0; n < N; n++) s += rowend[n] - rowptr[n];
+    return s;
+}
 
 // Run f(n0, n1) over N rows split in nt contiguous ranges (OpenMP, static).
 template <typename F>

@@ -61,6 +61,9 @@ class ELSAQuantizationConfig(QuantizationConfigMixin):
     Args:
         level: the level to serve once loaded (``1..T`` sparse, ``T+1`` or ``"dense"``); None: the
             checkpoint's ``default_level``. A loading choice, never written to ``config.json``.
+        resident: ``"one"`` (default: the CPU layers pack the level in use at each switch) or
+            ``"all"`` (every sparse level packed once at load, nested; a switch then costs almost
+            nothing; :func:`elsa_codec.set_resident`). A loading choice, never written.
         format_version: the document's format version (docs/FORMAT.md).
         num_levels: ``T``; code_bits: ``k``; dtype: the encoded tensors' dtype (``"float32"``,
             ``"float16"``, ``"bfloat16"``).
@@ -73,17 +76,18 @@ class ELSAQuantizationConfig(QuantizationConfigMixin):
 
     Example::
 
-        >>> cfg = ELSAQuantizationConfig(level=2)
+        >>> cfg = ELSAQuantizationConfig(level=2, resident="all")
         >>> cfg.to_dict()["quant_method"]
         'elsa'
     """
 
     def __init__(self, level=None, *, format_version: int | None = None, num_levels: int | None = None,
                  code_bits: int | None = None, dtype: str | None = None, levels: list | None = None,
-                 default_level=None, **kwargs):
+                 default_level=None, resident: str | None = None, **kwargs):
         kwargs.pop("quant_method", None)
         if kwargs:
-            raise ELSAError(f"ELSAQuantizationConfig: unknown field {sorted(kwargs)[0]!r} (known: level, {', '.join(_FIELDS)})")
+            raise ELSAError(f"ELSAQuantizationConfig: unknown field {sorted(kwargs)[0]!r} (known: level, resident, {', '.join(_FIELDS)})")
+        self.resident = resident
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.num_levels = num_levels
@@ -112,6 +116,8 @@ class ELSAQuantizationConfig(QuantizationConfigMixin):
                 raise ELSAError(f"ELSAQuantizationConfig: levels lists {len(self.levels)} levels, num_levels is {self.num_levels}")
         self.default_level = _level_number(self.default_level, self.num_levels, "default_level")
         self.level = _level_number(self.level, self.num_levels, "level")
+        if self.resident not in (None, "one", "all"):
+            raise ELSAError(f"ELSAQuantizationConfig: resident must be 'one' or 'all', got {self.resident!r}")
 
     @classmethod
     def from_meta(cls, meta: ELSAMeta, *, default_level=None) -> "ELSAQuantizationConfig":
@@ -144,4 +150,4 @@ class ELSAQuantizationConfig(QuantizationConfigMixin):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def get_loading_attributes(self) -> dict:
-        return {"level": self.level}
+        return {"level": self.level, "resident": self.resident}

@@ -164,22 +164,25 @@ def _encoded(model: nn.Module, counters) -> ELSAStateDict:
     return enc
 
 
-def pretrained_config(path, *, level=None, **kwargs):
-    """The model config of the ELSA directory ``path`` with the level to serve at load: pass it as
+def pretrained_config(path, *, level=None, resident=None, **kwargs):
+    """The model config of the ELSA directory ``path`` with the level to serve at load (and what
+    the CPU layers keep packed): pass it as
     ``from_pretrained(path, config=...)`` (transformers merges a ``quantization_config`` given to
     ``from_pretrained`` only for its own methods, so the level is chosen through the config).
 
     Example::
 
-        model = AutoModelForCausalLM.from_pretrained(d, config=ec.pretrained_config(d, level=1))
+        model = AutoModelForCausalLM.from_pretrained(d, config=ec.pretrained_config(d, level=1, resident="all"))
 
     Args:
         level: ``1..T``, ``T+1`` or ``"dense"``; None: the checkpoint's default level.
+        resident: ``"one"`` (None: the default) or ``"all"``: every sparse level packed once at
+            load, so that ``set_level`` costs almost nothing (:func:`elsa_codec.set_resident`).
         kwargs: passed to ``AutoConfig.from_pretrained``.
 
     Raises:
         ELSAError: ``path`` is not an ELSA directory (no ``quant_method: "elsa"`` in its
-            ``config.json``); ``level`` out of range.
+            ``config.json``); ``level`` out of range; ``resident`` not ``"one"`` / ``"all"``.
     """
     from transformers import AutoConfig
 
@@ -189,8 +192,8 @@ def pretrained_config(path, *, level=None, **kwargs):
     if not isinstance(q, dict) or q.get("quant_method") != "elsa":
         raise ELSAError(f"pretrained_config: {path}/config.json has no quantization_config of quant_method 'elsa' "
                         "(not an ELSA directory: write one with `elsa convert`)")
-    ELSAQuantizationConfig(level=level, **q)  # checks the level against T before anything loads
-    cfg.quantization_config = {**q, "level": level}
+    ELSAQuantizationConfig(level=level, resident=resident, **q)  # checks both before anything loads
+    cfg.quantization_config = {**q, "level": level, "resident": resident}
     return cfg
 
 

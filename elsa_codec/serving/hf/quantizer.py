@@ -34,7 +34,16 @@ from ...errors import ELSAError
 from ...format.bits import MAX_CODE_BITS
 from ...format.file import _check_codes, _check_crcs, _crc_table, _open_safetensors, _shards, st_dtype
 from ...format.selection import group_of, model_tie_groups
-from ..swap import _build, _replace, _servable_kind, elsa_modules, install_guards, set_level, set_level_released
+from ..swap import (
+    _build,
+    _replace,
+    _servable_kind,
+    elsa_modules,
+    install_guards,
+    set_level,
+    set_level_released,
+    set_resident,
+)
 from .checkpoint import elsa_weights
 from .config import _DTYPES, ELSAQuantizationConfig, _level_number
 
@@ -234,6 +243,8 @@ class ELSAHfQuantizer(HfQuantizer):
         t = self.quantization_config.load_level
         T = self._meta.num_levels
         mods = elsa_modules(model)
+        if self.quantization_config.resident == "all":  # every sparse level packed now, nested
+            set_resident(model, "all", release=True)
         if t <= T and all(m.weight.device.type == "cpu" for _, m in mods):
             set_level_released(model, t)
         else:
