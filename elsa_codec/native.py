@@ -97,18 +97,19 @@ _CPU_SIGNATURES = {
     "elsa_bsr_blocks": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P, _I],
     "elsa_pack_bsr": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I64, _I64, _I64, _P, _P, _P, _P, _I],
     "elsa_bitmask_to_csr": [_I64, _I64, _P, _P, _P, _I, _P, _P, _I, _P, _I],
-    # csr kernels: (..., rowptr, rowend, col, ...): row n's entries [rowptr[n], rowend[n]) (plain csr: rowptr + 1)
-    "elsa_unpack_csr": [_I64, _I64, _P, _P, _P, _I, _P, _I, _P, _I],
+    # csr kernels: (..., rowptr, rowend, nseg, ld, col, ...): row n's entries [rowptr[g ld + n], rowend[g ld + n])
+    # of each segment g < nseg (plain csr: rowptr + 1, one segment; level t of a nested csr: t segments)
+    "elsa_unpack_csr": [_I64, _I64, _P, _P, _I, _I64, _P, _I, _P, _I, _P, _I],
     "elsa_unpack_bitmask": [_I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
     "elsa_unpack_bsr": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I],
-    "elsa_csr_mv": [_I64, _P, _P, _P, _I, _P, _I, _P, _P, _P, _I],
+    "elsa_csr_mv": [_I64, _P, _P, _I, _I64, _P, _I, _P, _I, _P, _P, _P, _I],
     "elsa_bitmask_mv": [_I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_bsr_mv": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I],
     "elsa_pack_nm": [_P, _I, _I64, _I64, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P, _I],
     "elsa_unpack_nm": [_I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _I],
     "elsa_nm_mv": [_I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I],
     # elsa_cpu_mm.cpp: x as panels [P, Kp, W]; (N, M, W, Kp, <format arrays>, dt, xp, bias, y, ldy, threads)
-    "elsa_csr_mm": [_I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
+    "elsa_csr_mm": [_I64, _I64, _I64, _I64, _P, _P, _I, _I64, _P, _I, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_bitmask_mm": [_I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_nm_mm": [_I64, _I64, _I64, _I64, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _I64, _I],
     "elsa_bsr_mm": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I, _P, _P, _P, _I64, _I],
@@ -131,7 +132,7 @@ _RULE_SIGNATURES = {
     **{f"elsa_decode_codes_u{w}": ([_P, _I, _P, _I64], None) for w in (32, 16)},
 }
 
-_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=6,
+_CPU = _Library("elsa_cpu", "cpp", "kernels/cpu", ("CXX", "g++", "c++", "clang++"), _CPU_SIGNATURES, abi=7,
                 extra=("elsa_cpu_mm.cpp", "elsa_cpu_nested.cpp"), includes=("elsa_cpu_mm.inc", "elsa_cpu_common.h"))
 _RULE = _Library("elsa_rule", "c", "format", ("CC", "gcc", "cc", "clang"), _RULE_SIGNATURES, abi=2)
 

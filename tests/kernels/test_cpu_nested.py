@@ -65,19 +65,18 @@ def test_pack_is_the_reference_and_every_level_unpacks_to_it(T, k, shape, dtype)
     w = encoded(*shape, dtype, T, k)
     p = nz.pack_nested(w, T, k)
     assert_same(p, nz.pack_nested_reference(w, T, k))
-    rp, re = p.tensors["rowptr"], p.tensors["rowend"]
-    assert re.shape == (T, shape[0]) and torch.equal(re[-1], rp[1:]) and bool((rp % 8 == 0).all())
+    sp = p.tensors["segptr"]
+    assert sp.shape == (T, shape[0] + 1) and bool((sp % 8 == 0).all()) and bool((sp.diff(dim=1) >= 0).all())
+    assert torch.equal(sp[1:, 0], sp[:-1, -1]) and int(sp[0, 0]) == 0  # segment-major, back to back
     for t in range(1, T + 1):
         lv = p.level(t)
         assert lv is p.level(t) and lv.format == "csr" and lv.level == t and lv.nnz == p.nnz[t - 1]
         assert lv.tensors["val"].data_ptr() == p.tensors["val"].data_ptr()
-        assert lv.tensors["rowend"].data_ptr() == re[t - 1].data_ptr()
+        assert lv.tensors["rowptr"].data_ptr() == sp.data_ptr() and lv.tensors["rowptr"].shape == (t, shape[0] + 1)
         wl = extract_level(w, t, k)
         assert lv.nnz == int(((w.view(torch.int32 if dtype == torch.float32 else torch.int16) & ((1 << k) - 1)) < t).sum())
         assert torch.equal(bits(cs.unpack(lv)), bits(wl)), t
         assert torch.equal(bits(cs.unpack_reference(lv)), bits(wl)), t
-        ends = re[t - 1] % 8 == 0  # every level's prefix ends on a multiple of 8
-        assert bool(ends.all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
@@ -194,11 +193,14 @@ def test_gradients_leading_dims_and_bytes():
     ts = p.tensors
     assert p.nbytes == sum(v.numel() * v.element_size() for v in ts.values())
     for t in (1, 2, 3):
-        entries = int((ts["rowend"][t - 1] - ts["rowptr"][:-1]).sum()) + 8
-        assert p.level(t).nbytes == entries * (4 + 2) + (41 + 40) * 8
-    assert p.level(1).nbytes < p.level(2).nbytes < p.level(3).nbytes < p.nbytes
-    # level 1 is a plain csr level, padding and all (its segment is the row): 8 bytes of rowend more
-    assert p.level(1).nbytes == cs.pack_level(w, 1, 2, "csr").nbytes + 40 * 8
+        entries = int(ts["segptr"][t - 1, -1]) + 8
+        assert p.level(t).nbytes == entries * (4 + 2) + t * 41 * 8
+    assert p.level(1).nbytes < p.level(2).nbytes < p.level(3).nbytes <= p.nbytes
+    # level 1 is a plain csr level, padding and all: the same arrays pack_level writes
+    plain = cs.pack_level(w, 1, 2, "csr")
+    assert p.level(1).nbytes == plain.nbytes
+    n1 = int(ts["segptr"][0, -1])
+    assert torch.equal(ts["segptr"][0], plain.tensors["rowptr"]) and torch.equal(ts["col"][:n1], plain.tensors["col"][:n1])
 
 
 def test_bad_input_is_refused_before_any_work():

@@ -112,32 +112,39 @@ inline void copy_val(void* dst, int64_t j, const void* w, int es, int64_t i) {
 }
 
 // csr: x `[K]`; rows padded to multiples of 8 entries: one 8-lane gather of x per 8 entries.
+// Row n is the entries [rowptr[g ld + n], rowend[g ld + n]) of each segment g < nseg (csr_entries).
 template <int DT, typename IDX>
-void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const int64_t* rowend, const IDX* col, const void* val,
-                 const float* x, const float* bias, float* y) {
+void csr_mv_rows(int64_t n0, int64_t n1, const int64_t* rowptr, const int64_t* rowend, int nseg, int64_t ld,
+                 const IDX* col, const void* val, const float* x, const float* bias, float* y) {
     for (int64_t n = n0; n < n1; n++) {
-        int64_t i = rowptr[n], e = rowend[n];
-        float s = 0.f;
+        float s = 0.f, tail = 0.f;
 #if ELSA_AVX2
         auto cols = [&](int64_t o) {
             if (sizeof(IDX) == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(col + o)));
             return _mm256_loadu_si256((const __m256i*)(col + o));
         };
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (; i + 16 <= e; i += 16) {
-            _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
-            _mm_prefetch((const char*)(col + i + ELSA_PF), _MM_HINT_T0);
-            a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
-            a1 = _mm256_fmadd_ps(load8(val, DT, i + 8), _mm256_i32gather_ps(x, cols(i + 8), 4), a1);
+#endif
+        for (int g = 0; g < nseg; g++) {
+            int64_t i = rowptr[g * ld + n], e = rowend[g * ld + n];
+#if ELSA_AVX2
+            for (; i + 16 <= e; i += 16) {
+                _mm_prefetch((const char*)val + (i + ELSA_PF) * (DT == 0 ? 4 : 2), _MM_HINT_T0);
+                _mm_prefetch((const char*)(col + i + ELSA_PF), _MM_HINT_T0);
+                a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
+                a1 = _mm256_fmadd_ps(load8(val, DT, i + 8), _mm256_i32gather_ps(x, cols(i + 8), 4), a1);
+            }
+            if (i + 8 <= e) {
+                a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
+                i += 8;
+            }
+#endif
+            for (; i < e; i++) tail += load1(val, DT, i) * x[col[i]];
         }
-        if (i + 8 <= e) {
-            a0 = _mm256_fmadd_ps(load8(val, DT, i), _mm256_i32gather_ps(x, cols(i), 4), a0);
-            i += 8;
-        }
+#if ELSA_AVX2
         s = hsum(_mm256_add_ps(a0, a1));
 #endif
-        for (; i < e; i++) s += load1(val, DT, i) * x[col[i]];
-        y[n] = s + (bias ? bias[n] : 0.f);
+        y[n] = s + tail + (bias ? bias[n] : 0.f);
     }
 }
 
@@ -497,7 +504,7 @@ inline void over_blocks(int64_t N, int nt, int64_t work, F f) {
 
 extern "C" {
 
-int elsa_cpu_abi() { return 6; }
+int elsa_cpu_abi() { return 7; }
 int elsa_cpu_avx2() { return ELSA_AVX2; }
 // The instruction set the kernels use (2 AVX-512, 1 AVX2, 0 scalar); elsa_cpu_set_isa lowers it
 // (tests and benchmarks of the AVX2 path on an AVX-512 machine) and returns the one now in use.
@@ -722,11 +729,12 @@ void elsa_bitmask_to_csr(int64_t N, int64_t KB, const int64_t* brp, const uint8_
 
 // -- unpack: the packed level back to a dense weight `[N, K]` (out zero-filled by the caller) ---------
 // es = value size in bytes; the exact bits of every kept weight, +0.0 elsewhere.
-void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const int64_t* rowend, const void* col, int isz,
-                     const void* val, int es, void* out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, csr_entries(N, rowptr, rowend) * 4))
+void elsa_unpack_csr(int64_t N, int64_t K, const int64_t* rowptr, const int64_t* rowend, int nseg, int64_t ld,
+                     const void* col, int isz, const void* val, int es, void* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(nt, csr_entries(N, rowptr, rowend, nseg, ld) * 4))
     for (int64_t n = 0; n < N; n++)
-        for (int64_t i = rowptr[n]; i < rowend[n]; i++) {
+        for (int g = 0; g < nseg; g++)
+        for (int64_t i = rowptr[g * ld + n]; i < rowend[g * ld + n]; i++) {
             int64_t c = isz == 2 ? ((const uint16_t*)col)[i] : ((const int32_t*)col)[i];
             uint32_t u = es == 4 ? ((const uint32_t*)val)[i] : ((const uint16_t*)val)[i];
             if (u) copy_val(out, n * K + c, val, es, i);  // padding entries: +0.0 at column 0
@@ -782,19 +790,19 @@ void elsa_bsr_mv(int64_t N, int64_t R, int64_t R8, int64_t C, const int64_t* bro
     });
 }
 
-void elsa_csr_mv(int64_t N, const int64_t* rowptr, const int64_t* rowend, const void* col, int isz, const void* val,
-                 int dt, const float* x, const float* bias, float* y, int nt) {
-    over_rows(N, nt, csr_entries(N, rowptr, rowend) * 4, [&](int64_t n0, int64_t n1) {
+void elsa_csr_mv(int64_t N, const int64_t* rowptr, const int64_t* rowend, int nseg, int64_t ld, const void* col, int isz,
+                 const void* val, int dt, const float* x, const float* bias, float* y, int nt) {
+    over_rows(N, nt, csr_entries(N, rowptr, rowend, nseg, ld) * 4, [&](int64_t n0, int64_t n1) {
         if (isz == 2) {
             const uint16_t* c = (const uint16_t*)col;
-            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, c, val, x, bias, y);
-            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, c, val, x, bias, y);
-            else csr_mv_rows<2>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
         } else {
             const int32_t* c = (const int32_t*)col;
-            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, c, val, x, bias, y);
-            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, c, val, x, bias, y);
-            else csr_mv_rows<2>(n0, n1, rowptr, rowend, c, val, x, bias, y);
+            if (dt == 0) csr_mv_rows<0>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
+            else if (dt == 1) csr_mv_rows<1>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
+            else csr_mv_rows<2>(n0, n1, rowptr, rowend, nseg, ld, c, val, x, bias, y);
         }
     });
 }

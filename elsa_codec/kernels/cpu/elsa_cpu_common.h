@@ -11,10 +11,15 @@ inline int nthreads_for(int nt, int64_t work) { return work < (1 << 15) ? 1 : nt
 
 // Entries the csr kernels read (rows [rowptr[n], rowend[n])): rowptr[N] for a plain csr level
 // (rowend = rowptr + 1: no pass over the rows), the sum of the row lengths for a nested level's.
-inline int64_t csr_entries(int64_t N, const int64_t* rowptr, const int64_t* rowend) {
-    if (rowend == rowptr + 1) return rowptr[N] - rowptr[0];
+// Entries of a csr level: row n is the entries [rowptr[s ld + n], rowend[s ld + n]) of each segment
+// s < nseg (a plain level: one segment, rowend = rowptr + 1; a level t of the nested csr: t segments).
+inline int64_t csr_entries(int64_t N, const int64_t* rowptr, const int64_t* rowend, int nseg, int64_t ld) {
     int64_t s = 0;
-    for (int64_t n = 0; n < N; n++) s += rowend[n] - rowptr[n];
+    for (int g = 0; g < nseg; g++) {
+        const int64_t *rp = rowptr + g * ld, *re = rowend + g * ld;
+        if (re == rp + 1) { s += rp[N] - rp[0]; continue; }
+        for (int64_t n = 0; n < N; n++) s += re[n] - rp[n];
+    }
     return s;
 }
 

@@ -62,18 +62,19 @@ void over_panels(int64_t M, int64_t W, int64_t Kp, const float* xp, const float*
 
 extern "C" {
 
-// csr: row n's entries are [rowptr[n], rowend[n]) (rowend = rowptr + 1 for a plain csr level).
-void elsa_csr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, const int64_t* rowptr, const int64_t* rowend,
-                 const void* col, int isz, const void* val, int dt, const float* xp, const float* bias, float* y,
-                 int64_t ldy, int nt) {
-    const int64_t work = csr_entries(N, rowptr, rowend) * W;
+// csr: row n's entries are [rowptr[g ld + n], rowend[g ld + n]) of each segment g < nseg (a plain
+// level: one segment, rowend = rowptr + 1).
+void elsa_csr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, const int64_t* rowptr, const int64_t* rowend, int nseg,
+                 int64_t ld, const void* col, int isz, const void* val, int dt, const float* xp, const float* bias,
+                 float* y, int64_t ldy, int nt) {
+    const int64_t work = csr_entries(N, rowptr, rowend, nseg, ld) * W;
     over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
         over_rows(N, nt, work, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
-            if (wide(W)) { v16::csr(n0, n1, rowptr, rowend, col, isz, val, dt, p16); return; }
+            if (wide(W)) { v16::csr(n0, n1, rowptr, rowend, nseg, ld, col, isz, val, dt, p16); return; }
 #endif
             (void)p16;
-            v8::csr(n0, n1, rowptr, rowend, col, isz, val, dt, p8);
+            v8::csr(n0, n1, rowptr, rowend, nseg, ld, col, isz, val, dt, p8);
         });
     });
 }

@@ -6,9 +6,11 @@
 // k low bits) is < t, so the levels are nested. A nested csr row holds its kept weights ordered by
 // code: segment 0 (code 0: level 1), segment 1 (code 1: what level 2 adds), ... segment T-1; columns
 // ascending within a segment, each segment padded to a multiple of 8 entries (value 0, column 0).
-// Code T (dense only) and codes above are not stored. Level t's entries of row n are the prefix
-// [rowptr[n], rowend[(t-1) ldr + n]), which every csr kernel reads: a level switch changes only
-// which row-end array the kernels get.
+// Code T (dense only) and codes above are not stored. The segments are stored segment-major: every
+// row's segment 0 first (level 1 is one contiguous csr), then every row's segment 1, ...; row n's
+// segment c is the entries [segptr[c (N+1) + n], segptr[c (N+1) + n + 1]). Level t of row n is
+// its segments 0 .. t-1, which every csr kernel reads (nseg = t): a level switch changes only how
+// many segments the kernels read, and each level streams contiguous arrays.
 //
 // w: encoded bits, element (n, j) at w[n rs + j cs] (es = 4 or 2 bytes). Rows stored contiguously
 // (cs == 1) on an AVX-512 CPU compare 16 codes per step and compress-store each code's values and
@@ -152,26 +154,25 @@ void elsa_count_codes(const void* w, int es, int64_t N, int64_t K, int64_t rs, i
     (void)f;
 }
 
-// rowptr `[N + 1]` (row starts, multiples of 8) and rowend `[T, ldr]` (rowend[c ldr + n]: the end of
-// segment c of row n, i.e. of level c + 1's prefix; segment c starts where segment c - 1 ends, segment
-// 0 at rowptr[n]), from the counts of elsa_count_codes rounded up to 8 per segment (by the caller).
+// segstart / segend `[T, ld]` (segstart[c ld + n] .. segend[c ld + n]: where segment c of row n goes;
+// multiples of 8, from the counts of elsa_count_codes rounded up to 8 per segment, by the caller).
 // Writes col (isz = 2 or 4 bytes) and val (es bytes, the exact bits) of every segment, its padding
 // zeroed (the caller zeroes the entries past the last row). One read of w.
 void elsa_pack_csr_nested(const void* w, int es, int64_t N, int64_t K, int64_t rs, int64_t cs, int k, int T,
-                          const int64_t* rowptr, const int64_t* rowend, int64_t ldr, void* col, int isz, void* val,
+                          const int64_t* segstart, const int64_t* segend, int64_t ld, void* col, int isz, void* val,
                           int nt) {
     const uint32_t low = (1u << k) - 1;
     const bool f = fast(cs);
 #pragma omp parallel for schedule(static, 16) num_threads(nthreads_for(nt, N * K))
     for (int64_t n = 0; n < N; n++) {
         int64_t cur[256];
-        for (int c = 0; c < T; c++) cur[c] = c == 0 ? rowptr[n] : rowend[(c - 1) * ldr + n];
+        for (int c = 0; c < T; c++) cur[c] = segstart[c * ld + n];
 #if ELSA_NESTED_512
         if (f) pack_row_512(w, es, n * rs, K, low, T, cur, col, isz, val);
         else
 #endif
             pack_row(w, es, n, K, rs, cs, low, T, cur, col, isz, val);
-        for (int c = 0; c < T; c++) pad_to(col, isz, val, es, cur[c], rowend[c * ldr + n]);
+        for (int c = 0; c < T; c++) pad_to(col, isz, val, es, cur[c], segend[c * ld + n]);
     }
     (void)f;
 }

@@ -8,9 +8,10 @@ layouts (kernels in ``elsa_codec/kernels/cpu/elsa_cpu.cpp``, built by :mod:`elsa
 
 - ``"csr"``: kept values + 16-bit column indices (32-bit when ``in_features > 65535``), each row
   padded to a multiple of 8 entries; the product gathers 8 inputs per step. Best below ~35% density.
-  Row ``n`` is the entries ``[rowptr[n], rowend[n])``: a plain level's rows end where the next one
-  starts; a level of :class:`~elsa_codec.kernels.cpu.nested.NestedLevels` (every sparse level in one
-  packed form, :func:`~elsa_codec.kernels.cpu.nested.pack_nested`) carries its own ``rowend``.
+  A level of :class:`~elsa_codec.kernels.cpu.nested.NestedLevels` (every sparse level in one packed
+  form, :func:`~elsa_codec.kernels.cpu.nested.pack_nested`) is a csr level of several segments:
+  its ``rowptr`` is 2-D `[t, N + 1]`, row ``n`` being the entries ``rowptr[g, n] .. rowptr[g, n + 1]
+  - 1`` of every segment ``g < t``.
 - ``"bitmask"``: kept values + 1 bit per weight; the product compresses 8 inputs per mask byte with
   one permute. Fewest bytes above ~35% density (2:4 levels, 50% levels).
 - ``"bsr"``: ``block:RxC`` levels with ``R >= 8``: the kept blocks, dense, column by column.
@@ -64,8 +65,8 @@ class PackedLevel:
         level: the level ``t`` packed.
         nnz: kept weights (stored entries for ``bsr``, padding excluded for ``csr``).
         tensors: the format's arrays: ``rowptr`` int64 `[N + 1]`, ``col`` uint16/int32 `[nnz]`,
-            ``val`` `[nnz + 8]` and, for a level of a nested csr only, ``rowend`` int64 `[N]` (row
-            ``n`` = entries ``rowptr[n] .. rowend[n] - 1``; absent: ``rowptr[n + 1]``) (csr); ``rowptr``, ``mask`` uint8 `[N, ceil(K / 8)]`, ``val``
+            ``val`` `[nnz + 8]` (csr; a level of a nested csr: ``rowptr`` int64 `[t, N + 1]`, one row
+            of starts per segment, see the module docstring); ``rowptr``, ``mask`` uint8 `[N, ceil(K / 8)]`, ``val``
             (bitmask); ``browptr`` int64 `[ceil(N / R) + 1]`, ``bcol`` int32 `[blocks]`, ``bval``
             `[blocks * C * R8 + 8]` (bsr, ``R8`` = R rounded up to 8).
             ``idx`` uint8 `[N, E]`, ``val`` `[N * E + 8]` (nm, ``E = ceil(K / m) * n``).
@@ -84,16 +85,17 @@ class PackedLevel:
 
     def arrays(self) -> tuple:
         """The format's arrays as the kernels take them, after the leading sizes (``csr``: rowptr,
-        rowend (``rowptr + 1`` without a ``rowend`` tensor), col, index bytes, val; ``bitmask``: mask bytes per row, rowptr, mask, val; ``bsr``: R, R8, C,
+        rowend (``rowptr + 1``), segments, segment stride, col, index bytes, val; ``bitmask``: mask bytes per row, rowptr, mask, val; ``bsr``: R, R8, C,
         browptr, bcol, bval; ``nm``: E, n, m, idx, val): one list for the M = 1 and M > 1 products
         and for unpack."""
         t = self.tensors
         if self.format == "nm":
             return t["idx"].shape[1], *self.group, t["idx"].data_ptr(), t["val"].data_ptr()
         if self.format == "csr":
-            rp = t["rowptr"].data_ptr()
-            re = t["rowend"].data_ptr() if "rowend" in t else rp + 8  # plain: row n ends where n + 1 starts
-            return rp, re, t["col"].data_ptr(), t["col"].element_size(), t["val"].data_ptr()
+            rp = t["rowptr"]
+            nseg, ld = (rp.shape[0], rp.stride(0)) if rp.dim() == 2 else (1, 0)  # row n of segment g ends where n + 1 starts
+            return (rp.data_ptr(), rp.data_ptr() + 8, nseg, ld, t["col"].data_ptr(), t["col"].element_size(),
+                    t["val"].data_ptr())
         if self.format == "bitmask":
             return t["mask"].shape[1], t["rowptr"].data_ptr(), t["mask"].data_ptr(), t["val"].data_ptr()
         R, C = self.block
@@ -109,16 +111,16 @@ class PackedLevel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed arrays; for a level of a nested csr (a ``rowend`` tensor), the
-        bytes its products read: its own entries' ``val`` + ``col`` (padding and the 8 trailing entries
-        included, as a plain csr level counts them) plus ``rowptr`` and ``rowend``, not the entries
-        of the denser levels that share the arrays (:attr:`NestedLevels.nbytes` counts those)."""
+        """Bytes held by the packed arrays; for a level of a nested csr (a 2-D ``rowptr``), the bytes
+        its products read: its segments' ``val`` + ``col`` (padding and the 8 trailing entries
+        included, as a plain csr level counts them) plus its ``rowptr`` rows, not the entries of the
+        denser levels that share the arrays (:attr:`NestedLevels.nbytes` counts those)."""
         t = self.tensors
-        if "rowend" not in t:
+        rp = t.get("rowptr")
+        if self.format != "csr" or rp.dim() == 1:
             return sum(v.numel() * v.element_size() for v in t.values())
-        rp, re = t["rowptr"], t["rowend"]
-        entries = int((re - rp[:-1]).sum()) + _PAD
-        return entries * (t["col"].element_size() + t["val"].element_size()) + (rp.numel() + re.numel()) * 8
+        entries = int((rp[:, -1] - rp[:, 0]).sum()) + _PAD
+        return entries * (t["col"].element_size() + t["val"].element_size()) + rp.numel() * 8
 
     @property
     def density(self) -> float:
@@ -411,16 +413,16 @@ def unpack_reference(packed: PackedLevel) -> torch.Tensor:
         return out
     rp = t["rowptr"]
     if packed.format == "csr":
-        lens = t.get("rowend", rp[1:]) - rp[:-1]  # row n: entries rp[n] .. rowend[n] - 1
-        rows = torch.repeat_interleave(torch.arange(N), lens)
-        pos = torch.arange(rows.numel()) + torch.repeat_interleave(rp[:-1] - (lens.cumsum(0) - lens), lens)
-        col = t["col"][pos].long()
-        if t["col"].dtype == torch.int16:
-            col &= 0xFFFF
-        val = t["val"][pos]
-        # padding entries are +0.0 (all bits zero) at column 0; a kept +0.0 is +0.0 in `out` already
-        nz = bits_view(val) != 0
-        out.index_put_((rows[nz], col[nz]), val[nz])
+        for seg in rp.view(-1, N + 1):  # one segment (plain csr), or each segment of a nested level
+            rows = torch.repeat_interleave(torch.arange(N), seg.diff())
+            pos = torch.arange(int(seg[0]), int(seg[-1]))
+            col = t["col"][pos].long()
+            if t["col"].dtype == torch.int16:
+                col &= 0xFFFF
+            val = t["val"][pos]
+            # padding entries are +0.0 (all bits zero) at column 0; a kept +0.0 is +0.0 in `out` already
+            nz = bits_view(val) != 0
+            out.index_put_((rows[nz], col[nz]), val[nz])
         return out
     bits = ((t["mask"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(N, -1)[:, :K].bool()
     out[bits] = t["val"][: packed.nnz]
