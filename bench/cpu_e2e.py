@@ -624,7 +624,8 @@ def run_switch(ctx) -> None:
     """The ``switch`` section on each causal LM (GPT-2-shaped, Llama-style): one warm-up round, then
     ``switch_rounds``."""
     for name, (cls, cfg) in lm_specs(ctx.quick).items():
-        _run_switch_model(ctx, name, cls, cfg)
+        if not ctx.models or any(name.startswith(m) for m in ctx.models):
+            _run_switch_model(ctx, name, cls, cfg)
 
 
 def _run_switch_model(ctx, name, cls, cfg) -> None:
@@ -730,7 +731,7 @@ def estimate(ctx) -> dict:
             cls, cfg, _ = minilm_spec(ctx.quick)
             groups.append(("minilm", "minilm-l6" if not ctx.quick else "minilm-tiny", (cls, cfg)))
         if "switch" in ctx.sections:
-            groups.append(("switch",) + next(iter(lm_specs(ctx.quick).items())))
+            groups += [("switch", n, c) for n, c in lm_specs(ctx.quick).items() if not ctx.models or any(n.startswith(m) for m in ctx.models)]
         for sec, name, (cls, cfg) in groups:
             spec = _spec(cls, cfg, dtype, ctx.plan.rounds)
             out[("setup", name, dn, sec)] = ENCODE_S_PER_WEIGHT * spec["enc"]

@@ -491,6 +491,7 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
             r, sp = measure_bucket(w2d, level, code_bits, cands, b, nt, packs)
             rows.append(r)
             spreads.append(sp)
+    cond["other_load"] = max(cond["other_load"], conditions(nt)["other_load"])  # busy at the start or the end
     return _choose(cands, rows, "measured", spreads, cond)
 
 
@@ -526,21 +527,24 @@ def machine_busy(cond: dict | None) -> bool:
 
 
 def conditions(threads: int) -> dict:
-    """What a measurement runs under: ``threads``, the 1-minute load average ``load``, the
-    runnable threads of other processes now ``others_running`` (``/proc/loadavg`` less this
-    process's own), ``other_load`` = the larger of load - threads and others_running (what other
-    processes add; at least 0), ``cpu`` (model), ``isa`` (the kernels' instruction set), ``time``
-    (UTC, ISO 8601). A plan measured with ``other_load`` >= :data:`BUSY_LOAD` counts as measured
-    on a busy machine (:func:`machine_busy`)."""
+    """What a measurement runs under: ``threads``, the 1-minute load average ``load`` (for the
+    record: it lags a minute behind), ``other_load`` = the runnable threads of other processes
+    now (``/proc/loadavg`` less this process's own, the median of 3 samples 1 ms apart), ``cpu``
+    (model), ``isa`` (the kernels' instruction set), ``time`` (UTC, ISO 8601). A plan measured
+    with ``other_load`` >= :data:`BUSY_LOAD` (at its start or its end) counts as measured on a
+    busy machine (:func:`machine_busy`)."""
     from ...native import cpu_isa, cpu_model
 
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = 0.0
-    others = _others_running()
-    other = max(0.0, load - threads, float(others))
-    return {"threads": int(threads), "load": round(load, 2), "others_running": others, "other_load": round(other, 2),
+    samples = []
+    for i in range(3):
+        if i:
+            time.sleep(1e-3)
+        samples.append(_others_running())
+    return {"threads": int(threads), "load": round(load, 2), "other_load": float(sorted(samples)[1]),
             "cpu": cpu_model(), "isa": cpu_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
