@@ -80,8 +80,12 @@ def test_resident_minilm_and_switch_rows(quick_run):
     sw = [r for r in rows if r["op"] == "switch"]
     for dtype in ("float32", "bfloat16"):
         got = {(r["provider"], r["level"]) for r in sw if r["dtype"] == dtype}
-        provs = ("set_level-cold", "set_level-warm", "set_level-lru", "own-file-load")
+        provs = ("set_level-cold", "set_level-warm", "set_level-lru", "set_level-all", "own-file-load")
         assert got == {(p, lv) for p in provs for lv in "123"} | {("encoded-copy_", "-")}
+        assert {r["model"] for r in sw if r["dtype"] == dtype} == {"gpt2-tiny", "llama-tiny"}  # every causal LM
+    every = [r for r in res if r["provider"] == "elsa-resident-all" and r["metric"] == "cached_bytes_after_switch"]
+    assert {r["level"] for r in every} == {"1", "2", "3"} and len({r["value"] for r in every if r["model"] == "gpt2-tiny"
+                                                                     and r["dtype"] == "float32"}) == 1  # one form
     assert all(float(r["ratio_vs_dense"]) == 1.0 for r in sw if r["provider"] == "own-file-load")
     assert all(float(r["value"]) > 0 for r in sw)
 
