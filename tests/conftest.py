@@ -191,3 +191,17 @@ def pytest_runtest_protocol(item, nextitem):
         ihook.pytest_runtest_logreport(report=rep)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """The CPU planner measuring (the suite otherwise uses its cost model), its plans file in
+    tmp_path, none in memory: ``tmp_path / "plans.json"``."""
+    from elsa_codec.kernels.cpu import planner, plans
+
+    monkeypatch.setenv(planner.ENV, "1")
+    path = tmp_path / "plans.json"
+    monkeypatch.setattr(plans, "_plans_path", lambda: str(path))
+    plans.clear_plans(disk=False)
+    yield path
+    plans.clear_plans(disk=False)

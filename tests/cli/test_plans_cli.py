@@ -12,17 +12,7 @@ from elsa_codec.native import cpu_kernels
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
 
 
-@pytest.fixture
-def plan_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(planner.ENV, "1")
-    path = tmp_path / "plans.json"
-    monkeypatch.setattr(plans, "_plans_path", lambda: str(path))
-    plans.clear_plans(disk=False)
-    yield path
-    plans.clear_plans(disk=False)
-
-
-def test_plans_list_json_refresh_clear(plan_file, capsys):
+def test_plans_list_json_refresh_clear(measuring, capsys):
     g = torch.Generator().manual_seed(0)
     w = ec.encode_tensor(torch.randn(200, 130, generator=g), torch.randint(0, 2, (200, 130), generator=g), 1)
     plans.plan_level(w, 1, 1, "unstructured", 0.5)
@@ -39,5 +29,5 @@ def test_plans_list_json_refresh_clear(plan_file, capsys):
     assert main(["plans", "--refresh", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["plans"]) == 1 and before
     assert main(["plans", "--clear"]) == 0
-    assert "1 plan(s) removed" in capsys.readouterr().out and not plan_file.exists()
+    assert "1 plan(s) removed" in capsys.readouterr().out and not measuring.exists()
     assert main(["plans"]) == 0 and "0 plan(s)" in capsys.readouterr().out

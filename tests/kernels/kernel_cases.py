@@ -1,6 +1,24 @@
 """Synthetic level codes shared by the kernel tests (tests/kernels/test_kernels_*.py import it:
-pytest puts this folder on ``sys.path``)."""
+pytest puts this folder on ``sys.path``), and the CPU kernel tests' comparisons."""
 import torch
+import torch.nn.functional as F
+
+#: Products sum in another order than ``F.linear``: the tolerance of the CPU kernel tests, per dtype.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def bits(t):
+    """The bytes of ``t`` (bit-exact comparisons)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_close_linear(y, x, wl, b, dtype):
+    """``y`` is ``F.linear(x, wl, b)`` within :data:`TOL` of ``dtype`` (relative to the largest output)."""
+    ref = F.linear(x.float(), wl.float(), None if b is None else b.float())
+    scale = 1 + ref.abs().max().item()
+    err = (y.float() - ref).abs().max().item() if y.numel() else 0.0
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert err <= TOL[dtype] * scale, (err, scale)
 
 
 def make_codes(structure, n, k, num_levels, gen=None):

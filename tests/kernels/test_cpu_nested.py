@@ -6,9 +6,9 @@ per-dtype tolerances of test_cpu_sparse.py. Never a timing.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import assert_close_linear, bits  # noqa: E402  (tests/kernels/kernel_cases.py)
 
 import elsa_codec as ec
 from elsa_codec.format.bits import encode_tensor, extract_level
@@ -20,21 +20,8 @@ pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse ke
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(63, 123), (123, 63), (64, 64), (1, 5), (17, 300)]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # as test_cpu_sparse.py
 
 CASES = [(1, 1), (2, 2), (3, 2), (7, 3)]  # (T, code_bits)
-
-
-def bits(t):
-    return t.contiguous().view(torch.uint8)
-
-
-def assert_close_linear(y, x, wl, b, dtype):
-    ref = F.linear(x.float(), wl.float(), None if b is None else b.float())
-    scale = 1 + ref.abs().max().item()
-    err = (y.float() - ref).abs().max().item() if y.numel() else 0.0
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert err <= TOL[dtype] * scale, (err, scale)
 
 
 def encoded(n, k, dtype, T=3, code_bits=2, seed=0):

@@ -18,17 +18,6 @@ from elsa_codec.native import cpu_kernels
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU sparse kernels could not be built here")
 
 
-@pytest.fixture
-def measuring(monkeypatch, tmp_path):
-    """Measuring on, plans on disk in tmp_path, none in memory."""
-    monkeypatch.setenv(planner.ENV, "1")
-    path = tmp_path / "plans.json"
-    monkeypatch.setattr(plans, "_plans_path", lambda: str(path))
-    plans.clear_plans(disk=False)
-    yield path
-    plans.clear_plans(disk=False)
-
-
 def weight(n=300, k=257, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     r = torch.rand(n, k, generator=g)
@@ -110,6 +99,9 @@ def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
     assert len(doc["plans"]) == 1 and "cpu" in doc
     plans.clear_plans(disk=False)
     q = plans.plan_level(w, 1, 2, "unstructured", 0.1)
+    if q.source == "measured":  # measured while other work ran, read back on a quiet machine: measured again
+        assert planner.machine_busy(p.conditions) and not planner.machine_busy(q.conditions)
+        return
     assert q.source in ("disk", "re-measured")  # checked here: a bucket that disagrees is measured again
     assert q.source == "re-measured" or (q.format, q.packed, q.ratios) == (p.format, p.packed, p.ratios)
     other_threads = torch.get_num_threads()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import assert_close_linear, bits  # noqa: E402  (tests/kernels/kernel_cases.py)
 from torch import nn
 
 import elsa_codec as ec
@@ -27,7 +28,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(63, 123), (123, 63), (64, 64), (1, 5), (17, 300)]
 FORMATS = [("csr", (0, 0)), ("bitmask", (0, 0)), ("bsr", (16, 16)), ("bsr", (8, 4)), ("bsr", (64, 64)), ("bsr", (32, 8))]
 GROUPS = [(1, 4), (2, 4), (2, 8), (3, 7)]  # nm: (n, m); 3:7 is neither a power of two nor divides 123
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def encoded(n, k, dtype, T=3, seed=0):
@@ -35,18 +35,6 @@ def encoded(n, k, dtype, T=3, seed=0):
     w = torch.randn(n, k, generator=g).to(dtype)
     codes = torch.randint(0, T + 1, (n, k), generator=g)
     return encode_tensor(w, codes, 2)
-
-
-def bits(t):
-    return t.contiguous().view(torch.uint8)
-
-
-def assert_close_linear(y, x, wl, b, dtype):
-    ref = F.linear(x.float(), wl.float(), None if b is None else b.float())
-    scale = 1 + ref.abs().max().item()
-    err = (y.float() - ref).abs().max().item() if y.numel() else 0.0
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert err <= TOL[dtype] * scale, (err, scale)
 
 
 # -- packers -------------------------------------------------------------------------------------

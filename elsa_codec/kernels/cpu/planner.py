@@ -66,6 +66,8 @@ CHECK_TOLERANCE = 0.15
 #: Load of other processes (runnable threads beyond the measurement's own, :func:`conditions`)
 #: at or above which a machine counts as busy.
 BUSY_LOAD = 0.5
+#: Samples of the other processes' runnable threads whose median is ``other_load``.
+OTHER_SAMPLES = 7
 #: Bytes of the weight slice a measurement streams at M = 1 (past L2, so the slice is not
 #: served from the core's own cache), and the FLOPs that cap the slice at larger M.
 SLICE_BYTES = 4 << 20
@@ -529,7 +531,8 @@ def machine_busy(cond: dict | None) -> bool:
 def conditions(threads: int) -> dict:
     """What a measurement runs under: ``threads``, the 1-minute load average ``load`` (for the
     record: it lags a minute behind), ``other_load`` = the runnable threads of other processes
-    now (``/proc/loadavg`` less this process's own, the median of 3 samples 1 ms apart), ``cpu``
+    now (``/proc/loadavg`` less this process's own, the median of :data:`OTHER_SAMPLES` samples 1 ms
+    apart: a kernel thread woken for a moment is not load), ``cpu``
     (model), ``isa`` (the kernels' instruction set), ``time`` (UTC, ISO 8601). A plan measured
     with ``other_load`` >= :data:`BUSY_LOAD` (at its start or its end) counts as measured on a
     busy machine (:func:`machine_busy`)."""
@@ -540,11 +543,11 @@ def conditions(threads: int) -> dict:
     except OSError:
         load = 0.0
     samples = []
-    for i in range(3):
+    for i in range(OTHER_SAMPLES):
         if i:
             time.sleep(1e-3)
         samples.append(_others_running())
-    return {"threads": int(threads), "load": round(load, 2), "other_load": float(sorted(samples)[1]),
+    return {"threads": int(threads), "load": round(load, 2), "other_load": float(sorted(samples)[OTHER_SAMPLES // 2]),
             "cpu": cpu_model(), "isa": cpu_isa(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
