@@ -560,7 +560,7 @@ def switch_round(stock, path: str, own: dict, target) -> dict:
         _timed_switches(m, own, "fill", {})
         _timed_switches(m, own, "lru", out)
     del m
-    if hasattr(ec, "set_resident"):  # every level resident (nested): a switch changes row ends only
+    if hasattr(ec, "set_resident"):  # every level resident (nested): a switch changes the segments read only
         a = ec.load(path, copy.deepcopy(stock), mmap=True, resident="all")
         _timed_switches(a, own, "fill", {})  # first use of each level: its plan
         _timed_switches(a, own, "all", out)  # 3 -> 1 -> 2 -> 3

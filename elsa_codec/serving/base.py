@@ -141,8 +141,8 @@ class ELSAModule(nn.Module):
             sets a whole model).
         resident: ``"one"`` (default: the ``sparse-cpu`` backend packs the current level at each
             switch and keeps only it) or ``"all"`` (every sparse level ``1..T`` packed once into
-            one nested csr form, each row's kept weights ordered by level, so a switch only
-            changes which row ends the kernels read; :mod:`elsa_codec.kernels.cpu.nested`). Set
+            one nested csr form, each row's kept weights in one segment per level, so a switch
+            only changes how many segments the kernels read; :mod:`elsa_codec.kernels.cpu.nested`). Set
             a whole model with :func:`elsa_codec.set_resident` or ``load(..., resident=)``.
         keep_weight_resident: False after :func:`elsa_codec.load` with ``level=``: once a sparse
             level is packed, the encoded weight's pages (with ``mmap=True``: mapped from the file) are handed
@@ -565,7 +565,7 @@ class ELSAModule(nn.Module):
         choice = choice or self.cpu_plan.primary
         w, t = self.weight, self._level
         if self._resident == "all" and choice[0] == "csr":
-            return nested_for_module(self).level(t)  # a view: the row ends of level t
+            return nested_for_module(self).level(t)  # a view: the first t segments
         key = (t, w.data_ptr(), w._version, w.dtype, *choice)
         p = self._packed.get(key)
         if p is None:

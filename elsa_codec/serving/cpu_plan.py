@@ -38,7 +38,7 @@ def _forced_candidates(module, level: int) -> list:
     structure = module.structures[level - 1]
     cands = candidates(structure)
     fmt = module.cpu_format
-    if module.resident == "all":  # the nested form is csr: every level is a prefix of each row
+    if module.resident == "all":  # the nested form is csr: level t = its first t segments
         if fmt not in (None, "csr"):
             raise ELSAError(f"{_weight_name(module)}: resident='all' serves the nested csr form; cpu_format {fmt!r} "
                             "needs resident='one'")

@@ -631,9 +631,9 @@ def _check_resident(resident, fn: str) -> None:
 def set_resident(model: nn.Module, resident: str, *, release: bool = False) -> int:
     """What the CPU layers of ``model`` keep packed: ``"one"`` (the level in use, packed at each
     :func:`set_level`; the default) or ``"all"``: every sparse level ``1..T`` of each layer packed
-    now into one nested csr form (each row's kept weights ordered by level, so level ``t`` is a
-    prefix of every row; :mod:`elsa_codec.kernels.cpu.nested`), one read of each encoded weight;
-    a later :func:`set_level` only changes which row ends the kernels read. Levels are then served
+    now into one nested csr form (each row's kept weights in one segment per level, so level ``t``
+    is the first ``t`` segments; :mod:`elsa_codec.kernels.cpu.nested`), one read of each encoded
+    weight; a later :func:`set_level` only changes how many segments the kernels read. Levels are then served
     by csr or, per batch-size bucket, dense (a dense route decodes the level on its first call).
     Layers the sparse-cpu kernels cannot serve (convolutions, embeddings, GPU weights) are left as
     they are.

@@ -9,9 +9,9 @@
 // Packed formats of one level of a weight W `[N, K]` (row n = output feature n):
 //   csr     : rowptr int64 [N+1] (each row's entry count padded to a multiple of 8 with value 0 at
 //             column 0), col uint16 or int32 [nnz], val [nnz + 8]; every csr kernel reads row n's
-//             entries [rowptr[n], rowend[n]): a plain csr level passes rowend = rowptr + 1, a level
-//             of the nested csr of elsa_cpu_nested.cpp (every sparse level in one packed form) its
-//             own row ends
+//             entries [rowptr[g ld + n], rowend[g ld + n]) of each segment g < nseg: a plain csr
+//             level passes one segment and rowend = rowptr + 1, level t of the nested csr of
+//             elsa_cpu_nested.cpp (every sparse level in one packed form) its t segments
 //   bitmask : rowptr int64 [N+1] (unpadded), mask uint8 [N, KB] (bit j of byte b = column 8b+j kept),
 //             val [nnz + 8]
 //   bsr     : browptr int64 [NBR+1], bcol int32 [nblk], bval [nblk, C, R8] (R8 = R rounded up to 8;
