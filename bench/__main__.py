@@ -13,6 +13,7 @@ Usage::
     python -m bench cpu [--quick] [--out DIR]  # the sparse-cpu backend: layer grid, memory, MiniLM (bench/cpu_sparse.py)
     python -m bench cpu-e2e [--quick] [--out DIR]  # whole models per level: LM prefill / decode, MiniLM, switch (bench/cpu_e2e.py)
     python -m bench cpu-e2e report CSV     # its tables.md and tokens_per_s.png again
+    python -m bench oneshot-quality [--quick]  # what one-shot levels keep: magnitude / wanda / ria (bench/oneshot_quality.py)
 
 A run appends its rows to ``<out>/results.csv`` (default ``bench/results/<device-slug>/``), appends
 its log to ``bench.log`` and its command line to ``COMMAND.txt``, writes ``targets.md`` and the
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Latency per level (layer and model), codec throughput and serving ratios; CSV + PNG + targets. "
-                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'hf-load', 'static', 'roofline', 'cpu', 'cpu-e2e'.",
+                    "Sub-commands: 'plot CSV', 'table CSV', 'targets CSV', 'stream-memory', 'hf-load', 'static', 'roofline', 'cpu', 'cpu-e2e', "
+                    "'oneshot-quality'.",
     )
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: MiniLM shapes, M in {1, 16}, short timings")
     p.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         from .cpu_e2e import main as cpu_e2e_main
 
         return int(cpu_e2e_main(argv[1:]) or 0)
-    if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline", "hf-load"):
+    if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline", "hf-load",
+                            "oneshot-quality"):
         import importlib
 
         name = argv[0].replace("-", "_")

@@ -35,6 +35,7 @@ from .format.file import load_counters, load_file, read_meta, save_counters, sav
 from .format.selection import SELECT_POLICIES, select_weights
 from .format.structure import parse_structure
 from .kernels.cpu.plans import clear_plans, refresh_plans, stored_plans
+from .oneshot.activation import activation_counters
 from .oneshot.magnitude import magnitude_counters
 from .oneshot.masks import magnitude_mask
 from .oneshot.stream import encode_file
@@ -96,7 +97,7 @@ __all__ = [
     "load_counters", "load_file", "read_meta", "save_counters", "save_file", "SELECT_POLICIES",
     "select_weights", "parse_structure",
     # one-shot
-    "magnitude_counters", "magnitude_mask", "encode_file",
+    "activation_counters", "magnitude_counters", "magnitude_mask", "encode_file",
     # serving
     "ELSAEmbedding", "ELSAConv1d", "ELSAConv2d", "ELSALinear", "LevelBatchNorm1d", "LevelBatchNorm2d",
     "LevelBatchNorm3d", "LevelTable", "choose_level", "clear_plans", "elsa_modules", "elsa_state_dict", "levels", "load", "set_level", "set_packed_cache_bytes", "set_resident", "set_sparsity", "stored_plans", "refresh_plans", "swap_",

@@ -83,6 +83,7 @@ def inspect_dict(path: str) -> dict:
         },
         "bn_modules": meta.bn_modules,
         "tied": dict(meta.tied),
+        "quality": meta.quality,
     }
 
 
@@ -98,6 +99,10 @@ def cmd_inspect(a) -> int:
         print(f"{lv['level']:>5}  {s(lv['structure']):<14} {lv['sparsity']:>8.4f} {lv['density']:>8.4f}")
     if d["bn_modules"]:
         print(f"per-level batch-norm statistics for {len(d['bn_modules'])} modules")
+    if d["quality"] is not None:
+        from .hf import quality_lines
+
+        print(quality_lines(d["quality"]))
     print()
     hdr = " ".join(f"{'s@L' + str(t):>6}" for t in range(1, T + 1))
     print(f"{'tensor':<48} {'shape':<18} {'dtype':<9} {hdr}  max_ulp  SQNR dB")

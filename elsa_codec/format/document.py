@@ -20,7 +20,7 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "BN_PREFIX", "BN_STATS", "LevelInfo"
 FORMAT_NAME = "elsa-codec"
 
 
-FORMAT_VERSION = 2  # the newest version this library reads; files without tied tensors are written as 1
+FORMAT_VERSION = 3  # the newest version this library reads; a file is written in the oldest version that holds it
 
 
 #: Name prefix of the per-level batch-norm statistics tensors in a file:
@@ -82,6 +82,19 @@ class ELSAMeta:
     version: int = FORMAT_VERSION
     tied: dict = field(default_factory=dict)
     training: dict | None = None  # the ELSAConfig of the run that made the file (optional)
+    quality: dict | None = None  # what each level keeps, measured at conversion (version 3; docs/FORMAT.md)
+
+    @property
+    def written_version(self) -> int:
+        """The version :meth:`to_json` writes: 3 with a quality report, 2 with tied tensors, else 1
+        (an older reader refuses what it cannot read instead of ignoring it)."""
+        return 3 if self.quality is not None else 2 if self.tied else 1
+
+    def level_quality(self, level: int) -> dict | None:
+        """The quality record of ``level`` (``1..T+1``) from the report, or None (no report)."""
+        if self.quality is None:
+            return None
+        return next((r for r in self.quality["levels"] if r["level"] == level), None)
 
     @property
     def encoded(self) -> list:
@@ -95,7 +108,7 @@ class ELSAMeta:
     def to_json(self) -> str:
         d = {
             "format": self.format,
-            "version": 2 if self.tied else 1,  # version 1 readers know no tied tensors
+            "version": self.written_version,  # version 1 readers know no tied tensors, 2 no quality
             "num_levels": self.num_levels,
             "code_bits": self.code_bits,
             "levels": [asdict(lv) for lv in self.levels],
@@ -108,6 +121,8 @@ class ELSAMeta:
             d["tied"] = dict(self.tied)
         if self.training is not None:
             d["training"] = self.training
+        if self.quality is not None:
+            d["quality"] = self.quality
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -158,7 +173,7 @@ def _finite_json(d: dict) -> dict:
 #: The keys of the ``elsa`` document; a new key needs a new format version (a reader must not
 #: silently ignore what it does not understand). ``training`` is informative (any version).
 _DOC_KEYS = frozenset({"format", "version", "num_levels", "code_bits", "levels", "encoded", "tensors",
-                       "bn_modules", "bn_prefix", "tied", "training"})
+                       "bn_modules", "bn_prefix", "tied", "training", "quality"})
 
 
 _LEVEL_KEYS = frozenset({"level", "structure", "sparsity"})
@@ -211,6 +226,8 @@ def _document(text, source: str) -> dict:
         raise ELSAFormatError(f"{source}: unknown key {unknown[0]!r} in the ELSA metadata document (corrupted)")
     if ver == 1 and "tied" in d:
         raise ELSAFormatError(f"{source}: a version 1 document has 'tied' (tied tensors need version 2)")
+    if ver < 3 and "quality" in d:
+        raise ELSAFormatError(f"{source}: a version {ver} document has 'quality' (a quality report needs version 3)")
     if d.get("bn_prefix", BN_PREFIX) != BN_PREFIX:
         raise ELSAFormatError(f"{source}: bn_prefix is {d['bn_prefix']!r}, expected {BN_PREFIX!r}")
     return d
@@ -231,7 +248,31 @@ def _document_fields(d: dict) -> dict:
         "bn_modules": [_json_str(m, "a bn_modules name") for m in _json_list(d.get("bn_modules", []), "bn_modules")],
         "tied": {a: _json_str(b, f"tied[{a!r}]") for a, b in _json_object(d.get("tied", {}), "tied").items()},
         "training": training,
+        "quality": _json_quality(d["quality"], _json_int(d["num_levels"], "num_levels")) if "quality" in d else None,
     }
+
+
+#: The measures a quality record of a level may hold (each a number, or null when not measured).
+QUALITY_MEASURES = ("cosine", "perplexity")
+
+
+def _json_quality(v, T: int) -> dict:
+    """The ``quality`` report: an object whose ``levels`` lists one record per level ``1..T+1``
+    in order, ``{"level": t, "cosine": number in [-1, 1], "perplexity": number > 0 or null}``;
+    its other keys (method, calibration, eval) are informative."""
+    q = _json_object(v, "quality", required=("levels",))
+    rows = _json_list(q["levels"], "quality.levels")
+    if [r.get("level") if isinstance(r, dict) else None for r in rows] != list(range(1, T + 2)):
+        raise ValueError(f"quality.levels must list levels 1..{T + 1} in order")
+    for r in rows:
+        _json_object(r, f"quality.levels[{r['level']}]", frozenset({"level", *QUALITY_MEASURES}), ("level", "cosine"))
+        cos = _json_number(r["cosine"], f"quality.levels[{r['level']}].cosine")
+        if not -1.0 - 1e-6 <= cos <= 1.0 + 1e-6:
+            raise ValueError(f"quality.levels[{r['level']}].cosine is {cos}, outside [-1, 1]")
+        ppl = r.get("perplexity")
+        if ppl is not None and not _json_number(ppl, f"quality.levels[{r['level']}].perplexity") > 0:
+            raise ValueError(f"quality.levels[{r['level']}].perplexity is {ppl}, expected > 0")
+    return q
 
 
 def _json_int(v, what: str) -> int:

@@ -21,10 +21,11 @@ from ..format.encode import Counters, counter_dtype
 from ..format.stream import _FLOAT_CODES, _convert, _numel, encode_stream, limit_heap_retention
 from ..format.structure import parse_levels
 from .magnitude import select_tensors, tensor_magnitude_counters
+from .scores import _check_method, tensor_activation_counters
 from .stream_counters import RowBlockCounters, UnstructuredCounters
 from .thresholds import global_thresholds_stream
 
-__all__ = ["encode_file", "limit_heap_retention", "MagnitudeLevels"]
+__all__ = ["encode_file", "limit_heap_retention", "MagnitudeLevels", "ActivationLevels"]
 
 
 @dataclasses.dataclass
@@ -106,6 +107,42 @@ class MagnitudeLevels:
         return lambda s, e, ch: full[s:e]
 
 
+@dataclasses.dataclass
+class ActivationLevels(MagnitudeLevels):
+    """Nested activation-aware levels (Wanda, RIA: :mod:`elsa_codec.oneshot.scores`) as a level
+    source of the streaming encode: ``statistics`` maps a tensor name to the sum of squares of its
+    module's input features (``[groups, in_features]`` float32, from
+    :func:`elsa_codec.oneshot.activation.input_norms`); a selected tensor without an entry gets
+    magnitude levels. One tensor's counters are made at a time (about 3x the tensor, plus int64
+    sort buffers of 256 rows)."""
+
+    statistics: dict = dataclasses.field(default_factory=dict)
+    method: str = "wanda"
+
+    def select(self, files, where, dtype, in_path) -> list:
+        _check_method(self.method)
+        if self.distribution != "uniform":
+            raise ELSAError("activation-aware levels take distribution='uniform' (each row keeps the level's share)")
+        return super().select(files, where, dtype, in_path)
+
+    def counter_fn(self, src, name: str, conv, chunk: int):
+        stats = self.statistics.get(name)
+        if stats is None and (name not in self.transposed or self.specs[0][1].kind == "unstructured"):
+            return super().counter_fn(src, name, conv, chunk)
+        return self._full(src, name, conv, stats)
+
+    def _full(self, src, name: str, conv, stats):
+        x = src.flat(name).reshape(src.shape(name))
+        x = x.to(conv) if conv is not None else x
+        tr = name in self.transposed
+        if stats is None:  # an [in, out] weight without statistics: magnitude groups along its dim 0
+            c = tensor_magnitude_counters(x.t(), self.specs, name=name).t()
+        else:
+            c = tensor_activation_counters(x, self.specs, stats, self.method, transposed=tr, name=name)
+        full = c.reshape(-1).to(counter_dtype(self.num_levels)).contiguous()
+        return lambda s, e, ch: full[s:e]
+
+
 def encode_file(
     in_path: str,
     out_path: str,
@@ -121,6 +158,8 @@ def encode_file(
     jobs: int = 1,
     max_shard_size=None,
     transposed=(),
+    statistics=None,
+    method: str = "wanda",
 ) -> ELSAMeta:
     """Encode a safetensors checkpoint from disk, chunk by chunk, into an ELSA file.
 
@@ -155,7 +194,12 @@ def encode_file(
         transposed: names of weights stored `[in, out]` (transformers ``Conv1D``), recorded as such
             in the document (:func:`elsa_codec.select_weights`'s model knows them); magnitude
             levels only, unstructured (N:M groups and blocks along dim 0 need the model: use
-            :func:`elsa_codec.magnitude_counters` with ``model=``).
+            :func:`elsa_codec.magnitude_counters` with ``model=``); any structure with ``statistics``.
+        statistics: activation-aware levels instead of magnitude ones: ``{tensor name: float32
+            [groups, in_features]}``, the sum over calibration tokens of the squares of the
+            tensor's module's input features (:func:`elsa_codec.oneshot.activation.input_norms`);
+            a selected tensor without an entry gets magnitude levels. Needs ``levels``.
+        method: with ``statistics``, ``"wanda"`` or ``"ria"`` (:mod:`elsa_codec.oneshot.scores`).
 
     Returns:
         The written :class:`ELSAMeta`.
@@ -164,9 +208,18 @@ def encode_file(
         ELSAError / ELSAFormatError: as :func:`elsa_codec.encode` and :func:`load_file`; ``jobs``
             not a positive int; the output is an input file.
     """
-    if transposed and (levels is None or structure != "unstructured" or any(isinstance(x, str) for x in levels)):
+    if statistics is not None and levels is None:
+        raise ELSAError("encode_file: statistics= makes activation-aware levels and needs levels=")
+    if statistics is None and transposed and (levels is None or structure != "unstructured"
+                                               or any(isinstance(x, str) for x in levels)):
         raise ELSAError("encode_file: transposed= takes unstructured magnitude levels only (N:M groups and blocks of an "
                         "[in, out] weight need the model: elsa_codec.magnitude_counters(..., model=model))")
-    source = None if levels is None else MagnitudeLevels(levels, structure, distribution, names, frozenset(transposed))
+    if levels is None:
+        source = None
+    elif statistics is None:
+        source = MagnitudeLevels(levels, structure, distribution, names, frozenset(transposed))
+    else:
+        source = ActivationLevels(levels, structure, distribution, names, frozenset(transposed),
+                                  statistics=dict(statistics), method=method)
     return encode_stream(in_path, out_path, counters=counters, source=source, dtype=dtype, code_bits=code_bits,
                          progress=progress, jobs=jobs, max_shard_size=max_shard_size)

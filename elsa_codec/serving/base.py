@@ -249,6 +249,7 @@ class ELSAModule(nn.Module):
         k = default_code_bits(T) if code_bits is None else code_bits
         check_code_bits(weight.dtype, k, T, name=f"{type(self).__name__}.weight")
         structs = ["unstructured"] * T if structures is None else [str(s) for s in structures]
+        self.quality = None  # the checkpoint's quality report (docs/FORMAT.md), set by the swap
         if len(structs) != T:
             raise ELSAError(f"{type(self).__name__}: structures lists {len(structs)} entries for T={T} levels")
         if isinstance(weight, nn.Parameter):  # a tied weight: every module that uses it gets the same Parameter

@@ -38,13 +38,18 @@ class LevelRow:
     """The figures of one level: ``level`` (``1..T``, ``T+1`` = dense), its mask ``structure``
     (``"dense"`` for ``T+1``), recorded ``sparsity`` (fraction of zeros over the encoded weights),
     ``median_ms`` (median latency of one call on the example inputs, milliseconds) and
-    ``resident_mib`` (bytes the served model holds for the level, MiB = 2**20 bytes)."""
+    ``resident_mib`` (bytes the served model holds for the level, MiB = 2**20 bytes); from the
+    checkpoint's quality report when it has one (``elsa convert --calibration``), ``cosine`` (mean
+    cosine of the final hidden states to the original model) and ``perplexity`` (causal LMs),
+    else None."""
 
     level: int
     structure: str
     sparsity: float
     median_ms: float
     resident_mib: float
+    cosine: float | None = None
+    perplexity: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -64,11 +69,13 @@ class LevelTable:
     max_memory_mib: float | None = None
     warmup: int = 1
     runs: int = 5
+    min_quality: float | None = None
 
     @property
     def budget(self) -> dict:
-        """``{"max_latency_ms": float | None, "max_memory_mib": float | None}``."""
-        return {"max_latency_ms": self.max_latency_ms, "max_memory_mib": self.max_memory_mib}
+        """``{"max_latency_ms": ..., "max_memory_mib": ..., "min_quality": ...}`` (None = no bound)."""
+        return {"max_latency_ms": self.max_latency_ms, "max_memory_mib": self.max_memory_mib,
+                "min_quality": self.min_quality}
 
     def row(self, level: int) -> LevelRow:
         """The row of ``level``; ELSAError if the table has none."""
@@ -87,17 +94,22 @@ class LevelTable:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        head = ("", "level", "structure", "sparsity", "median ms", "resident MiB")
+        cols = [c for c in ("cosine", "perplexity") if any(getattr(r, c) is not None for r in self.rows)]
+        head = ("", "level", "structure", "sparsity", "median ms", "resident MiB", *cols)
         body = [("*" if r.level == self.chosen else "", str(r.level), r.structure, f"{100 * r.sparsity:.1f} %",
-                 f"{r.median_ms:.4g}", f"{r.resident_mib:.4g}") for r in self.rows]
+                 f"{r.median_ms:.4g}", f"{r.resident_mib:.4g}",
+                 *("-" if getattr(r, c) is None else f"{getattr(r, c):.4g}" for c in cols)) for r in self.rows]
         width = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-        left = (True, False, True, False, False, False)
+        left = (True, False, True) + (False,) * (len(head) - 3)
         lines = ["  ".join(c.ljust(w) if lj else c.rjust(w) for c, w, lj in zip(line, width, left)).rstrip()
                  for line in [head, *body]]
         lat = "none" if self.max_latency_ms is None else f"<= {self.max_latency_ms:g} ms"
         mem = "none" if self.max_memory_mib is None else f"<= {self.max_memory_mib:g} MiB"
+        qual = "" if self.min_quality is None else f", cosine >= {self.min_quality:g}"
         pick = "none (no level meets the budget)" if self.chosen is None else f"level {self.chosen} (*)"
-        lines.append(f"budget: latency {lat}, memory {mem}; median of {self.runs} runs; chosen: {pick}")
+        lines.append(f"budget: latency {lat}, memory {mem}{qual}; median of {self.runs} runs; chosen: {pick}")
+        if cols:
+            lines.append("cosine / perplexity: the checkpoint's quality report (elsa convert --calibration)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -220,23 +232,28 @@ def _restore(snap: list) -> None:
             m.set_level(lv)
 
 
-def _excess(r: LevelRow, lat: float | None, mem: float | None) -> float:
-    """The sum of the relative excesses of ``r`` over the bounds it violates (0: it fits)."""
+def _excess(r: LevelRow, lat: float | None, mem: float | None, qual: float | None = None) -> float:
+    """The sum of the relative excesses of ``r`` over the bounds it violates (0: it fits); a
+    cosine below ``qual`` counts its shortfall (``qual - cosine``)."""
     out = 0.0
     if lat is not None and r.median_ms > lat:
         out += r.median_ms / lat - 1.0
     if mem is not None and r.resident_mib > mem:
         out += r.resident_mib / mem - 1.0
+    if qual is not None and r.cosine < qual:
+        out += qual - r.cosine
     return out
 
 
-def _no_fit(table: LevelTable, lat, mem, was) -> ELSAError:
-    best = min(table.rows, key=lambda r: (_excess(r, lat, mem), -r.level))
+def _no_fit(table: LevelTable, lat, mem, was, qual=None) -> ELSAError:
+    best = min(table.rows, key=lambda r: (_excess(r, lat, mem, qual), -r.level))
     over = []
     if lat is not None and best.median_ms > lat:
         over.append(f"latency {100 * (best.median_ms / lat - 1):.3g} % over the {lat:g} ms bound")
     if mem is not None and best.resident_mib > mem:
         over.append(f"memory {100 * (best.resident_mib / mem - 1):.3g} % over the {mem:g} MiB bound")
+    if qual is not None and best.cosine < qual:
+        over.append(f"cosine {best.cosine:.4g} under the {qual:g} bound")
     err = ELSAError(
         f"choose_level: no level meets the budget; the closest is level {best.level} ({best.structure}, sparsity "
         f"{best.sparsity:.3f}): median {best.median_ms:.4g} ms, resident {best.resident_mib:.4g} MiB "
@@ -259,16 +276,42 @@ def _checked(model, example_inputs, max_latency_ms, max_memory_mib, warmup, runs
     return lat, mem, warmup, runs, args, kwargs
 
 
+def _quality(model: nn.Module, min_quality) -> tuple:
+    """``(bound or None, {level: quality record})`` from the ELSA modules' quality report.
+
+    Raises:
+        ELSAError: ``min_quality`` not a number in (-1, 1], or given for a checkpoint without a report.
+    """
+    report = next((m.quality for _, m in elsa_modules(model) if getattr(m, "quality", None) is not None), None)
+    rec = {r["level"]: r for r in report["levels"]} if report is not None else {}
+    if min_quality is None:
+        return None, rec
+    if isinstance(min_quality, bool) or not isinstance(min_quality, numbers.Real) or not -1 < min_quality <= 1:
+        raise ELSAError(f"choose_level: min_quality is a cosine in (-1, 1], got {min_quality!r}")
+    if report is None:
+        raise ELSAError("choose_level: min_quality= needs the checkpoint's quality report, and this one has none "
+                        "(convert it with `elsa convert ... --calibration FILE`)")
+    return float(min_quality), rec
+
+
+def _row(model, info, ms: float, rec: dict) -> LevelRow:
+    q = rec.get(info.level, {})
+    return LevelRow(info.level, info.structure, float(info.sparsity), ms, resident_bytes(model) / MIB,
+                    q.get("cosine"), q.get("perplexity"))
+
+
 def choose_level(model: nn.Module, example_inputs, *, max_latency_ms: float | None = None,
-                 max_memory_mib: float | None = None, warmup: int = 1, runs: int = 5) -> LevelTable:
+                 max_memory_mib: float | None = None, min_quality: float | None = None, warmup: int = 1,
+                 runs: int = 5) -> LevelTable:
     """Measure every level of a served model on this machine and select the densest that fits.
 
     ELSA (arXiv 2312.06872) ships one file; each machine picks its level. For each level ``t`` in
     ``1..T+1`` (``T+1`` = dense): :func:`~elsa_codec.serving.swap.set_level` ``(model, t)``, then
     ``warmup`` untimed and ``runs`` timed calls ``model(*args)`` under ``torch.inference_mode()``
     (``time.perf_counter``, CUDA synchronised), and the bytes the served model holds for the level.
-    The chosen level is the densest (highest ``t``) whose median latency is ``<= max_latency_ms``
-    and whose resident MiB is ``<= max_memory_mib``; the model is left at that level.
+    The chosen level is the densest (highest ``t``) whose median latency is ``<= max_latency_ms``,
+    whose resident MiB is ``<= max_memory_mib`` and whose recorded cosine is ``>= min_quality``;
+    the model is left at that level.
 
     Memory is counted from the model's own data structures, not from the process's RSS: per ELSA
     module, the current level's packed forms (``sparse-cpu``) when one is in use, else the encoded
@@ -288,6 +331,8 @@ def choose_level(model: nn.Module, example_inputs, *, max_latency_ms: float | No
             (``model(*args)``) or a dict / mapping of keyword arguments (``model(**kwargs)``).
         max_latency_ms: the latency bound in milliseconds (median of one call); None or inf: no bound.
         max_memory_mib: the resident-weights bound in MiB (2**20 bytes); None or inf: no bound.
+        min_quality: the least mean cosine of the final hidden states to the original model, as
+            the checkpoint's quality report records it per level (``elsa convert --calibration``).
         warmup: untimed calls per level before timing (int >= 0).
         runs: timed calls per level (int >= 1); the median is kept.
 
@@ -299,7 +344,8 @@ def choose_level(model: nn.Module, example_inputs, *, max_latency_ms: float | No
         ELSATypeError: ``model`` not an ``nn.Module``; ``example_inputs`` not a Tensor, tuple or
             mapping with str keys; a budget, ``warmup`` or ``runs`` of the wrong type.
         ELSAError: a budget <= 0 or NaN, ``warmup < 0``, ``runs < 1``, no ELSA module in
-            ``model`` (all before any timing); no level meets the budget: the message names the
+            ``model``, ``min_quality`` outside (-1, 1] or without a quality report (all before
+            any timing); no level meets the budget: the message names the
             closest level (smallest sum of relative excesses over the violated bounds) and its
             figures, the exception's ``table`` attribute holds the :class:`LevelTable` (``chosen``
             None), and every module is put back at the level it had before the call (also when
@@ -322,20 +368,20 @@ def choose_level(model: nn.Module, example_inputs, *, max_latency_ms: float | No
         (1, 1)
     """
     lat, mem, warmup, runs, args, kwargs = _checked(model, example_inputs, max_latency_ms, max_memory_mib, warmup, runs)
+    qual, rec = _quality(model, min_quality)
     infos, was = levels(model), elsa_modules(model)[0][1].level
     snap, sync, rows = _snapshot(model), _sync_fn(model), []
     try:
         for info in infos:
             set_level(model, info.level)
-            ms = _median_ms(model, args, kwargs, warmup, runs, sync)
-            rows.append(LevelRow(info.level, info.structure, float(info.sparsity), ms, resident_bytes(model) / MIB))
+            rows.append(_row(model, info, _median_ms(model, args, kwargs, warmup, runs, sync), rec))
     except BaseException:
         _restore(snap)
         raise
-    fits = [r.level for r in rows if _excess(r, lat, mem) == 0.0]
-    table = LevelTable(tuple(rows), max(fits) if fits else None, lat, mem, warmup, runs)
+    fits = [r.level for r in rows if _excess(r, lat, mem, qual) == 0.0]
+    table = LevelTable(tuple(rows), max(fits) if fits else None, lat, mem, warmup, runs, qual)
     if not fits:
         _restore(snap)
-        raise _no_fit(table, lat, mem, was)
+        raise _no_fit(table, lat, mem, was, qual)
     set_level(model, table.chosen)
     return table

@@ -316,6 +316,7 @@ def _build(mod: nn.Module, kind: str, weight, meta, name: str) -> nn.Module:
 
         new = ELSATransformersConv1D.from_encoded(weight, mod.bias, **kw)
     new.train(mod.training)
+    new.quality = meta.quality
     return new
 
 

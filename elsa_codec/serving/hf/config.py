@@ -125,7 +125,7 @@ class ELSAQuantizationConfig(QuantizationConfigMixin):
         dtypes = sorted({info.dtype for info in meta.tensors.values()})
         if len(dtypes) != 1:
             raise ELSAError(f"an ELSA checkpoint for transformers encodes tensors of one dtype, this one has {dtypes}")
-        return cls(format_version=2 if meta.tied else 1, num_levels=meta.num_levels, code_bits=meta.code_bits,
+        return cls(format_version=meta.written_version, num_levels=meta.num_levels, code_bits=meta.code_bits,
                    dtype=dtypes[0], levels=[{"level": lv.level, "structure": lv.structure, "sparsity": lv.sparsity}
                                             for lv in meta.levels],
                    default_level=meta.num_levels + 1 if default_level is None else default_level)
