@@ -422,4 +422,5 @@ def _make_meta(T: int, k: int, structs: list, infos: dict, bn: dict, tied: dict 
         zeros = sum(ti.sparsity[t - 1] * math.prod(ti.shape) for ti in own)
         levels.append(LevelInfo(t, structs[t - 1], zeros / total))
     bn_modules = sorted({m for per in bn.values() for m in per})
-    return ELSAMeta(num_levels=T, code_bits=k, levels=levels, tensors=infos, bn_modules=bn_modules, tied=tied)
+    return ELSAMeta(num_levels=T, code_bits=k, levels=levels, tensors=infos, bn_modules=bn_modules, tied=tied,
+                    version=2 if tied else 1)  # the version it is written in

@@ -154,12 +154,17 @@ def mapped_model(config, path: str) -> nn.Module:
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         src = next((m for m in [name, *groups.get(name, [])] if m in stored), None)
         if src is None:
-            raise ELSAError(f"convert: the model's parameter {name!r} is not in {path}")
+            continue  # a tied weight the file stores once: tie_weights below
         t = stored[src]
         if tuple(t.shape) != tuple(p.shape):
             raise ELSAError(f"convert: {src} in {path} has shape {tuple(t.shape)}, the model's {name} {tuple(p.shape)}")
         _set_param(model, name, nn.Parameter(t, requires_grad=False))
     _retie(model, groups)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers: the output head onto the input embedding, as from_pretrained does
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing:
+        raise ELSAError(f"convert: the model's parameter {missing[0]!r} is not in {path}")
     for m in model.modules():
         if any(True for _ in m.parameters(recurse=False)):
             m.register_forward_hook(_drop_pages)

@@ -39,14 +39,25 @@ def check_method(method, calibration, eval_file) -> str:
     return method
 
 
+#: Files one of which a saved tokenizer has (transformers builds an empty one from a folder with none).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _tokenizer(src: str):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ELSAError(f"--calibration: {src} has no tokenizer transformers can load ({type(e).__name__}); "
-                        "save the tokenizer beside the model (tokenizer.save_pretrained)") from None
+    why = "no tokenizer file"
+    if any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES):
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+            if len(tok) > 1:
+                return tok
+            why = "an empty vocabulary"
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            why = type(e).__name__
+    raise ELSAError(f"--calibration: {src} has no tokenizer transformers can load ({why}); save the tokenizer "
+                    "beside the model (tokenizer.save_pretrained)")
 
 
 def calibration_windows(src: str, config, calibration, eval_file, samples: int, seq_len: int):
