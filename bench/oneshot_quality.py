@@ -53,13 +53,14 @@ class Plan:
     calib_batch: int = 16
     lm_calib_windows: int = 64
     lm_eval_windows: int = 10**6
-    train_steps: int = 250
+    train_steps: int = 300
     train_batch: int = 4
-    lr: float = 2e-3
+    lr: float = 3e-3
     window: int = 128
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
+        """The full plan, or the ``--quick`` one."""
         if quick:
             return cls(eval_sentences=32, calib_sentences=32, lm_calib_windows=16, lm_eval_windows=8, train_steps=12)
         return cls()
@@ -79,6 +80,7 @@ def make_counters(model, method: str, levels: list, calib: list):
 
 
 def level_label(level) -> str:
+    """``0.9`` -> ``"0.9"``, ``"2:4"`` -> ``"2:4"`` (the key of a level in tables and the CSV)."""
     return str(level) if isinstance(level, str) else f"{level:g}"
 
 
@@ -119,6 +121,7 @@ def sweep(ctx, model_name: str, model, calib: list, measure, metric: str) -> dic
 
 
 def add_row(ctx, model_name, method, level_set, level, sparsity, metric, value) -> None:
+    """Append one CSV row to ``ctx.rows`` and log it."""
     ctx.rows.append({"model": model_name, "method": method, "level_set": level_set, "level": level,
                      "sparsity": f"{sparsity:.4f}", "metric": metric, "value": f"{value:.6f}",
                      "git_sha": ctx.env.git_sha, "timestamp": ctx.env.timestamp})
@@ -179,11 +182,11 @@ def windows(tok, sentences: list, length: int) -> torch.Tensor:
 
 
 def new_lm(vocab: int, tok):
-    """The GPT-2-shaped model, random init under :data:`SEED`."""
+    """The GPT-2-shaped model (no dropout: the training is short), random init under :data:`SEED`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=vocab, n_layer=4, n_embd=256, n_head=4, n_positions=256,
-                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    cfg = GPT2Config(vocab_size=vocab, n_layer=4, n_embd=256, n_head=4, n_positions=256, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     torch.manual_seed(SEED)
     return GPT2LMHeadModel(cfg)
 
@@ -209,6 +212,17 @@ def train_lm(ctx, model, data: torch.Tensor) -> None:
         if step % 50 == 0 or step == plan.train_steps - 1:
             ctx.log(f"  train step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s")
     model.eval()
+
+
+def zeroed(model):
+    """A copy of ``model`` with every weight the levels cover (the blocks' linear weights) zeroed:
+    what the blocks' weights are worth (the embeddings, head and biases stay)."""
+    import elsa_codec as ec
+
+    work = copy.deepcopy(model)
+    sd = model.state_dict()
+    work.load_state_dict({n: torch.zeros_like(sd[n]) for n in ec.magnitude_counters(model, [0.5])}, strict=False)
+    return work
 
 
 @torch.no_grad()
@@ -246,6 +260,8 @@ def run_lm(ctx, train: list, test: list) -> dict:
     add_row(ctx, "lm", "dense", "-", "dense", 0.0, "perplexity", dense)
     out = sweep(ctx, "lm", model, calib, lambda w: perplexity(w, evals), "perplexity")
     out[("dense", "dense")] = dense
+    out[("zeroed", "all")] = perplexity(zeroed(model), evals)
+    add_row(ctx, "lm", "zeroed", "-", "all", 1.0, "perplexity", out[("zeroed", "all")])
     return out
 
 
@@ -312,6 +328,8 @@ def write_outputs(ctx, out: str, minilm: dict, lm: dict) -> None:
     md += "".join(f"\n{line}\n" for line in error_ratios(minilm, ms))
     lm_md = markdown(f"# GPT-2-shaped LM (trained {ctx.plan.train_steps} steps): held-out perplexity "
                      f"({ctx.n_lm} windows of {ctx.plan.window} tokens)", lm, ms, ".2f")
+    lm_md += (f"\nEvery weight the levels cover zeroed (the blocks' linear weights; embeddings, head, biases and "
+              f"layer norms kept): perplexity {lm[('zeroed', 'all')]:.2f}.\n")
     for name, text in (("minilm.md", md), ("lm.md", lm_md)):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.write(text)
@@ -328,6 +346,7 @@ def write_outputs(ctx, out: str, minilm: dict, lm: dict) -> None:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The options: ``--out``, ``--quick``, ``--methods``, ``--threads``."""
     p = argparse.ArgumentParser(prog="python -m bench oneshot-quality", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=OUT_DEFAULT, help=f"results folder (default {OUT_DEFAULT}; files overwritten)")
     p.add_argument("--quick", action="store_true", help="smoke test: 32 sentences, 12 train steps, 8 windows")

@@ -255,7 +255,7 @@ def test_tied_tensor_stored_once_and_restored(tmp_path):
          "tied tensor 'head.weight' points to 'nope.weight', which the file does not hold"),
         (lambda md: md.update(elsa=md["elsa"].replace('"tied":{"head.weight":"emb.weight"}', '"tied":{"fc.weight":"emb.weight"}')),
          "tied tensor 'fc.weight' is also stored"),
-        (lambda md: md.update(elsa=md["elsa"].replace('"version":2', '"version":3')), "format version 3 is newer"),
+        (lambda md: md.update(elsa=md["elsa"].replace('"version":2', '"version":4')), "format version 4 is newer"),
     ],
     ids=["dangling-alias", "alias-also-stored", "future-version"],
 )

@@ -62,7 +62,7 @@ def test_no_budget_or_a_huge_one_chooses_dense(served, first):
     ec.set_level(served, 1)
     t = choose_level(served, X, max_latency_ms=1e12, max_memory_mib=1e12, warmup=0, runs=2)
     assert t.chosen == T1 and _level_of(served) == {T1}
-    assert t.budget == {"max_latency_ms": 1e12, "max_memory_mib": 1e12}
+    assert t.budget == {"max_latency_ms": 1e12, "max_memory_mib": 1e12, "min_quality": None}
     inf = choose_level(served, X, max_latency_ms=math.inf, warmup=0, runs=1)
     assert inf.chosen == T1 and inf.max_latency_ms is None
 
@@ -134,9 +134,10 @@ def test_repr_json_and_marker(first):
     assert sum(ln.lstrip().startswith("*") for ln in lines[1:-1]) == 1
     d = json.loads(first.to_json())
     assert d == first.to_dict()
-    assert d["chosen"] == first.chosen and d["budget"] == {"max_latency_ms": None, "max_memory_mib": None}
+    assert d["chosen"] == first.chosen and d["budget"] == {"max_latency_ms": None, "max_memory_mib": None, "min_quality": None}
     assert [row["level"] for row in d["rows"]] == [r.level for r in first.rows]
-    assert set(d["rows"][0]) == {"level", "structure", "sparsity", "median_ms", "resident_mib"}
+    assert set(d["rows"][0]) == {"level", "structure", "sparsity", "median_ms", "resident_mib", "cosine", "perplexity"}
+    assert d["rows"][0]["cosine"] is None  # no quality report in this checkpoint
     with pytest.raises(ELSAError, match="no row for level 9"):
         first.row(9)
     with pytest.raises(AttributeError):
