@@ -193,3 +193,31 @@ def test_quality_report_is_checked_and_versioned(tmp_path):
     with pytest.raises(ELSAFormatError, match="a version 2 document has 'quality'"):
         ec.ELSAMeta.from_json(json.dumps(doc))
     assert write_quality(path, None).version == 1
+
+
+def test_mapped_model_is_the_model_pass_after_pass(src):
+    from elsa_codec.serving.hf.calibrate import mapped_model
+    from elsa_codec.serving.hf.checkpoint import weights_path
+
+    d, model = src["gpt2"]
+    mapped = mapped_model(model.config, weights_path(d))
+    assert mapped.lm_head.weight is mapped.transformer.wte.weight  # the tie, as from_pretrained keeps it
+    ids = torch.randint(0, len(WORDS), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        for _ in range(2):  # the second pass reads the pages the first one handed back
+            assert torch.equal(mapped(input_ids=ids).logits, want)
+
+
+def test_sharded_output_carries_the_report(src, tmp_path):
+    d, _ = src["bert"]
+    out = tmp_path / "sharded"
+    convert_pretrained(d, str(out), levels=[0.5], calibration=src["calib"], seq_len=32, calibration_samples=8,
+                       max_shard_size=40_000, progress=False)
+    index = out / "model.safetensors.index.json"
+    assert index.exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    meta = ec.read_meta(str(index))
+    assert meta.version == 3 and meta.quality["method"] == "wanda" and len(meta.quality["levels"]) == 2
+    ec.load_file(str(index))  # every shard and checksum still holds
+    model = transformers.AutoModel.from_pretrained(str(out))
+    assert next(m for _, m in ec.elsa_modules(model)).quality == meta.quality

@@ -146,9 +146,12 @@ def mapped_model(config, path: str) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = cls(config)
     groups = {n: g for g in model_tie_groups(model) for n in g}
-    stored = {}
+    stored, maps = {}, []
     for shard, names in _shards(path)[0]:
         f = _open_safetensors(shard, mmap=True)
+        if f._mm is not None and len(f._mm):
+            base = torch.frombuffer(f._mm, dtype=torch.uint8).data_ptr()
+            maps.append((base, base + len(f._mm)))
         for n in names if names is not None else f.keys():
             stored[n] = f.get_tensor(n)
     for name, p in list(model.named_parameters(remove_duplicate=False)):
@@ -164,24 +167,33 @@ def mapped_model(config, path: str) -> nn.Module:
         model.tie_weights()  # transformers: the output head onto the input embedding, as from_pretrained does
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if missing:
-        raise ELSAError(f"convert: the model's parameter {missing[0]!r} is not in {path}")
+        raise ELSAError(f"convert: the model's parameter {missing[0]!r} is not in {path} (from_pretrained would "
+                        "initialise it at random; calibration runs the model the checkpoint holds)")
     for m in model.modules():
-        if any(True for _ in m.parameters(recurse=False)):
-            m.register_forward_hook(_drop_pages)
+        own = [p for p in m.parameters(recurse=False) if _inside(p, maps)]
+        if own:
+            m.register_forward_hook(lambda m, args, out, own=own: _drop_pages(own))
     return model.eval()
+
+
+def _inside(t: torch.Tensor, maps: list) -> bool:
+    """Whether ``t``'s bytes lie in one of the file maps (a misaligned tensor was copied out)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return any(a <= lo and hi <= b for a, b in maps)
 
 
 _MADV_DONTNEED = 4
 
 
-def _drop_pages(m: nn.Module, args, out) -> None:
-    """A forward hook: unmap the resident pages of ``m``'s own parameters (views of a private,
-    never written file map: the next access maps them again from the page cache), so a pass over
-    the model holds one layer of it in RSS at a time. Linux only; elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
+def _drop_pages(params: list) -> None:
+    """After a module's forward: unmap the resident pages of its parameters, views of a private
+    file map that nothing writes (the next access maps them again from the page cache), so a pass
+    over the model holds one layer of it in RSS at a time. Only tensors inside the map are given
+    (``MADV_DONTNEED`` would zero anonymous memory). Linux only; elsewhere nothing."""
+    if _LIBC is None:
         return
     page = mmap.PAGESIZE
-    for p in m.parameters(recurse=False):
+    for p in params:
         begin = p.data_ptr()
         lo, hi = -(-begin // page) * page, (begin + p.numel() * p.element_size()) // page * page
         if hi > lo:
