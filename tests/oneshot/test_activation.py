@@ -205,3 +205,29 @@ def test_bad_method_and_uncalled_module():
 
     with pytest.raises(ELSAError, match="unused: the module was never called"):
         ec.activation_counters(Skips(), [0.5], [{"x": torch.randn(1, 8)}], filter_fn=lambda m, f: True)
+
+
+def test_encode_file_with_statistics_is_the_in_memory_encode(tmp_path):
+    from safetensors.torch import save_file
+
+    from elsa_codec.oneshot.activation import weight_statistics
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24))
+    batches = [{"input": torch.randn(9, 64)} for _ in range(2)]
+    everything = lambda m, fqn: True  # noqa: E731
+    src, out = str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src)
+    names = ["0.weight", "2.weight"]
+    stats, tokens, n = weight_statistics(model, names, batches)
+    assert sorted(stats) == names and tokens == 18 and n == 2
+    for levels in ([0.8, 0.5], ["2:4"]):
+        ec.encode_file(src, out, levels=levels, names=names, statistics=stats, method="ria", progress=False)
+        want = ec.encode(model.state_dict(), ec.activation_counters(model, levels, batches, method="ria",
+                                                                    filter_fn=everything))
+        got = ec.load_file(out)
+        assert all(torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)) for k in want)
+    with pytest.raises(ELSAError, match="statistics= makes activation-aware levels and needs levels="):
+        ec.encode_file(src, out, counters=ec.magnitude_counters(model.state_dict(), [0.5], names=names), statistics=stats)
+    with pytest.raises(ELSAError, match="distribution='uniform'"):
+        ec.encode_file(src, out, levels=[0.5], names=names, statistics=stats, distribution="global", progress=False)
