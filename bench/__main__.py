@@ -14,6 +14,7 @@ Usage::
     python -m bench cpu-e2e [--quick] [--out DIR]  # whole models per level: LM prefill / decode, MiniLM, switch (bench/cpu_e2e.py)
     python -m bench cpu-e2e report CSV     # its tables.md and tokens_per_s.png again
     python -m bench oneshot-quality [--quick]  # what one-shot levels keep: magnitude / wanda / ria (bench/oneshot_quality.py)
+    python -m bench oneshot-convert        # time and peak RSS of elsa convert --calibration vs magnitude (MiniLM)
 
 A run appends its rows to ``<out>/results.csv`` (default ``bench/results/<device-slug>/``), appends
 its log to ``bench.log`` and its command line to ``COMMAND.txt``, writes ``targets.md`` and the
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(cpu_e2e_main(argv[1:]) or 0)
     if argv and argv[0] in ("plot", "table", "targets", "stream-memory", "stream_memory", "static", "roofline", "hf-load",
-                            "oneshot-quality"):
+                            "oneshot-quality", "oneshot-convert"):
         import importlib
 
         name = argv[0].replace("-", "_")

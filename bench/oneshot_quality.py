@@ -13,9 +13,11 @@ Models, text from :mod:`elsa_codec.examples.minilm.pydoc_text` (``split(heldout=
   (padded batches of 16, at most 128 tokens), evaluation the held-out sentences (at most 400);
   metric the mean cosine of each sentence embedding (mean pooling + L2, :func:`embed`) to the
   original model's.
-- ``lm``: a GPT-2-shaped causal LM (4 layers, 256 hidden, the MiniLM tokenizer's vocabulary),
-  random init under a fixed seed, trained briefly with AdamW on 128-token windows of the train
-  part; calibration 64 of those windows; metric the held-out perplexity ``exp(mean token CE)``.
+- ``lm``: a GPT-2-shaped causal LM (4 layers, 256 hidden, a 4096-token BPE vocabulary trained on
+  the train text), random init under a fixed seed, trained briefly with AdamW on 128-token windows
+  of the standard library's docstrings and the pydoc sentences (:mod:`bench.lm_corpus`, split by
+  the same hash rule); calibration 64 of the train windows; metric the held-out perplexity
+  ``exp(mean token CE)``.
 
 Output (``--out``, default ``bench/results/oneshot-quality/``, overwritten): ``minilm.md``,
 ``lm.md``, ``results.csv``, ``quality.png``, ``COMMAND.txt``, ``run.log``.
@@ -52,9 +54,9 @@ class Plan:
     calib_sentences: int = 128
     calib_batch: int = 16
     lm_calib_windows: int = 64
-    lm_eval_windows: int = 10**6
-    train_steps: int = 300
-    train_batch: int = 4
+    lm_eval_windows: int = 200
+    train_steps: int = 800
+    train_batch: int = 8
     lr: float = 3e-3
     window: int = 128
 
@@ -237,13 +239,13 @@ def perplexity(model, data: torch.Tensor, batch: int = 16) -> float:
     return math.exp(total / count)
 
 
-def run_lm(ctx, train: list, test: list) -> dict:
+def run_lm(ctx) -> dict:
     """The LM sweep: ``{(method, level): perplexity}``, ``("dense", "dense")`` the trained model's."""
-    from transformers import AutoTokenizer
+    from .lm_corpus import bpe_tokenizer, corpus
 
-    from elsa_codec.examples.minilm.assets import minilm_dir
-
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    train, test = corpus()
+    tok = bpe_tokenizer(train)
+    ctx.log(f"lm text: {len(train)} train texts, {len(test)} held out (bench/lm_corpus.py); BPE vocabulary {len(tok)}")
     plan = ctx.plan
     data, evals = windows(tok, train, plan.window), windows(tok, test, plan.window)[:plan.lm_eval_windows]
     ctx.n_lm = len(evals)
@@ -415,7 +417,7 @@ def _run(ctx, a) -> int:
     minilm = run_minilm(ctx, train, test)
     ctx.log(f"-- minilm: {time.perf_counter() - t1:.1f} s")
     t1 = time.perf_counter()
-    lm = run_lm(ctx, train, test)
+    lm = run_lm(ctx)
     ctx.log(f"-- lm: {time.perf_counter() - t1:.1f} s")
     write_outputs(ctx, a.out, minilm, lm)
     ctx.log(f"total {time.perf_counter() - t0:.1f} s")
