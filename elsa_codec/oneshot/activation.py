@@ -52,8 +52,9 @@ def _features(m: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
 
 def _hook(fqn: str, kind: str, sums: dict, counts: dict):
     """A forward pre-hook adding the squares of ``fqn``'s input features to ``sums[fqn]``."""
-    def hook(m, args):
-        x = args[0].detach()
+    def hook(m, args, kwargs):
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        x = x.detach()
         cols = _features(m, kind, x)
         add = cols.to(torch.float32).pow(2).sum(-1)
         if not torch.isfinite(add).all():
@@ -98,7 +99,7 @@ def input_norms(model: nn.Module, fqns: Iterable[str], inputs, *, progress: Call
     mods = _weighted_modules(model)
     sums, counts = {}, {"batches": 0}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    handles = [mods[f][0].register_forward_pre_hook(_hook(f, mods[f][1], sums, counts)) for f in fqns]
+    handles = [mods[f][0].register_forward_pre_hook(_hook(f, mods[f][1], sums, counts), with_kwargs=True) for f in fqns]
     was = {m: m.training for m in model.modules()}
     try:
         model.eval()

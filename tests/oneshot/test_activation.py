@@ -231,3 +231,18 @@ def test_encode_file_with_statistics_is_the_in_memory_encode(tmp_path):
         ec.encode_file(src, out, counters=ec.magnitude_counters(model.state_dict(), [0.5], names=names), statistics=stats)
     with pytest.raises(ELSAError, match="distribution='uniform'"):
         ec.encode_file(src, out, levels=[0.5], names=names, statistics=stats, distribution="global", progress=False)
+
+
+def test_a_module_called_with_a_keyword_input():
+    class KW(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 6)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    torch.manual_seed(6)
+    m, x = KW(), torch.randn(4, 12)
+    c = ec.activation_counters(m, [0.5], [{"x": x}], filter_fn=lambda mod, fqn: True)
+    assert torch.equal(c["fc.weight"], naive_counters(m.fc.weight.detach(), (x * x).sum(0)[None], [0.5], "wanda"))
