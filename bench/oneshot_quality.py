@@ -55,7 +55,7 @@ class Plan:
     calib_batch: int = 16
     lm_calib_windows: int = 64
     lm_eval_windows: int = 200
-    train_steps: int = 800
+    train_steps: int = 2000
     train_batch: int = 8
     lr: float = 3e-3
     window: int = 128
