@@ -313,17 +313,12 @@ def choose_level(model: nn.Module, example_inputs, *, max_latency_ms: float | No
     whose resident MiB is ``<= max_memory_mib`` and whose recorded cosine is ``>= min_quality``;
     the model is left at that level.
 
-    Memory is counted from the model's own data structures, not from the process's RSS: per ELSA
-    module, the current level's packed forms (``sparse-cpu``) when one is in use, else the encoded
-    weight (tied weights once), plus the current level's runtime caches (decoded weight, tile
-    table); then every other parameter and buffer once and the per-level batch-norm statistics.
-    That is what a process serving only that level holds (``elsa_codec.load(path, model,
-    level=t)`` hands the encoded weight's pages back once a level is packed); a model swapped in
-    memory with ``swap_`` also keeps its encoded weights, which RSS would show.
+    Memory is counted from the model's own data structures, not from the process's RSS
+    (:func:`resident_bytes`): what a process serving only that level holds (``elsa_codec.load(path,
+    model, level=t)``); a model swapped in memory with ``swap_`` also keeps its encoded weights.
 
-    The model runs as it is: call ``model.eval()`` first. Latency includes whatever the model does
-    per call (here, on this machine's thread count); use inputs of the shape it will serve. Modules
-    set to ``semi_structured`` are measured on the default backends (``set_level`` resets them).
+    The model runs as it is (call ``model.eval()`` first), on inputs of the shape it will serve;
+    ``semi_structured`` modules are measured on the default backends (``set_level`` resets them).
 
     Args:
         model: an ``nn.Module`` served by ELSA (after :func:`elsa_codec.swap_` / :func:`elsa_codec.load`).
