@@ -8,23 +8,11 @@ by an atomic rename, shards and index as :func:`elsa_codec.save_file` writes the
 from __future__ import annotations
 
 import json
-import os
 
 from ..errors import ELSAError
-from .atomic import atomic
 from .document import ELSAMeta, _json_quality
-from .file import (
-    _ITEM,
-    _open_safetensors,
-    _read_index,
-    _shards,
-    data_order,
-    file_metadata,
-    header_bytes,
-    read_meta,
-    write_sharded,
-)
-from .stream import _copy_range
+from .file import _open_safetensors, _shards, read_meta
+from .stream import _write_file, _write_sharded
 
 __all__ = ["write_quality"]
 
@@ -53,54 +41,24 @@ def write_quality(path: str, quality: dict | None, *, max_shard_size: int | None
             raise ELSAError(f"{path}: the quality report does not fit the checkpoint ({e})") from None
     meta.quality = quality
     doc = meta.to_json()
+    entries, res = _stored(path)
     if str(path).endswith(".index.json"):
-        _rewrite_shards(path, doc, max_shard_size or 5 * 10**9)
+        _write_sharded(path, list(entries), entries, doc, res, max_shard_size or 5 * 10**9, inputs=[])
     else:
-        with atomic(path) as tmp:
-            _copy_file(tmp, {n: path for n in _open_safetensors(path).keys()}, doc)
+        _write_file(path, entries, doc, res)
     return ELSAMeta.from_json(doc, source=path)
 
 
-def _copy_file(tmp: str, where: dict, doc: str) -> None:
-    """Write ``tmp``: a new header (``doc``, the tensors' own CRC-32s), then each tensor's bytes
-    copied from the file ``where[name]``."""
-    files = {p: _open_safetensors(p) for p in set(where.values())}
-    tables = {p: json.loads(f.metadata()["elsa_checksums"]) for p, f in files.items()}
-    entries = {n: tuple(files[p]._entries[n][:2]) for n, p in where.items()}
-    crcs = {n: tables[p][n] for n, p in where.items()}
-    dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-    srcs = {}
-    try:
-        head = header_bytes(entries, file_metadata(doc, crcs))
-        while head:
-            head = head[os.write(dst, head):]
-        for n in data_order(entries):
-            f = files[where[n]]
-            _, _, a, b = f._entries[n]
-            if where[n] not in srcs:
-                srcs[where[n]] = os.open(where[n], os.O_RDONLY)
-            _copy_range(srcs[where[n]], dst, f._base + a, b - a)
-    finally:
-        os.close(dst)
-        for fd in srcs.values():
-            os.close(fd)
-        for f in files.values():
-            f.close()
-
-
-def _rewrite_shards(index_path: str, doc: str, limit: int) -> None:
-    crcs = json.loads(_read_index(index_path)["metadata"]["elsa_checksums"])
-    where = {}
-    for shard, names in _shards(index_path)[0]:
-        for n in names:
-            where[n] = shard
-    names = list(where)
-    sizes = {}
-    for shard in set(where.values()):
-        f = _open_safetensors(shard)
-        for n in f.keys():
-            code, shape, a, b = f._entries[n]
-            sizes[n] = b - a if _ITEM.get(code) else 0
-        f.close()
-    write_sharded(index_path, names, sizes, limit, doc, crcs,
-                  lambda tmp, g: _copy_file(tmp, {n: where[n] for n in g}, doc))
+def _stored(path: str) -> tuple:
+    """``(entries, res)`` of the checkpoint's tensors in the streaming writer's terms
+    (:func:`elsa_codec.format.stream.encode_stream`): ``{name: (dtype code, shape)}`` and
+    ``{name: (file, byte offset, byte count, CRC-32)}``, each tensor read from where it lies."""
+    entries, res = {}, {}
+    for shard, names in _shards(path)[0]:
+        with _open_safetensors(shard) as f:
+            crcs = json.loads(f.metadata()["elsa_checksums"])
+            for n in names if names is not None else f.keys():
+                code, shape, a, b = f._entries[n]
+                entries[n] = (code, shape)
+                res[n] = (shard, f._base + a, b - a, crcs[n])
+    return entries, res
