@@ -18,7 +18,7 @@ from ..errors import ELSAError, ELSATypeError
 from ..format.encode import Counters
 from ..format.selection import _weighted_modules, transposed_weights
 from ..format.structure import parse_levels
-from .magnitude import _filter_arg, _magnitude_selection, tensor_magnitude_counters
+from .magnitude import _filter_arg, _magnitude_selection, _tensor_counters
 from .scores import _check_method, tensor_activation_counters
 
 logger = logging.getLogger("elsa_codec")
@@ -189,7 +189,7 @@ def activation_counters(
                                                    name=name)
         else:
             logger.info("activation_counters: %s has no input features to weigh (an embedding): magnitude levels", name)
-            out[name] = tensor_magnitude_counters(sd[name], specs, name=name)
+            out[name] = _tensor_counters(sd[name], specs, None, name, name in transposed)
     logger.info("activation_counters: %s levels of %d tensors from %d batches (%d tokens)", method, len(out), n, tokens)
     return Counters(out, len(specs), [str(st) for _, st in specs], transposed=transposed)
 

@@ -20,7 +20,7 @@ from ..format.document import ELSAMeta
 from ..format.encode import Counters, counter_dtype
 from ..format.stream import _FLOAT_CODES, _convert, _numel, encode_stream, limit_heap_retention
 from ..format.structure import parse_levels
-from .magnitude import select_tensors, tensor_magnitude_counters
+from .magnitude import _tensor_counters, select_tensors, tensor_magnitude_counters
 from .scores import _check_method, tensor_activation_counters
 from .stream_counters import RowBlockCounters, UnstructuredCounters
 from .thresholds import global_thresholds_stream
@@ -136,7 +136,7 @@ class ActivationLevels(MagnitudeLevels):
         x = x.to(conv) if conv is not None else x
         tr = name in self.transposed
         if stats is None:  # an [in, out] weight without statistics: magnitude groups along its dim 0
-            c = tensor_magnitude_counters(x.t(), self.specs, name=name).t()
+            c = _tensor_counters(x, self.specs, None, name, tr)
         else:
             c = tensor_activation_counters(x, self.specs, stats, self.method, transposed=tr, name=name)
         full = c.reshape(-1).to(counter_dtype(self.num_levels)).contiguous()

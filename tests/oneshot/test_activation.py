@@ -246,3 +246,13 @@ def test_a_module_called_with_a_keyword_input():
     m, x = KW(), torch.randn(4, 12)
     c = ec.activation_counters(m, [0.5], [{"x": x}], filter_fn=lambda mod, fqn: True)
     assert torch.equal(c["fc.weight"], naive_counters(m.fc.weight.detach(), (x * x).sum(0)[None], [0.5], "wanda"))
+
+
+def test_an_embedding_keeps_magnitude_levels_of_the_counter_dtype():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    torch.manual_seed(7)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    c = ec.activation_counters(model, ["2:4"], [{"input_ids": torch.randint(0, 50, (2, 16))}], select="all")
+    want = ec.magnitude_counters(model, ["2:4"], select="all")["transformer.wpe.weight"]
+    assert c["transformer.wpe.weight"].dtype == torch.uint8 and torch.equal(c["transformer.wpe.weight"], want)
