@@ -20,6 +20,7 @@ from ...format.selection import DEFAULT_SELECT, check_select_arg, model_tie_grou
 from ...format.stream import _FLOAT_CODES
 from ...format.structure import parse_levels
 from ...oneshot.stream import encode_file
+from .calibrate import mapped_model
 from .checkpoint import architecture_class, check_out_dir, layout_path, weights_path
 from .config import ELSAQuantizationConfig
 from .convert_calibration import calibration_windows, check_method, quality_report, statistics
@@ -130,7 +131,8 @@ def convert_pretrained(src_dir, out_dir, *, levels, structure: str = "unstructur
     windows = calibration_windows(src, config, calibration, eval_file, calibration_samples, seq_len)
     model = _skeleton(config)
     names = _selected(model, set(_stored_names(wpath)), select, structures, calibrated=method != "magnitude")
-    stats = statistics(config, wpath, names, windows[0], progress) if method != "magnitude" else None
+    source = mapped_model(config, wpath) if windows is not None else None  # calibration and the report
+    stats = statistics(source, names, windows[0], progress) if method != "magnitude" else None
     path, limit = layout_path(out, _total_bytes(wpath, dtype), max_shard_size)
     os.makedirs(out, exist_ok=True)
     meta = encode_file(wpath, path, levels=levels, structure=structure, distribution=distribution, dtype=dtype,
@@ -138,7 +140,7 @@ def convert_pretrained(src_dir, out_dir, *, levels, structure: str = "unstructur
                        transposed=sorted(transposed_weights(model) & set(names)), statistics=stats,
                        method=method if stats is not None else "wanda")
     if windows is not None:
-        meta = write_quality(path, quality_report(config, wpath, path, meta, method, windows, calibration, eval_file),
+        meta = write_quality(path, quality_report(source, config, path, meta, method, windows, calibration, eval_file),
                              max_shard_size=limit)
     remove_stale(path)
     copy_files(src, out)

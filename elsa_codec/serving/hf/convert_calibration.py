@@ -84,10 +84,10 @@ def calibration_windows(src: str, config, calibration, eval_file, samples: int, 
     return out
 
 
-def statistics(config, wpath: str, names: list, windows, progress: bool) -> dict:
+def statistics(model, names: list, windows, progress: bool) -> dict:
     """``{stored name: float32 [groups, in_features]}``: one forward pass of the memory-mapped
-    model over the calibration windows (:func:`~elsa_codec.oneshot.activation.weight_statistics`)."""
-    model = mapped_model(config, wpath)
+    source ``model`` (:func:`~elsa_codec.serving.hf.calibrate.mapped_model`) over the calibration
+    windows (:func:`~elsa_codec.oneshot.activation.weight_statistics`)."""
     feed = batches(windows)
     bar = progress_bar(total=len(feed), desc="calibration", unit="batch", enabled=progress)
     try:
@@ -98,10 +98,11 @@ def statistics(config, wpath: str, names: list, windows, progress: bool) -> dict
     return stats
 
 
-def quality_report(config, wpath: str, path: str, meta: ELSAMeta, method: str, windows, calibration, eval_file) -> dict:
-    """The ``quality`` document of the written checkpoint ``path`` against the source ``wpath``."""
+def quality_report(source, config, path: str, meta: ELSAMeta, method: str, windows, calibration, eval_file) -> dict:
+    """The ``quality`` document of the written checkpoint ``path`` against the memory-mapped
+    ``source`` model."""
     calib, ev = windows
-    rows, ref_ppl = measure_quality(mapped_model(config, wpath), mapped_model(config, path), meta, ev)
+    rows, ref_ppl = measure_quality(source, mapped_model(config, path), meta, ev)
     return {
         "method": method,
         "metric": "mean cosine of the final hidden states to the original model's, over the evaluation tokens",
