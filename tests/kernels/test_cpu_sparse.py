@@ -279,6 +279,8 @@ def test_panel_width_fits_l2_and_covers_m():
         for kp in (291, 4096, 11008):
             w = cs.panel_width(m, kp)
             assert w % 16 == 0 and 16 <= w <= 64 and (w == 16 or kp * w * 4 <= cs.PANEL_BYTES)
+            wide = cs.panel_width(m, kp, capped=False)  # the K-blocked products: as wide as M allows
+            assert wide % 16 == 0 and w <= wide <= 64 and -(-m // wide) == -(-m // 64)
             assert -(-m // w) * w - m < 16 * -(-m // w)  # less than 16 padded columns per panel
     xp, w = cs.panels(torch.arange(6.0).view(2, 3), 5)
     assert w == 8 and xp.shape == (1, 5, 8) and xp[0, :3, :2].t().tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -48,9 +48,9 @@ inline bool wide(int64_t W = 16) { return ELSA_HAS_V16 && elsa_cpu_isa() >= 2 &&
 template <typename F>
 void over_panels(int64_t M, int64_t W, int64_t Kp, const float* xp, const float* bias, float* y, int64_t ldy, F f) {
     for (int64_t m0 = 0, q = 0; m0 < M; m0 += W, q++) {
-        v8::Panel p8{xp + q * Kp * W, W, m0, M, bias, y, ldy};
+        v8::Panel p8{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp};
 #if ELSA_HAS_V16
-        v16::Panel p16{xp + q * Kp * W, W, m0, M, bias, y, ldy};
+        v16::Panel p16{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp};
         f(p8, p16);
 #else
         f(p8, p8);

@@ -526,28 +526,31 @@ def _bind_mv(lib, packed):
     return lambda x, b, y, nt: fn(*pre, x, b, y, nt)
 
 
-#: Bytes of one panel of x (``[Kp, W]`` float32) the M > 1 kernels aim to keep in L2 cache.
+#: Bytes of one panel of x (``[Kp, W]`` float32) the ``bsr`` product aims to keep in L2 cache. The
+#: csr, bitmask and nm products read a panel in K chunks of 16 KiB (``elsa_cpu_mm.inc``, "K blocking"),
+#: so their panels are as wide as M allows (up to 64) whatever ``Kp``.
 PANEL_BYTES = 512 * 1024
 
 
-def panel_width(M: int, Kp: int) -> int:
+def panel_width(M: int, Kp: int, capped: bool = True) -> int:
     """Columns of x per panel of the M > 1 products (8 for M <= 8, run by the 8-lane kernels; else
     16, 32, 48 or 64): as few panels as a width of 64 allows, each as narrow as its share of ``M``
-    rounded up to 16, and no panel over :data:`PANEL_BYTES` while it is wider than 16."""
+    rounded up to 16; ``capped`` (the ``bsr`` product): no panel over :data:`PANEL_BYTES` while it
+    is wider than 16."""
     if M <= 8:
         return 8
     w_max = 64
-    while w_max > 16 and Kp * w_max * 4 > PANEL_BYTES:
+    while capped and w_max > 16 and Kp * w_max * 4 > PANEL_BYTES:
         w_max -= 16
     panels = -(-M // w_max)
     return -(-(-(-M // panels)) // 16) * 16
 
 
-def panels(x2: torch.Tensor, Kp: int) -> tuple[torch.Tensor, int]:
+def panels(x2: torch.Tensor, Kp: int, capped: bool = True) -> tuple[torch.Tensor, int]:
     """x `[M, K]` (any float dtype) cut into the M > 1 kernels' panels: ``(xp, W)``, xp float32
     `[P, Kp, W]` = x^T in ``P`` panels of ``W`` (:func:`panel_width`) columns, zero past M and K."""
     M, K = x2.shape
-    W = panel_width(M, Kp)
+    W = panel_width(M, Kp, capped)
     P = -(-M // W)
     if P * W != M:  # zero columns past M
         x2 = torch.cat([x2, x2.new_zeros(P * W - M, K)])
@@ -566,7 +569,7 @@ def panel_cost_input(packed: PackedLevel) -> int:
 def _mm(lib, packed, x2, b, y, M, nt) -> None:
     N, K = packed.shape
     Kp = _xpad(packed)
-    xp, W = panels(x2, Kp)
+    xp, W = panels(x2, Kp, packed.format == "bsr")
     getattr(lib, f"elsa_{packed.format}_mm")(N, M, W, Kp, *packed.arrays(), _DT[packed.dtype], xp.data_ptr(), _ptr(b),
                                              y.data_ptr(), N, nt)
 
