@@ -121,8 +121,35 @@ def test_wide_rows_use_int32_columns():
     d = cs.csr_from_bitmask(cs.pack_level(w, 2, 2, "bitmask"))
     assert all(torch.equal(bits(d.tensors[n]), bits(p.tensors[n])) for n in p.tensors)
     assert torch.equal(bits(cs.unpack(p)), bits(extract_level(w, 2, 2)))
-    x = torch.randn(1, 70000)
-    assert_close_linear(cs.sparse_linear(x, p), x, extract_level(w, 2, 2), None, torch.float32)
+    for m in (1, 17):  # M > 1: the K-blocked product walks int32 columns chunk by chunk
+        x = torch.randn(m, 70000)
+        assert_close_linear(cs.sparse_linear(x, p), x, extract_level(w, 2, 2), None, torch.float32)
+
+
+@pytest.mark.parametrize("fmt,group", [("csr", (0, 0)), ("bitmask", (0, 0)), ("nm", (2, 4)), ("nm", (3, 7))],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_k_blocked_products_across_many_chunks_every_isa(fmt, group, dtype):
+    """M > 1 products read x in K chunks of 16 KiB against 32 weight rows (elsa_cpu_mm.inc, "K
+    blocking"): K = 1123 is 5-36 chunks at every panel width, 75 rows are 2 full row blocks and a
+    partial one, a row with no kept weight sits among them; every ISA, the scalar one included."""
+    from elsa_codec.native import ISAS, cpu_isa
+
+    n, k = 75, 1123
+    w = nm_encoded(n, k, dtype, group) if fmt == "nm" else encoded(n, k, dtype)
+    w[40] = encode_tensor(w[40:41].float().to(dtype), torch.full((1, k), 3), 2)[0]  # row 40: nothing below level 3
+    b = torch.randn(n).to(dtype)
+    top = cpu_isa()
+    try:
+        for isa in ISAS[: ISAS.index(top) + 1]:
+            cpu_isa(isa)
+            for t in (1, 2):
+                p = cs.pack_level(w, t, 2, fmt, group=group)
+                for m in (2, 9, 33, 64, 130):
+                    x = torch.randn(m, k).to(dtype)
+                    assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, t, 2), b, dtype)
+    finally:
+        cpu_isa(top)
 
 
 @settings(max_examples=40, deadline=None)
