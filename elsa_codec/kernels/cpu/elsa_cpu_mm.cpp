@@ -46,11 +46,12 @@ inline bool wide(int64_t W = 16) { return ELSA_HAS_V16 && elsa_cpu_isa() >= 2 &&
 
 // Every panel of x in turn (outer loop), all rows of the weight per panel.
 template <typename F>
-void over_panels(int64_t M, int64_t W, int64_t Kp, const float* xp, const float* bias, float* y, int64_t ldy, F f) {
+void over_panels(int64_t M, int64_t W, int64_t Kp, double dens, const float* xp, const float* bias, float* y, int64_t ldy,
+                 F f) {
     for (int64_t m0 = 0, q = 0; m0 < M; m0 += W, q++) {
-        v8::Panel p8{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp};
+        v8::Panel p8{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp, dens};
 #if ELSA_HAS_V16
-        v16::Panel p16{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp};
+        v16::Panel p16{xp + q * Kp * W, W, m0, M, bias, y, ldy, Kp, dens};
         f(p8, p16);
 #else
         f(p8, p8);
@@ -67,8 +68,8 @@ extern "C" {
 void elsa_csr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, const int64_t* rowptr, const int64_t* rowend, int nseg,
                  int64_t ld, const void* col, int isz, const void* val, int dt, const float* xp, const float* bias,
                  float* y, int64_t ldy, int nt) {
-    const int64_t work = csr_entries(N, rowptr, rowend, nseg, ld) * W;
-    over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
+    const int64_t entries = csr_entries(N, rowptr, rowend, nseg, ld), work = entries * W;
+    over_panels(M, W, Kp, (double)entries / ((double)N * Kp + 1), xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
         over_rows(N, nt, work, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::csr(n0, n1, rowptr, rowend, nseg, ld, col, isz, val, dt, p16); return; }
@@ -82,7 +83,7 @@ void elsa_csr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, const int64_t* row
 void elsa_bitmask_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t KB, const int64_t* rowptr,
                      const uint8_t* mask, const void* val, int dt, const float* xp, const float* bias, float* y,
                      int64_t ldy, int nt) {
-    over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
+    over_panels(M, W, Kp, (double)rowptr[N] / ((double)N * Kp + 1), xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
         over_rows(N, nt, rowptr[N] * W, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::bitmask(n0, n1, KB, rowptr, mask, val, dt, p16); return; }
@@ -96,7 +97,7 @@ void elsa_bitmask_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t KB, co
 // nm: idx uint8 `[N, E]`, val `[N * E + 8]` (E = ceil(K / m) * n entries per row).
 void elsa_nm_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t E, int n, int m, const uint8_t* idx,
                 const void* val, int dt, const float* xp, const float* bias, float* y, int64_t ldy, int nt) {
-    over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
+    over_panels(M, W, Kp, (double)n / m, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
         over_rows(N, nt, N * E * W, [&](int64_t n0, int64_t n1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::nm(n0, n1, E, n, m, idx, val, dt, p16); return; }
@@ -111,7 +112,7 @@ void elsa_bsr_mm(int64_t N, int64_t M, int64_t W, int64_t Kp, int64_t R, int64_t
                  const int64_t* browptr, const int32_t* bcol, const void* bval, int dt, const float* xp,
                  const float* bias, float* y, int64_t ldy, int nt) {
     int64_t NBR = (N + R - 1) / R;
-    over_panels(M, W, Kp, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
+    over_panels(M, W, Kp, 1.0, xp, bias, y, ldy, [&](const v8::Panel& p8, const auto& p16) {
         over_rows(NBR, nt, browptr[NBR] * R8 * C * W, [&](int64_t b0, int64_t b1) {
 #if ELSA_HAS_V16
             if (wide(W)) { v16::bsr(b0, b1, N, R, R8, C, browptr, bcol, bval, dt, p16); return; }

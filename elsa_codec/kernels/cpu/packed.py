@@ -561,15 +561,27 @@ def panels(x2: torch.Tensor, Kp: int, capped: bool = True) -> tuple[torch.Tensor
     return xp, W
 
 
-def panel_cost_input(packed: PackedLevel) -> int:
-    """The padded input width ``Kp`` the products of ``packed`` read (what :func:`panels` needs)."""
-    return _xpad(packed)
+def panel_cost_input(packed: PackedLevel) -> tuple[int, bool]:
+    """``(Kp, capped)``: the padded input width the products of ``packed`` read and whether their
+    panels are capped (what :func:`panels` takes after x)."""
+    return _xpad(packed), _capped(packed)
+
+
+#: Below this density a csr product runs each row whole on an L2-sized panel (``elsa_cpu_mm.inc``:
+#: ``CSR_BLOCKED_DENSITY``; short runs per K chunk cost more than the chunk saves).
+CSR_BLOCKED_DENSITY = 0.2
+
+
+def _capped(packed: PackedLevel) -> bool:
+    """Whether the M > 1 product of ``packed`` takes panels capped to :data:`PANEL_BYTES`: bsr, and
+    csr below :data:`CSR_BLOCKED_DENSITY` (both read the whole panel per row block)."""
+    return packed.format == "bsr" or (packed.format == "csr" and packed.density < CSR_BLOCKED_DENSITY)
 
 
 def _mm(lib, packed, x2, b, y, M, nt) -> None:
     N, K = packed.shape
     Kp = _xpad(packed)
-    xp, W = panels(x2, Kp, packed.format == "bsr")
+    xp, W = panels(x2, Kp, _capped(packed))
     getattr(lib, f"elsa_{packed.format}_mm")(N, M, W, Kp, *packed.arrays(), _DT[packed.dtype], xp.data_ptr(), _ptr(b),
                                              y.data_ptr(), N, nt)
 

@@ -427,7 +427,7 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs, reps: int =
     if rows < n:
         x = torch.randn(m, k).to(w2d.dtype)
         if m > 1:
-            kps = [(panel_cost_input(packs[(rows, c)]), c[0] == "bsr") for c in cands]
+            kps = [panel_cost_input(packs[(rows, c)]) for c in cands]
             fixed = [0.0] + _best_of([lambda kp=kp: panels(x, *kp) for kp in kps], 3)
         else:
             small = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs, 3)
