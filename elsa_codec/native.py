@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "cpu_kernels", "cpu_kernels_error", "cpu_kernels_source", "cpu_kernels_build_id", "cpu_flags", "cpu_isa",
-    "cpu_model", "cache_dir", "ISAS",
+    "cpu_model", "l2_cache_bytes", "cache_dir", "ISAS",
     "rule_kernels", "rule_kernels_error", "rule_kernels_source", "rule_flags",
 ]
 
@@ -363,6 +363,37 @@ def cpu_model() -> str:
 
         return platform.processor() or platform.machine()
     return " / ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model", "stepping"))
+
+
+#: L2 bytes per core assumed where sysfs does not say (the smaller L2 of the project's machines).
+DEFAULT_L2_BYTES = 512 * 1024
+_L2: list = []
+
+
+def l2_cache_bytes() -> int:
+    """Bytes of the level-2 cache of CPU 0 (one core's), read once from
+    ``/sys/devices/system/cpu/cpu0/cache/index*/`` (``level`` 2, ``size`` such as ``2048K``);
+    :data:`DEFAULT_L2_BYTES` where that cannot be read."""
+    if not _L2:
+        _L2.append(_read_l2() or DEFAULT_L2_BYTES)
+    return _L2[0]
+
+
+def _read_l2() -> int | None:
+    import glob
+
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(os.path.join(d, "level")) as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip()
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def cache_dir() -> str:

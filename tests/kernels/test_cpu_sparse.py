@@ -152,6 +152,34 @@ def test_k_blocked_products_across_many_chunks_every_isa(fmt, group, dtype):
         cpu_isa(top)
 
 
+@pytest.mark.parametrize("l2", [512 << 10, 2 << 20], ids=["l2-512k", "l2-2m"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_csr_k_blocked_and_whole_rows_every_isa(l2, dtype, monkeypatch):
+    """csr at 25% / 50% kept: with a 512 KiB L2 a panel over PANEL_BYTES (K = 2311, W = 64) runs
+    K-blocked, narrower ones (M = 9, and M = 130 as three panels of 48) whole rows; with a 2 MiB L2 every panel is capped and runs whole rows
+    (elsa_cpu_mm.inc, csr_rows). Both paths agree with F.linear on every ISA."""
+    import elsa_codec.native as native
+
+    monkeypatch.setattr(native, "l2_cache_bytes", lambda: l2)
+    n, k = 75, 2311
+    w = encoded(n, k, dtype)
+    b = torch.randn(n).to(dtype)
+    top = native.cpu_isa()
+    try:
+        for isa in native.ISAS[: native.ISAS.index(top) + 1]:
+            native.cpu_isa(isa)
+            for t in (1, 2):
+                p = cs.pack_level(w, t, 2, "csr")
+                for m in (9, 64, 128, 130):  # 130: three panels of 48, under PANEL_BYTES
+                    x = torch.randn(m, k).to(dtype)
+                    W = cs.panels(x, *cs.panel_cost_input(p))[1]
+                    blocked = k * W * 4 > cs.PANEL_BYTES
+                    assert blocked == (l2 < 4 * cs.PANEL_BYTES and m in (64, 128)), (l2, m, W)
+                    assert_close_linear(cs.sparse_linear(x, p, b), x, extract_level(w, t, 2), b, dtype)
+    finally:
+        native.cpu_isa(top)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), k=st.integers(1, 90), t=st.integers(1, 4), seed=st.integers(0, 2**16),
        fmt=st.sampled_from(["csr", "bitmask", "bsr"]), r=st.sampled_from([8, 16, 3]), c=st.sampled_from([1, 4, 16]))

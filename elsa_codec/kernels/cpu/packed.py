@@ -574,8 +574,15 @@ CSR_BLOCKED_DENSITY = 0.2
 
 def _capped(packed: PackedLevel) -> bool:
     """Whether the M > 1 product of ``packed`` takes panels capped to :data:`PANEL_BYTES`: bsr, and
-    csr below :data:`CSR_BLOCKED_DENSITY` (both read the whole panel per row block)."""
-    return packed.format == "bsr" or (packed.format == "csr" and packed.density < CSR_BLOCKED_DENSITY)
+    csr below :data:`CSR_BLOCKED_DENSITY` or on a CPU with at least 4 x :data:`PANEL_BYTES` of L2
+    cache per core (:func:`~elsa_codec.native.l2_cache_bytes`; a capped panel stays in L2 beside the
+    weight stream there, so whole rows beat K chunks). The products run a row whole wherever the
+    panel is at most :data:`PANEL_BYTES`."""
+    from ...native import l2_cache_bytes
+
+    if packed.format != "csr":
+        return packed.format == "bsr"
+    return packed.density < CSR_BLOCKED_DENSITY or l2_cache_bytes() >= 4 * PANEL_BYTES
 
 
 def _mm(lib, packed, x2, b, y, M, nt) -> None:
