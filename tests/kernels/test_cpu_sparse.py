@@ -380,7 +380,7 @@ def test_module_serves_each_bucket_as_its_plan_says(levels, structure, dtype):
             assert_close_linear(y, x, extract_level(m.weight, t, m.code_bits), m.bias, dtype)
             packed = m.backend == "sparse-cpu" and plan.serves_packed(rows)
             assert (m._cached is None) == packed  # a dense-routed call decodes (cached)
-    assert BUCKETS == (1, 4, 16, 64, 256)
+    assert BUCKETS == (1, 8, 32, 128, 256)
     m.set_level("dense")
     assert m.backend == "dense" and m.cached_bytes == 0 and len(m._packed) == 0
 

@@ -5,7 +5,8 @@ same level, and that depends on the shape, dtype, density, structure, thread cou
 itself (AMX or AVX-512 dense GEMMs, cache sizes). So the ``sparse-cpu`` backend measures
 (:func:`calibrate`): once per distinct ``(shape, dtype, density, structure, threads)``, it times
 every candidate format (:func:`candidates`) against dense at the batch-size buckets
-:data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens) on a row slice of the real
+:data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens; each bucket at the top of
+the M it routes, since a packed product's ratio to dense grows with M) on a row slice of the real
 weight, in :data:`ROUNDS` interleaved rounds, and keeps one :class:`Plan`: the format with the
 largest gain (plus a second one where it saves at least 10% more in some bucket), and per bucket
 which of them or dense serves it. A bucket is served packed only where its ratio (the median of
@@ -20,9 +21,10 @@ with ``M`` rows takes the route of its bucket (:func:`bucket_of`).
   average, CPU model, instruction set); :func:`check_plan` times a kept plan's packed routes
   against dense again (a short interleaved timing) and names the buckets that disagree beyond
   noise. Keeping plans (memory, disk, the re-measuring rules) is :mod:`.plans`'s job.
-- Cost: about :data:`BUDGET_S` (50 ms) per distinct key, plus a second measurement of the
-  buckets left open; a bucket left when the budget is spent takes the larger of the last measured
-  ratio and the cost model's.
+- Cost: 60-200 ms per distinct key (every bucket measured; :data:`BUDGET_S` caps it at 250 ms),
+  plus a second measurement of the buckets left open; a bucket left when the budget is spent
+  serves dense, its ratio recorded as the larger of 1, the last measured ratio and the cost
+  model's.
 - ``ELSA_CPU_CALIBRATE=0`` turns measuring off: :func:`cost_model` decides instead (documented
   there; no timing, no disk).
 - A calibration that fails, or whose packed product disagrees with dense (NaN, wrong values),
@@ -46,10 +48,12 @@ from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
 __all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "Plan", "bucket_of", "calibrate", "candidates", "check_plan", "conditions",
            "cost_model", "machine_busy", "stream_bandwidth"]
 
-#: Batch-size buckets (input rows M) a plan routes: 1 (decode), 4, 16, 64, 256 (prefill).
-BUCKETS = (1, 4, 16, 64, 256)
-#: Seconds of measuring per distinct key (shape, dtype, density, structure, threads).
-BUDGET_S = 0.05
+#: Batch-size buckets a plan routes, each measured at the most input rows M it routes (:func:`bucket_of`):
+#: 1 (decode), 8, 32, 128, 256 (prefill and more).
+BUCKETS = (1, 8, 32, 128, 256)
+#: Seconds of measuring per distinct key (shape, dtype, density, structure, threads) after which
+#: the buckets left serve dense (a 4096x4096 layer measures all five in 60-200 ms).
+BUDGET_S = 0.25
 #: The packed product serves a bucket where it measured at most this fraction of dense.
 MARGIN = 0.95
 #: A bucket is packed only where ratio + SPREAD_Z * spread <= MARGIN (spread: :func:`ratio_stats`).
@@ -239,8 +243,8 @@ def rechoose(plan: Plan, bucket_rows: dict, source: str) -> Plan:
 
 
 def bucket_of(m: int) -> int:
-    """Index in :data:`BUCKETS` of a call with ``m`` input rows: 1 -> 1; 2-8 -> 4; 9-32 -> 16;
-    33-128 -> 64; more -> 256."""
+    """Index in :data:`BUCKETS` of a call with ``m`` input rows: 1 -> 1; 2-8 -> 8; 9-32 -> 32;
+    33-128 -> 128; more -> 256."""
     for i, top in enumerate((1, 8, 32, 128)):
         if m <= top:
             return i
@@ -470,8 +474,8 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     """Measure the candidate formats of ``level`` of the encoded weight ``w2d`` `[out_features,
     in_features]` against dense at every bucket of :data:`BUCKETS` (ascending, until ``budget_s``
     seconds are spent; :func:`measure_bucket`: interleaved rounds, a bucket left open by its spread
-    measured again; a later bucket takes the larger of the last measured ratio and the cost
-    model's, so that an unmeasured bucket is never routed packed on hope) and return the plan
+    measured again; a later bucket serves dense, its ratio recorded as the larger of 1, the last
+    measured ratio and the cost model's: an unmeasured bucket is never routed packed on hope) and return the plan
     (:func:`_choose`), with the :func:`conditions` it was measured under. Each time is at least
     the weight's bytes (dense, or packed) at the memory bandwidth of :func:`stream_bandwidth`.
 
@@ -487,7 +491,7 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     with torch.no_grad():
         for b in range(len(BUCKETS)):
             if rows and time.perf_counter() - t0 > budget_s:
-                rows.append([max(r, _unmeasured(w2d, c, packs, b)) for r, c in zip(rows[-1], cands)])
+                rows.append([max(1.0, r, _unmeasured(w2d, c, packs, b)) for r, c in zip(rows[-1], cands)])
                 spreads.append(list(spreads[-1]))
                 continue
             r, sp = measure_bucket(w2d, level, code_bits, cands, b, nt, packs)
