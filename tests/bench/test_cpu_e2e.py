@@ -105,3 +105,24 @@ def test_report_files(quick_run, tmp_path):
     rc = bench_main(["cpu-e2e", "report", os.path.join(quick_run, cpu_e2e.CSV_NAME), "-o", str(tmp_path)])
     assert rc == 0
     assert os.path.getsize(tmp_path / "tables.md") > 0 and os.path.getsize(tmp_path / "tokens_per_s.png") > 0
+
+
+def test_head_levels_are_timed_beside_the_blocks_levels(tmp_path):
+    """``--head``: levels 1-3 of a second file encoded with select="blocks+head" (provider
+    ``elsa+head``) in every LM cell, in the same rounds; their packed head adds resident bytes (GPT-2's
+    tied head packs the token embedding's tensor, the Llama-style head its own); tables.md lists them."""
+    rc = bench_main(["cpu-e2e", "--quick", "--only", "lm", "--head", "--out", str(tmp_path), "--quiet", "--threads", "1",
+                     "--dtypes", "float32"])
+    assert rc == 0
+    _, rows = _rows(tmp_path)
+    lm = [r for r in rows if r["op"] in ("prefill", "decode", "generate")]
+    cells = {(r["model"], r["op"], r["batch"], r["prompt_len"], r["new_tokens"]) for r in lm}
+    for c in cells:
+        got = {(r["provider"], r["level"]) for r in lm if (r["model"], r["op"], r["batch"], r["prompt_len"], r["new_tokens"]) == c}
+        assert got == LEVELS | {("elsa+head", lv) for lv in "123"}, c
+    res = {(r["model"], r["provider"], r["level"]): float(r["value"]) for r in rows
+           if r["op"] == "resident" and r["metric"] == "cached_bytes"}
+    for model in ("gpt2-tiny", "llama-tiny"):
+        for lv in "123":
+            assert res[(model, "elsa+head", lv)] > res[(model, "elsa", lv)], (model, lv)
+    assert "1 (90% sparse, head too)" in open(tmp_path / cpu_e2e_report.TABLES_NAME).read()

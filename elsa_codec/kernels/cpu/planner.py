@@ -45,7 +45,7 @@ from ...format.bits import extract_level
 from ...format.structure import parse_structure
 from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
 
-__all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "Plan", "bucket_of", "calibrate", "candidates", "check_plan", "conditions",
+__all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "MARGINS", "Plan", "bucket_of", "calibrate", "candidates", "check_plan", "conditions",
            "cost_model", "machine_busy", "stream_bandwidth"]
 
 #: Batch-size buckets a plan routes, each measured at the most input rows M it routes (:func:`bucket_of`):
@@ -56,7 +56,12 @@ BUCKETS = (1, 8, 32, 128, 256)
 BUDGET_S = 0.25
 #: The packed product serves a bucket where it measured at most this fraction of dense.
 MARGIN = 0.95
-#: A bucket is packed only where ratio + SPREAD_Z * spread <= MARGIN (spread: :func:`ratio_stats`).
+#: Per bucket of :data:`BUCKETS`, the margin a measured ratio must clear: :data:`MARGIN`, and less at
+#: M = 128 and 256, where the row slice's dense GEMM runs below the whole layer's rate (a 2:4 nm
+#: level of a 4096x4096 float32 layer: 0.71-0.98x on the slice against 0.96x, and 0.90-0.94x against
+#: 1.12x, on the whole layer; bench/results/cpu-batch).
+MARGINS = (MARGIN, MARGIN, MARGIN, 0.85, 0.8)
+#: A bucket b is packed only where ratio + SPREAD_Z * spread <= MARGINS[b] (spread: :func:`ratio_stats`).
 SPREAD_Z = 2.0
 #: Interleaved rounds of one measurement (dense and every candidate once per round).
 ROUNDS = 5
@@ -205,7 +210,7 @@ def _choose(cands: list, rows: list, source: str, spreads: list | None = None, c
     """The plan from per-bucket ratios ``rows[b][i]`` (and spreads ``spreads[b][i]``, default 0) of
     candidate ``i``: the primary format has the largest gain (:func:`_gain`); a second format is
     added where it saves at least 10% more in some bucket; each bucket takes the fastest of them
-    where its ratio + :data:`SPREAD_Z` x spread is at most :data:`MARGIN`, else dense."""
+    where its ratio + :data:`SPREAD_Z` x spread is at most its margin (:data:`MARGINS`), else dense."""
     n = len(cands)
     spreads = spreads or [[0.0] * n for _ in rows]
     i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
@@ -217,10 +222,10 @@ def _choose(cands: list, rows: list, source: str, spreads: list | None = None, c
         if extra < best_extra:
             best_j, best_extra = j, extra
     routes, ratios, sps = [], [], []
-    for r, sp in zip(rows, spreads):
+    for r, sp, margin in zip(rows, spreads, MARGINS):
         opts = [(r[i], sp[i], 1)] + ([(r[best_j], sp[best_j], 2)] if best_j is not None else [])
         ratio, spread, route = min(opts)
-        routes.append(route if ratio + SPREAD_Z * spread <= MARGIN else 0)
+        routes.append(route if ratio + SPREAD_Z * spread <= margin else 0)
         ratios.append(ratio)
         sps.append(spread)
     if best_j is not None and 2 not in routes:
@@ -302,7 +307,7 @@ def cost_model(shape, dtype: torch.dtype, density: float, structure, cands=None)
     2 nnz M / (FLOPS_PER_BYTE * EFFICIENCY[f]))`` (bytes: its arrays at ``density``; the FLOP
     fraction times :data:`HALF_FLOPS` for 16-bit dtypes). The format with the largest gain over
     :data:`BUCKETS` wins (:func:`calibrate`'s rule); a bucket is packed where its ratio is at most
-    :data:`MARGIN`. Layers under :data:`SMALL_LAYER_BYTES` above :data:`SMALL_LAYER_DENSITY`
+    its margin (:data:`MARGINS`). Layers under :data:`SMALL_LAYER_BYTES` above :data:`SMALL_LAYER_DENSITY`
     stay dense."""
     n, k = shape
     es = dtype.itemsize
@@ -451,11 +456,11 @@ def _summary(samples: list) -> tuple[list, list]:
     return [r for r, _ in stats], [sp for _, sp in stats]
 
 
-def _open(ratios: list, spreads: list) -> bool:
+def _open(ratios: list, spreads: list, margin: float = MARGIN) -> bool:
     """Whether the best candidate's decision is left open by the spread: its ratio is at most
-    :data:`MARGIN` but its ratio + :data:`SPREAD_Z` x spread is above."""
+    ``margin`` but its ratio + :data:`SPREAD_Z` x spread is above."""
     r, sp = min(zip(ratios, spreads))
-    return r <= MARGIN < r + SPREAD_Z * sp
+    return r <= margin < r + SPREAD_Z * sp
 
 
 def measure_bucket(w2d, level, code_bits, cands, b: int, threads, packs) -> tuple[list, list]:
@@ -463,7 +468,7 @@ def measure_bucket(w2d, level, code_bits, cands, b: int, threads, packs) -> tupl
     decision is left open (:func:`_open`) as many again, pooled."""
     samples = _measure_bucket(w2d, level, code_bits, cands, BUCKETS[b], threads, packs)
     r, sp = _summary(samples)
-    if _open(r, sp):  # a near call on a shared machine: measure again, decide on the pooled rounds
+    if _open(r, sp, MARGINS[b]):  # a near call on a shared machine: measure again, decide on the pooled rounds
         more = _measure_bucket(w2d, level, code_bits, cands, BUCKETS[b], threads, packs)
         r, sp = _summary([a + m for a, m in zip(samples, more)])
     return r, sp
@@ -506,7 +511,7 @@ def check_plan(plan: Plan, w2d: torch.Tensor, level: int, code_bits: int, *, thr
     packed is timed again, route against dense, :data:`CHECK_ROUNDS` interleaved rounds on the
     slice; it disagrees where the new ratio differs from the kept one by more than
     :data:`CHECK_TOLERANCE` of it and by more than :data:`SPREAD_Z` x both spreads, or where the
-    route no longer clears :data:`MARGIN` by its spread. Costs a few ms per packed bucket.
+    route no longer clears its margin (:data:`MARGINS`) by its spread. Costs a few ms per packed bucket.
 
     Raises:
         ELSAError / RuntimeError: from the kernels (the caller re-measures).
@@ -521,7 +526,7 @@ def check_plan(plan: Plan, w2d: torch.Tensor, level: int, code_bits: int, *, thr
             r, sp = ratio_stats(_measure_bucket(w2d, level, code_bits, [choice], BUCKETS[b], nt, packs, CHECK_ROUNDS)[0])
             kept, kept_sp = plan.ratios[b], plan.spreads[b]
             moved = abs(r - kept) > max(CHECK_TOLERANCE * kept, SPREAD_Z * (sp + kept_sp))
-            if moved or r + SPREAD_Z * sp > MARGIN:
+            if moved or r + SPREAD_Z * sp > MARGINS[b]:
                 bad.append(b)
     return bad
 
