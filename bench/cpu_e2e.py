@@ -8,6 +8,10 @@ transformers ``Conv1D`` weights; embeddings and the output head stay dense), ``e
 ``ec.save_file`` into a temporary folder; each level is a copy of the stock model given
 ``ec.load(path, model, mmap=True)`` then ``ec.set_level(model, t)``, ``t`` = 1 (90% sparse), 2 (75%), 3 (50%),
 4 (``dense``: the stored tensors, stock ops). The baseline is the stock (unencoded) model.
+``--head`` adds levels 1-3 of a second file encoded with ``select="blocks+head"`` (provider
+``elsa+head``): the output head carries the levels too; a tied head (GPT-2) is one tensor with the
+token embedding, so the embedding lookup reads the level's weights as well (README, "The output
+head"). They are timed in the same interleaved rounds as the other variants.
 
 Sections (``--only``):
 
@@ -272,7 +276,7 @@ def interleaved(cells: list, rounds: int, min_round_s: float = MIN_ROUND_S) -> l
 class Variant:
     """One served model: the stock model or an ELSA model at one level."""
 
-    provider: str  # "stock" or "elsa"
+    provider: str  # "stock", "elsa" or "elsa+head" (the output head carries levels too: --head)
     level: str  # "1".."3", "dense"
     model: torch.nn.Module
     sparsity: float = 0.0
@@ -282,12 +286,13 @@ class Variant:
         return dict(level=self.level, sparsity=self.sparsity, structure=self.structure, density=1.0 - self.sparsity)
 
 
-def encode_to_file(stock, path: str):
-    """Magnitude levels :data:`LEVELS` of ``stock`` (default selection), encoded and saved to
-    ``path``. Returns the :class:`~elsa_codec.ELSAStateDict`."""
+def encode_to_file(stock, path: str, select: str = "blocks"):
+    """Magnitude levels :data:`LEVELS` of ``stock`` (selection policy ``select``: ``"blocks"``, or
+    ``"blocks+head"``: the output head too, and with a tied head the embedding, one tensor), encoded
+    and saved to ``path``. Returns the :class:`~elsa_codec.ELSAStateDict`."""
     import elsa_codec as ec
 
-    counters = ec.magnitude_counters(stock, LEVELS)
+    counters = ec.magnitude_counters(stock, LEVELS, select=select)
     enc = ec.encode(stock.state_dict(), counters)
     ec.save_file(enc, path)
     return enc
@@ -306,16 +311,17 @@ def _anon() -> int:
     return 0
 
 
-def make_variants(stock, path: str, warm_fn) -> tuple[list, dict]:
-    """``[stock, level 1, 2, 3, dense]`` (:class:`Variant`) and ``{level: (cached_bytes,
-    rss_anon_delta)}``. Each level: a deep copy of ``stock``, ``ec.load(path, copy, mmap=True)``,
+def make_variants(stock, path: str, warm_fn, provider: str = "elsa", levels=(1, 2, 3, 4)) -> tuple[list, dict]:
+    """``[stock, level 1, 2, 3, dense]`` (:class:`Variant`; ``provider`` names the ELSA ones, the
+    stock model comes first only for ``"elsa"``) and ``{level: (cached_bytes, rss_anon_delta)}``.
+    Each level of ``levels``: a deep copy of ``stock``, ``ec.load(path, copy, mmap=True)``,
     ``ec.set_level``; ``warm_fn(model)`` runs a few forwards (every path the cells take) between
     the two RSS readings."""
     import elsa_codec as ec
 
-    out = [Variant("stock", "dense", stock)]
+    out = [Variant("stock", "dense", stock)] if provider == "elsa" else []
     mem = {}
-    for t in (1, 2, 3, 4):
+    for t in levels:
         m = ec.load(path, copy.deepcopy(stock), mmap=True)
         before = _anon()
         ec.set_level(m, t)
@@ -323,7 +329,7 @@ def make_variants(stock, path: str, warm_fn) -> tuple[list, dict]:
         delta = _anon() - before
         lv = ec.levels(m)[t - 1]
         level = "dense" if t == 4 else str(t)
-        out.append(Variant("elsa", level, m, lv.sparsity, lv.structure))
+        out.append(Variant(provider, level, m, lv.sparsity, lv.structure))
         mem[level] = (sum(mod.cached_bytes for _, mod in ec.elsa_modules(m)), delta)
     return out, mem
 
@@ -438,10 +444,18 @@ def run_lm(ctx) -> None:
             encode_to_file(stock, path)
             t_enc = time.perf_counter() - t0
             torch.set_num_threads(min(ctx.threads))  # set-up and warm-up forwards: stable on a shared CPU
-            variants, mem = make_variants(stock, path, lm_warm(cfg.vocab_size, ctx.plan.cells_for(name)))
+            warm = lm_warm(cfg.vocab_size, ctx.plan.cells_for(name))
+            variants, mem = make_variants(stock, path, warm)
+            if ctx.head:
+                head_path = path.replace(".elsa.", "-head.elsa.")
+                encode_to_file(stock, head_path, select="blocks+head")
+                more, mem_head = make_variants(stock, head_path, warm, "elsa+head", (1, 2, 3))
+                variants += more
             ctx.log(f"-- lm {name} {common.dtype_name(dtype)}: built and encoded in {t_enc:.1f} s, 4 levels loaded in "
                     f"{time.perf_counter() - t0 - t_enc:.1f} s")
-            add_resident(ctx, name, dtype, variants, mem)
+            add_resident(ctx, name, dtype, [v for v in variants if v.provider != "elsa+head"], mem)
+            if ctx.head:
+                add_resident(ctx, name, dtype, [variants[0], *more], mem_head)
             for th in ctx.threads:
                 t1 = time.perf_counter()
                 torch.set_num_threads(th)
@@ -451,6 +465,8 @@ def run_lm(ctx) -> None:
                         + (f" (estimated {est:.0f} s)" if est and est >= 1 else "") + f", load average {common.load_average()}")
             del variants, stock
             os.remove(path)
+            if ctx.head:
+                os.remove(head_path)
             gc.collect()
 
 
@@ -771,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="every LM op at every batch (default: prompt 512 and the 128+24 target case at the smallest batch only)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of every section (default 3, quick 2)")
+    p.add_argument("--head", action="store_true",
+                   help="lm section: also levels 1-3 with the output head carrying levels (select='blocks+head'; a tied "
+                        "head takes the token embedding with it), provider 'elsa+head', timed in the same rounds")
     p.add_argument("--estimate-only", action="store_true", help="print the plan's time estimate and exit (writes no file)")
     p.add_argument("--no-report", action="store_true", help="skip tables.md and the PNG")
     p.add_argument("--quiet", action="store_true", help="write the log file only")
@@ -783,7 +802,7 @@ def make_ctx(a, log, rows, env, tmp) -> argparse.Namespace:
         quick=a.quick, log=log, rows=rows, env=env, tmp=tmp, estimates={}, rates={},
         plan=Plan.make(a.quick, batches, a.full, a.rounds), threads=[int(v) for v in a.threads.split(",")],
         dtypes=common.parse_dtypes(a.dtypes), sections=[s.strip() for s in a.only.split(",") if s.strip()],
-        models=[m.strip() for m in a.models.split(",")] if a.models else [])
+        models=[m.strip() for m in a.models.split(",")] if a.models else [], head=a.head)
 
 
 def _header(ctx, cmd: str, mline: str) -> None:

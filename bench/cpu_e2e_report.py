@@ -22,6 +22,8 @@ import sys
 
 LM_OPS = ("prefill", "decode", "generate")
 VARIANTS = [("stock", "dense"), ("elsa", "1"), ("elsa", "2"), ("elsa", "3"), ("elsa", "dense")]
+#: The levels with the output head sparsified too (``--head``), in the LM tables only.
+HEAD_VARIANTS = [("elsa+head", "1"), ("elsa+head", "2"), ("elsa+head", "3")]
 TABLES_NAME = "tables.md"
 PNG_NAME = "tokens_per_s.png"
 
@@ -87,7 +89,8 @@ def _level_name(provider: str, level: str, sparsity: str) -> str:
         return "stock (unencoded)"
     if level == "dense":
         return "4 = dense (ELSA, stored tensors)"
-    return f"{level} ({_f({'s': sparsity}, 's') * 100:.0f}% sparse)"
+    head = ", head too" if provider == "elsa+head" else ""
+    return f"{level} ({_f({'s': sparsity}, 's') * 100:.0f}% sparse{head})"
 
 
 def _abs(op: str, r: dict) -> str:
@@ -155,7 +158,7 @@ def table_lm(rows: list, commands: dict) -> str:
                "`cached_bytes` (packed level + decoded weight) and the RssAnon growth of set_level + warm-up, MiB.\n",
                "| level | " + " | ".join(_cell_title(*c) for c in cells) + " | cached MiB | RSS delta MiB |",
                "|---" * (len(cells) + 3) + "|"]
-        out += [line for v in VARIANTS if (line := _lm_line(sel, res, v[0], v[1], cells))]
+        out += [line for v in VARIANTS + HEAD_VARIANTS if (line := _lm_line(sel, res, v[0], v[1], cells))]
         parts.append("\n".join(out) + "\n")
     return "\n".join(parts)
 

@@ -121,15 +121,19 @@ def _fmt_t(a) -> str:
 
 def table_mn(rows, command) -> str:
     lin = _linear(rows)
-    out = [_header(lin, "CPU latency at M = 8 and 64 (1 thread): default provider, forced formats, decoded path", command)]
+    ms = sorted({r["m"] for r in lin if r["m"] not in ("", "1") and r["threads"] == "1"}, key=int)
+    out = [_header(lin, f"CPU latency at M = {', '.join(ms)} (1 thread): default provider, forced formats, decoded path",
+                   command)]
     out.append("Ratios to dense `F.linear` (p50, same group). `served as` is what the module ran at that M "
-               "(`elsa-reference` = above its `cpu_max_tokens`, decoded weight + `F.linear`).\n")
-    out.append("| weight | dtype | M | level | structure | density | served as | ratio | forced-csr | forced-bitmask | forced-bsr | elsa-decoded | met (<= 1.0) |")
-    out.append("|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|")
+               "(`elsa-reference` = routed dense: decoded weight + `F.linear`); forced formats are timed at the M of "
+               "`--forced-m` only (`-` elsewhere).\n")
+    out.append("| weight | dtype | M | level | structure | density | served as | ratio | forced-csr | forced-bitmask | forced-nm "
+               "| forced-bsr | elsa-decoded | met (<= 1.0) |")
+    out.append("|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
     shapes = [BIG] + MINILM_SHAPES
     for nk in shapes:
         for dtype in ("float32", "bfloat16"):
-            for m in ("8", "64"):
+            for m in ms:
                 sel = [r for r in lin if _nk(r) == nk and r["dtype"] == dtype and r["m"] == m and r["threads"] == "1"]
                 for a in sorted(_auto(sel), key=_lvl_order):
                     grp = [r for r in sel if r["level"] == a["level"] and r["structure"] == a["structure"]]
@@ -139,7 +143,7 @@ def table_mn(rows, command) -> str:
                         return f"{_f(x[0], 'ratio_vs_dense'):.2f}x" if x else "-"
 
                     out.append(f"| {nk} | {dtype} | {m} | {a['level']} | {a['structure']} | {_f(a, 'density'):.3f} | {a['provider']} | "
-                               f"{_f(a, 'ratio_vs_dense'):.2f}x | {rat('forced-csr')} | {rat('forced-bitmask')} | {rat('forced-bsr')} | "
+                               f"{_f(a, 'ratio_vs_dense'):.2f}x | {rat('forced-csr')} | {rat('forced-bitmask')} | {rat('forced-nm')} | {rat('forced-bsr')} | "
                                f"{rat('elsa-decoded')} | {a['met']} |")
     return "\n".join(out) + "\n"
 
@@ -277,7 +281,7 @@ def write_tables(csv_path: str, out_path: str, *, command: str = "python -m benc
             f"{r['shape']} {r['threads']} th {float(r['value']):.1f} GB/s" for r in bw) + "\n")
     if any(_nk(r) == BIG and r["m"] == "1" for r in _linear(rows)):
         parts.append(table_m1(rows, command))
-    if any(r["m"] in ("8", "64") for r in _linear(rows)):
+    if any(r["m"] not in ("", "1") for r in _linear(rows)):
         parts.append(table_mn(rows, command))
     if any(_nk(r) in MINILM_SHAPES and r["m"] == "1" for r in _linear(rows)):
         parts.append(table_minilm_shapes_m1(rows, command))

@@ -74,7 +74,7 @@ def test_memory_rows(tiny_run):
 
 def test_report_files(tiny_run):
     tables = open(os.path.join(tiny_run, "tables.md")).read()
-    assert "M = 8 and 64" in tables and "Resident memory" in tables
+    assert "CPU latency at M = 8 (1 thread)" in tables and "Resident memory" in tables
     assert os.path.getsize(os.path.join(tiny_run, "latency_vs_density.png")) > 0
     log = open(os.path.join(tiny_run, "bench.log")).read()
     assert "machine:" in log and "load average" in log
@@ -83,7 +83,7 @@ def test_report_files(tiny_run):
     # the separate steps read the CSV back
     csv_path = os.path.join(tiny_run, cpu_sparse.CSV_NAME)
     assert cpu_report.main(["tables", csv_path, "-o", os.path.join(tiny_run, "t2.md")]) == 0
-    assert "M = 8 and 64" in open(os.path.join(tiny_run, "t2.md")).read()
+    assert "CPU latency at M = 8 (1 thread)" in open(os.path.join(tiny_run, "t2.md")).read()
 
 
 def test_targets():
