@@ -26,7 +26,7 @@ def weight(n=300, k=257, dtype=torch.float32):
 
 
 def test_buckets_and_candidates():
-    assert [planner.bucket_of(m) for m in (1, 2, 8, 9, 32, 33, 128, 129, 512)] == [0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [planner.bucket_of(m) for m in (1, 2, 8, 9, 16, 17, 64, 65, 128, 129, 512)] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert [c[0] for c in planner.candidates("unstructured")] == ["csr", "bitmask"]
     assert planner.candidates("2:4")[-1] == ("nm", (0, 0), (2, 4))
     assert planner.candidates("block:16x8")[0] == ("bsr", (16, 8), (0, 0))
@@ -45,11 +45,12 @@ def test_cost_model_is_documented_and_monotone_in_density():
 
 
 def test_plan_json_round_trip_and_describe():
-    p = planner.Plan("bsr", (16, 8), (0, 0), (True, True, False, False, False), (0.2, 0.5, 1.2, math.nan, 1.0), "measured")
+    p = planner.Plan("bsr", (16, 8), (0, 0), (True, True, False, False, False, False), (0.2, 0.5, 1.2, math.nan, 1.0, 1.1),
+                     "measured")
     q = planner.Plan.from_json(json.loads(json.dumps(p.to_json())))
     assert (q.format, q.block, q.packed, q.source) == ("bsr", (16, 8), p.packed, "disk")
     assert math.isnan(q.ratios[3]) and q.ratios[:3] == p.ratios[:3]
-    assert p.describe().startswith("bsr [M=1: bsr 0.20x, M=8: bsr 0.50x, M=32: dense 1.20x, M=128: dense,")
+    assert p.describe().startswith("bsr [M=1: bsr 0.20x, M=8: bsr 0.50x, M=16: dense 1.20x, M=64: dense,")
     assert p.serves_packed(1) and p.serves_packed(8) and not p.serves_packed(9) and not p.serves_packed(1000)
     with pytest.raises(ValueError):
         planner.Plan.from_json({**p.to_json(), "format": "coo"})
@@ -57,14 +58,14 @@ def test_plan_json_round_trip_and_describe():
 
 def test_a_second_format_serves_the_buckets_where_it_is_faster():
     cands = planner.candidates("unstructured")  # csr, bitmask
-    rows = [[2.0, 0.5], [0.3, 0.9], [0.3, 0.9], [0.4, 0.9], [0.5, 1.2]]
+    rows = [[2.0, 0.5], [0.3, 0.9], [0.3, 0.9], [0.4, 0.9], [0.4, 0.9], [0.5, 1.2]]
     p = planner._choose(cands, rows, "measured")
-    assert p.format == "csr" and p.second == cands[1] and p.packed == (2, 1, 1, 1, 1)
+    assert p.format == "csr" and p.second == cands[1] and p.packed == (2, 1, 1, 1, 1, 1)
     assert p.choice_for(1) == cands[1] and p.choice_for(100) == cands[0] and [c[0] for c in p.choices] == ["csr", "bitmask"]
     assert p.describe().startswith("csr+bitmask [M=1: bitmask 0.50x, M=8: csr 0.30x")
     q = planner.Plan.from_json(json.loads(json.dumps(p.to_json())))
     assert (q.second, q.packed) == (p.second, p.packed)
-    one = planner._choose(cands, [[0.3, 0.29]] * 5, "measured")  # under 10% better: no second format
+    one = planner._choose(cands, [[0.3, 0.29]] * 6, "measured")  # under 10% better: no second format
     assert one.second is None and set(one.packed) == {1}
 
 
@@ -92,7 +93,7 @@ def test_measured_plan_is_stored_on_disk_and_read_back(measuring, dtype):
     w = weight(dtype=dtype)
     p = plans.plan_level(w, 1, 2, "unstructured", 0.1)
     assert p.source == "measured" and p.format in ("csr", "bitmask")
-    assert len(p.packed) == len(p.ratios) == 5 and all(r > 0 and math.isfinite(r) for r in p.ratios)
+    assert len(p.packed) == len(p.ratios) == 6 and all(r > 0 and math.isfinite(r) for r in p.ratios)
     assert all((pk != 0) == (r + planner.SPREAD_Z * sp <= mg)
                for pk, r, sp, mg in zip(p.packed, p.ratios, p.spreads, planner.MARGINS))
     assert plans.plan_level(w, 1, 2, "unstructured", 0.1) is p  # memory
@@ -149,7 +150,7 @@ def test_a_bucket_left_open_by_its_spread_is_measured_again_and_pooled(measuring
 
     monkeypatch.setattr(planner, "_measure_bucket", fake)
     p = planner.calibrate(w, 1, 2, "unstructured", cands, budget_s=10.0)
-    assert calls == [1, 8, 8, 32, 128, 256]  # only the open bucket twice
+    assert calls == [1, 8, 8, 16, 64, 128, 256]  # only the open bucket twice
     assert p.ratios[0] == 0.5 and p.spreads[0] == pytest.approx(0.0) and p.packed[0] != 0
     assert p.ratios[1] == pytest.approx(0.9) and p.spreads[1] > 0.05 and p.packed[1] == 0
     assert all(p.packed[2:])
@@ -158,12 +159,12 @@ def test_a_bucket_left_open_by_its_spread_is_measured_again_and_pooled(measuring
 
 def test_a_route_needs_its_ratio_below_the_margin_by_its_spread():
     cands = planner.candidates("unstructured")
-    rows = [[0.76, 0.9]] * 5
-    tight = planner._choose(cands, rows, "measured", [[0.01, 0.01]] * 5)
-    loose = planner._choose(cands, rows, "measured", [[0.1, 0.1]] * 5)
+    rows = [[0.76, 0.9]] * 6
+    tight = planner._choose(cands, rows, "measured", [[0.01, 0.01]] * 6)
+    loose = planner._choose(cands, rows, "measured", [[0.1, 0.1]] * 6)
     assert all(tight.packed) and not any(loose.packed) and loose.spreads[0] == 0.1
-    mid = planner._choose(cands, [[0.82, 0.9]] * 5, "measured", [[0.01, 0.01]] * 5)
-    assert mid.packed == (1, 1, 1, 1, 0)  # M = 256 (slice dense below the layer's rate) needs <= 0.8
+    mid = planner._choose(cands, [[0.82, 0.9]] * 6, "measured", [[0.01, 0.01]] * 6)
+    assert mid.packed == (1, 1, 1, 1, 1, 0)  # M = 256 (slice dense below the layer's rate) needs <= 0.8
     assert "0.76x±0.10" in loose.describe()
 
 
@@ -197,8 +198,8 @@ def test_a_kept_plan_that_no_longer_holds_is_measured_again(measuring):
     p = plans.plan_level(w, 2, 2, "unstructured", 0.5)
     doc = json.loads(measuring.read_text())
     key = next(iter(doc["plans"]))
-    fake = planner.Plan(p.format or "bitmask", p.block, p.group, (1,) * 5, (0.05,) * 5, "measured", None, None,
-                        (0.0,) * 5, p.cands, tuple(((0.05, 0.0),) * len(p.cands) for _ in range(5)), p.conditions)
+    fake = planner.Plan(p.format or "bitmask", p.block, p.group, (1,) * 6, (0.05,) * 6, "measured", None, None,
+                        (0.0,) * 6, p.cands, tuple(((0.05, 0.0),) * len(p.cands) for _ in range(6)), p.conditions)
     doc["plans"][key] = fake.to_json()
     measuring.write_text(json.dumps(doc))
     plans.clear_plans(disk=False)

@@ -380,7 +380,7 @@ def test_module_serves_each_bucket_as_its_plan_says(levels, structure, dtype):
             assert_close_linear(y, x, extract_level(m.weight, t, m.code_bits), m.bias, dtype)
             packed = m.backend == "sparse-cpu" and plan.serves_packed(rows)
             assert (m._cached is None) == packed  # a dense-routed call decodes (cached)
-    assert BUCKETS == (1, 8, 32, 128, 256)
+    assert BUCKETS == (1, 8, 16, 64, 128, 256)
     m.set_level("dense")
     assert m.backend == "dense" and m.cached_bytes == 0 and len(m._packed) == 0
 
@@ -403,7 +403,7 @@ def test_a_two_format_plan_packs_the_weight_once_and_routes_each_bucket(monkeypa
     from elsa_codec.serving import cpu_plan
 
     m = linear_at_levels([0.75, 0.5])
-    plan = Plan("csr", packed=(2, 1, 1, 0, 0), source="measured", second=("bitmask", (0, 0), (0, 0)))
+    plan = Plan("csr", packed=(2, 1, 1, 1, 0, 0), source="measured", second=("bitmask", (0, 0), (0, 0)))
     monkeypatch.setattr(type(m), "cpu_plan", property(lambda self: plan))
     reads = []
     real = cpu_plan.pack_for_module

@@ -21,7 +21,7 @@ with ``M`` rows takes the route of its bucket (:func:`bucket_of`).
   average, CPU model, instruction set); :func:`check_plan` times a kept plan's packed routes
   against dense again (a short interleaved timing) and names the buckets that disagree beyond
   noise. Keeping plans (memory, disk, the re-measuring rules) is :mod:`.plans`'s job.
-- Cost: 60-200 ms per distinct key (every bucket measured; :data:`BUDGET_S` caps it at 250 ms),
+- Cost: 70-250 ms per distinct key (every bucket measured; :data:`BUDGET_S` caps it at 300 ms),
   plus a second measurement of the buckets left open; a bucket left when the budget is spent
   serves dense, its ratio recorded as the larger of 1, the last measured ratio and the cost
   model's.
@@ -49,18 +49,18 @@ __all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "MARGINS", "Plan", "bucket_of", "cal
            "cost_model", "machine_busy", "stream_bandwidth"]
 
 #: Batch-size buckets a plan routes, each measured at the most input rows M it routes (:func:`bucket_of`):
-#: 1 (decode), 8, 32, 128, 256 (prefill and more).
-BUCKETS = (1, 8, 32, 128, 256)
+#: 1 (decode), 8, 16, 64, 128, 256 (prefill and more).
+BUCKETS = (1, 8, 16, 64, 128, 256)
 #: Seconds of measuring per distinct key (shape, dtype, density, structure, threads) after which
-#: the buckets left serve dense (a 4096x4096 layer measures all five in 60-200 ms).
-BUDGET_S = 0.25
+#: the buckets left serve dense (a 4096x4096 layer measures all six in 70-250 ms).
+BUDGET_S = 0.3
 #: The packed product serves a bucket where it measured at most this fraction of dense.
 MARGIN = 0.95
 #: Per bucket of :data:`BUCKETS`, the margin a measured ratio must clear: :data:`MARGIN`, and less at
-#: M = 128 and 256, where the row slice's dense GEMM runs below the whole layer's rate (a 2:4 nm
-#: level of a 4096x4096 float32 layer: 0.71-0.98x on the slice against 0.96x, and 0.90-0.94x against
-#: 1.12x, on the whole layer; bench/results/cpu-batch).
-MARGINS = (MARGIN, MARGIN, MARGIN, 0.85, 0.8)
+#: M = 64, 128 and 256, where the row slice's dense GEMM runs below the whole layer's rate (a 2:4
+#: level of a 4096x4096 float32 layer: 0.77x on the slice against 0.90x on the whole layer at
+#: M = 64, 0.71-0.98x against 0.96x at 128, 0.90-0.94x against 1.12x at 256; bench/results/cpu-batch-xeon).
+MARGINS = (MARGIN, MARGIN, MARGIN, 0.9, 0.85, 0.8)
 #: A bucket b is packed only where ratio + SPREAD_Z * spread <= MARGINS[b] (spread: :func:`ratio_stats`).
 SPREAD_Z = 2.0
 #: Interleaved rounds of one measurement (dense and every candidate once per round).
@@ -248,9 +248,9 @@ def rechoose(plan: Plan, bucket_rows: dict, source: str) -> Plan:
 
 
 def bucket_of(m: int) -> int:
-    """Index in :data:`BUCKETS` of a call with ``m`` input rows: 1 -> 1; 2-8 -> 8; 9-32 -> 32;
-    33-128 -> 128; more -> 256."""
-    for i, top in enumerate((1, 8, 32, 128)):
+    """Index in :data:`BUCKETS` of a call with ``m`` input rows: 1 -> 1; 2-8 -> 8; 9-16 -> 16;
+    17-64 -> 64; 65-128 -> 128; more -> 256."""
+    for i, top in enumerate(BUCKETS[:-1]):
         if m <= top:
             return i
     return len(BUCKETS) - 1
