@@ -83,6 +83,10 @@ SLICE_BYTES = 4 << 20
 SLICE_FLOPS = 100e6
 #: Bytes :func:`stream_bandwidth` reads (past a 32 MiB last-level cache).
 STREAM_PROBE_BYTES = 64 << 20
+#: Reads :func:`stream_bandwidth` keeps the best of. It bounds every M = 1 time from below, once per
+#: process: with 3 reads one slow probe pinned a plan's M = 1 buckets at their floors (a 2:4 level's
+#: bitmask 0.90x +- 0.00 against 0.51-0.60x measured again at once), 7 cost ~60 ms.
+STREAM_REPS = 7
 _STREAM_BW: dict = {}
 #: Relative error of the packed product against dense that a calibration accepts, per dtype.
 _TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -402,7 +406,7 @@ def _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs, reps) -> 
 
 def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
     """Bytes per second this process streams from memory at torch's thread count, over
-    :data:`STREAM_PROBE_BYTES` (past the last-level cache), best of 3; measured once per thread
+    :data:`STREAM_PROBE_BYTES` (past the last-level cache), best of :data:`STREAM_REPS`; measured once per thread
     count and dtype. ``dtype`` None: ``tensor.sum()`` (what the packed kernels can reach); a dtype:
     dense ``F.linear`` at M = 1 on a weight of that dtype (its GEMV may run below the read
     bandwidth: bfloat16 ~8 GB/s against ~20 GB/s on this project's machine)."""
@@ -411,12 +415,12 @@ def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
     if bw is None:
         if dtype is None:
             buf = torch.ones(STREAM_PROBE_BYTES // 4)
-            bw = buf.numel() * 4 / _best_of([buf.sum], 3)[0]
+            bw = buf.numel() * 4 / _best_of([buf.sum], STREAM_REPS)[0]
         else:
             k = 4096
             w = torch.ones(STREAM_PROBE_BYTES // (k * dtype.itemsize), k, dtype=dtype)
             x = torch.ones(1, k, dtype=dtype)
-            bw = w.numel() * dtype.itemsize / _best_of([lambda: F.linear(x, w)], 3)[0]
+            bw = w.numel() * dtype.itemsize / _best_of([lambda: F.linear(x, w)], STREAM_REPS)[0]
         _STREAM_BW[key] = bw
     return bw
 
