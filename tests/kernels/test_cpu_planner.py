@@ -307,3 +307,30 @@ def test_a_plan_written_under_real_load_is_measured_again_once_the_machine_is_qu
     again = plans.plan_level(weight(), 1, 2, "unstructured", 0.1)
     assert again.source == "measured" and not planner.machine_busy(again.conditions)
     assert not planner.machine_busy(plans.stored_plans()[0]["plan"].conditions)
+
+
+def test_dense_row_scale_corrects_large_m_buckets_only(monkeypatch):
+    """At M >= DENSE_REF_M a slice's dense time is multiplied by the per-row time of a
+    DENSE_REF_ROWS-row GEMM over the slice's (at most 1, measured once); below, or where the slice
+    is the whole weight, by 1. _measure_bucket applies it to the dense column only."""
+    planner._DENSE_SCALE.clear()
+    f = planner.dense_row_scale(4096, 256, torch.float32, 64, 128)
+    assert 0 < f <= 1 and planner.dense_row_scale(4096, 256, torch.float32, 64, 128) == f
+    assert planner.dense_row_scale(4096, 256, torch.float32, 16, 128) == 1.0
+    assert planner.dense_row_scale(300, 256, torch.float32, 64, 300) == 1.0
+    monkeypatch.setattr(planner, "dense_row_scale", lambda *a: 0.5)
+    w = weight(n=2048, k=4096)  # a 256-row slice
+    cands = planner.candidates("unstructured")
+    monkeypatch.setattr(planner, "_time_slice", lambda *a: [[2.0, 1.0, 1.0]] * 3)
+    monkeypatch.setattr(planner, "_best_of", lambda fns, reps: [0.0] * len(fns))
+    monkeypatch.setattr(planner, "stream_bandwidth", lambda *a: 1e30)
+    rows = planner._slice_rows(2048, 4096, 4, 64, 8)
+    assert rows < 2048
+    packs = {(rows, c): cs_pack(w[:rows], c) for c in cands}
+    assert planner._measure_bucket(w, 1, 2, cands, 64, 1, packs) == [[1.0] * 3, [1.0] * 3]  # 1 / (2 x 0.5)
+
+
+def cs_pack(w, c):
+    from elsa_codec.kernels.cpu.packed import pack_level
+
+    return pack_level(w, 1, 2, c[0], c[1], group=c[2])
