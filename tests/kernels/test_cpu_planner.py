@@ -67,8 +67,8 @@ def test_a_second_format_serves_the_buckets_where_it_is_faster():
     assert (q.second, q.packed) == (p.second, p.packed)
     one = planner._choose(cands, [[0.3, 0.29]] * 6, "measured")  # under 10% better: no second format
     assert one.second is None and set(one.packed) == {1}
-    near = planner._choose(cands, [[0.3, 0.2], [0.4, 0.38], [0.4, 0.38], [0.4, 0.38], [0.5, 0.47], [0.5, 0.47]], "measured")
-    assert near.second == cands[1] and near.packed == (2, 1, 1, 1, 1, 1)  # only where >= 10% faster
+    near = planner._choose(cands, [[0.6, 0.2], [0.4, 0.38], [0.4, 0.38], [0.4, 0.38], [0.2, 0.47], [0.2, 0.47]], "measured")
+    assert near.format == "csr" and near.second == cands[1] and near.packed == (2, 1, 1, 1, 1, 1)  # only where >= 10% faster
 
 
 
