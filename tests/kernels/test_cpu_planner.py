@@ -311,25 +311,26 @@ def test_a_plan_written_under_real_load_is_measured_again_once_the_machine_is_qu
     assert not planner.machine_busy(plans.stored_plans()[0]["plan"].conditions)
 
 
-def test_dense_row_scale_corrects_large_m_buckets_only(monkeypatch):
-    """At M >= DENSE_REF_M a slice's dense time is multiplied by the per-row time of a
-    DENSE_REF_ROWS-row GEMM over the slice's (at most 1, measured once); below, or where the slice
-    is the whole weight, by 1. _measure_bucket applies it to the dense column only."""
-    planner._DENSE_SCALE.clear()
-    f = planner.dense_row_scale(4096, 256, torch.float32, 64, 128)
-    assert 0 < f <= 1 and planner.dense_row_scale(4096, 256, torch.float32, 64, 128) == f
-    assert planner.dense_row_scale(4096, 256, torch.float32, 16, 128) == 1.0
-    assert planner.dense_row_scale(300, 256, torch.float32, 64, 300) == 1.0
-    monkeypatch.setattr(planner, "dense_row_scale", lambda *a: 0.5)
-    w = weight(n=2048, k=4096)  # a 256-row slice
+def test_slice_times_are_extrapolated_through_a_small_slice(monkeypatch):
+    """Each time measured on a row slice is extrapolated to the whole weight through the time of an
+    8-row slice (the call's fixed cost, not scaled): dense 1 ms + 8 us per row, the packed form
+    0.5 ms + 2 us per row give 33.7 / 8.7 ms at 4096 rows, ratio 0.26 (scaling the slice's time
+    alone would give 0.36)."""
+    w = weight(n=4096, k=4096)  # a 256-row slice at M = 64
     cands = planner.candidates("unstructured")
-    monkeypatch.setattr(planner, "_time_slice", lambda *a: [[2.0, 1.0, 1.0]] * 3)
-    monkeypatch.setattr(planner, "_best_of", lambda fns, reps: [0.0] * len(fns))
+    rows = planner._slice_rows(4096, 4096, 4, 64, 8)
+    assert 8 < rows < 4096
+
+    def fake(w2d, level, code_bits, cs, m, r, threads, packs, reps):
+        for c in cs:
+            packs.setdefault((r, c), cs_pack(w2d[:r], c))
+        return [[1e-3 + 8e-6 * r] + [0.5e-3 + 2e-6 * r] * len(cs)] * reps
+
+    monkeypatch.setattr(planner, "_time_slice", fake)
     monkeypatch.setattr(planner, "stream_bandwidth", lambda *a: 1e30)
-    rows = planner._slice_rows(2048, 4096, 4, 64, 8)
-    assert rows < 2048
-    packs = {(rows, c): cs_pack(w[:rows], c) for c in cands}
-    assert planner._measure_bucket(w, 1, 2, cands, 64, 1, packs) == [[1.0] * 3, [1.0] * 3]  # 1 / (2 x 0.5)
+    got = planner._measure_bucket(w, 1, 2, cands, 64, 1, {})
+    want = (0.5e-3 + 2e-6 * 4096) / (1e-3 + 8e-6 * 4096)
+    assert got[0][0] == pytest.approx(want) and want < 0.27
 
 
 def cs_pack(w, c):

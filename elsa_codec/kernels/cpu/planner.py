@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from ...errors import ELSAError
 from ...format.bits import extract_level
 from ...format.structure import parse_structure
-from .packed import FORMATS, pack_level, panel_cost_input, panels, sparse_linear
+from .packed import FORMATS, pack_level, sparse_linear
 
 __all__ = ["BUCKETS", "BUDGET_S", "MARGIN", "MARGINS", "Plan", "bucket_of", "calibrate", "candidates", "check_plan", "conditions",
-           "dense_row_scale",
            "cost_model", "machine_busy", "stream_bandwidth"]
 
 #: Batch-size buckets a plan routes, each measured at the most input rows M it routes (:func:`bucket_of`):
@@ -86,13 +85,6 @@ SLICE_BYTES = 4 << 20
 SLICE_FLOPS = 100e6
 #: Bytes :func:`stream_bandwidth` reads (past a 32 MiB last-level cache).
 STREAM_PROBE_BYTES = 64 << 20
-#: At M >= DENSE_REF_M a bucket's dense time is corrected by :func:`dense_row_scale`: dense
-#: ``F.linear`` per weight row on DENSE_REF_ROWS rows over the same on the slice's rows (the small
-#: slice's GEMM runs below the whole layer's rate: a 128-row bfloat16 slice on AMX at M = 128 made a
-#: level that costs 1.28x dense look like 0.77x).
-DENSE_REF_M = 64
-DENSE_REF_ROWS = 1024
-_DENSE_SCALE: dict = {}
 #: Reads :func:`stream_bandwidth` keeps the best of. It bounds every M = 1 time from below, once per
 #: process: with 3 reads one slow probe pinned a plan's M = 1 buckets at their floors (a 2:4 level's
 #: bitmask 0.90x +- 0.00 against 0.51-0.60x measured again at once), 7 cost ~60 ms.
@@ -441,54 +433,29 @@ def stream_bandwidth(dtype: torch.dtype | None = None) -> float:
 def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs, reps: int = ROUNDS) -> list[list[float]]:
     """Per candidate, its packed / dense time ratio in each of ``reps`` interleaved rounds at ``m``
     rows for the whole weight (summarised by :func:`ratio_stats`). Where the slice measured is
-    smaller than the weight, the times are scaled to all rows, except the per-call cost: cutting x
-    into panels (M > 1), or at M = 1 the time of an 8-row slice (the call's fixed cost), measured
-    apart and not scaled; at M >= :data:`DENSE_REF_M` the dense time is scaled by
-    :func:`dense_row_scale` (a small slice's GEMM runs below the layer's rate). The slice sits in
-    cache, but a model's forward streams every weight from memory: each time is at least its bytes
-    at :func:`stream_bandwidth` (dense at M = 1: its own GEMV's rate)."""
+    smaller than the weight, each time is extrapolated to all rows through the time of an
+    ``align``-row slice (8 rows, or one block row), measured apart: the call's fixed cost (cutting x
+    into panels, the call itself, a small GEMM's set-up), not scaled. At M = 128 a two-point fit of
+    dense ``F.linear`` predicted 34.8 ms (float32) / 7.3 ms (bfloat16) for a 4096x4096 layer that took
+    34.2 / 7.9 ms; scaling the slice's time alone predicted 39.3 / 9.6 ms, and with only the panel cut
+    as fixed cost a 90% csr level's ratio came out 0.42-0.52x against 0.28x measured on the layer. The slice sits in cache, but a model's forward streams every weight from
+    memory: each time is at least its bytes at :func:`stream_bandwidth` (dense at M = 1: its own
+    GEMV's rate)."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
     t = _time_slice(w2d, level, code_bits, cands, m, rows, threads, packs, reps)
-    if rows < n:
-        x = torch.randn(m, k).to(w2d.dtype)
-        if m > 1:
-            kps = [panel_cost_input(packs[(rows, c)]) for c in cands]
-            fixed = [0.0] + _best_of([lambda kp=kp: panels(x, *kp) for kp in kps], 3)
-        else:
-            small = _time_slice(w2d, level, code_bits, cands, m, min(n, align), threads, packs, 3)
-            fixed = [min(col) for col in zip(*small)]
-        scale = n / rows
+    few = min(n, align)
+    if few < rows < n:
+        small = _time_slice(w2d, level, code_bits, cands, m, few, threads, packs, 3)
+        fixed = [min(col) for col in zip(*small)]
+        scale = (n - few) / (rows - few)
         t = [[max(ti - fi, 0.0) * scale + fi for ti, fi in zip(r, fixed)] for r in t]
-        f = dense_row_scale(n, k, w2d.dtype, m, rows)
-        t = [[r[0] * f] + r[1:] for r in t]
     dense_bw = stream_bandwidth(w2d.dtype) if m == 1 else stream_bandwidth()
     floors = [w2d.numel() * w2d.element_size() / dense_bw] + [
         packs[(rows, c)].nbytes * n / rows / stream_bandwidth() for c in cands]
     t = [[max(ti, fl) for ti, fl in zip(r, floors)] for r in t]
     return [[r[1 + i] / r[0] for r in t] for i in range(len(cands))]
-
-
-def dense_row_scale(n: int, k: int, dtype: torch.dtype, m: int, rows: int) -> float:
-    """Dense ``F.linear`` time per weight row at ``m`` input rows on ``min(n, DENSE_REF_ROWS)`` rows
-    of ``k`` inputs over the same on ``rows`` rows (at most 1; 1 where ``m < DENSE_REF_M`` or the
-    slice is not smaller): what a slice's scaled dense time is multiplied by. Best of 3
-    interleaved rounds on random weights of ``dtype``; once per process per ``(n, k, dtype, m, rows,
-    threads)`` (~50 ms at 4096 inputs, M = 256)."""
-    ref = min(n, DENSE_REF_ROWS)
-    if m < DENSE_REF_M or ref <= rows:
-        return 1.0
-    key = (ref, k, dtype, m, rows, torch.get_num_threads())
-    if key not in _DENSE_SCALE:
-        g = torch.Generator().manual_seed(0)
-        big = torch.randn(ref, k, generator=g).to(dtype)
-        small = big[:rows].clone()
-        x = torch.randn(m, k, generator=g).to(dtype)
-        with torch.no_grad():
-            t_big, t_small = _best_of([lambda: F.linear(x, big), lambda: F.linear(x, small)], 3)
-        _DENSE_SCALE[key] = min(1.0, (t_big / ref) / (t_small / rows))
-    return _DENSE_SCALE[key]
 
 
 def _summary(samples: list) -> tuple[list, list]:
@@ -532,10 +499,6 @@ def calibrate(w2d: torch.Tensor, level: int, code_bits: int, structure, cands=No
     nt = threads or torch.get_num_threads()
     packs, rows, spreads = {}, [], []
     stream_bandwidth(), stream_bandwidth(w2d.dtype)  # measured once per process, outside the budget
-    n, k = w2d.shape
-    align = max([c[1][0] for c in cands] + [8])
-    for m in BUCKETS:  # likewise
-        dense_row_scale(n, k, w2d.dtype, m, _slice_rows(n, k, w2d.element_size(), m, align))
     cond = conditions(nt)
     t0 = time.perf_counter()
     with torch.no_grad():
