@@ -8,7 +8,7 @@ every candidate format (:func:`candidates`) against dense at the batch-size buck
 :data:`BUCKETS` (M = input rows: 1 decode token, ... 256 prompt tokens; each bucket at the top of
 the M it routes, since a packed product's ratio to dense grows with M) on a row slice of the real
 weight, in :data:`ROUNDS` interleaved rounds, and keeps one :class:`Plan`: the format with the
-largest gain (plus a second one where it saves at least 10% more in some bucket), and per bucket
+largest gain (plus a second one for the buckets where it measured at least 10% faster), and per bucket
 which of them or dense serves it. A bucket is served packed only where its ratio (the median of
 the rounds' packed / dense times) plus :data:`SPREAD_Z` times its spread (half the trimmed range
 of the rounds' ratios) is at most :data:`MARGIN`: a noisy measurement serves dense, never a
@@ -57,9 +57,10 @@ BUDGET_S = 0.3
 #: The packed product serves a bucket where it measured at most this fraction of dense.
 MARGIN = 0.95
 #: Per bucket of :data:`BUCKETS`, the margin a measured ratio must clear: :data:`MARGIN`, and less at
-#: M = 64, 128 and 256, where the row slice's dense GEMM runs below the whole layer's rate (a 2:4
-#: level of a 4096x4096 float32 layer: 0.77x on the slice against 0.90x on the whole layer at
-#: M = 64, 0.71-0.98x against 0.96x at 128, 0.90-0.94x against 1.12x at 256; bench/results/cpu-batch-xeon).
+#: M = 64, 128 and 256, where the row slice is least like the whole layer: the two-point fit of
+#: :func:`_measure_bucket` put dense ``F.linear`` of a 4096x4096 float32 layer at M = 64 19% above its
+#: measured time (the packed ratios come out that much low), and before that fit a 2:4 level measured
+#: 0.90-0.94x on the slice against 1.12x on the layer at M = 256 (bench/results/cpu-batch-xeon).
 MARGINS = (MARGIN, MARGIN, MARGIN, 0.9, 0.85, 0.8)
 #: A bucket b is packed only where ratio + SPREAD_Z * spread <= MARGINS[b] (spread: :func:`ratio_stats`).
 SPREAD_Z = 2.0
