@@ -249,7 +249,7 @@ def _synthetic_weight(rec: dict) -> torch.Tensor:
 def refresh_plans(keys=None) -> list[dict]:
     """Measure the stored plans again on this machine as it is now (``keys``: some of
     :func:`stored_plans`'s keys; None: all), each on a random weight of its shape, dtype, density
-    and structure at its thread count, and store the new plans. Takes about 50-100 ms per key.
+    and structure at its thread count, and store the new plans. Takes about 70-250 ms per key.
 
     Returns:
         The new records (as :func:`stored_plans`'), in key order.
