@@ -446,16 +446,15 @@ def run_lm(ctx) -> None:
             torch.set_num_threads(min(ctx.threads))  # set-up and warm-up forwards: stable on a shared CPU
             warm = lm_warm(cfg.vocab_size, ctx.plan.cells_for(name))
             variants, mem = make_variants(stock, path, warm)
+            add_resident(ctx, name, dtype, variants, mem)
             if ctx.head:
                 head_path = path.replace(".elsa.", "-head.elsa.")
                 encode_to_file(stock, head_path, select="blocks+head")
                 more, mem_head = make_variants(stock, head_path, warm, "elsa+head", (1, 2, 3))
+                add_resident(ctx, name, dtype, more, mem_head)
                 variants += more
             ctx.log(f"-- lm {name} {common.dtype_name(dtype)}: built and encoded in {t_enc:.1f} s, 4 levels loaded in "
                     f"{time.perf_counter() - t0 - t_enc:.1f} s")
-            add_resident(ctx, name, dtype, [v for v in variants if v.provider != "elsa+head"], mem)
-            if ctx.head:
-                add_resident(ctx, name, dtype, [variants[0], *more], mem_head)
             for th in ctx.threads:
                 t1 = time.perf_counter()
                 torch.set_num_threads(th)
@@ -471,8 +470,9 @@ def run_lm(ctx) -> None:
 
 
 def add_resident(ctx, name: str, dtype, variants: list, mem: dict) -> None:
-    """``resident`` rows of each ELSA level: ``cached_bytes`` and ``rss_anon_delta``."""
-    for v in variants[1:]:
+    """``resident`` rows of each ELSA level of ``variants`` (the stock model skipped):
+    ``cached_bytes`` and ``rss_anon_delta``."""
+    for v in (v for v in variants if v.provider != "stock"):
         cached, delta = mem[v.level]
         for metric, value in (("cached_bytes", cached), ("rss_anon_delta", delta)):
             ctx.rows.add("resident", v.provider, model=name, dtype=common.dtype_name(dtype), threads=min(ctx.threads),

@@ -44,6 +44,7 @@ kernels off).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -367,16 +368,14 @@ def cpu_model() -> str:
 
 #: L2 bytes per core assumed where sysfs does not say (the smaller L2 of the project's machines).
 DEFAULT_L2_BYTES = 512 * 1024
-_L2: list = []
 
 
+@functools.cache
 def l2_cache_bytes() -> int:
     """Bytes of the level-2 cache of CPU 0 (one core's), read once from
     ``/sys/devices/system/cpu/cpu0/cache/index*/`` (``level`` 2, ``size`` such as ``2048K``);
     :data:`DEFAULT_L2_BYTES` where that cannot be read."""
-    if not _L2:
-        _L2.append(_read_l2() or DEFAULT_L2_BYTES)
-    return _L2[0]
+    return _read_l2() or DEFAULT_L2_BYTES
 
 
 def _read_l2() -> int | None:

@@ -224,16 +224,20 @@ def _choose(cands: list, rows: list, source: str, spreads: list | None = None, c
     n = len(cands)
     spreads = spreads or [[0.0] * n for _ in rows]
     i = min(range(n), key=lambda c: _gain([r[c] for r in rows]))
+
+    def faster(r, j) -> bool:  # candidate j beats the primary by SECOND_GAIN in bucket row r
+        return r[j] <= SECOND_GAIN * min(r[i], 1.0)
+
     best_j, best_extra = None, math.log(0.9)
     for j in range(n):
         if j == i:
             continue
-        extra = sum(math.log(r[j] / min(r[i], 1.0)) for r in rows if r[j] <= SECOND_GAIN * min(r[i], 1.0))
+        extra = sum(math.log(r[j] / min(r[i], 1.0)) for r in rows if faster(r, j))
         if extra <= best_extra:
             best_j, best_extra = j, extra
     routes, ratios, sps = [], [], []
     for r, sp, margin in zip(rows, spreads, MARGINS):
-        second = best_j is not None and r[best_j] <= SECOND_GAIN * min(r[i], 1.0)
+        second = best_j is not None and faster(r, best_j)
         ratio, spread, route = (r[best_j], sp[best_j], 2) if second else (r[i], sp[i], 1)
         routes.append(route if ratio + SPREAD_Z * spread <= margin else 0)
         ratios.append(ratio)
@@ -439,9 +443,9 @@ def _measure_bucket(w2d, level, code_bits, cands, m, threads, packs, reps: int =
     into panels, the call itself, a small GEMM's set-up), not scaled. At M = 128 a two-point fit of
     dense ``F.linear`` predicted 34.8 ms (float32) / 7.3 ms (bfloat16) for a 4096x4096 layer that took
     34.2 / 7.9 ms; scaling the slice's time alone predicted 39.3 / 9.6 ms, and with only the panel cut
-    as fixed cost a 90% csr level's ratio came out 0.42-0.52x against 0.28x measured on the layer. The slice sits in cache, but a model's forward streams every weight from
-    memory: each time is at least its bytes at :func:`stream_bandwidth` (dense at M = 1: its own
-    GEMV's rate)."""
+    as fixed cost a 90% csr level's ratio came out 0.42-0.52x against 0.28x measured on the layer.
+    The slice sits in cache, but a model's forward streams every weight from memory: each time is
+    at least its bytes at :func:`stream_bandwidth` (dense at M = 1: its own GEMV's rate)."""
     n, k = w2d.shape
     align = max([c[1][0] for c in cands] + [8])
     rows = _slice_rows(n, k, w2d.element_size(), m, align)
